@@ -1,0 +1,1 @@
+"""Catalogues: accelerators (resources, node labels, specs, prices) and engines (flags, metrics)."""

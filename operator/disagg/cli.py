@@ -1,0 +1,197 @@
+"""The `disagg` command: run the operator, render/validate services, print the CRD, plan, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from disagg import KIND
+from disagg.yamlio import dump_all, load_all
+
+
+def _catalog(path: str | None) -> Any:
+    from disagg.catalog.accelerators import CatalogError, load_catalog
+
+    try:
+        return load_catalog(path)
+    except CatalogError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def _read_services(path: str) -> list[dict[str, Any]]:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as error:
+        raise SystemExit(f"error: cannot read {path}: {error.strerror}") from None
+    try:
+        docs = load_all(text)
+    except Exception as error:
+        raise SystemExit(f"error: {path} is not valid YAML: {error}") from None
+    services = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if not services:
+        raise SystemExit(f"error: {path} holds no {KIND}")
+    return services
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from disagg.api.validate import InvalidSpec
+    from disagg.render import render_service
+
+    catalog = _catalog(args.accelerator_catalog)
+    out: list[dict[str, Any]] = []
+    failed = False
+    for body in _read_services(args.file):
+        name = body.get("metadata", {}).get("name", "?")
+        if args.namespace:
+            body.setdefault("metadata", {})["namespace"] = args.namespace
+        body.setdefault("metadata", {}).setdefault("namespace", "default")
+        try:
+            out += render_service(body, catalog)
+        except InvalidSpec as error:
+            failed = True
+            for item in error.errors:
+                print(f"error: {KIND} {name}: {item}", file=sys.stderr)
+    if failed:
+        return 1
+    sys.stdout.write(dump_all(out))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from disagg.api.validate import InvalidSpec, validate_service
+
+    catalog = _catalog(args.accelerator_catalog)
+    failed = False
+    for body in _read_services(args.file):
+        name = body.get("metadata", {}).get("name", "?")
+        try:
+            validate_service(body, catalog)
+            print(f"{KIND} {name}: valid")
+        except InvalidSpec as error:
+            failed = True
+            for item in error.errors:
+                print(f"error: {KIND} {name}: {item}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from disagg.api.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from disagg.handlers import build_registry
+    from disagg.metrics import OperatorMetrics
+    from disagg.settings import OperatorSettings
+
+    if not args.all_namespaces and not args.namespace:
+        raise SystemExit("error: give --all-namespaces or at least one --namespace")
+    settings = OperatorSettings(
+        namespaces=tuple(args.namespace or ()),
+        accelerator_catalog=args.accelerator_catalog,
+        resync_seconds=args.resync_seconds,
+        listen_host=args.listen_host,
+        liveness_port=args.liveness_port,
+        metrics_port=args.metrics_port,
+        workers=args.workers,
+        peering=args.peering,
+        kubeconfig=args.kubeconfig,
+        prometheus_url=args.prometheus_url,
+        prometheus_token_file=args.prometheus_token_file,
+        prometheus_ca_file=args.prometheus_ca_file,
+        prometheus_timeout_s=args.prometheus_timeout,
+        autoscale_tick_s=args.autoscale_tick,
+    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    metrics = OperatorMetrics()
+    if settings.metrics_port:
+        metrics.serve(settings.listen_host, settings.metrics_port)
+    registry = build_registry(settings, metrics)
+    liveness = f"http://{settings.listen_host}:{settings.liveness_port}/healthz" if settings.liveness_port else None
+    asyncio.run(kopf.operator(
+        registry=registry,
+        clusterwide=not settings.namespaces,
+        namespaces=list(settings.namespaces),
+        standalone=settings.peering is None,
+        peering_name=settings.peering,
+        liveness_endpoint=liveness,
+    ))
+    return 0
+
+
+def cmd_forward(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.command == "plan":
+        from disagg.capacity.plan_cli import plan_main
+
+        return plan_main(rest)
+    from disagg.sim.cli import simulate_main
+
+    return simulate_main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disagg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    run.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable)")
+    run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    run.add_argument("--accelerator-catalog", default=os.environ.get("DISAGG_ACCELERATOR_CATALOG"),
+                     help="YAML file with accelerator entries to add or override")
+    run.add_argument("--resync-seconds", type=float, default=float(os.environ.get("DISAGG_RESYNC_SECONDS", 300)))
+    run.add_argument("--listen-host", default=os.environ.get("DISAGG_LISTEN_HOST", "0.0.0.0"))
+    run.add_argument("--liveness-port", type=int, default=int(os.environ.get("DISAGG_LIVENESS_PORT", 8080)))
+    run.add_argument("--metrics-port", type=int, default=int(os.environ.get("DISAGG_METRICS_PORT", 9100)))
+    run.add_argument("--workers", type=int, default=int(os.environ.get("DISAGG_WORKERS", 16)))
+    run.add_argument("--peering", default=os.environ.get("DISAGG_PEERING") or None,
+                     help="kopf peering name: run several replicas, only one acts")
+    run.add_argument("--prometheus-url", default=os.environ.get("DISAGG_PROMETHEUS_URL") or None)
+    run.add_argument("--prometheus-token-file", default=os.environ.get("DISAGG_PROMETHEUS_TOKEN_FILE") or None)
+    run.add_argument("--prometheus-ca-file", default=os.environ.get("DISAGG_PROMETHEUS_CA_FILE") or None)
+    run.add_argument("--prometheus-timeout", type=float, default=float(os.environ.get("DISAGG_PROMETHEUS_TIMEOUT", 5)))
+    run.add_argument("--autoscale-tick", type=float, default=float(os.environ.get("DISAGG_AUTOSCALE_TICK", 5)))
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    for name, func, text in (("render", cmd_render, "print the child objects an InferenceService becomes"),
+                             ("validate", cmd_validate, "check InferenceServices without a cluster")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("-f", "--file", required=True, help="YAML file with InferenceServices ('-' for stdin)")
+        p.add_argument("--accelerator-catalog", default=os.environ.get("DISAGG_ACCELERATOR_CATALOG"))
+        if name == "render":
+            p.add_argument("-n", "--namespace", help="namespace to render into (default: the object's)")
+        p.set_defaults(func=func)
+
+    crd = sub.add_parser("crd", help="print the CustomResourceDefinition")
+    crd.set_defaults(func=cmd_crd)
+    sub.add_parser("plan", help="size pools for a model, workload and SLO (see disagg plan --help)", add_help=False)
+    sub.add_parser("simulate", help="replay a trace against autoscaling policies (see disagg simulate --help)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] in ("plan", "simulate"):
+        return cmd_forward(argparse.Namespace(command=argv[0]), argv[1:])
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

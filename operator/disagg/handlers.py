@@ -1,0 +1,147 @@
+"""Thin kopf adapters: turn watch events and timers into calls of the one reconcile function.
+
+InferenceServices are handled with raw watch events (`on.event`) and a resync timer instead of
+kopf's create/update handlers: reconcile is level-triggered, so it needs no diff base, and kopf then
+keeps no state annotations on the objects - a steady operator writes nothing at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from disagg import GROUP, PLURAL, VERSION
+from disagg.catalog.accelerators import load_catalog
+from disagg.kube.client import INFERENCE_SERVICE, ApiError, Kube
+from disagg.metrics import OperatorMetrics
+from disagg.reconcile.run import Reconciler, reconcile_service
+from disagg.render.context import SERVICE_LABEL
+from disagg.settings import OperatorSettings
+
+log = logging.getLogger("disagg")
+
+
+class ServiceLocks:
+    """One lock per InferenceService: an event, a timer and a child event never reconcile it at once."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+
+    def __call__(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+
+def make_api_client(settings: OperatorSettings) -> k8s.ApiClient:
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config(config_file=settings.kubeconfig, client_configuration=configuration)
+    # one connection per worker thread, so reconciles never queue for a socket
+    configuration.connection_pool_maxsize = settings.workers + 4
+    return k8s.ApiClient(configuration)
+
+
+def _event_recorder(obj: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+    if event_type == "Warning":
+        kopf.warn(obj, reason=reason, message=message)
+    else:
+        kopf.info(obj, reason=reason, message=message)
+
+
+def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf.OperatorRegistry:
+    """All handlers of the operator, bound to its settings (no module-level state)."""
+    registry = kopf.OperatorRegistry()
+    locks = ServiceLocks()
+    catalog = load_catalog(settings.accelerator_catalog)
+    state: dict[str, Reconciler] = {}
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = logging.INFO
+        settings.execution.max_workers = disagg_settings.workers
+        settings.batching.worker_limit = disagg_settings.workers * 4
+        settings.batching.batch_window = 0.1
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.watching.connect_timeout = 10
+        settings.networking.request_timeout = 60
+        if disagg_settings.peering is None:
+            settings.peering.standalone = True
+        else:
+            settings.peering.name = disagg_settings.peering
+            settings.peering.mandatory = True
+            settings.peering.clusterwide = not disagg_settings.namespaces
+        settings.persistence.finalizer = f"{GROUP}/finalizer"
+        state["reconciler"] = Reconciler(
+            kube=Kube(make_api_client(disagg_settings)), catalog=catalog, record_event=_event_recorder
+        )
+        log.info("disagg operator configured: %d accelerator types, %d workers", len(catalog.names()),
+                 disagg_settings.workers)
+
+    disagg_settings = settings
+
+    def reconcile(body: Mapping[str, Any], trigger: str) -> None:
+        obj = copy.deepcopy(dict(body))
+        meta = obj.get("metadata", {})
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        reconciler = state["reconciler"]
+        started = time.monotonic()
+        with locks(namespace, name):
+            try:
+                if trigger != "event":  # timers and child events act on the freshest object
+                    fresh = reconciler.kube.get(INFERENCE_SERVICE, namespace, name)
+                    if fresh is None:
+                        return
+                    obj = fresh
+                outcome = reconcile_service(reconciler, obj)
+            except ApiError as error:
+                metrics.reconciles.labels(result="api_error").inc()
+                metrics.api_errors.labels(status=str(error.status)).inc()
+                log.warning("reconcile %s/%s (%s) failed: %s", namespace, name, trigger, error)
+                return
+            except Exception:
+                metrics.reconciles.labels(result="error").inc()
+                log.exception("reconcile %s/%s (%s) crashed", namespace, name, trigger)
+                return
+            finally:
+                metrics.reconcile_seconds.observe(time.monotonic() - started)
+        result = "invalid" if outcome.invalid else ("changed" if outcome.applied or outcome.deleted else "unchanged")
+        metrics.reconciles.labels(result=result).inc()
+        if outcome.applied or outcome.deleted or outcome.status_written:
+            log.info("reconciled %s/%s (%s): applied %d, deleted %d, status %s", namespace, name, trigger,
+                     len(outcome.applied), len(outcome.deleted), "written" if outcome.status_written else "same")
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def on_service_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type == "DELETED":
+            return
+        reconcile(body, "event")
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=settings.resync_seconds, initial_delay=settings.resync_seconds,
+                registry=registry)
+    def resync(body: kopf.Body, **_: Any) -> None:
+        reconcile(body, "resync")
+
+    @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "disagg"},
+                   registry=registry)
+    def on_child_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+        # status follows the pools: a Deployment changing readiness re-reconciles its service
+        if type is None:
+            return  # the initial listing: the services' own listing reconciles them already
+        meta = body.get("metadata", {})
+        service = meta.get("labels", {}).get(SERVICE_LABEL)
+        if service:
+            reconcile({"metadata": {"namespace": meta.get("namespace"), "name": service}}, "child")
+
+    return registry

@@ -1,0 +1,166 @@
+"""The only place that talks to the API server: typed paths, server-side apply, lists, deletes, status.
+
+Synchronous (the `kubernetes` client is): call it from kopf's sync handlers or an executor thread,
+never from the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s
+
+from disagg import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "disagg"
+AUTOSCALER_FIELD_MANAGER = "disagg-autoscaler"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A namespaced kind the operator manages, and where it lives in the API."""
+
+    api_version: str
+    kind: str
+    plural: str
+
+    def collection(self, namespace: str) -> str:
+        prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        return f"{prefix}/namespaces/{namespace}/{self.plural}"
+
+    def path(self, namespace: str, name: str) -> str:
+        return f"{self.collection(namespace)}/{name}"
+
+
+# Every kind a service's children can have; pruning looks at all of them.
+CHILD_KINDS: tuple[Kind, ...] = (
+    Kind("v1", "ServiceAccount", "serviceaccounts"),
+    Kind("rbac.authorization.k8s.io/v1", "Role", "roles"),
+    Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
+    Kind("apps/v1", "Deployment", "deployments"),
+    Kind("v1", "Service", "services"),
+    Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+    Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
+)
+KINDS_BY_NAME = {(k.api_version, k.kind): k for k in CHILD_KINDS}
+INFERENCE_SERVICE = Kind(f"{GROUP}/{VERSION}", "InferenceService", PLURAL)
+POD = Kind("v1", "Pod", "pods")
+
+
+class ApiError(Exception):
+    """An API request that failed, with its HTTP status and the server's message."""
+
+    def __init__(self, status: int, message: str, method: str = "", path: str = "") -> None:
+        self.status = status
+        self.message = message
+        super().__init__(f"{method} {path}: {status} {message}")
+
+
+def kind_of(manifest: dict[str, Any]) -> Kind:
+    return KINDS_BY_NAME[(manifest["apiVersion"], manifest["kind"])]
+
+
+class Kube:
+    """A thin, typed wrapper over one `kubernetes.client.ApiClient`."""
+
+    def __init__(self, api: k8s.ApiClient) -> None:
+        self.api = api
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        try:
+            response = self.api.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+            )
+        except k8s.ApiException as error:
+            message = error.reason or ""
+            try:
+                message = json.loads(error.body or "{}").get("message", message)
+            except (ValueError, AttributeError):
+                pass
+            raise ApiError(int(error.status or 0), str(message), method, path) from None
+        data = response.data
+        return json.loads(data) if data else None
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self.request("GET", kind.path(namespace, name))
+            return result
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        result = self.request("GET", kind.collection(namespace), query=[("labelSelector", label_selector)])
+        items: list[dict[str, Any]] = result.get("items", [])
+        for item in items:  # list items come without their type
+            item.setdefault("apiVersion", kind.api_version)
+            item.setdefault("kind", kind.kind)
+        return items
+
+    # --- writes ---------------------------------------------------------------------------------
+
+    def apply(self, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
+        """Server-side apply of one object; this field manager takes over conflicting fields."""
+        kind = kind_of(manifest)
+        meta = manifest["metadata"]
+        result: dict[str, Any] = self.request(
+            "PATCH",
+            kind.path(meta["namespace"], meta["name"]),
+            query=[("fieldManager", field_manager), ("force", "true")],
+            body=manifest,
+            content_type="application/apply-patch+yaml",
+        )
+        return result
+
+    def delete(self, kind: Kind, namespace: str, name: str, uid: str | None = None) -> None:
+        """Deletes an object (only the one with `uid`, if given); already gone counts as done."""
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self.request("DELETE", kind.path(namespace, name), body=body)
+        except ApiError as error:
+            if error.status not in (404, 409):
+                raise
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Merge-patches the InferenceService's status subresource."""
+        self.request(
+            "PATCH",
+            INFERENCE_SERVICE.path(namespace, name) + "/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    def scale(self, namespace: str, name: str, replicas: int, field_manager: str) -> dict[str, Any]:
+        """Sets a Deployment's replicas under `field_manager` (server-side apply of that one field)."""
+        manifest = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"replicas": replicas},
+        }
+        return self.apply(manifest, field_manager=field_manager)

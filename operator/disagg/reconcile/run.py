@@ -1,0 +1,212 @@
+"""One level-triggered reconcile of one InferenceService: the same code for create, update, resume
+and periodic resync. It recomputes the whole desired state, applies only what differs, deletes what
+is no longer desired, and writes status only when it changed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.api.validate import InvalidSpec, validate_service
+from disagg.catalog.accelerators import AcceleratorCatalog
+from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, POD, Kube, kind_of
+from disagg.reconcile import ChildKey, child_key, plan_children, stamp
+from disagg.reconcile.status import (
+    PodTrouble,
+    compute_conditions,
+    deployment_counts,
+    endpoint,
+    invalid_conditions,
+    merge_conditions,
+    pod_trouble,
+    pool_status,
+)
+from disagg.render import Owner, render_children
+from disagg.render.context import ROLE_LABEL, SERVICE_LABEL
+
+log = logging.getLogger(__name__)
+
+# (object, event type, reason, message)
+EventRecorder = Callable[[dict[str, Any], str, str, str], None]
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclass
+class Reconciler:
+    """Everything reconcile needs from outside, passed in explicitly (tests swap any of it)."""
+
+    kube: Kube
+    catalog: AcceleratorCatalog
+    record_event: EventRecorder
+    clock: Callable[[], datetime.datetime] = utcnow
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did (for logs, metrics and tests)."""
+
+    applied: list[ChildKey] = field(default_factory=list)
+    deleted: list[ChildKey] = field(default_factory=list)
+    status_written: bool = False
+    invalid: str | None = None
+
+
+def selector_for(name: str) -> str:
+    return f"{SERVICE_LABEL}={name},app.kubernetes.io/managed-by=disagg"
+
+
+def live_children(kube: Kube, namespace: str, name: str) -> dict[ChildKey, dict[str, Any]]:
+    children: dict[ChildKey, dict[str, Any]] = {}
+    for kind in CHILD_KINDS:
+        for item in kube.list(kind, namespace, selector_for(name)):
+            children[child_key(item)] = item
+    return children
+
+
+def _owns_replicas(deployment: dict[str, Any], manager: str) -> bool:
+    for entry in deployment.get("metadata", {}).get("managedFields", []) or []:
+        if entry.get("manager") == manager and "f:replicas" in (entry.get("fieldsV1", {}).get("f:spec", {}) or {}):
+            return True
+    return False
+
+
+def _timestamp(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
+    """Brings one InferenceService's children and status to what its spec says."""
+    meta = body["metadata"]
+    name, namespace, uid = meta["name"], meta["namespace"], meta.get("uid")
+    generation = meta.get("generation")
+    old_status: dict[str, Any] = dict(body.get("status") or {})
+    outcome = Outcome()
+    now = _timestamp(ctx.clock())
+    if meta.get("deletionTimestamp"):
+        return outcome  # the garbage collector removes the children through their owner references
+
+    try:
+        spec = validate_service(body, ctx.catalog)
+    except InvalidSpec as error:
+        # Nothing running is touched: only the status says what is wrong.
+        outcome.invalid = str(error)
+        conditions = invalid_conditions(old_status.get("conditions", []), str(error), generation, now)
+        new_status = {**old_status, "conditions": conditions, "observedGeneration": generation}
+        if _status_differs(old_status, new_status):
+            ctx.kube.patch_status(namespace, name, new_status)
+            outcome.status_written = True
+            if _ready_reason(old_status) != ("InvalidSpec", str(error)):
+                ctx.record_event(body, "Warning", "InvalidSpec", str(error))
+        return outcome
+
+    live = live_children(ctx.kube, namespace, name)
+    desired = [stamp(m) for m in render_children(Owner(name, namespace, uid), spec, ctx.catalog)]
+    plan = plan_children(desired, live, uid)
+
+    # An autoscaled pool's replicas belong to the autoscaler's field manager. Hand the field over
+    # before an apply that omits it, or server-side apply would reset it to the default.
+    for manifest in plan.apply:
+        if manifest["kind"] == "Deployment" and "replicas" not in manifest["spec"]:
+            current = live.get(child_key(manifest))
+            if current is not None and not _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
+                replicas = int(current.get("spec", {}).get("replicas", 1))
+                ctx.kube.scale(namespace, manifest["metadata"]["name"], replicas, AUTOSCALER_FIELD_MANAGER)
+
+    results: dict[ChildKey, dict[str, Any]] = {child_key(obj): obj for obj in plan.unchanged}
+    for manifest in plan.apply:
+        results[child_key(manifest)] = ctx.kube.apply(manifest)
+        outcome.applied.append(child_key(manifest))
+    for manifest in plan.create_scaled:
+        initial = int(manifest["metadata"]["annotations"]["disagg.dev/initial-replicas"])
+        key = child_key(manifest)
+        results[key] = ctx.kube.scale(namespace, manifest["metadata"]["name"], initial, AUTOSCALER_FIELD_MANAGER)
+    for obj in plan.delete:
+        kind = kind_of(obj)
+        ctx.kube.delete(kind, namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
+        outcome.deleted.append(child_key(obj))
+
+    if outcome.applied:
+        names = ", ".join(f"{kind}/{child}" for _, kind, child in outcome.applied)
+        verb = "Created" if not live else "Updated"
+        ctx.record_event(body, "Normal", verb, f"applied {len(outcome.applied)} children: {names}")
+    if outcome.deleted:
+        names = ", ".join(f"{kind}/{child}" for _, kind, child in outcome.deleted)
+        ctx.record_event(body, "Normal", "Pruned", f"deleted children no longer in the spec: {names}")
+
+    new_status = _observe(ctx, body, spec, results, old_status, now)
+    if _status_differs(old_status, new_status):
+        ctx.kube.patch_status(namespace, name, new_status)
+        outcome.status_written = True
+        _announce_transitions(ctx, body, old_status, new_status)
+    return outcome
+
+
+def _observe(
+    ctx: Reconciler,
+    body: dict[str, Any],
+    spec: InferenceServiceSpec,
+    children: dict[ChildKey, dict[str, Any]],
+    old_status: dict[str, Any],
+    now: str,
+) -> dict[str, Any]:
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    deployments: dict[str, dict[str, Any] | None] = {}
+    troubles: dict[str, PodTrouble | None] = {}
+    for role in (*ROLES, "router"):
+        deployment = children.get(("apps/v1", "Deployment", f"{name}-{role}"))
+        deployments[role] = deployment
+        desired, ready, _, _ = deployment_counts(deployment)
+        troubles[role] = None
+        if deployment is not None and ready < desired:
+            pods = ctx.kube.list(POD, namespace, f"{SERVICE_LABEL}={name},{ROLE_LABEL}={role}")
+            troubles[role] = pod_trouble(pods)
+    kv_present = all(("v1", "Service", f"{name}-{role}-kv") in children for role in ROLES)
+    conditions = merge_conditions(
+        old_status.get("conditions", []),
+        compute_conditions(deployments, troubles, kv_present),
+        meta.get("generation"),
+        now,
+    )
+    status: dict[str, Any] = {
+        **old_status,
+        "observedGeneration": meta.get("generation"),
+        "endpoint": endpoint(name, namespace, spec.router.port),
+        "conditions": conditions,
+    }
+    for role in ROLES:
+        status[role] = pool_status(spec, role, deployments[role], old_status.get(role))
+    return status
+
+
+def _status_differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return any(old.get(key) != value for key, value in new.items())
+
+
+def _ready_reason(status: dict[str, Any]) -> tuple[str, str] | None:
+    for cond in status.get("conditions", []) or []:
+        if cond.get("type") == "Ready":
+            return str(cond.get("reason")), str(cond.get("message"))
+    return None
+
+
+def _announce_transitions(ctx: Reconciler, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+    """An Event for each condition whose status or reason changed: what a user wants to see."""
+    before = {c.get("type"): (c.get("status"), c.get("reason")) for c in old.get("conditions", []) or []}
+    for cond in new.get("conditions", []):
+        if before.get(cond["type"]) == (cond["status"], cond["reason"]):
+            continue
+        if cond["type"] != "Ready" and cond["reason"] != "Unschedulable":
+            continue
+        kind = "Normal" if cond["status"] == "True" else "Warning"
+        if cond["reason"] in ("NotCreated", "NoReplicasReady", "RollingOut", "NoPeers") and cond["type"] == "Ready":
+            kind = "Normal"  # the ordinary way to readiness, not a problem
+        ctx.record_event(body, kind, cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}")

@@ -1,0 +1,167 @@
+"""Status of an InferenceService from what its children report (Kubernetes condition conventions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+
+CONDITION_TYPES = ("Ready", "PrefillReady", "DecodeReady", "RouterReady", "KVTransferReady")
+
+
+@dataclass(frozen=True)
+class Cond:
+    type: str
+    status: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PodTrouble:
+    """Why a pool's pods are not running, read from the pods' own conditions."""
+
+    unschedulable: int
+    pending: int
+    message: str
+
+
+def deployment_counts(deployment: dict[str, Any] | None) -> tuple[int, int, int, bool]:
+    """(desired replicas, ready replicas, updated replicas, rollout observed) of a Deployment."""
+    if deployment is None:
+        return 0, 0, 0, False
+    spec_replicas = int(deployment.get("spec", {}).get("replicas", 1))
+    status = deployment.get("status", {}) or {}
+    observed = status.get("observedGeneration", 0) >= deployment.get("metadata", {}).get("generation", 0)
+    return spec_replicas, int(status.get("readyReplicas", 0)), int(status.get("updatedReplicas", 0)), observed
+
+
+def pod_trouble(pods: list[dict[str, Any]]) -> PodTrouble:
+    """Counts pods the scheduler could not place, with the scheduler's own reason."""
+    unschedulable = 0
+    pending = 0
+    message = ""
+    for pod in pods:
+        if pod.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        if pod.get("status", {}).get("phase") == "Pending":
+            pending += 1
+        for cond in pod.get("status", {}).get("conditions", []) or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                if cond.get("reason") == "Unschedulable":
+                    unschedulable += 1
+                    message = message or str(cond.get("message", ""))
+    return PodTrouble(unschedulable, pending, message)
+
+
+def pool_condition(
+    label: str, deployment: dict[str, Any] | None, trouble: PodTrouble | None
+) -> Cond:
+    ctype = f"{label}Ready"
+    if deployment is None:
+        return Cond(ctype, "False", "NotCreated", f"the {label.lower()} Deployment does not exist yet")
+    desired, ready, updated, observed = deployment_counts(deployment)
+    if trouble is not None and trouble.unschedulable:
+        return Cond(
+            ctype, "False", "Unschedulable",
+            f"{trouble.unschedulable} of {desired} pods cannot be scheduled: {trouble.message}",
+        )
+    if desired == 0:
+        return Cond(ctype, "False", "ScaledToZero", "0 replicas requested")
+    if ready >= desired and updated >= desired and observed:
+        return Cond(ctype, "True", "AllReplicasReady", f"{ready}/{desired} replicas ready")
+    if ready == 0:
+        return Cond(ctype, "False", "NoReplicasReady", f"0/{desired} replicas ready")
+    if updated < desired or not observed:
+        return Cond(ctype, "False", "RollingOut", f"{updated}/{desired} replicas updated, {ready} ready")
+    return Cond(ctype, "False", "ReplicasNotReady", f"{ready}/{desired} replicas ready")
+
+
+def compute_conditions(
+    deployments: dict[str, dict[str, Any] | None],
+    troubles: dict[str, PodTrouble | None],
+    kv_services_present: bool,
+) -> list[Cond]:
+    """Conditions from the children: one per pool, the router, the KV path, and Ready over all."""
+    prefill = pool_condition("Prefill", deployments.get("prefill"), troubles.get("prefill"))
+    decode = pool_condition("Decode", deployments.get("decode"), troubles.get("decode"))
+    router = pool_condition("Router", deployments.get("router"), troubles.get("router"))
+    _, prefill_ready, _, _ = deployment_counts(deployments.get("prefill"))
+    _, decode_ready, _, _ = deployment_counts(deployments.get("decode"))
+    if not kv_services_present:
+        kv = Cond("KVTransferReady", "False", "ServicesMissing", "the KV-transfer Services do not exist yet")
+    elif prefill_ready and decode_ready:
+        kv = Cond("KVTransferReady", "True", "PeersReady",
+                  f"{prefill_ready} prefill and {decode_ready} decode workers ready to exchange KV")
+    else:
+        kv = Cond("KVTransferReady", "False", "NoPeers", "KV transfer needs at least one ready worker per pool")
+    parts = [prefill, decode, router, kv]
+    failing = [c for c in parts if c.status != "True"]
+    if failing:
+        first = failing[0]
+        ready = Cond("Ready", "False", first.reason, "; ".join(f"{c.type}: {c.message}" for c in failing))
+    else:
+        ready = Cond("Ready", "True", "Serving", "prefill, decode, router and KV transfer are ready")
+    return [ready, *parts]
+
+
+def merge_conditions(
+    old: list[dict[str, Any]], new: list[Cond], generation: int | None, now: str
+) -> list[dict[str, Any]]:
+    """New conditions, keeping lastTransitionTime where a condition's status did not change.
+
+    Conditions of other types (e.g. ScalingActive, owned by the autoscaler) are kept as they were.
+    """
+    by_type = {c.get("type"): c for c in old}
+    out: list[dict[str, Any]] = []
+    for cond in new:
+        previous = by_type.get(cond.type)
+        since = now
+        if previous is not None and previous.get("status") == cond.status and previous.get("lastTransitionTime"):
+            since = previous["lastTransitionTime"]
+        out.append({
+            "type": cond.type,
+            "status": cond.status,
+            "reason": cond.reason,
+            "message": cond.message,
+            "observedGeneration": generation,
+            "lastTransitionTime": since,
+        })
+    produced = {c.type for c in new}
+    out += [c for c in old if c.get("type") not in produced]
+    return out
+
+
+def invalid_conditions(old: list[dict[str, Any]], message: str, generation: int | None, now: str) -> list[dict[str, Any]]:
+    """Ready=False/InvalidSpec; the other conditions keep describing the children that still run."""
+    return merge_conditions(old, [Cond("Ready", "False", "InvalidSpec", message)], generation, now)
+
+
+def pool_status(
+    spec: InferenceServiceSpec | None, role: str, deployment: dict[str, Any] | None, old: dict[str, Any] | None
+) -> dict[str, Any]:
+    desired, ready, _, _ = deployment_counts(deployment)
+    status: dict[str, Any] = dict(old or {})
+    status["replicas"] = desired
+    status["readyReplicas"] = ready
+    status["summary"] = f"{ready}/{desired}"
+    return status
+
+
+def endpoint(name: str, namespace: str, port: int) -> str:
+    return f"http://{name}.{namespace}.svc:{port}"
+
+
+__all__ = [
+    "CONDITION_TYPES",
+    "ROLES",
+    "Cond",
+    "PodTrouble",
+    "compute_conditions",
+    "endpoint",
+    "invalid_conditions",
+    "merge_conditions",
+    "pod_trouble",
+    "pool_status",
+]

@@ -1,0 +1,89 @@
+"""Pure rendering: an InferenceService in, the list of child manifests out, in a stable order.
+
+Never imports a Kubernetes client: `disagg render` prints exactly what reconcile applies.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jinja2
+import yaml
+
+from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.api.validate import validate_service
+from disagg.catalog.accelerators import AcceleratorCatalog
+from disagg.render.context import (
+    STARTUP_FAILURE_THRESHOLD,
+    STARTUP_PERIOD_S,
+    Owner,
+    Pool,
+    labels,
+    pool_values,
+    router_values,
+)
+
+_env = jinja2.Environment(
+    loader=jinja2.PackageLoader("disagg.render", "templates"),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    autoescape=False,
+)
+# JSON is YAML: every value goes through json.dumps, so no user string can break the document.
+_env.filters["j"] = lambda value: json.dumps(value, ensure_ascii=False)
+
+
+def _documents(template: str, **values: Any) -> list[dict[str, Any]]:
+    text = _env.get_template(template).render(**values)
+    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+
+
+def _tidy(manifest: dict[str, Any]) -> dict[str, Any]:
+    metadata = manifest["metadata"]
+    if not metadata.get("ownerReferences"):
+        metadata.pop("ownerReferences", None)
+    if metadata.get("namespace") is None:
+        metadata.pop("namespace", None)
+    return manifest
+
+
+def render_children(
+    owner: Owner, spec: InferenceServiceSpec, catalog: AcceleratorCatalog
+) -> list[dict[str, Any]]:
+    """Every child object of one InferenceService, from its validated spec."""
+    common = {"namespace": owner.namespace, "owner_refs": owner.reference(), "name": owner.name}
+    pools: dict[str, Pool] = {role: pool_values(owner, spec, role, catalog) for role in ROLES}
+    router = router_values(owner, spec)
+    docs: list[dict[str, Any]] = []
+    docs += _documents("router.yaml.j2", router=router, **common)
+    for role in ROLES:
+        docs += _documents(
+            "pool-deployment.yaml.j2",
+            pool=pools[role],
+            port=spec.engine.port,
+            startup_period=STARTUP_PERIOD_S,
+            startup_failures=STARTUP_FAILURE_THRESHOLD,
+            **common,
+        )
+    for role in ROLES:
+        docs += _documents("kv-service.yaml.j2", pool=pools[role], port=spec.engine.port, **common)
+    for role in ROLES:
+        docs += _documents("pdb.yaml.j2", pool=pools[role], **common)
+    docs += _documents(
+        "networkpolicy.yaml.j2", labels=labels(owner, "kv-transfer", "disagg"), **common
+    )
+    return [_tidy(doc) for doc in docs]
+
+
+def render_service(body: dict[str, Any], catalog: AcceleratorCatalog) -> list[dict[str, Any]]:
+    """Validates an InferenceService object and renders its children (InvalidSpec if it can't)."""
+    spec = validate_service(body, catalog)
+    metadata = body.get("metadata") or {}
+    owner = Owner(
+        name=str(metadata["name"]), namespace=metadata.get("namespace"), uid=metadata.get("uid")
+    )
+    return render_children(owner, spec, catalog)
+
+
+__all__ = ["Owner", "render_children", "render_service"]

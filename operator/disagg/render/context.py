@@ -1,0 +1,351 @@
+"""Typed helpers that turn a validated spec into the values the templates print.
+
+Everything here is pure: no client, no clock, no environment. The same spec always gives the same
+values, which is what makes `disagg render` and the golden tests exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from disagg import GROUP, KIND, VERSION
+from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
+from disagg.catalog.accelerators import AcceleratorCatalog
+from disagg.catalog.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port, vllm_kv_transfer_config
+
+MANAGED_BY = "disagg"
+SERVICE_LABEL = f"{GROUP}/service"
+ROLE_LABEL = f"{GROUP}/role"
+INITIAL_REPLICAS_ANNOTATION = f"{GROUP}/initial-replicas"
+MODEL_DIR = "/models"
+CACHE_DIR = "/model-cache"
+KV_DISK_DIR = "/kv-cache"
+# Startup can take tens of minutes for large models (weights download, compilation, CUDA graphs).
+STARTUP_FAILURE_THRESHOLD = 240
+STARTUP_PERIOD_S = 10
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The InferenceService that owns the children (for owner references)."""
+
+    name: str
+    namespace: str | None
+    uid: str | None = None
+
+    def reference(self) -> list[dict[str, Any]]:
+        if self.uid is None:
+            return []
+        return [{
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }]
+
+
+def labels(owner: Owner, role: str, app: str) -> dict[str, str]:
+    """The labels every child of the service carries."""
+    return {
+        "app.kubernetes.io/name": app,
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": role,
+        "app.kubernetes.io/part-of": "disagg",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        SERVICE_LABEL: owner.name,
+        ROLE_LABEL: role,
+    }
+
+
+def selector(owner: Owner, role: str) -> dict[str, str]:
+    """Selector labels: only the two stable ones, since a Deployment's selector is immutable."""
+    return {SERVICE_LABEL: owner.name, ROLE_LABEL: role}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How the engine finds the weights, and the volume that holds them."""
+
+    argument: str
+    volumes: list[dict[str, Any]]
+    mounts: list[dict[str, Any]]
+    extra_args: list[str] = field(default_factory=list)
+
+
+def model_source(spec: InferenceServiceSpec) -> ModelSource:
+    uri = spec.model.uri
+    scheme, rest = uri.split("://", 1)
+    cache_volume = {"name": "model-cache", "emptyDir": {}}
+    cache_mount = {"name": "model-cache", "mountPath": CACHE_DIR}
+    if scheme == "hf":
+        return ModelSource(rest, [cache_volume], [cache_mount])
+    if scheme == "pvc":
+        claim, _, path = rest.partition("/")
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        mount = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
+        return ModelSource(f"{MODEL_DIR}/{path}".rstrip("/"), [volume], [mount])
+    # s3:// and gs:// stream straight from object storage (vLLM's Run:ai model streamer)
+    return ModelSource(uri, [cache_volume], [cache_mount], ["--load-format", "runai_streamer"])
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Everything the pool templates print for one role."""
+
+    role: Role
+    name: str
+    replicas: int | None
+    initial_replicas: int
+    labels: dict[str, str]
+    selector: dict[str, str]
+    image: str
+    command: list[str]
+    args: list[str]
+    env: list[dict[str, Any]]
+    ports: list[dict[str, Any]]
+    kv_ports: list[int]
+    resources: dict[str, Any]
+    node_selector: dict[str, str]
+    tolerations: list[dict[str, Any]]
+    affinity: dict[str, Any] | None
+    volumes: list[dict[str, Any]]
+    mounts: list[dict[str, Any]]
+    annotations: dict[str, str]
+    capabilities: list[str]
+    termination_grace_s: int
+
+
+def _resources(pool: PoolSpec, resource_name: str, spec: InferenceServiceSpec) -> dict[str, Any]:
+    requests: dict[str, Any] = dict(pool.resources.requests)
+    limits: dict[str, Any] = dict(pool.resources.limits)
+    # Extended resources cannot be overcommitted: request and limit must be equal.
+    requests[resource_name] = str(pool.accelerator.count)
+    limits[resource_name] = str(pool.accelerator.count)
+    rdma = spec.kv_transfer.rdma
+    if rdma is not None:
+        requests[rdma.resource] = str(rdma.count)
+        limits[rdma.resource] = str(rdma.count)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = dict(sorted(requests.items()))
+    if limits:
+        out["limits"] = dict(sorted(limits.items()))
+    return out
+
+
+def _engine_command(
+    spec: InferenceServiceSpec, role: Role, source: ModelSource, port_kv: int
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    pool: PoolSpec = getattr(spec, role)
+    engine = spec.engine
+    env: list[dict[str, Any]] = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "HF_HOME", "value": CACHE_DIR},
+    ]
+    kv = spec.kv_transfer
+    tiers = spec.kv_cache
+    if engine.kind == "vllm":
+        command = ["vllm", "serve", source.argument]
+        args = [
+            "--host", "0.0.0.0",
+            "--port", str(engine.port),
+            "--served-model-name", spec.model.name,
+            "--tensor-parallel-size", str(pool.parallelism.tensor),
+        ]
+        if spec.model.revision:
+            args += ["--revision", spec.model.revision]
+        args += source.extra_args
+        offload: dict[str, object] | None = None
+        if tiers is not None and tiers.cpu_offload_gi_b is not None:
+            offload = {"cpu_gib": tiers.cpu_offload_gi_b}
+        args += ["--kv-transfer-config", vllm_kv_transfer_config(kv.connector, role, kv.backend, offload)]
+        if kv.connector == "nixl":
+            # NIXL's side channel defaults to localhost: the peer must be told the pod's own address.
+            env += [
+                {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "value": "$(POD_IP)"},
+                {"name": "VLLM_NIXL_SIDE_CHANNEL_PORT", "value": str(port_kv)},
+            ]
+        else:
+            env += [{"name": "VLLM_MOONCAKE_BOOTSTRAP_PORT", "value": str(port_kv)}]
+        if tiers is not None and tiers.cpu_offload_gi_b is not None:
+            env += [
+                {"name": "LMCACHE_LOCAL_CPU", "value": "True"},
+                {"name": "LMCACHE_MAX_LOCAL_CPU_SIZE", "value": str(tiers.cpu_offload_gi_b)},
+                {"name": "LMCACHE_CHUNK_SIZE", "value": "256"},
+            ]
+            if tiers.disk is not None:
+                env += [
+                    {"name": "LMCACHE_LOCAL_DISK", "value": f"file://{KV_DISK_DIR}/"},
+                    {"name": "LMCACHE_MAX_LOCAL_DISK_SIZE", "value": str(_gib(tiers.disk.size))},
+                ]
+    else:
+        command = ["python3", "-m", "sglang.launch_server"]
+        args = [
+            "--model-path", source.argument,
+            "--served-model-name", spec.model.name,
+            "--host", "0.0.0.0",
+            "--port", str(engine.port),
+            "--tp-size", str(pool.parallelism.tensor),
+            "--enable-metrics",
+            "--disaggregation-mode", role,
+            "--disaggregation-transfer-backend", kv.connector,
+        ]
+        if role == "prefill":
+            args += ["--disaggregation-bootstrap-port", str(port_kv)]
+        if spec.model.revision:
+            args += ["--revision", spec.model.revision]
+        if tiers is not None and tiers.cpu_offload_gi_b is not None:
+            args += ["--enable-hierarchical-cache", "--hicache-size", str(tiers.cpu_offload_gi_b)]
+            if tiers.disk is not None:
+                args += ["--hicache-storage-backend", "file"]
+                env += [{"name": "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "value": KV_DISK_DIR}]
+    args += list(engine.extra_args) + list(pool.extra_args)
+    env += [{"name": var.name, "value": var.value} for var in engine.env]
+    return command, args, env
+
+
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+          "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+
+
+def _gib(quantity: str) -> int:
+    """A Kubernetes quantity in whole GiB (at least 1)."""
+    for suffix, factor in sorted(_UNITS.items(), key=lambda item: -len(item[0])):
+        if quantity.endswith(suffix):
+            return max(1, int(float(quantity[: -len(suffix)]) * factor // 2**30))
+    return max(1, int(float(quantity)) // 2**30)
+
+
+def pool_values(
+    owner: Owner, spec: InferenceServiceSpec, role: Role, catalog: AcceleratorCatalog
+) -> Pool:
+    """The values of one pool's Deployment."""
+    pool: PoolSpec = getattr(spec, role)
+    engine = ENGINES[spec.engine.kind]
+    acc = pool.accelerator
+    node_selector: dict[str, str] = {}
+    if acc.type is not None:
+        accelerator = catalog[acc.type]
+        resource_name = accelerator.resource_name
+        node_selector.update(accelerator.node_labels)
+        default_image = engine.images.get(accelerator.vendor, "")
+    else:
+        assert acc.resource_name is not None
+        resource_name = acc.resource_name
+        node_selector.update(acc.node_selector or {})
+        default_image = engine.images.get("nvidia", "")
+    node_selector.update(pool.node_selector)
+    image = pool.image or spec.engine.image or default_image
+    source = model_source(spec)
+    port_kv = kv_port(spec.kv_transfer.connector, spec.engine.kind, spec.kv_transfer.port)
+    # vLLM's NIXL side channel listens on one port per tensor-parallel rank, counting up from the base.
+    if spec.engine.kind == "vllm" and spec.kv_transfer.connector == "nixl":
+        kv_ports = [port_kv + rank for rank in range(pool.parallelism.tensor)]
+    elif spec.engine.kind == "sglang" and role == "decode":
+        kv_ports = []
+    else:
+        kv_ports = [port_kv]
+    command, args, env = _engine_command(spec, role, source, port_kv)
+    ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
+    ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]
+    volumes = list(source.volumes) + [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    mounts = list(source.mounts) + [{"name": "dshm", "mountPath": "/dev/shm"}]
+    tiers = spec.kv_cache
+    if tiers is not None and tiers.disk is not None:
+        if tiers.disk.storage_class_name:
+            volumes.append({"name": "kv-disk", "ephemeral": {"volumeClaimTemplate": {"spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": tiers.disk.storage_class_name,
+                "resources": {"requests": {"storage": tiers.disk.size}},
+            }}}})
+        else:
+            volumes.append({"name": "kv-disk", "emptyDir": {"sizeLimit": tiers.disk.size}})
+        mounts.append({"name": "kv-disk", "mountPath": KV_DISK_DIR})
+    tolerations = [{"key": resource_name, "operator": "Exists", "effect": "NoSchedule"}]
+    tolerations += [t.model_dump(by_alias=True, exclude_none=True) for t in pool.tolerations]
+    annotations: dict[str, str] = {}
+    if spec.engine.kind == "sglang" and role == "prefill":
+        annotations["sglang.ai/bootstrap-port"] = str(port_kv)
+    autoscaled = pool.autoscaling is not None
+    initial = pool.replicas
+    if pool.autoscaling is not None:
+        initial = min(max(pool.replicas, pool.autoscaling.min_replicas), pool.autoscaling.max_replicas)
+    return Pool(
+        role=role,
+        name=f"{owner.name}-{role}",
+        replicas=None if autoscaled else pool.replicas,
+        initial_replicas=initial,
+        labels=labels(owner, role, spec.engine.kind),
+        selector=selector(owner, role),
+        image=image,
+        command=command,
+        args=args,
+        env=env,
+        ports=ports,
+        kv_ports=kv_ports,
+        resources=_resources(pool, resource_name, spec),
+        node_selector=dict(sorted(node_selector.items())),
+        tolerations=tolerations,
+        affinity=pool.affinity,
+        volumes=volumes,
+        mounts=mounts,
+        annotations=annotations,
+        capabilities=["IPC_LOCK"] if spec.kv_transfer.rdma is not None else [],
+        # decode holds live sequences: give in-flight requests time to finish before the kill
+        termination_grace_s=120 if role == "decode" else 30,
+    )
+
+
+@dataclass(frozen=True)
+class Router:
+    """Everything the router templates print."""
+
+    name: str
+    replicas: int
+    labels: dict[str, str]
+    selector: dict[str, str]
+    image: str
+    command: list[str]
+    args: list[str]
+    port: int
+    metrics_port: int
+
+
+def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
+    engine = ENGINES[spec.engine.kind]
+    namespace = owner.namespace or "default"
+    prefill_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=prefill"]
+    decode_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=decode"]
+    common = [
+        "--host", "0.0.0.0",
+        "--port", str(spec.router.port),
+        "--policy", spec.router.policy,
+        "--service-discovery",
+        "--prefill-selector", *prefill_selector,
+        "--decode-selector", *decode_selector,
+        "--service-discovery-port", str(spec.engine.port),
+        "--service-discovery-namespace", namespace,
+        "--prometheus-port", str(ROUTER_METRICS_PORT),
+    ]
+    if spec.engine.kind == "vllm":
+        command = ["vllm-router"]
+        args = ["--vllm-pd-disaggregation", "--kv-connector", spec.kv_transfer.connector, *common]
+        app = "vllm-router"
+    else:
+        command = ["python3", "-m", "sglang_router.launch_router"]
+        args = ["--pd-disaggregation", *common]
+        app = "sglang-router"
+    return Router(
+        name=f"{owner.name}-router",
+        replicas=spec.router.replicas,
+        labels=labels(owner, "router", app),
+        selector=selector(owner, "router"),
+        image=spec.router.image or engine.router_image,
+        command=command,
+        args=args,
+        port=spec.router.port,
+        metrics_port=ROUTER_METRICS_PORT,
+    )

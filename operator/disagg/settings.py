@@ -1,0 +1,33 @@
+"""Operator settings: every knob in one frozen object, from flags (and env), passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """How `disagg run` behaves."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch; empty means all (cluster-wide)."""
+    accelerator_catalog: str | None = None
+    """A YAML file of accelerator entries merged over the built-in catalogue."""
+    resync_seconds: float = 300.0
+    """Periodic full reconcile of every service (level-triggered safety net)."""
+    listen_host: str = "0.0.0.0"
+    """Host of the liveness and metrics endpoints."""
+    liveness_port: int = 8080
+    metrics_port: int = 9100
+    workers: int = 16
+    """Threads for the synchronous Kubernetes client calls."""
+    peering: str | None = None
+    """kopf peering name for active/standby high availability; None = standalone."""
+    kubeconfig: str | None = None
+    prometheus_url: str | None = None
+    """Prometheus base URL for autoscaling; autoscaling is off without it."""
+    prometheus_token_file: str | None = None
+    prometheus_ca_file: str | None = None
+    prometheus_timeout_s: float = 5.0
+    autoscale_tick_s: float = 5.0
+    extra: dict[str, str] = field(default_factory=dict)
