@@ -135,10 +135,10 @@ def cmd_forward(args: argparse.Namespace, rest: list[str]) -> int:
     if args.command == "plan":
         from disagg.capacity.plan_cli import plan_main
 
-        return plan_main(rest)
+        return int(plan_main(rest))
     from disagg.sim.cli import simulate_main
 
-    return simulate_main(rest)
+    return int(simulate_main(rest))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes import client as k8s
@@ -44,19 +44,22 @@ class ServiceLocks:
 def make_api_client(settings: OperatorSettings) -> k8s.ApiClient:
     configuration = k8s.Configuration()
     try:
-        k8s_config.load_incluster_config(client_configuration=configuration)
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config(config_file=settings.kubeconfig, client_configuration=configuration)
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=settings.kubeconfig, client_configuration=configuration
+        )
     # one connection per worker thread, so reconciles never queue for a socket
     configuration.connection_pool_maxsize = settings.workers + 4
     return k8s.ApiClient(configuration)
 
 
 def _event_recorder(obj: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+    target = cast(kopf.Body, obj)  # kopf only reads apiVersion, kind and metadata from it
     if event_type == "Warning":
-        kopf.warn(obj, reason=reason, message=message)
+        kopf.warn(target, reason=reason, message=message)
     else:
-        kopf.info(obj, reason=reason, message=message)
+        kopf.info(target, reason=reason, message=message)
 
 
 def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf.OperatorRegistry:

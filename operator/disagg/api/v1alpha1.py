@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 EngineKind = Literal["vllm", "sglang"]
@@ -33,6 +33,17 @@ class CRDModel(BaseModel):
     )
     # CEL rules ({"rule": ..., "message": ...}) attached to this object's schema in the CRD.
     cel_rules: ClassVar[tuple[dict[str, str], ...]] = ()
+
+    def cross_field_errors(self) -> list[str]:
+        """The same checks as `cel_rules`, in Python, so offline validation agrees with the API server."""
+        return []
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> CRDModel:
+        errors = self.cross_field_errors()
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
 
 class ModelArchitecture(CRDModel):
@@ -121,6 +132,11 @@ class KVTransferSpec(CRDModel):
         },
     )
 
+    def cross_field_errors(self) -> list[str]:
+        if self.backend is not None and self.connector != "nixl":
+            return [self.cel_rules[0]["message"]]
+        return []
+
 
 class DiskTier(CRDModel):
     """A local disk tier for offloaded KV blocks."""
@@ -187,6 +203,14 @@ class AcceleratorRequest(CRDModel):
         },
     )
 
+    def cross_field_errors(self) -> list[str]:
+        errors = []
+        if (self.type is None) == (self.resource_name is None):
+            errors.append(self.cel_rules[0]["message"])
+        if self.resource_name is not None and not self.node_selector:
+            errors.append(self.cel_rules[1]["message"])
+        return errors
+
 
 class Parallelism(CRDModel):
     """How one engine instance spreads over its accelerators."""
@@ -234,6 +258,9 @@ class Autoscaling(CRDModel):
         },
     )
 
+    def cross_field_errors(self) -> list[str]:
+        return [self.cel_rules[0]["message"]] if self.min_replicas > self.max_replicas else []
+
 
 class PoolSpec(CRDModel):
     """One pool of engine workers (prefill or decode)."""
@@ -265,6 +292,9 @@ class PoolSpec(CRDModel):
             "message": "parallelism.tensor must not exceed accelerator.count (accelerators per worker)",
         },
     )
+
+    def cross_field_errors(self) -> list[str]:
+        return [self.cel_rules[0]["message"]] if self.parallelism.tensor > self.accelerator.count else []
 
 
 class InferenceServiceSpec(CRDModel):
@@ -302,6 +332,15 @@ class InferenceServiceSpec(CRDModel):
             "message": "kvTransfer.port must differ from engine.port",
         },
     )
+
+    def cross_field_errors(self) -> list[str]:
+        errors = []
+        tensor = (self.prefill.parallelism.tensor, self.decode.parallelism.tensor)
+        if self.kv_transfer.connector == "mooncake" and tensor[0] != tensor[1]:
+            errors.append(self.cel_rules[0]["message"])
+        if self.kv_transfer.port is not None and self.kv_transfer.port == self.engine.port:
+            errors.append(self.cel_rules[1]["message"])
+        return errors
 
 
 # --- status -------------------------------------------------------------------------------------

@@ -150,7 +150,9 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
     for index, arg in enumerate(spec.engine.extra_args):
         errors.extend(_managed_flag(f"spec.engine.extraArgs[{index}]", arg, spec.engine.kind))
     if spec.kv_transfer.connector not in engine.connectors:
-        errors.append(FieldError("spec.kvTransfer.connector", f"{spec.engine.kind} has no {spec.kv_transfer.connector}"))
+        errors.append(FieldError(
+            "spec.kvTransfer.connector", f"{spec.engine.kind} has no {spec.kv_transfer.connector} connector"
+        ))
     if (
         len(set(vendors.values())) > 1
         and spec.kv_transfer.connector not in CROSS_VENDOR_CONNECTORS

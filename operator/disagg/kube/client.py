@@ -6,11 +6,13 @@ never from the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 
 from disagg import GROUP, PLURAL, VERSION
@@ -68,8 +70,9 @@ def kind_of(manifest: dict[str, Any]) -> Kind:
 class Kube:
     """A thin, typed wrapper over one `kubernetes.client.ApiClient`."""
 
-    def __init__(self, api: k8s.ApiClient) -> None:
+    def __init__(self, api: k8s.ApiClient, timeout_s: float = 30.0) -> None:
         self.api = api
+        self.timeout_s = timeout_s
 
     def request(
         self,
@@ -80,25 +83,25 @@ class Kube:
         body: Any = None,
         content_type: str = "application/json",
     ) -> Any:
+        method_, url, headers, payload, post = self.api.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
         try:
-            response = self.api.call_api(
-                path,
-                method,
-                query_params=query or [],
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-            )
-        except k8s.ApiException as error:
-            message = error.reason or ""
-            try:
-                message = json.loads(error.body or "{}").get("message", message)
-            except (ValueError, AttributeError):
-                pass
-            raise ApiError(int(error.status or 0), str(message), method, path) from None
-        data = response.data
+            response = self.api.call_api(method_, url, header_params=headers, body=payload, post_params=post,
+                                         _request_timeout=self.timeout_s)
+            data = response.read()  # type: ignore[no-untyped-call]
+        except (k8s.ApiException, urllib3.exceptions.HTTPError) as error:
+            raise ApiError(0, f"no answer from the API server: {error}", method, path) from None
+        if not 200 <= response.status < 300:
+            message = response.reason or ""
+            with contextlib.suppress(ValueError, AttributeError):
+                message = json.loads(data or b"{}").get("message", message)
+            raise ApiError(int(response.status), str(message), method, path)
         return json.loads(data) if data else None
 
     # --- reads ----------------------------------------------------------------------------------

@@ -48,10 +48,10 @@ def pod_trouble(pods: list[dict[str, Any]]) -> PodTrouble:
         if pod.get("status", {}).get("phase") == "Pending":
             pending += 1
         for cond in pod.get("status", {}).get("conditions", []) or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                if cond.get("reason") == "Unschedulable":
-                    unschedulable += 1
-                    message = message or str(cond.get("message", ""))
+            scheduled = (cond.get("type"), cond.get("status"), cond.get("reason"))
+            if scheduled == ("PodScheduled", "False", "Unschedulable"):
+                unschedulable += 1
+                message = message or str(cond.get("message", ""))
     return PodTrouble(unschedulable, pending, message)
 
 
@@ -133,7 +133,9 @@ def merge_conditions(
     return out
 
 
-def invalid_conditions(old: list[dict[str, Any]], message: str, generation: int | None, now: str) -> list[dict[str, Any]]:
+def invalid_conditions(
+    old: list[dict[str, Any]], message: str, generation: int | None, now: str
+) -> list[dict[str, Any]]:
     """Ready=False/InvalidSpec; the other conditions keep describing the children that still run."""
     return merge_conditions(old, [Cond("Ready", "False", "InvalidSpec", message)], generation, now)
 

@@ -251,8 +251,8 @@ def pool_values(
     command, args, env = _engine_command(spec, role, source, port_kv)
     ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
     ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]
-    volumes = list(source.volumes) + [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    mounts = list(source.mounts) + [{"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes = [*source.volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    mounts = [*source.mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
     tiers = spec.kv_cache
     if tiers is not None and tiers.disk is not None:
         if tiers.disk.storage_class_name:

@@ -1,0 +1,35 @@
+# The README's two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+
+help:
+	@echo "make demo         start the local cluster (built on first use), run the operator, apply an example"
+	@echo "make test         lint, types, unit/golden/kmock tests and the e2e suite on the local cluster"
+	@echo "make cluster-up   start the local cluster; prints export KUBECONFIG=..."
+	@echo "make cluster-down stop it and remove its state"
+	@echo "make bench        run the benchmarks in bench/"
+	@echo "make crd          regenerate crds/ from the models"
+
+demo:
+	@hack/demo.sh
+
+test:
+	@hack/test.sh
+
+cluster-up: venv
+	@.venv/bin/python hack/cluster.py up
+
+cluster-down:
+	@$(PYTHON) hack/cluster.py down
+
+venv:
+	@bash -c 'source hack/venv.sh'
+
+crd: venv
+	@.venv/bin/disagg crd > crds/disagg.dev_inferenceservices.yaml
+
+bench: venv
+	@for b in bench/*.py; do echo "==> $$b"; .venv/bin/python "$$b" || exit 1; done
+
+.PHONY: help demo test cluster-up cluster-down venv crd bench
