@@ -58,7 +58,7 @@ class PrefillSizing:
 
     replicas: int
     service_s: float
-    """Prefill time of a mean prompt on one replica (already multiplied by the correction)."""
+    """Prefill time of a mean prompt on one replica."""
     tokens_per_s_per_replica: float
     predicted_ttft_s: float
     """Predicted TTFT at the percentile with `replicas` (prefill side: queue + prefill)."""
@@ -91,27 +91,29 @@ def size_prefill(
 ) -> PrefillSizing:
     """Fewest replicas whose predicted prefill TTFT at `percentile` stays within `ttft_budget_s`.
 
-    `correction` multiplies predicted latencies (observed / predicted, learnt online); `headroom` adds a
-    share of load; utilisation never exceeds `max_utilization`. When no count up to `max_replicas`
-    meets the budget, the answer is the count that keeps utilisation at half of `max_utilization`.
+    `correction` multiplies predicted latencies (observed / predicted, learnt online: it absorbs what the
+    mean-prompt queue model misses, such as the spread of prompt sizes and bursty arrivals); `headroom`
+    adds a share of load; utilisation never exceeds `max_utilization`. When no count up to
+    `max_replicas` meets the budget, the answer is the count that keeps utilisation at half of
+    `max_utilization`.
     """
     mean_prompt = max(mean_prompt_tokens, 1.0)
-    service = prefill_seconds(model, accelerator, tensor_parallel, mean_prompt, eff) * correction
+    service = prefill_seconds(model, accelerator, tensor_parallel, mean_prompt, eff)
     per_replica = mean_prompt / service
     rate = max(prompt_tokens_per_s, 0.0) * (1.0 + headroom) / mean_prompt
     if rate <= 0:
-        return PrefillSizing(1, service, per_replica, service, 0.0)
+        return PrefillSizing(1, service, per_replica, service * correction, 0.0)
     least = max(1, math.ceil(rate * service / max_utilization))
-    fallback = max(1, math.ceil(rate * service / (max_utilization / 2.0)))
+    fallback = max(least, math.ceil(rate * service / (max_utilization / 2.0)))
     for replicas in range(least, max(least, max_replicas) + 1):
-        ttft = predicted_prefill_ttft(replicas, rate, service, percentile)
+        ttft = predicted_prefill_ttft(replicas, rate, service, percentile) * correction
         if ttft <= ttft_budget_s:
             return PrefillSizing(replicas, service, per_replica, ttft, rate * service / replicas)
         if replicas >= fallback:
             break
     replicas = fallback
     return PrefillSizing(
-        replicas, service, per_replica, predicted_prefill_ttft(replicas, rate, service, percentile),
+        replicas, service, per_replica, predicted_prefill_ttft(replicas, rate, service, percentile) * correction,
         rate * service / replicas,
     )
 

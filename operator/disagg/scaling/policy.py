@@ -437,9 +437,10 @@ def decide(
         pool = getattr(spec, role)
         now_count = current.get(role, pool.replicas)
         memory = memories[role]
-        window = tuple(
-            (t, n) for t, n in memory.recommendations if now - t < settings.scale_down_window_s
-        ) + ((now, wanted),)
+        # A pool seen for the first time counts its current size as a recent recommendation: no
+        # scale-down before a whole window of evidence says so.
+        history = memory.recommendations or ((now, now_count),)
+        window = (*tuple((t, n) for t, n in history if now - t < settings.scale_down_window_s), (now, wanted))
         memories[role] = replace(memory, recommendations=window)
         if wanted >= now_count:
             desired[role] = wanted

@@ -1,0 +1,1 @@
+"""Autoscaling: the pure policy (signals -> desired replicas + reason) and, beside it, the metric queries."""

@@ -1,0 +1,683 @@
+"""A fine time-step simulation of a disaggregated service: prefill and decode pools, router, metrics, scaler.
+
+What is simulated (each replica from the roofline capacity model with the engine's true efficiency):
+- Router: each arriving request goes to the ready prefill replica with the least outstanding work.
+- Prefill: a FIFO per replica; when a replica frees, the queued prompts up to `prefill_batch_tokens` run as
+  one batch (sharing one fixed batch overhead) and finish together. Prefill time per prompt comes from the
+  roofline (matmuls plus causal attention).
+- KV transfer: each prompt's KV cache then moves to decode over the prefill-decode link.
+- Decode: continuous batching. A request waits (FIFO) until a ready decode replica has room in its KV cache
+  for its prompt plus output, then joins that replica's batch. Every step of a replica lasts the roofline
+  step time of its current batch and total context; each running sequence gains one token per step. A
+  request's first token is emitted by its first decode step; its mean ITL is (finish - first token) /
+  (output - 1). Requests that can never fit (longer than the model's context or a replica's KV cache)
+  are rejected and count as SLO misses.
+- Replicas: a new replica costs money from the decision and serves after `startup_s`. Removed prefill
+  replicas stop receiving work and finish their queue; removed decode replicas (the ones with the fewest
+  sequences) stop admitting and finish their sequences. Both are billed until they are empty.
+- Metrics: every `scrape_interval_s` a scrape records counters, gauges and histograms, as Prometheus would
+  from the engines; the policy sees rates and histogram quantiles over `rate_window_s`, computed from
+  scrapes at least `scrape_delay_s` old. Latency signals come from log-spaced histogram buckets.
+- The controller (our policy or a baseline) is called every `interval_s` of its own.
+
+Time advances in steps of `dt` (0.1 s by default); arrivals, prefill batches and the first token of each
+request are placed at their exact times, the decode batch evolves per step.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from disagg.capacity.models import ModelShape
+from disagg.capacity.roofline import (
+    DEFAULT_EFFICIENCY,
+    Efficiency,
+    kv_capacity_tokens,
+    kv_link_bytes_per_s,
+    kv_shard_fraction,
+)
+from disagg.catalog.accelerators import Accelerator
+from disagg.scaling.policy import LoadPicture, PoolSignals
+from disagg.sim.traces import Workload
+
+FloatArray = npt.NDArray[np.float64]
+
+# Log-spaced latency buckets from 1 ms to ~200 s (Prometheus-style cumulative histograms, finer).
+BUCKETS: FloatArray = np.geomspace(1e-3, 200.0, 121)
+
+
+@dataclass(frozen=True)
+class PoolSetup:
+    """One simulated pool: its accelerator, tensor parallelism and scaling bounds."""
+
+    accelerator: Accelerator
+    tensor_parallel: int = 1
+    initial_replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 64
+
+    @property
+    def accelerators_per_replica(self) -> int:
+        return self.tensor_parallel
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    """Everything about a simulated service except the workload and the controller."""
+
+    model: ModelShape
+    prefill: PoolSetup
+    decode: PoolSetup
+    ttft_s: float = 1.0
+    itl_s: float = 0.05
+    percentile: float = 90.0
+    startup_s: float = 60.0
+    scrape_interval_s: float = 15.0
+    scrape_delay_s: float = 15.0
+    """Age of the newest samples the controller sees (scrape, rule evaluation, query)."""
+    rate_window_s: float = 30.0
+    dt: float = 0.1
+    engine: Efficiency = DEFAULT_EFFICIENCY
+    """The engines' true efficiency; controllers plan with their own prior."""
+    prefill_batch_tokens: int = 8192
+    prefill_batch_overhead_s: float = 0.01
+    rdma: bool = True
+    accelerator_budget: int | None = None
+    drain_s: float = 900.0
+    """After the last arrival, requests get this long to finish (not billed)."""
+    timeline_step_s: float = 60.0
+
+
+class Controller(Protocol):
+    """An autoscaler in the loop: ours (disagg.scaling.policy) or a baseline."""
+
+    name: str
+    interval_s: float
+
+    def decide(self, now: float, picture: LoadPicture | None, current: dict[str, int]) -> dict[str, int]:
+        """Desired replicas per pool ("prefill", "decode")."""
+        ...
+
+
+@dataclass
+class _PrefillReplica:
+    ready_at: float
+    billed_from: float
+    draining: bool = False
+    busy_until: float = 0.0
+    queue: deque[int] = field(default_factory=deque)
+    queued_work: float = 0.0
+    batch: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Snapshot:
+    time: float
+    arrivals: int
+    prefill_done: int
+    prompt_tokens: float
+    generated_tokens: float
+    admitted: int
+    finished: int
+    finished_output_tokens: float
+    ttft_hist: FloatArray
+    itl_hist: FloatArray
+    prefill_waiting: int
+    prefill_running: int
+    prefill_ready: int
+    decode_running: int
+    decode_waiting: int
+    decode_ready: int
+    kv_usage: float
+
+
+@dataclass
+class Timeline:
+    """Per `timeline_step_s`: load, replicas and latency, for plots."""
+
+    time_s: list[float] = field(default_factory=list)
+    request_rate: list[float] = field(default_factory=list)
+    prompt_tokens_per_s: list[float] = field(default_factory=list)
+    prefill_replicas: list[int] = field(default_factory=list)
+    decode_replicas: list[int] = field(default_factory=list)
+    ttft_p90_s: list[float] = field(default_factory=list)
+    itl_p90_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SimResult:
+    """What one simulation produced."""
+
+    policy: str
+    requests: int
+    ttft_s: FloatArray
+    """Per request; inf for rejected or unfinished requests."""
+    itl_s: FloatArray
+    """Per request mean inter-token latency; nan for one-token outputs, inf when unfinished."""
+    accelerator_seconds: dict[str, float]
+    usd: float
+    max_replicas: dict[str, int]
+    scale_events: int
+    wall_s: float
+    ttft_target_s: float
+    itl_target_s: float
+    timeline: Timeline
+    decisions: list[tuple[float, str, str]] = field(default_factory=list)
+
+    def attainment(self) -> float:
+        if self.requests == 0:
+            return 1.0
+        ok_ttft = self.ttft_s <= self.ttft_target_s
+        ok_itl = np.isnan(self.itl_s) | (self.itl_s <= self.itl_target_s)
+        return float(np.mean(ok_ttft & ok_itl))
+
+    def accelerator_hours(self) -> dict[str, float]:
+        hours = {role: seconds / 3600.0 for role, seconds in self.accelerator_seconds.items()}
+        hours["total"] = hours["prefill"] + hours["decode"]
+        return hours
+
+    def summary(self) -> dict[str, object]:
+        """The fields of `disagg simulate -o json`."""
+
+        def percentiles(values: FloatArray) -> dict[str, float]:
+            finite = values[np.isfinite(values)]
+            if finite.size == 0:
+                return {"p50": math.nan, "p90": math.nan, "p99": math.nan}
+            p50, p90, p99 = np.percentile(finite, [50, 90, 99]) * 1000.0
+            return {"p50": round(float(p50), 1), "p90": round(float(p90), 1), "p99": round(float(p99), 1)}
+
+        hours = self.accelerator_hours()
+        return {
+            "policy": self.policy,
+            "requests": self.requests,
+            "slo_attainment": round(self.attainment(), 5),
+            "ttft_ms": percentiles(self.ttft_s),
+            "itl_ms": percentiles(self.itl_s),
+            "accelerator_hours": {k: round(v, 3) for k, v in hours.items()},
+            "cost_usd": round(self.usd, 2),
+            "max_replicas": dict(self.max_replicas),
+            "scale_events": self.scale_events,
+            "sim_wall_s": round(self.wall_s, 2),
+        }
+
+
+def _quantile(hist: FloatArray, percentile: float) -> float | None:
+    """histogram_quantile over BUCKETS (upper bounds; the last bucket is open)."""
+    total = float(hist.sum())
+    if total <= 0:
+        return None
+    rank = total * percentile / 100.0
+    cumulative = np.cumsum(hist)
+    index = int(np.searchsorted(cumulative, rank))
+    index = min(index, len(BUCKETS) - 1)
+    upper = float(BUCKETS[index])
+    lower = float(BUCKETS[index - 1]) if index > 0 else 0.0
+    below = float(cumulative[index - 1]) if index > 0 else 0.0
+    inside = float(hist[index])
+    share = (rank - below) / inside if inside > 0 else 1.0
+    return lower + (upper - lower) * min(max(share, 0.0), 1.0)
+
+
+def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPicture | None:
+    """The signals a controller reading Prometheus at `now` gets."""
+    visible = [s for s in snapshots if s.time <= now - setup.scrape_delay_s + 1e-9]
+    if len(visible) < 2:
+        return None
+    newest = visible[-1]
+    oldest = visible[-2]
+    for snap in reversed(visible[:-1]):
+        oldest = snap
+        if newest.time - snap.time >= setup.rate_window_s - 1e-9:
+            break
+    span = newest.time - oldest.time
+    done = newest.prefill_done - oldest.prefill_done
+    finished = newest.finished - oldest.finished
+    prompt = newest.prompt_tokens - oldest.prompt_tokens
+    mean_prompt = prompt / done if done > 0 else None
+    mean_output = (newest.finished_output_tokens - oldest.finished_output_tokens) / finished if finished else None
+    prefill = PoolSignals(
+        ready_replicas=newest.prefill_ready,
+        sampled_at=newest.time,
+        waiting_requests=float(newest.prefill_waiting),
+        running_requests=float(newest.prefill_running),
+        prompt_tokens_per_s=prompt / span,
+        request_rate=(newest.arrivals - oldest.arrivals) / span,
+        ttft_s=_quantile(newest.ttft_hist - oldest.ttft_hist, setup.percentile),
+        mean_prompt_tokens=mean_prompt,
+        mean_output_tokens=mean_output,
+    )
+    decode = PoolSignals(
+        ready_replicas=newest.decode_ready,
+        sampled_at=newest.time,
+        waiting_requests=float(newest.decode_waiting),
+        running_requests=float(newest.decode_running),
+        generation_tokens_per_s=(newest.generated_tokens - oldest.generated_tokens) / span,
+        request_rate=(newest.admitted - oldest.admitted) / span,
+        kv_usage=newest.kv_usage,
+        itl_s=_quantile(newest.itl_hist - oldest.itl_hist, setup.percentile),
+        mean_prompt_tokens=mean_prompt,
+        mean_output_tokens=mean_output,
+    )
+    return LoadPicture(prefill, decode)
+
+
+class _Decode:
+    """Decode replicas as arrays; each replica's sequences advance on the replica's own token clock."""
+
+    def __init__(self, setup: SimSetup) -> None:
+        pool = setup.decode
+        model = setup.model
+        eff = setup.engine
+        spec = pool.accelerator.specs
+        tp = pool.tensor_parallel
+        self.model = model
+        self.capacity = kv_capacity_tokens(model, pool.accelerator, tp, eff)
+        self.weights_coef = 1.0 / (tp * eff.decode_mbu * spec.memory_bandwidth)
+        self.kv_coef = (
+            model.kv_bytes_per_token * kv_shard_fraction(model, tp) / (eff.decode_mbu * spec.memory_bandwidth)
+        )
+        self.compute_coef = 2.0 * model.active_parameters / (eff.decode_mfu * spec.peak_flops(model.weight_dtype) * tp)
+        self.overhead = eff.decode_overhead_s + (2 * model.layers * eff.allreduce_latency_s if tp > 1 else 0.0)
+        self.moe_share = model.active_parameters / model.parameters if model.is_moe else 1.0
+        size = 8
+        self.state = np.zeros(size, dtype=np.int8)  # 0 free, 1 starting, 2 ready, 3 draining
+        self.ready_at = np.zeros(size)
+        self.billed_from = np.zeros(size)
+        self.batch = np.zeros(size)
+        self.clock = np.zeros(size)
+        self.sum_prompt = np.zeros(size)
+        self.sum_start = np.zeros(size)
+        self.reserved = np.zeros(size)
+        self.next_done = np.full(size, np.inf)
+        self.heaps: list[list[tuple[float, int]]] = [[] for _ in range(size)]
+
+    def _grow(self) -> None:
+        size = self.state.size
+        self.state = np.concatenate([self.state, np.zeros(size, dtype=np.int8)])
+        for name in ("ready_at", "billed_from", "batch", "clock", "sum_prompt", "sum_start", "reserved"):
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(size)]))
+        self.next_done = np.concatenate([self.next_done, np.full(size, np.inf)])
+        self.heaps.extend([] for _ in range(size))
+
+    def add(self, now: float, ready_at: float) -> None:
+        free = np.flatnonzero(self.state == 0)
+        if free.size == 0:
+            self._grow()
+            free = np.flatnonzero(self.state == 0)
+        slot = int(free[0])
+        self.state[slot] = 2 if ready_at <= now else 1
+        self.ready_at[slot] = ready_at
+        self.billed_from[slot] = now
+        self.batch[slot] = self.clock[slot] = self.sum_prompt[slot] = self.sum_start[slot] = 0.0
+        self.reserved[slot] = 0.0
+        self.next_done[slot] = np.inf
+        self.heaps[slot] = []
+
+    def weights(self, batch: FloatArray) -> FloatArray:
+        if self.moe_share >= 1.0:
+            return np.full_like(batch, self.model.weight_bytes)
+        result: FloatArray = self.model.weight_bytes * (1.0 - (1.0 - self.moe_share) ** np.maximum(batch, 1.0))
+        return result
+
+    def step_seconds(self, slots: npt.NDArray[np.int64]) -> FloatArray:
+        batch = self.batch[slots]
+        context = self.sum_prompt[slots] + batch * self.clock[slots] - self.sum_start[slots]
+        memory = self.weights(batch) * self.weights_coef + context * self.kv_coef
+        result: FloatArray = np.maximum(memory, batch * self.compute_coef) + self.overhead
+        return result
+
+    def step_one(self, slot: int) -> float:
+        return float(self.step_seconds(np.array([slot]))[0])
+
+
+def _fill_timeline(
+    timeline: Timeline, step_s: float, arrivals: FloatArray, prompt: FloatArray, ttft: FloatArray, itl: FloatArray
+) -> None:
+    """Load and p90 latencies of the requests arriving in each timeline step."""
+    edges = np.searchsorted(arrivals, np.asarray(timeline.time_s) - step_s)
+    ends = np.searchsorted(arrivals, np.asarray(timeline.time_s))
+    for low, high in zip(edges, ends, strict=True):
+        timeline.request_rate.append((high - low) / step_s)
+        timeline.prompt_tokens_per_s.append(float(prompt[low:high].sum()) / step_s)
+        first = np.minimum(ttft[low:high], 600.0)
+        timeline.ttft_p90_s.append(float(np.percentile(first, 90)) if first.size else math.nan)
+        inter = itl[low:high]
+        inter = np.minimum(inter[~np.isnan(inter)], 600.0)
+        timeline.itl_p90_s.append(float(np.percentile(inter, 90)) if inter.size else math.nan)
+
+
+def simulate(
+    setup: SimSetup, workload: Workload, controller: Controller, *, record_decisions: bool = False
+) -> SimResult:
+    """Replay `workload` through the pools of `setup` with `controller` deciding replicas."""
+    wall_start = time.perf_counter()
+    model = setup.model
+    eff = setup.engine
+    dt = setup.dt
+    arrivals = workload.arrivals
+    prompt = workload.prompt_tokens.astype(np.float64)
+    output = workload.output_tokens.astype(np.float64)
+    count = workload.requests
+    pre = setup.prefill
+    pre_spec = pre.accelerator.specs
+    # Prefill time of every prompt (matmuls + causal attention + TP all-reduce), vectorised.
+    mfu = eff.prefill_mfu * (eff.moe_mfu_factor if model.is_moe else 1.0)
+    peak = pre_spec.peak_flops(model.weight_dtype) * pre.tensor_parallel * mfu
+    flops = 2.0 * model.active_parameters + 2.0 * model.layers * model.attention_heads * (
+        model.head_dim + model.v_head_dim
+    ) * (prompt / 2.0)
+    per_token = flops / peak
+    if pre.tensor_parallel > 1 and pre_spec.interconnect_bandwidth > 0:
+        ring = 2.0 * (pre.tensor_parallel - 1) / pre.tensor_parallel
+        per_token = per_token + 2 * model.layers * model.hidden_size * 2.0 * ring / pre_spec.interconnect_bandwidth
+    service = prompt * per_token
+    link = kv_link_bytes_per_s(pre.tensor_parallel, setup.decode.tensor_parallel, setup.rdma)
+    transfer = eff.link_latency_s + prompt * model.kv_bytes_per_token / (link * eff.link_efficiency)
+
+    decode = _Decode(setup)
+    rejected = (prompt + output > decode.capacity) | (prompt > model.max_context)
+
+    ttft = np.full(count, np.inf)
+    first_token = np.full(count, np.nan)
+    finish = np.full(count, np.nan)
+    engine_ttft = np.zeros(count)
+
+    prefill_replicas: list[_PrefillReplica] = [
+        _PrefillReplica(ready_at=0.0, billed_from=0.0) for _ in range(pre.initial_replicas)
+    ]
+    prefill_draining: list[_PrefillReplica] = []
+    for _ in range(setup.decode.initial_replicas):
+        decode.add(0.0, 0.0)
+
+    decode_inbox: list[tuple[float, int]] = []  # (arrival at decode, request)
+    decode_queue: deque[int] = deque()
+    accel_seconds = {"prefill": 0.0, "decode": 0.0}
+    max_replicas = {"prefill": pre.initial_replicas, "decode": setup.decode.initial_replicas}
+    scale_events = 0
+    decisions: list[tuple[float, str, str]] = []
+    snapshots: list[_Snapshot] = []
+    timeline = Timeline()
+
+    counters = {"arrivals": 0, "prefill_done": 0, "admitted": 0, "finished": 0}
+    prompt_tokens_done = 0.0
+    generated = 0.0
+    finished_output = 0.0
+    ttft_hist = np.zeros(BUCKETS.size)
+    itl_hist = np.zeros(BUCKETS.size)
+
+    end = workload.duration_s
+    horizon = end + setup.drain_s
+    next_scrape = 0.0
+    next_decision = controller.interval_s
+    next_timeline = setup.timeline_step_s
+    arrival_index = 0
+    steps = math.ceil(horizon / dt)
+    pcount = pre.accelerators_per_replica
+    dcount = setup.decode.accelerators_per_replica
+
+    def finish_prefill_batch(replica: _PrefillReplica) -> None:
+        nonlocal prompt_tokens_done
+        done_at = replica.busy_until
+        for request in replica.batch:
+            engine_ttft[request] = done_at - arrivals[request]
+            ttft_hist[min(int(np.searchsorted(BUCKETS, engine_ttft[request])), BUCKETS.size - 1)] += 1
+            prompt_tokens_done += prompt[request]
+            counters["prefill_done"] += 1
+            heapq.heappush(decode_inbox, (done_at + transfer[request], request))
+        replica.batch = []
+
+    def start_prefill_batch(replica: _PrefillReplica, at: float) -> None:
+        tokens = 0.0
+        work = setup.prefill_batch_overhead_s
+        while replica.queue and (not replica.batch or tokens + prompt[replica.queue[0]] <= setup.prefill_batch_tokens):
+            request = replica.queue.popleft()
+            replica.queued_work -= service[request]
+            replica.batch.append(request)
+            tokens += prompt[request]
+            work += service[request]
+        replica.busy_until = at + work
+
+    def advance_prefill(replica: _PrefillReplica, until: float) -> None:
+        while replica.batch and replica.busy_until <= until:
+            finish_prefill_batch(replica)
+            if replica.queue:
+                start_prefill_batch(replica, replica.busy_until)
+
+    for step_index in range(steps):
+        now = step_index * dt
+        later = now + dt
+        billing = now < end
+
+        # Replicas becoming ready.
+        starting = decode.state == 1
+        if starting.any():
+            decode.state[starting & (decode.ready_at <= now)] = 2
+
+        # Arrivals of this step go to the ready prefill replica with the least outstanding work.
+        while arrival_index < count and arrivals[arrival_index] < later:
+            request = arrival_index
+            arrival_index += 1
+            counters["arrivals"] += 1
+            at = float(arrivals[request])
+            if rejected[request]:
+                continue
+            best: _PrefillReplica | None = None
+            best_work = math.inf
+            for replica in prefill_replicas:
+                if replica.ready_at > at:
+                    continue
+                work = max(replica.busy_until, at) + replica.queued_work
+                if work < best_work:
+                    best, best_work = replica, work
+            if best is None:  # nothing ready yet: the earliest starting replica takes it
+                best = min(prefill_replicas, key=lambda r: r.ready_at)
+            advance_prefill(best, at)
+            best.queue.append(request)
+            best.queued_work += service[request]
+            if not best.batch:
+                start_prefill_batch(best, max(at, best.ready_at, best.busy_until))
+
+        for replica in prefill_replicas:
+            advance_prefill(replica, later)
+        for replica in prefill_draining:
+            advance_prefill(replica, later)
+        if prefill_draining:
+            prefill_draining = [r for r in prefill_draining if r.batch or r.queue]
+
+        # Decode admission: FIFO, to the ready replica with the most free KV cache.
+        while decode_inbox and decode_inbox[0][0] < later:
+            decode_queue.append(heapq.heappop(decode_inbox)[1])
+        while decode_queue:
+            request = decode_queue[0]
+            ready = decode.state == 2
+            if not ready.any():
+                break
+            free = np.where(ready, decode.capacity - decode.reserved, -np.inf)
+            slot = int(np.argmax(free))
+            need = prompt[request] + output[request]
+            if free[slot] < need:
+                break
+            decode_queue.popleft()
+            counters["admitted"] += 1
+            decode.batch[slot] += 1
+            decode.sum_prompt[slot] += prompt[request]
+            decode.sum_start[slot] += decode.clock[slot]
+            decode.reserved[slot] += need
+            done_at = decode.clock[slot] + output[request]
+            heapq.heappush(decode.heaps[slot], (done_at, request))
+            decode.next_done[slot] = decode.heaps[slot][0][0]
+            # Arrived this step: the first step starts at its arrival, else now.
+            arrived = max(now, float(transfer[request] + arrivals[request] + engine_ttft[request]))
+            first = min(arrived, later) + decode.step_one(slot)
+            first_token[request] = first
+            ttft[request] = first - arrivals[request]
+
+        # Decode steps.
+        active = np.flatnonzero(decode.batch > 0)
+        if active.size:
+            steps_s = decode.step_seconds(active)
+            advance = dt / steps_s
+            decode.clock[active] += advance
+            tokens = decode.batch[active] * advance
+            generated += float(tokens.sum())
+            buckets = np.minimum(np.searchsorted(BUCKETS, steps_s), BUCKETS.size - 1)
+            np.add.at(itl_hist, buckets, tokens)
+            done_slots = active[decode.clock[active] >= decode.next_done[active]]
+            for slot_value in done_slots:
+                slot = int(slot_value)
+                heap = decode.heaps[slot]
+                step_s = float(steps_s[np.searchsorted(active, slot)])
+                while heap and heap[0][0] <= decode.clock[slot]:
+                    target, request = heapq.heappop(heap)
+                    finished_at = later - (decode.clock[slot] - target) * step_s
+                    finish[request] = max(finished_at, first_token[request])
+                    decode.batch[slot] -= 1
+                    decode.sum_prompt[slot] -= prompt[request]
+                    decode.sum_start[slot] -= target - output[request]
+                    decode.reserved[slot] -= prompt[request] + output[request]
+                    counters["finished"] += 1
+                    finished_output += output[request]
+                decode.next_done[slot] = heap[0][0] if heap else np.inf
+                if not heap:
+                    decode.batch[slot] = decode.sum_prompt[slot] = decode.sum_start[slot] = 0.0
+                    decode.reserved[slot] = 0.0
+        draining_empty = (decode.state == 3) & (decode.batch <= 0)
+        if draining_empty.any():
+            decode.state[draining_empty] = 0
+
+        # Billing of this step.
+        if billing:
+            accel_seconds["prefill"] += len(prefill_replicas) * pcount * dt
+            accel_seconds["prefill"] += len(prefill_draining) * pcount * dt
+            accel_seconds["decode"] += int(np.count_nonzero(decode.state)) * dcount * dt
+
+        # Metrics scrape.
+        if now >= next_scrape:
+            next_scrape += setup.scrape_interval_s
+            ready_decode = decode.state == 2
+            capacity = decode.capacity if decode.capacity > 0 else 1.0
+            usage = float(np.mean(decode.reserved[ready_decode]) / capacity) if ready_decode.any() else 0.0
+            snapshots.append(
+                _Snapshot(
+                    time=now,
+                    arrivals=counters["arrivals"],
+                    prefill_done=counters["prefill_done"],
+                    prompt_tokens=prompt_tokens_done,
+                    generated_tokens=generated,
+                    admitted=counters["admitted"],
+                    finished=counters["finished"],
+                    finished_output_tokens=finished_output,
+                    ttft_hist=ttft_hist.copy(),
+                    itl_hist=itl_hist.copy(),
+                    prefill_waiting=sum(len(r.queue) for r in prefill_replicas),
+                    prefill_running=sum(len(r.batch) for r in prefill_replicas),
+                    prefill_ready=sum(1 for r in prefill_replicas if r.ready_at <= now),
+                    decode_running=int(decode.batch.sum()),
+                    decode_waiting=len(decode_queue),
+                    decode_ready=int(np.count_nonzero(ready_decode)),
+                    kv_usage=usage,
+                )
+            )
+            if len(snapshots) > 64:
+                del snapshots[:-64]
+
+        # The controller.
+        if billing and now >= next_decision:
+            next_decision += controller.interval_s
+            current = {
+                "prefill": len(prefill_replicas),
+                "decode": int(np.count_nonzero((decode.state == 1) | (decode.state == 2))),
+            }
+            desired = controller.decide(now, _picture(snapshots, now, setup), current)
+            for role in ("prefill", "decode"):
+                pool = pre if role == "prefill" else setup.decode
+                target = max(pool.min_replicas, min(pool.max_replicas, desired.get(role, current[role])))
+                if target == current[role]:
+                    continue
+                scale_events += 1
+                if record_decisions:
+                    decisions.append((now, role, f"{current[role]} -> {target}"))
+                if role == "prefill":
+                    if target > current[role]:
+                        prefill_replicas.extend(
+                            _PrefillReplica(ready_at=now + setup.startup_s, billed_from=now)
+                            for _ in range(target - current[role])
+                        )
+                    else:
+                        surplus = current[role] - target
+                        # Not-yet-ready replicas go first (newest first), then the least busy drain.
+                        order = sorted(
+                            prefill_replicas,
+                            key=lambda r: (r.ready_at <= now, max(r.busy_until, now) + r.queued_work),
+                        )
+                        for replica in order[:surplus]:
+                            prefill_replicas.remove(replica)
+                            if replica.ready_at > now or (not replica.batch and not replica.queue):
+                                continue
+                            replica.draining = True
+                            prefill_draining.append(replica)
+                    max_replicas["prefill"] = max(max_replicas["prefill"], len(prefill_replicas))
+                else:
+                    if target > current[role]:
+                        for _ in range(target - current[role]):
+                            decode.add(now, now + setup.startup_s)
+                    else:
+                        surplus = current[role] - target
+                        starting_slots = np.flatnonzero(decode.state == 1)
+                        starting_slots = starting_slots[np.argsort(-decode.ready_at[starting_slots])]
+                        for slot_value in starting_slots[:surplus]:
+                            decode.state[int(slot_value)] = 0
+                        surplus -= min(surplus, starting_slots.size)
+                        if surplus:
+                            ready_slots = np.flatnonzero(decode.state == 2)
+                            ready_slots = ready_slots[np.argsort(decode.batch[ready_slots], kind="stable")]
+                            for slot_value in ready_slots[:surplus]:
+                                slot = int(slot_value)
+                                decode.state[slot] = 3 if decode.batch[slot] > 0 else 0
+                    max_replicas["decode"] = max(
+                        max_replicas["decode"], int(np.count_nonzero((decode.state == 1) | (decode.state == 2)))
+                    )
+
+        # Replicas over time, for plots (latencies are filled in at the end).
+        if now >= next_timeline and now <= end:
+            timeline.time_s.append(now)
+            timeline.prefill_replicas.append(len(prefill_replicas))
+            timeline.decode_replicas.append(int(np.count_nonzero((decode.state == 1) | (decode.state == 2))))
+            next_timeline += setup.timeline_step_s
+
+        if now > end and arrival_index >= count and not decode_queue and not decode_inbox:
+            if not (decode.batch > 0).any() and not any(r.batch or r.queue for r in prefill_replicas):
+                break
+
+    itl = np.where(
+        output > 1, (finish - first_token) / np.maximum(output - 1.0, 1.0), np.nan
+    )
+    unfinished = np.isnan(finish)
+    ttft = np.where(unfinished, np.inf, ttft)
+    itl = np.where(unfinished, np.inf, itl)
+    _fill_timeline(timeline, setup.timeline_step_s, arrivals, prompt, ttft, itl)
+    hours = {role: seconds / 3600.0 for role, seconds in accel_seconds.items()}
+    usd = hours["prefill"] * pre.accelerator.usd_per_hour + hours["decode"] * setup.decode.accelerator.usd_per_hour
+    return SimResult(
+        policy=controller.name,
+        requests=count,
+        ttft_s=ttft,
+        itl_s=itl,
+        accelerator_seconds=accel_seconds,
+        usd=usd,
+        max_replicas=max_replicas,
+        scale_events=scale_events,
+        wall_s=time.perf_counter() - wall_start,
+        ttft_target_s=setup.ttft_s,
+        itl_target_s=setup.itl_s,
+        timeline=timeline,
+        decisions=decisions,
+    )
