@@ -86,6 +86,20 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    from disagg.api.reference import field_reference
+
+    sys.stdout.write(field_reference())
+    return 0
+
+
+def cmd_rbac(args: argparse.Namespace) -> int:
+    from disagg.rbac import rbac_manifests
+
+    sys.stdout.write(dump_all(rbac_manifests(args.namespace, args.service_account)))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import kopf
 
@@ -177,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition")
     crd.set_defaults(func=cmd_crd)
+    sub.add_parser("reference", help="print the spec field reference (markdown)").set_defaults(func=cmd_reference)
+    rbac = sub.add_parser("rbac", help="print the operator's ServiceAccount, ClusterRole and binding")
+    rbac.add_argument("-n", "--namespace", default="disagg-system")
+    rbac.add_argument("--service-account", default="disagg-operator")
+    rbac.set_defaults(func=cmd_rbac)
     sub.add_parser("plan", help="size pools for a model, workload and SLO (see disagg plan --help)", add_help=False)
     sub.add_parser("simulate", help="replay a trace against autoscaling policies (see disagg simulate --help)",
                    add_help=False)

@@ -69,6 +69,11 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     catalog = load_catalog(settings.accelerator_catalog)
     state: dict[str, Reconciler] = {}
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # in a pod: its ServiceAccount token; elsewhere: $KUBECONFIG (kopf's pure-Python readers)
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.INFO

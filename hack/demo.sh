@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The README's first command: a fresh machine to a running disaggregated InferenceService on the
+# local cluster. Builds the cluster's binaries the first time (20-40 min on 2 cores, cached after).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { echo "==> [demo] $*" >&2; }
+
+source hack/venv.sh
+
+say "local cluster"
+eval "$(.venv/bin/python hack/cluster.py up | tail -1)"
+CLUSTER_DIR=$(dirname "$KUBECONFIG")
+export PATH="$(.venv/bin/python hack/cluster.py bin-dir):$PATH"
+
+say "CRD (generated from the models)"
+.venv/bin/disagg crd | kubectl apply --server-side -f - >/dev/null
+kubectl wait --for=condition=Established crd/inferenceservices.disagg.dev --timeout=60s >/dev/null
+
+say "operator RBAC and a ServiceAccount token (the operator runs with exactly the shipped permissions)"
+kubectl create namespace disagg-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+.venv/bin/disagg rbac --namespace disagg-system | kubectl apply --server-side -f - >/dev/null
+.venv/bin/python hack/cluster.py sa-kubeconfig --namespace disagg-system --service-account disagg-operator \
+  --out "$CLUSTER_DIR/operator.kubeconfig" >/dev/null
+
+say "operator: disagg run --all-namespaces (log: $CLUSTER_DIR/operator.log)"
+if [[ -f $CLUSTER_DIR/operator.pid ]] && kill -0 "$(cat "$CLUSTER_DIR/operator.pid")" 2>/dev/null; then
+  kill "$(cat "$CLUSTER_DIR/operator.pid")"; sleep 1
+fi
+KUBECONFIG="$CLUSTER_DIR/operator.kubeconfig" nohup .venv/bin/disagg run --all-namespaces \
+  --listen-host 127.0.0.1 --liveness-port 18080 --metrics-port 19100 \
+  >"$CLUSTER_DIR/operator.log" 2>&1 &
+echo $! >"$CLUSTER_DIR/operator.pid"
+for _ in $(seq 60); do curl -sf http://127.0.0.1:18080/healthz >/dev/null && break; sleep 0.5; done
+curl -sf http://127.0.0.1:18080/healthz >/dev/null || { tail -30 "$CLUSTER_DIR/operator.log"; exit 1; }
+
+say "apply examples/01-vllm-nixl-llama70b.yaml (prefill on nvidia-h100, decode on nvidia-h200)"
+kubectl create namespace serving --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl apply -f examples/01-vllm-nixl-llama70b.yaml
+say "waiting for Ready"
+kubectl -n serving wait --for=condition=Ready inferenceservice/llama-70b --timeout=180s
+
+echo
+echo "\$ kubectl -n serving get inferenceservices"
+kubectl -n serving get inferenceservices -o wide
+echo
+echo "\$ kubectl -n serving get deploy,svc,pdb,networkpolicy"
+kubectl -n serving get deploy,svc,pdb,networkpolicy
+echo
+echo "Pods and the accelerator of the node each landed on:"
+kubectl -n serving get pods -o custom-columns='POD:.metadata.name,ROLE:.metadata.labels.disagg\.dev/role,STATUS:.status.phase,NODE:.spec.nodeName,IP:.status.podIP' --no-headers \
+  | while read -r pod role phase node ip; do
+      product=$(kubectl get node "$node" -o jsonpath='{.metadata.labels.nvidia\.com/gpu\.product}{.metadata.labels.amd\.com/gpu\.product-name}')
+      printf '%-38s %-8s %-8s %-22s %-16s %s\n' "$pod" "$role" "$phase" "$node" "$ip" "${product:-cpu-only}"
+    done
+echo
+say "done. Try: export KUBECONFIG=$KUBECONFIG; kubectl -n serving describe inferenceservice llama-70b"
+say "stop everything with: make cluster-down"
