@@ -1,0 +1,411 @@
+"""The real reconcile code against a kmock-emulated API server (issue 2, "Done when", bullet 2).
+
+`reconcile_service` talks to kmock over HTTP through the real `Kube` client (run in a worker thread,
+since the kubernetes client is synchronous, while kmock serves in the test's event loop). The
+emulator (tests/unit/kmock_support.py) adds server-side apply, the status subresource, DELETE
+preconditions and label selectors to kmock's KubernetesEmulator. Every assertion about writes
+counts the PATCH/POST/PUT/DELETE requests kmock actually received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kmock_support import ApplyingEmulator, Write, writes
+from kubernetes import client as k8s
+
+from disagg.catalog.accelerators import load_catalog
+from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, FIELD_MANAGER, Kube
+from disagg.reconcile.run import Outcome, Reconciler, reconcile_service
+
+pytestmark = pytest.mark.kmock(cls=ApplyingEmulator)
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "01-vllm-nixl-llama70b.yaml"
+NAMESPACE, NAME = "serving", "llama-70b"
+ISVC = "disagg.dev/v1alpha1/inferenceservices"
+SERVICES = "v1/services"
+DEPLOYMENTS = "apps/v1/deployments"
+NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
+CATALOG = load_catalog()
+
+# Every child of example 01, as `<plural>/<name>` (the path tail the writes are compared by).
+CHILDREN = {
+    f"serviceaccounts/{NAME}-router",
+    f"roles/{NAME}-router",
+    f"rolebindings/{NAME}-router",
+    f"deployments/{NAME}-router",
+    f"services/{NAME}",
+    f"services/{NAME}-router",
+    f"deployments/{NAME}-prefill",
+    f"deployments/{NAME}-decode",
+    f"services/{NAME}-prefill-kv",
+    f"services/{NAME}-decode-kv",
+    f"poddisruptionbudgets/{NAME}-prefill",
+    f"poddisruptionbudgets/{NAME}-decode",
+    f"networkpolicies/{NAME}-kv",
+}
+CHILD_RESOURCES = (
+    "v1/serviceaccounts",
+    "rbac.authorization.k8s.io/v1/roles",
+    "rbac.authorization.k8s.io/v1/rolebindings",
+    DEPLOYMENTS,
+    SERVICES,
+    "policy/v1/poddisruptionbudgets",
+    "networking.k8s.io/v1/networkpolicies",
+)
+STATUS = f"inferenceservices/{NAME}/status"
+
+Event = tuple[str, str, str]  # (type, reason, message)
+
+
+@dataclass
+class Harness:
+    """The emulated API server, a real `Kube` pointed at it, and a reconciler with a fake recorder."""
+
+    api: ApplyingEmulator
+    kube: Kube
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def reconciler(self) -> Reconciler:
+        return Reconciler(kube=self.kube, catalog=CATALOG, record_event=self._record, clock=lambda: NOW)
+
+    def _record(self, obj: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+        self.events.append((event_type, reason, message))
+
+    def service(self) -> dict[str, Any]:
+        body = self.api.get_object(ISVC, NAMESPACE, NAME)
+        assert body is not None
+        return body
+
+    async def reconcile(self) -> tuple[Outcome, list[Write]]:
+        """One reconcile of the stored InferenceService; what it did and the writes kmock received."""
+        body = self.service()
+        mark = self.api.mark()
+        outcome = await asyncio.to_thread(reconcile_service, self.reconciler, body)
+        return outcome, writes(self.api.requests_since(mark))
+
+    def edit(self, change: dict[str, Any]) -> None:
+        """A user's edit of the spec (merged in), with the generation bump the API server makes."""
+        obj = self.api.objects[ISVC, NAMESPACE, NAME]
+        generation = int(obj["metadata"]["generation"]) + 1
+        obj.patch({"spec": change, "metadata": {"generation": generation}})
+
+    def children(self) -> dict[str, dict[str, Any]]:
+        """All live objects of the child kinds in the namespace, by `<plural>/<name>`."""
+        found: dict[str, dict[str, Any]] = {}
+        for resource in CHILD_RESOURCES:
+            for obj in self.api.live(resource, NAMESPACE):
+                found[f"{resource.rsplit('/', 1)[1]}/{obj['metadata']['name']}"] = obj
+        return found
+
+
+def example() -> dict[str, Any]:
+    manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    return manifest
+
+
+def applied(found: list[Write], manager: str = FIELD_MANAGER) -> set[str]:
+    return {w.name for w in found if w.method == "PATCH" and w.field_manager == manager}
+
+
+def child_writes(found: list[Write]) -> list[Write]:
+    return [w for w in found if not w.name.startswith("inferenceservices/")]
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == kind)
+
+
+def managers_of_replicas(deployment: dict[str, Any]) -> set[str]:
+    return {
+        e["manager"] for e in deployment["metadata"].get("managedFields", [])
+        if "f:replicas" in e.get("fieldsV1", {}).get("f:spec", {})
+    }
+
+
+@pytest.fixture()
+async def harness(kmock: ApplyingEmulator) -> AsyncIterator[Harness]:
+    configuration = k8s.Configuration()
+    configuration.host = str(kmock.url).rstrip("/")
+    with k8s.ApiClient(configuration) as api_client:
+        yield Harness(api=kmock, kube=Kube(api_client))
+    assert kmock.errors == [], "the emulator failed to serve a request"
+
+
+async def created(harness: Harness, manifest: dict[str, Any] | None = None) -> str:
+    """Stores the InferenceService, reconciles it once (the create) and returns its uid."""
+    stored = harness.api.put_object(ISVC, manifest or example())
+    await harness.reconcile()
+    return str(stored["metadata"]["uid"])
+
+
+# --- (a) create ---------------------------------------------------------------------------------
+
+
+async def test_create_applies_every_child_with_an_owner_reference(harness: Harness) -> None:
+    uid = str(harness.api.put_object(ISVC, example())["metadata"]["uid"])
+
+    outcome, found = await harness.reconcile()
+
+    assert sorted(name for _, _, name in outcome.applied) == sorted(c.split("/")[1] for c in CHILDREN)
+    assert applied(found) == CHILDREN
+    assert sorted(w.name for w in found if w.field_manager == FIELD_MANAGER) == sorted(CHILDREN)  # once each
+    assert all(w.content_type.startswith("application/apply-patch+yaml") for w in child_writes(found))
+    assert not [w for w in found if w.method in ("POST", "PUT", "DELETE")]
+    assert [w.name for w in found if w.name == STATUS] == [STATUS]
+
+    live = harness.children()
+    assert set(live) == CHILDREN
+    for key, obj in live.items():
+        owners = obj["metadata"].get("ownerReferences", [])
+        assert owners == [{
+            "apiVersion": "disagg.dev/v1alpha1", "kind": "InferenceService", "name": NAME, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True,
+        }], key
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "disagg", key
+
+    status = harness.service()["status"]
+    assert status["observedGeneration"] == 1
+    assert status["endpoint"] == f"http://{NAME}.{NAMESPACE}.svc:8000"
+    assert {c["type"] for c in status["conditions"]} >= {
+        "Ready", "PrefillReady", "DecodeReady", "RouterReady", "KVTransferReady"
+    }
+    assert [reason for _, reason, _ in harness.events].count("Created") == 1
+
+
+# --- (b) unchanged resync -----------------------------------------------------------------------
+
+
+async def test_unchanged_resync_writes_nothing(harness: Harness) -> None:
+    await created(harness)
+    before = harness.children()
+
+    for _ in range(3):
+        events = len(harness.events)
+        outcome, found = await harness.reconcile()
+        assert found == [], [f"{w.method} {w.path}" for w in found]
+        assert outcome.applied == [] and outcome.deleted == [] and not outcome.status_written
+        assert harness.events[events:] == []
+
+    assert harness.children() == before
+
+
+# --- (c) spec edits -----------------------------------------------------------------------------
+
+
+async def test_pool_image_edit_reapplies_only_that_pool(harness: Harness) -> None:
+    await created(harness)
+    before = harness.children()
+
+    harness.edit({"decode": {"image": "vllm/vllm-openai:v0.33.0"}})
+    outcome, found = await harness.reconcile()
+
+    assert [(w.method, w.name, w.field_manager) for w in child_writes(found)] == [
+        ("PATCH", f"deployments/{NAME}-decode", FIELD_MANAGER)
+    ]
+    assert [w.name for w in found if w.name == STATUS] == [STATUS]  # observedGeneration 1 -> 2
+    assert outcome.applied == [("apps/v1", "Deployment", f"{NAME}-decode")]
+    after = harness.children()
+    containers = after[f"deployments/{NAME}-decode"]["spec"]["template"]["spec"]["containers"]
+    assert containers[0]["image"] == "vllm/vllm-openai:v0.33.0"
+    assert {k: v for k, v in after.items() if k != f"deployments/{NAME}-decode"} == {
+        k: v for k, v in before.items() if k != f"deployments/{NAME}-decode"
+    }
+    assert harness.service()["status"]["observedGeneration"] == 2
+
+    _, again = await harness.reconcile()
+    assert again == []
+
+
+async def test_engine_args_edit_reapplies_only_the_pools(harness: Harness) -> None:
+    await created(harness)
+
+    harness.edit({"engine": {"extraArgs": ["--max-num-seqs", "128"]}})
+    _, found = await harness.reconcile()
+
+    assert applied(child_writes(found)) == {f"deployments/{NAME}-prefill", f"deployments/{NAME}-decode"}
+    assert len(child_writes(found)) == 2
+    for role in ("prefill", "decode"):
+        args = harness.children()[f"deployments/{NAME}-{role}"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[-2:] == ["--max-num-seqs", "128"]
+
+
+async def test_removed_field_is_removed_from_the_child(harness: Harness) -> None:
+    # The live object still carries every remaining desired field, so only the applied-hash
+    # annotation can tell that something went away; the apply then drops the field.
+    await created(harness)
+
+    harness.edit({"decode": {"resources": {"requests": {"cpu": None}}}})
+    _, found = await harness.reconcile()
+
+    assert [(w.method, w.name) for w in child_writes(found)] == [("PATCH", f"deployments/{NAME}-decode")]
+    container = harness.children()[f"deployments/{NAME}-decode"]["spec"]["template"]["spec"]["containers"][0]
+    assert "cpu" not in container["resources"]["requests"]
+    assert container["resources"]["requests"]["memory"] == "128Gi"
+
+
+async def test_hand_edit_of_a_child_is_repaired(harness: Harness) -> None:
+    await created(harness)
+    harness.api.objects[SERVICES, NAMESPACE, f"{NAME}-router"].patch(
+        {"metadata": {"labels": {"app.kubernetes.io/part-of": "something-else"}}}
+    )
+
+    _, found = await harness.reconcile()
+
+    assert [(w.method, w.name) for w in found] == [("PATCH", f"services/{NAME}-router")]
+
+
+# --- (d) pruning --------------------------------------------------------------------------------
+
+
+def stale_service(name: str, owner_uid: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": NAMESPACE,
+        "labels": {"disagg.dev/service": NAME, "app.kubernetes.io/managed-by": "disagg"},
+    }
+    if owner_uid is not None:
+        meta["ownerReferences"] = [{
+            "apiVersion": "disagg.dev/v1alpha1", "kind": "InferenceService", "name": NAME,
+            "uid": owner_uid, "controller": True, "blockOwnerDeletion": True,
+        }]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {"ports": [{"port": 1}]}}
+
+
+async def test_child_no_longer_desired_is_deleted_and_others_left_alone(harness: Harness) -> None:
+    uid = await created(harness)
+    stale = harness.api.put_object(SERVICES, stale_service(f"{NAME}-old", uid))
+    harness.api.put_object(SERVICES, stale_service(f"{NAME}-foreign", "some-other-uid"))
+    harness.api.put_object(SERVICES, stale_service(f"{NAME}-unowned", None))
+
+    outcome, found = await harness.reconcile()
+
+    assert [(w.method, w.name) for w in found] == [("DELETE", f"services/{NAME}-old")]
+    assert found[0].body["preconditions"] == {"uid": stale["metadata"]["uid"]}
+    assert outcome.deleted == [("v1", "Service", f"{NAME}-old")]
+    assert harness.api.get_object(SERVICES, NAMESPACE, f"{NAME}-old") is None
+    assert harness.api.get_object(SERVICES, NAMESPACE, f"{NAME}-foreign") is not None
+    assert harness.api.get_object(SERVICES, NAMESPACE, f"{NAME}-unowned") is not None
+    assert ("Normal", "Pruned", f"deleted children no longer in the spec: Service/{NAME}-old") in harness.events
+
+    _, again = await harness.reconcile()
+    assert again == []
+
+
+# --- (e) invalid edit ---------------------------------------------------------------------------
+
+
+async def test_invalid_edit_sets_invalid_spec_and_leaves_children_alone(harness: Harness) -> None:
+    await created(harness)
+    before = harness.children()
+    events = len(harness.events)
+
+    harness.edit({"decode": {"accelerator": {"type": "nvidia-h999"}}})
+    outcome, found = await harness.reconcile()
+
+    assert [(w.method, w.name, w.content_type) for w in found] == [
+        ("PATCH", STATUS, "application/merge-patch+json")
+    ]
+    assert outcome.invalid is not None and "spec.decode.accelerator.type" in outcome.invalid
+    assert harness.children() == before
+    status = harness.service()["status"]
+    ready = condition(status, "Ready")
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("False", "InvalidSpec", 2)
+    assert "spec.decode.accelerator.type" in ready["message"] and "nvidia-h200" in ready["message"]
+    assert status["observedGeneration"] == 2
+    warnings = [e for e in harness.events[events:] if e[:2] == ("Warning", "InvalidSpec")]
+    assert len(warnings) == 1 and "spec.decode.accelerator.type" in warnings[0][2]
+
+    # Resyncing the same invalid spec: no write, no second event.
+    events = len(harness.events)
+    _, again = await harness.reconcile()
+    assert again == [] and harness.events[events:] == []
+
+    # Fixing it: the children were never touched, so only the status changes back.
+    harness.edit({"decode": {"accelerator": {"type": "nvidia-h200"}}})
+    _, fixed = await harness.reconcile()
+    assert [w.name for w in fixed] == [STATUS]
+    assert condition(harness.service()["status"], "Ready")["reason"] != "InvalidSpec"
+    assert harness.children() == before
+
+
+# --- (f) autoscaled pools -----------------------------------------------------------------------
+
+
+async def test_autoscaled_pool_replicas_belong_to_the_autoscaler(harness: Harness) -> None:
+    harness.api.put_object(ISVC, example())
+    _, found = await harness.reconcile()
+
+    for role in ("prefill", "decode"):
+        path = f"deployments/{NAME}-{role}"
+        mine = [w for w in found if w.name == path and w.field_manager == FIELD_MANAGER]
+        scaler = [w for w in found if w.name == path and w.field_manager == AUTOSCALER_FIELD_MANAGER]
+        assert len(mine) == 1 and "replicas" not in mine[0].body["spec"]
+        assert len(scaler) == 1 and scaler[0].body["spec"] == {"replicas": 2}
+        assert found.index(mine[0]) < found.index(scaler[0])  # the object exists before it is scaled
+        live = harness.children()[path]
+        assert live["spec"]["replicas"] == 2
+        assert managers_of_replicas(live) == {AUTOSCALER_FIELD_MANAGER}
+    router = [w for w in found if w.name == f"deployments/{NAME}-router"]
+    assert [w.body["spec"]["replicas"] for w in router] == [2]  # a fixed count stays the operator's
+
+    # The autoscaler moves decode to 5; an edit re-applies the pool but never writes its replicas.
+    await asyncio.to_thread(harness.kube.scale, NAMESPACE, f"{NAME}-decode", 5, AUTOSCALER_FIELD_MANAGER)
+    harness.edit({"decode": {"image": "vllm/vllm-openai:v0.33.0"}})
+    _, found = await harness.reconcile()
+    decode = [w for w in child_writes(found) if w.name == f"deployments/{NAME}-decode"]
+    assert [(w.field_manager, "replicas" in w.body["spec"]) for w in decode] == [(FIELD_MANAGER, False)]
+    assert harness.children()[f"deployments/{NAME}-decode"]["spec"]["replicas"] == 5
+    assert harness.service()["status"]["decode"]["replicas"] == 5
+
+
+async def test_turning_autoscaling_on_hands_replicas_over_without_a_reset(harness: Harness) -> None:
+    manifest = example()
+    del manifest["spec"]["decode"]["autoscaling"]
+    await created(harness, manifest)
+    path = f"deployments/{NAME}-decode"
+    assert managers_of_replicas(harness.children()[path]) == {FIELD_MANAGER}
+    await asyncio.to_thread(harness.kube.scale, NAMESPACE, f"{NAME}-decode", 3, AUTOSCALER_FIELD_MANAGER)
+
+    harness.edit({"decode": {"autoscaling": {"minReplicas": 1, "maxReplicas": 16}}})
+    _, found = await harness.reconcile()
+
+    decode = [(w.field_manager, w.body["spec"].get("replicas")) for w in child_writes(found) if w.name == path]
+    assert decode == [(FIELD_MANAGER, None)]
+    live = harness.children()[path]
+    assert live["spec"]["replicas"] == 3  # not reset to the default by the apply that dropped it
+    assert managers_of_replicas(live) == {AUTOSCALER_FIELD_MANAGER}
+
+    _, again = await harness.reconcile()
+    assert again == []
+
+
+async def test_turning_autoscaling_on_keeps_the_operators_count(harness: Harness) -> None:
+    manifest = example()
+    del manifest["spec"]["decode"]["autoscaling"]
+    await created(harness, manifest)
+    path = f"deployments/{NAME}-decode"
+
+    harness.edit({"decode": {"autoscaling": {"minReplicas": 1, "maxReplicas": 16}}})
+    _, found = await harness.reconcile()
+
+    decode = [(w.field_manager, w.body["spec"].get("replicas")) for w in child_writes(found) if w.name == path]
+    assert decode == [(AUTOSCALER_FIELD_MANAGER, 2), (FIELD_MANAGER, None)]  # handover first
+    live = harness.children()[path]
+    assert live["spec"]["replicas"] == 2
+    assert managers_of_replicas(live) == {AUTOSCALER_FIELD_MANAGER}
+
+
+def test_example_is_the_one_the_counts_assume() -> None:
+    spec = example()["spec"]
+    assert (spec["prefill"]["replicas"], spec["decode"]["replicas"], spec["router"]["replicas"]) == (2, 2, 2)
+    assert spec["prefill"]["autoscaling"] and spec["decode"]["autoscaling"]
