@@ -106,6 +106,8 @@ def _generated_cases() -> Iterator[Case]:
     for engine, connector, tiers, tp in itertools.product(
         ("vllm", "sglang"), ("nixl", "mooncake"), (False, True), (1, 2, 8)
     ):
+        if (engine, connector) == ("vllm", "mooncake"):
+            continue  # refused by validation (see test_vllm_mooncake_is_refused)
         pool = {
             "replicas": 1,
             "accelerator": {"type": "nvidia-h100", "count": tp},
@@ -398,18 +400,24 @@ def test_sglang_prefill_bootstrap_annotation(workloads: list[Workload]) -> None:
         )
 
 
-def test_vllm_mooncake_prefill_bootstrap_annotation(workloads: list[Workload]) -> None:
-    """vLLM + Mooncake: vllm-router reads a discovered prefill pod's bootstrap port from its annotation."""
-    for w in workloads:
-        if w.listname != "vllm" or w.role != "prefill" or w.case.connector != "mooncake":
-            continue
-        key = _annotation("vllm-router")
-        port = next((str(e.get("value")) for e in w.env if e.get("name") == "VLLM_MOONCAKE_BOOTSTRAP_PORT"), "8998")
-        if w.pod_annotations.get(key) != port:
-            pytest.xfail(
-                f"known renderer gap: {w.where()} lacks pod annotation {key}={port} (vllm-router's "
-                "Kubernetes discovery reads the Mooncake bootstrap port of prefill pods from it)"
-            )
+def test_vllm_mooncake_is_refused() -> None:
+    """vllm-router gives discovered prefill pods no Mooncake bootstrap data: the combination is refused."""
+    from disagg.api.validate import InvalidSpec
+
+    body = {
+        "apiVersion": "disagg.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "vm", "namespace": "flags"},
+        "spec": {
+            "model": {"name": "org/model", "uri": "hf://org/model"},
+            "engine": {"kind": "vllm"},
+            "kvTransfer": {"connector": "mooncake"},
+            "prefill": {"accelerator": {"type": "nvidia-h100"}},
+            "decode": {"accelerator": {"type": "nvidia-h200"}},
+        },
+    }
+    with pytest.raises(InvalidSpec, match="spec.kvTransfer.connector"):
+        render_module.render_service(body, DEFAULT_CATALOG)
 
 
 def test_router_metrics_reachable(workloads: list[Workload]) -> None:
@@ -421,8 +429,7 @@ def test_router_metrics_reachable(workloads: list[Workload]) -> None:
         host = w.value("--prometheus-host")
         assert host not in loopback, f"{w.where()}: --prometheus-host {host} cannot be scraped"
         default = CHOICES.get((f"{w.listname}:default", "--prometheus-host"), frozenset())
-        if host is None and default & loopback:
-            pytest.xfail(
-                f"known renderer gap: {w.where()} passes --prometheus-port but not --prometheus-host, and "
-                f"{w.listname} binds metrics to {sorted(default)} by default: add --prometheus-host 0.0.0.0"
-            )
+        assert not (host is None and default & loopback), (
+            f"{w.where()} passes --prometheus-port but not --prometheus-host, and "
+            f"{w.listname} binds metrics to {sorted(default)} by default: add --prometheus-host 0.0.0.0"
+        )

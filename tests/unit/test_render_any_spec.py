@@ -74,16 +74,15 @@ def test_pools_request_and_target_their_accelerators(engine: str, prefill: str, 
             assert args[args.index("--disaggregation-transfer-backend") + 1] == "nixl"
 
 
-def test_mooncake_flags_per_engine() -> None:
-    for engine in ENGINES:
-        body = service(engine, "nvidia-h100", "nvidia-h200", connector="mooncake")
-        body["spec"]["decode"]["parallelism"]["tensor"] = 2
-        docs = render_service(body, DEFAULT_CATALOG)
-        prefill_args = pool(docs, "prefill")["spec"]["template"]["spec"]["containers"][0]["args"]
-        if engine == "vllm":
-            assert '"kv_connector":"MooncakeConnector"' in " ".join(prefill_args)
-        else:
-            assert prefill_args[prefill_args.index("--disaggregation-bootstrap-port") + 1] == "8998"
+def test_mooncake_flags_for_sglang_and_refusal_for_vllm() -> None:
+    body = service("sglang", "nvidia-h100", "nvidia-h200", connector="mooncake")
+    body["spec"]["decode"]["parallelism"]["tensor"] = 2
+    docs = render_service(body, DEFAULT_CATALOG)
+    prefill_args = pool(docs, "prefill")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert prefill_args[prefill_args.index("--disaggregation-bootstrap-port") + 1] == "8998"
+    body["spec"]["engine"]["kind"] = "vllm"
+    with pytest.raises(InvalidSpec, match="vllm-router"):
+        render_service(body, DEFAULT_CATALOG)
 
 
 def test_cli_render_prints_what_would_be_applied(tmp_path: Any) -> None:

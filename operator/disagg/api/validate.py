@@ -29,7 +29,8 @@ MANAGED_FLAGS = {
         "--model", "--revision",
     },
     "sglang": {
-        "--host", "--port", "--served-model-name", "--tp-size", "--tp", "--model-path", "--disaggregation-mode",
+        "--host", "--port", "--served-model-name", "--tp-size", "--tensor-parallel-size", "--model-path", "--model",
+        "--disaggregation-mode",
         "--disaggregation-transfer-backend", "--disaggregation-bootstrap-port", "--revision",
         "--enable-metrics",
     },
@@ -149,6 +150,15 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
             errors.extend(_managed_flag(f"{field}.extraArgs[{index}]", arg, spec.engine.kind))
     for index, arg in enumerate(spec.engine.extra_args):
         errors.extend(_managed_flag(f"spec.engine.extraArgs[{index}]", arg, spec.engine.kind))
+    if spec.engine.kind == "vllm" and spec.kv_transfer.connector == "mooncake":
+        # vllm-router 0.1.17 asks a prefill's Mooncake bootstrap server for its engine id only for
+        # statically listed prefills; for pods it discovers it forwards no kv_transfer_params, so
+        # decode silently recomputes every prompt. Refuse rather than serve that.
+        errors.append(FieldError(
+            "spec.kvTransfer.connector",
+            "mooncake with engine vllm is not supported: vllm-router does not hand Mooncake bootstrap data to "
+            "pods it discovers; use connector nixl with vllm, or engine sglang with mooncake",
+        ))
     if spec.kv_transfer.connector not in engine.connectors:
         errors.append(FieldError(
             "spec.kvTransfer.connector", f"{spec.engine.kind} has no {spec.kv_transfer.connector} connector"

@@ -147,6 +147,7 @@ def _engine_command(
     ]
     kv = spec.kv_transfer
     tiers = spec.kv_cache
+    tp = pool.parallelism.tensor
     if engine.kind == "vllm":
         command = ["vllm", "serve", source.argument]
         args = [
@@ -171,15 +172,16 @@ def _engine_command(
         else:
             env += [{"name": "VLLM_MOONCAKE_BOOTSTRAP_PORT", "value": str(port_kv)}]
         if tiers is not None and tiers.cpu_offload_gi_b is not None:
+            # LMCache sizes its tiers per TP-rank process in GiB: split the pod's budget
             env += [
                 {"name": "LMCACHE_LOCAL_CPU", "value": "True"},
-                {"name": "LMCACHE_MAX_LOCAL_CPU_SIZE", "value": str(tiers.cpu_offload_gi_b)},
+                {"name": "LMCACHE_MAX_LOCAL_CPU_SIZE", "value": _per_rank_gib(tiers.cpu_offload_gi_b, tp)},
                 {"name": "LMCACHE_CHUNK_SIZE", "value": "256"},
             ]
             if tiers.disk is not None:
                 env += [
                     {"name": "LMCACHE_LOCAL_DISK", "value": f"file://{KV_DISK_DIR}/"},
-                    {"name": "LMCACHE_MAX_LOCAL_DISK_SIZE", "value": str(_gib(tiers.disk.size))},
+                    {"name": "LMCACHE_MAX_LOCAL_DISK_SIZE", "value": _per_rank_gib(_gib(tiers.disk.size), tp)},
                 ]
     else:
         command = ["python3", "-m", "sglang.launch_server"]
@@ -198,7 +200,9 @@ def _engine_command(
         if spec.model.revision:
             args += ["--revision", spec.model.revision]
         if tiers is not None and tiers.cpu_offload_gi_b is not None:
-            args += ["--enable-hierarchical-cache", "--hicache-size", str(tiers.cpu_offload_gi_b)]
+            # --hicache-size is whole decimal GB per TP rank
+            per_rank_gb = max(1, tiers.cpu_offload_gi_b * 2**30 // (10**9 * tp))
+            args += ["--enable-hierarchical-cache", "--hicache-size", str(per_rank_gb)]
             if tiers.disk is not None:
                 args += ["--hicache-storage-backend", "file"]
                 env += [{"name": "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "value": KV_DISK_DIR}]
@@ -209,6 +213,11 @@ def _engine_command(
 
 _UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
           "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+
+
+def _per_rank_gib(total_gib: int, tp: int) -> str:
+    """A pod's GiB split over its TP ranks, as the float text LMCache parses."""
+    return f"{total_gib / tp:g}"
 
 
 def _gib(quantity: str) -> int:
@@ -241,10 +250,9 @@ def pool_values(
     image = pool.image or spec.engine.image or default_image
     source = model_source(spec)
     port_kv = kv_port(spec.kv_transfer.connector, spec.engine.kind, spec.kv_transfer.port)
-    # vLLM's NIXL side channel listens on one port per tensor-parallel rank, counting up from the base.
-    if spec.engine.kind == "vllm" and spec.kv_transfer.connector == "nixl":
-        kv_ports = [port_kv + rank for rank in range(pool.parallelism.tensor)]
-    elif spec.engine.kind == "sglang" and role == "decode":
+    # One listener per pod serves every TP rank's handshake (vLLM's NIXL side channel, the
+    # bootstrap servers); SGLang's decode side opens no listening KV port of its own.
+    if spec.engine.kind == "sglang" and role == "decode":
         kv_ports = []
     else:
         kv_ports = [port_kv]
@@ -332,7 +340,9 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
     ]
     if spec.engine.kind == "vllm":
         command = ["vllm-router"]
-        args = ["--vllm-pd-disaggregation", "--kv-connector", spec.kv_transfer.connector, *common]
+        # vllm-router serves its metrics on 127.0.0.1 unless told otherwise
+        args = ["--vllm-pd-disaggregation", "--kv-connector", spec.kv_transfer.connector, *common,
+                "--prometheus-host", "0.0.0.0"]
         app = "vllm-router"
     else:
         command = ["python3", "-m", "sglang_router.launch_router"]
