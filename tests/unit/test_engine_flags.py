@@ -416,7 +416,7 @@ def test_vllm_mooncake_is_refused() -> None:
             "decode": {"accelerator": {"type": "nvidia-h200"}},
         },
     }
-    with pytest.raises(InvalidSpec, match="spec.kvTransfer.connector"):
+    with pytest.raises(InvalidSpec, match=r"spec\.kvTransfer\.connector"):
         render_module.render_service(body, DEFAULT_CATALOG)
 
 

@@ -88,6 +88,7 @@ def size_prefill(
     max_utilization: float = 0.9,
     max_replicas: int = 1000,
     eff: Efficiency = DEFAULT_EFFICIENCY,
+    service_scale: float = 1.0,
 ) -> PrefillSizing:
     """Fewest replicas whose predicted prefill TTFT at `percentile` stays within `ttft_budget_s`.
 
@@ -95,10 +96,11 @@ def size_prefill(
     mean-prompt queue model misses, such as the spread of prompt sizes and bursty arrivals); `headroom`
     adds a share of load; utilisation never exceeds `max_utilization`. When no count up to
     `max_replicas` meets the budget, the answer is the count that keeps utilisation at half of
-    `max_utilization`.
+    `max_utilization`. `service_scale` multiplies the roofline's prefill time of the mean prompt (the
+    measured mean prefill time per request over the predicted one).
     """
     mean_prompt = max(mean_prompt_tokens, 1.0)
-    service = prefill_seconds(model, accelerator, tensor_parallel, mean_prompt, eff)
+    service = prefill_seconds(model, accelerator, tensor_parallel, mean_prompt, eff) * service_scale
     per_replica = mean_prompt / service
     rate = max(prompt_tokens_per_s, 0.0) * (1.0 + headroom) / mean_prompt
     if rate <= 0:

@@ -252,10 +252,7 @@ def pool_values(
     port_kv = kv_port(spec.kv_transfer.connector, spec.engine.kind, spec.kv_transfer.port)
     # One listener per pod serves every TP rank's handshake (vLLM's NIXL side channel, the
     # bootstrap servers); SGLang's decode side opens no listening KV port of its own.
-    if spec.engine.kind == "sglang" and role == "decode":
-        kv_ports = []
-    else:
-        kv_ports = [port_kv]
+    kv_ports = [] if spec.engine.kind == "sglang" and role == "decode" else [port_kv]
     command, args, env = _engine_command(spec, role, source, port_kv)
     ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
     ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]

@@ -72,6 +72,9 @@ class PoolSignals:
     """Inter-token latency at the SLO percentile."""
     mean_prompt_tokens: float | None = None
     mean_output_tokens: float | None = None
+    prefill_time_s: float | None = None
+    """Mean time a request spends in prefill compute, without queueing (vLLM:
+    `vllm:request_prefill_time_seconds` sum / count); optional, sharpens the prefill correction."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,9 @@ class PoolMemory:
     last_scale_at: float | None = None
     correction: float = 1.0
     """Observed / predicted latency, smoothed: multiplies the capacity model's latencies."""
+    service_correction: float = 1.0
+    """Prefill only: observed / predicted prefill time per request, smoothed: the capacity model's
+    throughput error (engine speed, and the spread of prompt sizes around the mean)."""
     mean_prompt_tokens: float | None = None
     mean_output_tokens: float | None = None
 
@@ -209,6 +215,7 @@ def _update_correction(memory: PoolMemory, ratio: float | None, settings: Policy
 class _Need:
     replicas: int
     correction: float
+    service_correction: float
     mean_prompt: float | None
     mean_output: float | None
     explanation: str
@@ -250,6 +257,12 @@ def _prefill_need(
 
     correction = memory.correction
     service = prefill_seconds(capacity.model, capacity.accelerator, capacity.tensor_parallel, mean_prompt, eff)
+    service_correction = memory.service_correction
+    if signals.prefill_time_s is not None and signals.prefill_time_s > 0:
+        service_correction = _update_correction(
+            replace(memory, correction=memory.service_correction), signals.prefill_time_s / service, settings
+        )
+    service *= service_correction
     ready = signals.ready_replicas
     if signals.ttft_s is not None and ready > 0 and load > 0:
         rate = load / mean_prompt
@@ -262,15 +275,17 @@ def _prefill_need(
         capacity.model, capacity.accelerator, capacity.tensor_parallel,
         prompt_tokens_per_s=load + backlog, mean_prompt_tokens=mean_prompt, ttft_budget_s=budget,
         percentile=slo.percentile, correction=correction, headroom=settings.prefill_headroom,
-        max_replicas=max_replicas, eff=eff,
+        max_replicas=max_replicas, eff=eff, service_scale=service_correction,
     )
     observed = f", TTFT p{slo.percentile:g} {signals.ttft_s * 1000:.0f}ms" if signals.ttft_s is not None else ""
     explanation = (
         f"{load:.0f} prompt tok/s + {signals.waiting_requests or 0:.0f} waiting, {mean_prompt:.0f} tok/prompt"
-        f"{observed}; {sizing.tokens_per_s_per_replica:.0f} tok/s per replica (correction {correction:.2f})"
+        f"{observed}; {sizing.tokens_per_s_per_replica:.0f} tok/s per replica (corrections: service "
+        f"{service_correction:.2f}, latency {correction:.2f})"
         f" -> {sizing.replicas} for TTFT {sizing.predicted_ttft_s * 1000:.0f}ms <= {budget * 1000:.0f}ms"
     )
-    return _Need(sizing.replicas, correction, mean_prompt, memory.mean_output_tokens, explanation)
+    return _Need(sizing.replicas, correction, service_correction, mean_prompt, memory.mean_output_tokens,
+                 explanation)
 
 
 def _decode_need(
@@ -330,7 +345,7 @@ def _decode_need(
         f"(correction {correction:.2f}) -> {sizing.replicas} for ITL {sizing.predicted_itl_s * 1000:.1f}ms"
         f" <= {itl_target * 1000:.1f}ms"
     )
-    return _Need(sizing.replicas, correction, mean_prompt, mean_output, explanation)
+    return _Need(sizing.replicas, correction, 1.0, mean_prompt, mean_output, explanation)
 
 
 def _clamp(value: int, pool: PoolSpec) -> int:
@@ -426,6 +441,7 @@ def decide(
         memories[role] = replace(
             memory,
             correction=need.correction,
+            service_correction=need.service_correction,
             mean_prompt_tokens=need.mean_prompt if need.mean_prompt is not None else memory.mean_prompt_tokens,
             mean_output_tokens=need.mean_output if need.mean_output is not None else memory.mean_output_tokens,
         )

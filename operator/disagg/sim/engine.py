@@ -124,6 +124,7 @@ class _Snapshot:
     arrivals: int
     prefill_done: int
     prompt_tokens: float
+    prefill_busy_s: float
     generated_tokens: float
     admitted: int
     finished: int
@@ -253,6 +254,7 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         ttft_s=_quantile(newest.ttft_hist - oldest.ttft_hist, setup.percentile),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
+        prefill_time_s=(newest.prefill_busy_s - oldest.prefill_busy_s) / done if done > 0 else None,
     )
     decode = PoolSignals(
         ready_replicas=newest.decode_ready,
@@ -408,6 +410,7 @@ def simulate(
 
     counters = {"arrivals": 0, "prefill_done": 0, "admitted": 0, "finished": 0}
     prompt_tokens_done = 0.0
+    prefill_busy = 0.0
     generated = 0.0
     finished_output = 0.0
     ttft_hist = np.zeros(BUCKETS.size)
@@ -424,9 +427,10 @@ def simulate(
     dcount = setup.decode.accelerators_per_replica
 
     def finish_prefill_batch(replica: _PrefillReplica) -> None:
-        nonlocal prompt_tokens_done
+        nonlocal prompt_tokens_done, prefill_busy
         done_at = replica.busy_until
         for request in replica.batch:
+            prefill_busy += service[request]
             engine_ttft[request] = done_at - arrivals[request]
             ttft_hist[min(int(np.searchsorted(BUCKETS, engine_ttft[request])), BUCKETS.size - 1)] += 1
             prompt_tokens_done += prompt[request]
@@ -571,6 +575,7 @@ def simulate(
                     arrivals=counters["arrivals"],
                     prefill_done=counters["prefill_done"],
                     prompt_tokens=prompt_tokens_done,
+                    prefill_busy_s=prefill_busy,
                     generated_tokens=generated,
                     admitted=counters["admitted"],
                     finished=counters["finished"],
