@@ -83,7 +83,12 @@ CLUSTER_NAME = "disagg-local"
 MARKER = ".disagg-cluster"  # `down` only deletes a directory that carries this file
 
 # fake nodes: accelerator type from the catalogue -> how many nodes
-NODE_POOLS: dict[str, int] = {"nvidia-h100": 4, "nvidia-h200": 4, "amd-mi300x": 2, "aws-trainium2": 2}
+NODE_POOLS: dict[str, int] = {
+    "nvidia-h100": 4, "nvidia-h200": 4, "nvidia-b200": 2, "amd-mi300x": 2, "aws-trainium2": 2,
+}
+# InfiniBand HCAs as the RDMA shared device plugin advertises them, on the NVIDIA nodes (KV over RDMA)
+RDMA_RESOURCE, RDMA_PER_NODE = "rdma/ib", "16"
+RDMA_TYPES = {"nvidia-h100", "nvidia-h200", "nvidia-b200"}
 CPU_NODES = 2
 # per instance type: (vCPU, memory GiB) of the real instance; unknown types get the default
 INSTANCE_SIZES: dict[str, tuple[int, int]] = {
@@ -969,7 +974,10 @@ def node_manifests() -> list[dict[str, Any]]:
                     instance_type,
                     f"local-{'ab'[i % 2]}",
                     labels,
-                    {str(entry["resourceName"]): str(per_node)},
+                    {
+                        str(entry["resourceName"]): str(per_node),
+                        **({RDMA_RESOURCE: RDMA_PER_NODE} if type_name in RDMA_TYPES else {}),
+                    },
                 )
             )
     for i in range(CPU_NODES):
