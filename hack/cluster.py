@@ -299,6 +299,8 @@ class Cluster:
                     f"--service-account-signing-key-file={pki / 'sa.key'}",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
                     "--authorization-mode=RBAC",
+                    # adds tolerations for the accelerator taints to pods that request accelerators
+                    "--enable-admission-plugins=ExtendedResourceToleration",
                     "--allow-privileged=true",
                     "--max-requests-inflight=0",
                     "--max-mutating-requests-inflight=0",
@@ -774,6 +776,13 @@ class Cluster:
             if stale or any(have_labels.get(k) != v for k, v in want_labels.items()):
                 api.patch_node(name, {"metadata": {"labels": {**want_labels, **stale}}})
                 updated += 1
+            want_taints = body["spec"]["taints"]
+            have_taints = [t.to_dict() for t in (current.spec.taints or [])]
+            for taint in want_taints:
+                if not any(t.get("key") == taint["key"] and t.get("effect") == taint["effect"] for t in have_taints):
+                    api.patch_node(name, {"spec": {"taints": [*(t for t in have_taints if t.get("key")), *want_taints]}})
+                    updated += 1
+                    break
             want_alloc = body["status"]["allocatable"]
             have_alloc = current.status.allocatable or {}
             if any(_qty(have_alloc.get(k)) != _qty(v) for k, v in want_alloc.items()):
@@ -933,7 +942,10 @@ def _node(name: str, instance_type: str, zone: str, labels: dict[str, str], exte
             "labels": all_labels,
             "annotations": {"node.alpha.kubernetes.io/ttl": "0", "kwok.x-k8s.io/node": "fake"},
         },
-        "spec": {},
+        # accelerator nodes are tainted with their resource name, as managed GPU node pools are:
+        # only pods that request the accelerator (and so tolerate it) land there
+        "spec": {"taints": [{"key": k, "value": "present", "effect": "NoSchedule"} for k in extended
+                            if k != RDMA_RESOURCE]},
         "status": {
             "capacity": capacity,
             "allocatable": allocatable,

@@ -1,16 +1,16 @@
 # Sourced: creates .venv and installs the project with its test extras, once per pyproject change.
-say() { echo "==> [setup] $*" >&2; }
+setup_say() { echo "==> [setup] $*" >&2; }
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "!!! [setup] need Python >= 3.11 (found: $("$PY" --version 2>&1))" >&2; exit 1
 fi
 if [[ ! -x .venv/bin/python ]]; then
-  say "creating .venv"
+  setup_say "creating .venv"
   "$PY" -m venv .venv
 fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [[ ! -f $stamp ]]; then
-  say "installing disagg and its test dependencies into .venv (pip)"
+  setup_say "installing disagg and its test dependencies into .venv (pip)"
   .venv/bin/python -m pip install --progress-bar off -q --upgrade pip
   .venv/bin/python -m pip install --progress-bar off -e '.[test]'
   rm -f .venv/.installed-*; touch "$stamp"

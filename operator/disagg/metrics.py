@@ -20,6 +20,8 @@ class OperatorMetrics:
             "disagg_reconcile_duration_seconds", "Duration of one reconcile", registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.api_requests = Counter("disagg_api_requests_total", "API requests by HTTP method", ["method"],
+                                    registry=r)
         self.api_errors = Counter("disagg_api_errors_total", "Failed API requests by HTTP status", ["status"],
                                   registry=r)
         self.scaling_decisions = Counter(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,9 +71,13 @@ def kind_of(manifest: dict[str, Any]) -> Kind:
 class Kube:
     """A thin, typed wrapper over one `kubernetes.client.ApiClient`."""
 
-    def __init__(self, api: k8s.ApiClient, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, api: k8s.ApiClient, timeout_s: float = 30.0, on_request: Callable[[str], None] | None = None
+    ) -> None:
         self.api = api
         self.timeout_s = timeout_s
+        self.on_request = on_request
+        """Called with the HTTP method of every request (metrics count reads and writes)."""
 
     def request(
         self,
@@ -83,6 +88,8 @@ class Kube:
         body: Any = None,
         content_type: str = "application/json",
     ) -> Any:
+        if self.on_request is not None:
+            self.on_request(method)
         method_, url, headers, payload, post = self.api.param_serialize(
             method,
             path,

@@ -31,12 +31,19 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def _omitted(value: Any) -> bool:
+    # the API server drops false booleans and empty strings/lists/maps of omitempty fields
+    return value is None or value is False or value == "" or value == [] or value == {}
+
+
 def contains(desired: Any, live: Any) -> bool:
     """True when `live` has every field of `desired` with an equal value."""
     if isinstance(desired, dict):
         if not isinstance(live, dict):
             return False
-        return all(key in live and contains(value, live[key]) for key, value in desired.items())
+        return all(
+            contains(value, live[key]) if key in live else _omitted(value) for key, value in desired.items()
+        )
     if isinstance(desired, list):
         if not isinstance(live, list):
             return False
