@@ -780,7 +780,8 @@ class Cluster:
             have_taints = [t.to_dict() for t in (current.spec.taints or [])]
             for taint in want_taints:
                 if not any(t.get("key") == taint["key"] and t.get("effect") == taint["effect"] for t in have_taints):
-                    api.patch_node(name, {"spec": {"taints": [*(t for t in have_taints if t.get("key")), *want_taints]}})
+                    taints = [*(t for t in have_taints if t.get("key")), *want_taints]
+                    api.patch_node(name, {"spec": {"taints": taints}})
                     updated += 1
                     break
             want_alloc = body["status"]["allocatable"]

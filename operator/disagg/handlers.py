@@ -92,7 +92,9 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             settings.peering.clusterwide = not disagg_settings.namespaces
         settings.persistence.finalizer = f"{GROUP}/finalizer"
         state["reconciler"] = Reconciler(
-            kube=Kube(make_api_client(disagg_settings), on_request=lambda m: metrics.api_requests.labels(method=m).inc()),
+            kube=Kube(
+                make_api_client(disagg_settings), on_request=lambda m: metrics.api_requests.labels(method=m).inc()
+            ),
             catalog=catalog,
             record_event=_event_recorder,
         )
