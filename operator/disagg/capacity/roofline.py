@@ -151,7 +151,7 @@ def weight_bytes_read(model: ModelShape, batch: float) -> float:
     if not model.is_moe or batch <= 0:
         return model.weight_bytes
     share = model.active_parameters / model.parameters
-    return model.weight_bytes * (1.0 - (1.0 - share) ** max(batch, 1.0))
+    return float(model.weight_bytes * (1.0 - (1.0 - share) ** max(batch, 1.0)))
 
 
 def decode_step_seconds(

@@ -156,7 +156,10 @@ def size_decode(
     batch = decode_max_batch(
         model, accelerator, tensor_parallel, context, itl_target_s / max(correction, 1e-6), eff, reserved
     )
-    batch = max(batch, 1.0)
+    # A step slower than the target even for one sequence is not cured by more replicas: never plan for
+    # fewer sequences per replica than the uncorrected capacity shrunk by the correction.
+    uncorrected = decode_max_batch(model, accelerator, tensor_parallel, context, itl_target_s, eff, reserved)
+    batch = max(batch, uncorrected / max(correction, 1.0), 1.0)
     step = decode_step_seconds(model, accelerator, tensor_parallel, batch, context, eff) * correction
     per_replica = batch / step
     load_tokens = max(generation_tokens_per_s, 0.0) * (1.0 + headroom)

@@ -1,4 +1,5 @@
-"""Request traces: the Azure LLM inference CSVs and the Mooncake JSONL files, and workloads built from them.
+"""Request traces (for the planner and the simulator): the Azure LLM inference CSVs and the Mooncake
+JSONL files, and workloads built from them.
 
 Formats (detected from the content, not the file name):
 - Azure 2023 CSV: `TIMESTAMP,ContextTokens,GeneratedTokens`, wall-clock timestamps with 7 fractional digits.

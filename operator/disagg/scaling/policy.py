@@ -94,7 +94,7 @@ class PolicySettings:
 
     tick_s: float = 15.0
     """How often the operator calls decide()."""
-    scale_down_window_s: float = 300.0
+    scale_down_window_s: float = 1200.0
     """A pool scales down only to the highest count recommended during this window."""
     hysteresis: float = 0.1
     """A scale-down must remove at least this share of the pool (and at least one replica)."""
@@ -108,9 +108,11 @@ class PolicySettings:
     """Plan for this share of the latency targets, keeping the rest as margin."""
     backlog_drain_s: float = 60.0
     """Waiting requests are added to the load as if they had to be served within this time."""
-    correction_smoothing: float = 0.3
-    """Weight of the newest observed/predicted latency ratio in the running correction."""
-    correction_bounds: tuple[float, float] = (0.6, 3.0)
+    correction_smoothing: float = 0.5
+    """Weight of a newest observed/predicted ratio above the running correction (things got worse)."""
+    correction_decay: float = 0.02
+    """Weight of a newest ratio below the running correction: bursts are remembered for ~1/decay ticks."""
+    correction_bounds: tuple[float, float] = (0.6, 6.0)
     """The correction never leaves this range (a broken histogram must not run the pool to its max)."""
     min_load_for_correction: float = 0.15
     """Utilisation (prefill) or batch share (decode) below which latency says little; no correction."""
@@ -205,7 +207,7 @@ def _update_correction(memory: PoolMemory, ratio: float | None, settings: Policy
         return memory.correction
     low, high = settings.correction_bounds
     ratio = min(max(ratio, low), high)
-    alpha = settings.correction_smoothing
+    alpha = settings.correction_smoothing if ratio > memory.correction else settings.correction_decay
     # Smooth in log space: a 2x slow-down and a 2x speed-up weigh the same.
     blended = math.exp((1 - alpha) * math.log(memory.correction) + alpha * math.log(ratio))
     return min(max(blended, low), high)
@@ -328,8 +330,13 @@ def _decode_need(
         predicted = decode_step_seconds(
             capacity.model, capacity.accelerator, capacity.tensor_parallel, batch, context, eff
         )
+        observed_itl = signals.itl_s
+        if generated:
+            # Running sequences / generated tokens per second is the mean step: a histogram claiming far
+            # more than that is broken, not slow.
+            observed_itl = min(observed_itl, 2.0 * (running or 0.0) / generated)
         if batch >= 1.0:
-            correction = _update_correction(memory, signals.itl_s / predicted, settings)
+            correction = _update_correction(memory, observed_itl / predicted, settings)
 
     sizing = size_decode(
         capacity.model, capacity.accelerator, capacity.tensor_parallel,
@@ -360,9 +367,9 @@ def _fit_budget(
     budget = spec.accelerator_budget
     if budget is None:
         return desired, ""
-    per_replica = {role: getattr(spec, role).accelerator.count for role in ROLE_NAMES}
-    fixed = sum(
-        per_replica[role] * current.get(role, getattr(spec, role).replicas)
+    per_replica: dict[str, int] = {role: int(getattr(spec, role).accelerator.count) for role in ROLE_NAMES}
+    fixed: int = sum(
+        per_replica[role] * int(current.get(role, getattr(spec, role).replicas))
         for role in ROLE_NAMES if role not in desired
     )
     total = fixed + sum(per_replica[role] * n for role, n in desired.items())
@@ -372,10 +379,10 @@ def _fit_budget(
     available = budget - fixed
     wanted = sum(per_replica[role] * n for role, n in desired.items())
     share = max(available, 0) / wanted
-    fitted = {role: max(floors[role], math.floor(n * share)) for role, n in desired.items()}
+    fitted: dict[Role, int] = {role: max(int(floors[role]), math.floor(n * share)) for role, n in desired.items()}
 
     def used() -> int:
-        return fixed + sum(per_replica[r] * n for r, n in fitted.items())
+        return fixed + sum(per_replica[r] * int(n) for r, n in fitted.items())
 
     # Hand out what rounding left, to the pool furthest below its need; take back if floors overshoot.
     while True:

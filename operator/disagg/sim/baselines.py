@@ -76,7 +76,7 @@ class HPAController:
         if picture is None:
             return desired
         for role in ("prefill", "decode"):
-            signals = picture.pool(role)  # type: ignore[arg-type]
+            signals = picture.prefill if role == "prefill" else picture.decode
             if signals is None or signals.ready_replicas <= 0:
                 continue
             measured = self._metric(role, signals)
@@ -106,7 +106,7 @@ class _Averager:
     def mean(self, role: str, attribute: str) -> float | None:
         values: list[float] = []
         for picture in self.seen:
-            signals = picture.pool(role)  # type: ignore[arg-type]
+            signals = picture.prefill if role == "prefill" else picture.decode
             value = getattr(signals, attribute) if signals is not None else None
             if value is not None:
                 values.append(float(value))
@@ -195,10 +195,8 @@ class DynamoLoadController:
         self.averager.add(picture)
         if now - self.last_decision < self.period_s - 1e-9 or picture is None:
             return dict(current)
-        if any(
-            (signals := picture.pool(role)) is not None and signals.ready_replicas < current[role]  # type: ignore[arg-type]
-            for role in ("prefill", "decode")
-        ):
+        pools = {"prefill": picture.prefill, "decode": picture.decode}
+        if any(s is not None and s.ready_replicas < current[role] for role, s in pools.items()):
             return dict(current)  # still adjusting
         self.last_decision = now
         desired = dict(current)
@@ -261,6 +259,16 @@ class OracleController:
         return self._need(now, now + self.setup.startup_s + self.interval_s + self.window_s)
 
 
+def run_static(setup: SimSetup, workload: Workload, counts: dict[str, int]) -> SimResult:
+    """The workload on a constant allocation of `counts` replicas (ready from the start)."""
+    trial = replace(
+        setup,
+        prefill=_with_initial(setup.prefill, counts["prefill"]),
+        decode=_with_initial(setup.decode, counts["decode"]),
+    )
+    return simulate(trial, workload, StaticController(dict(counts)))
+
+
 def find_static_best(
     setup: SimSetup,
     workload: Workload,
@@ -281,11 +289,7 @@ def find_static_best(
     def run(prefill: int, decode: int) -> SimResult:
         key = (prefill, decode)
         if key not in cache:
-            controller = StaticController({"prefill": prefill, "decode": decode})
-            trial = replace(
-                setup, prefill=_with_initial(setup.prefill, prefill), decode=_with_initial(setup.decode, decode)
-            )
-            cache[key] = simulate(trial, workload, controller)
+            cache[key] = run_static(setup, workload, {"prefill": prefill, "decode": decode})
             if on_trial is not None:
                 on_trial({"prefill": prefill, "decode": decode}, cache[key])
         return cache[key]

@@ -99,8 +99,13 @@ class SimSetup:
 class Controller(Protocol):
     """An autoscaler in the loop: ours (disagg.scaling.policy) or a baseline."""
 
-    name: str
-    interval_s: float
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def interval_s(self) -> float:
+        """How often the simulator calls decide()."""
+        ...
 
     def decide(self, now: float, picture: LoadPicture | None, current: dict[str, int]) -> dict[str, int]:
         """Desired replicas per pool ("prefill", "decode")."""
@@ -658,9 +663,9 @@ def simulate(
             timeline.decode_replicas.append(int(np.count_nonzero((decode.state == 1) | (decode.state == 2))))
             next_timeline += setup.timeline_step_s
 
-        if now > end and arrival_index >= count and not decode_queue and not decode_inbox:
-            if not (decode.batch > 0).any() and not any(r.batch or r.queue for r in prefill_replicas):
-                break
+        idle = not decode_queue and not decode_inbox and not (decode.batch > 0).any()
+        if now > end and arrival_index >= count and idle and not any(r.batch or r.queue for r in prefill_replicas):
+            break
 
     itl = np.where(
         output > 1, (finish - first_token) / np.maximum(output - 1.0, 1.0), np.nan

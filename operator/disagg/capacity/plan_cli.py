@@ -1,0 +1,198 @@
+"""`disagg plan`: size a disaggregated deployment before buying hardware, and emit its InferenceService."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from disagg.api.v1alpha1 import InferenceServiceSpec
+from disagg.capacity.models import ModelConfigError, ModelShape, builtin_model, from_hf_config, to_architecture
+from disagg.capacity.plan import SLO, Plan, PlanError, Workload, plan
+from disagg.catalog.accelerators import AcceleratorCatalog, CatalogError, load_catalog
+from disagg.yamlio import dump_yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="disagg plan",
+        description="Pick per phase the accelerator, tensor-parallel size and replicas that meet the SLO at the "
+        "lowest cost (roofline capacity model), and compare with an aggregated deployment.",
+    )
+    parser.add_argument("--model", default="llama-3.1-70b", help="built-in model or Hugging Face id")
+    parser.add_argument("--model-config", type=Path, default=None, help="a Hugging Face config.json instead")
+    parser.add_argument("--weight-dtype", default=None, help="override the served weight dtype (bf16, fp8, ...)")
+    parser.add_argument("--kv-dtype", default=None, help="override the KV-cache dtype")
+    parser.add_argument("--rate", type=float, default=None, help="requests per second")
+    parser.add_argument("--isl", type=float, default=None, help="mean input (prompt) tokens")
+    parser.add_argument("--osl", type=float, default=None, help="mean output tokens")
+    parser.add_argument("--trace", type=Path, default=None, help="derive rate, ISL and OSL from a trace")
+    parser.add_argument("--ttft-ms", type=float, default=500.0)
+    parser.add_argument("--itl-ms", type=float, default=50.0)
+    parser.add_argument("--percentile", type=float, default=90.0)
+    parser.add_argument("--prefill-accelerators", default="nvidia-h100,nvidia-b200,amd-mi300x")
+    parser.add_argument("--decode-accelerators", default="nvidia-h200,nvidia-b300,amd-mi300x")
+    parser.add_argument("--accelerator-catalog", type=Path, default=None, help="catalogue overrides (YAML)")
+    parser.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    parser.add_argument("--emit-manifest", action="store_true", help="print the InferenceService instead")
+    parser.add_argument("--name", default=None, help="metadata.name of the emitted InferenceService")
+    parser.add_argument("--namespace", default="default")
+    return parser
+
+
+def _model(args: argparse.Namespace) -> ModelShape:
+    shape = from_hf_config(args.model_config) if args.model_config is not None else builtin_model(args.model)
+    return shape.with_dtypes(args.weight_dtype, args.kv_dtype)
+
+
+def _load(args: argparse.Namespace) -> Workload:
+    if args.trace is not None:
+        from disagg.capacity.traces import read_trace
+
+        trace = read_trace(args.trace)
+        rate = trace.mean_rate() if args.rate is None else args.rate
+        isl = float(trace.prompt_tokens.mean()) if args.isl is None else args.isl
+        osl = float(trace.output_tokens.mean()) if args.osl is None else args.osl
+        return Workload(rate, isl, osl)
+    missing = [flag for flag, value in (("--rate", args.rate), ("--isl", args.isl), ("--osl", args.osl))
+               if value is None]
+    if missing:
+        raise ValueError(f"give {', '.join(missing)} (or --trace FILE)")
+    for flag, value in (("--rate", args.rate), ("--isl", args.isl), ("--osl", args.osl)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
+    return Workload(args.rate, args.isl, args.osl)
+
+
+def plan_to_dict(result: Plan) -> dict[str, Any]:
+    """The plan as plain data (the json and yaml outputs)."""
+
+    def phase(p: Any) -> dict[str, Any]:
+        return {
+            "accelerator": p.accelerator.name,
+            "tensorParallel": p.tensor_parallel,
+            "replicas": p.replicas,
+            "accelerators": p.accelerators,
+            "usdPerHour": round(p.usd_per_hour, 2),
+        }
+
+    body: dict[str, Any] = {
+        "model": result.model.name,
+        "workload": {"rate": result.workload.rate, "isl": result.workload.isl, "osl": result.workload.osl},
+        "slo": {"ttftMs": result.slo.ttft_s * 1000, "itlMs": result.slo.itl_s * 1000,
+                "percentile": result.slo.percentile},
+        "prefill": {**phase(result.prefill), "predictedTtftMs": round(result.prefill.predicted_latency_s * 1000, 1)},
+        "decode": {**phase(result.decode), "predictedItlMs": round(result.decode.predicted_latency_s * 1000, 1)},
+        "pdRatio": result.pd_ratio,
+        "usdPerHour": round(result.usd_per_hour, 2),
+        "tokensPerDollar": round(result.tokens_per_dollar),
+    }
+    agg = result.aggregated
+    if agg is not None:
+        tokens_per_hour = result.workload.rate * (result.workload.isl + result.workload.osl) * 3600.0
+        body["aggregated"] = {
+            "accelerator": agg.accelerator.name,
+            "tensorParallel": agg.tensor_parallel,
+            "replicas": agg.replicas,
+            "predictedTtftMs": round(agg.predicted_ttft_s * 1000, 1),
+            "predictedItlMs": round(agg.predicted_itl_s * 1000, 1),
+            "usdPerHour": round(agg.usd_per_hour, 2),
+            "tokensPerDollar": round(tokens_per_hour / agg.usd_per_hour),
+        }
+    return body
+
+
+def manifest(result: Plan, name: str, namespace: str) -> dict[str, Any]:
+    """A ready InferenceService for the plan, validated by the API model."""
+    model = result.model
+    hf_name = model.hf_name or model.name
+    spec = {
+        "model": {
+            "name": hf_name,
+            "uri": f"hf://{hf_name}",
+            "architecture": to_architecture(model).model_dump(by_alias=True, exclude_none=True),
+        },
+        "slo": {"ttftMs": round(result.slo.ttft_s * 1000), "itlMs": round(result.slo.itl_s * 1000),
+                "percentile": result.slo.percentile},
+        "prefill": {
+            "replicas": result.prefill.replicas,
+            "accelerator": {"type": result.prefill.accelerator.name, "count": result.prefill.tensor_parallel},
+            "parallelism": {"tensor": result.prefill.tensor_parallel},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": max(2, result.prefill.replicas * 4)},
+        },
+        "decode": {
+            "replicas": result.decode.replicas,
+            "accelerator": {"type": result.decode.accelerator.name, "count": result.decode.tensor_parallel},
+            "parallelism": {"tensor": result.decode.tensor_parallel},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": max(2, result.decode.replicas * 4)},
+        },
+    }
+    validated = InferenceServiceSpec.model_validate(spec)
+    return {
+        "apiVersion": "disagg.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": validated.model_dump(by_alias=True, exclude_none=True, mode="json"),
+    }
+
+
+def format_plan(result: Plan) -> str:
+    """A human-readable plan."""
+    p, d = result.prefill, result.decode
+    lines = [
+        f"model {result.model.name}: {result.workload.rate:g} req/s, ISL {result.workload.isl:.0f}, "
+        f"OSL {result.workload.osl:.0f}; SLO TTFT {result.slo.ttft_s * 1000:.0f} ms, "
+        f"ITL {result.slo.itl_s * 1000:.0f} ms"
+        f" (p{result.slo.percentile:g})",
+        f"{'pool':<10} {'accelerator':<14} {'TP':>3} {'replicas':>8} {'accel':>6} {'predicted':>16} {'$/hour':>9}",
+        f"{'prefill':<10} {p.accelerator.name:<14} {p.tensor_parallel:>3} {p.replicas:>8} {p.accelerators:>6} "
+        f"{'TTFT ' + format(p.predicted_latency_s * 1000, '.0f') + ' ms':>16} {p.usd_per_hour:>9.2f}",
+        f"{'decode':<10} {d.accelerator.name:<14} {d.tensor_parallel:>3} {d.replicas:>8} {d.accelerators:>6} "
+        f"{'ITL ' + format(d.predicted_latency_s * 1000, '.1f') + ' ms':>16} {d.usd_per_hour:>9.2f}",
+        f"P:D ratio {result.pd_ratio}, ${result.usd_per_hour:.2f}/hour, "
+        f"{result.tokens_per_dollar:,.0f} tokens per dollar",
+    ]
+    agg = result.aggregated
+    if agg is not None:
+        tokens = result.workload.rate * (result.workload.isl + result.workload.osl) * 3600.0
+        lines.append(
+            f"aggregated: {agg.replicas} x {agg.accelerator.name} TP{agg.tensor_parallel}, "
+            f"TTFT ~{agg.predicted_ttft_s * 1000:.0f} ms, ITL ~{agg.predicted_itl_s * 1000:.1f} ms, "
+            f"${agg.usd_per_hour:.2f}/hour, {tokens / agg.usd_per_hour:,.0f} tokens per dollar "
+            f"({agg.usd_per_hour / result.usd_per_hour:.2f}x the disaggregated cost)"
+        )
+    else:
+        lines.append("aggregated: no candidate meets both targets in one pool")
+    return "\n".join(lines)
+
+
+def plan_main(argv: list[str]) -> int:
+    """Entry point of `disagg plan`; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        catalog: AcceleratorCatalog = load_catalog(args.accelerator_catalog)
+        model = _model(args)
+        load = _load(args)
+        prefill = [catalog[name.strip()] for name in args.prefill_accelerators.split(",") if name.strip()]
+        decode = [catalog[name.strip()] for name in args.decode_accelerators.split(",") if name.strip()]
+        result = plan(model, load, SLO(args.ttft_ms / 1000.0, args.itl_ms / 1000.0, args.percentile),
+                      prefill, decode)
+    except KeyError as error:
+        print(f"disagg plan: {error.args[0]}", file=sys.stderr)
+        return 2
+    except (ModelConfigError, CatalogError, PlanError, ValueError) as error:
+        print(f"disagg plan: {error}", file=sys.stderr)
+        return 2
+    if args.emit_manifest:
+        name = args.name or model.name.split("/")[-1].lower().replace(".", "-").replace("_", "-")
+        print(dump_yaml(manifest(result, name, args.namespace)), end="")
+        return 0
+    if args.output == "json":
+        print(json.dumps(plan_to_dict(result), indent=2))
+    elif args.output == "yaml":
+        print(dump_yaml(plan_to_dict(result)), end="")
+    else:
+        print(format_plan(result))
+    return 0

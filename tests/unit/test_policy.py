@@ -1,0 +1,249 @@
+"""The pure autoscaling policy, behaviour by behaviour (table-driven where it helps)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from disagg.api.v1alpha1 import InferenceServiceSpec
+from disagg.catalog.accelerators import DEFAULT_CATALOG
+from disagg.scaling.policy import (
+    LoadPicture,
+    PolicySettings,
+    PolicyState,
+    PoolSignals,
+    decide,
+)
+
+SETTINGS = PolicySettings()
+
+
+def spec(**overrides: Any) -> InferenceServiceSpec:
+    body: dict[str, Any] = {
+        "model": {
+            "name": "meta-llama/Llama-3.1-70B-Instruct",
+            "uri": "hf://meta-llama/Llama-3.1-70B-Instruct",
+            "architecture": {"parameters": 70.6e9, "layers": 80, "kvHeads": 8, "headDim": 128,
+                             "weightDtype": "fp8", "kvDtype": "bf16"},
+        },
+        "slo": {"ttftMs": 1000, "itlMs": 50, "percentile": 90},
+        "prefill": {"replicas": 2, "accelerator": {"type": "nvidia-h100", "count": 2},
+                    "parallelism": {"tensor": 2}, "autoscaling": {"minReplicas": 1, "maxReplicas": 40}},
+        "decode": {"replicas": 2, "accelerator": {"type": "nvidia-h200", "count": 1},
+                   "autoscaling": {"minReplicas": 1, "maxReplicas": 40}},
+    }
+    for key, value in overrides.items():
+        if value is None:
+            body[key]["autoscaling"] = None
+        else:
+            body[key] = value
+    return InferenceServiceSpec.model_validate(body)
+
+
+def prefill_signals(tokens_per_s: float, now: float = 100.0, ready: int = 2, **extra: Any) -> PoolSignals:
+    return PoolSignals(
+        ready_replicas=ready, sampled_at=now - 15, prompt_tokens_per_s=tokens_per_s,
+        request_rate=tokens_per_s / 2000, mean_prompt_tokens=2000, mean_output_tokens=200,
+        waiting_requests=0, running_requests=1, **extra,
+    )
+
+
+def decode_signals(tokens_per_s: float, now: float = 100.0, ready: int = 2, **extra: Any) -> PoolSignals:
+    return PoolSignals(
+        ready_replicas=ready, sampled_at=now - 15, generation_tokens_per_s=tokens_per_s,
+        request_rate=tokens_per_s / 200, running_requests=tokens_per_s * 0.035, mean_prompt_tokens=2000,
+        mean_output_tokens=200, kv_usage=0.5, **extra,
+    )
+
+
+def picture(prefill_tps: float, decode_tps: float, now: float = 100.0) -> LoadPicture:
+    return LoadPicture(prefill_signals(prefill_tps, now), decode_signals(decode_tps, now))
+
+
+def run(pic: LoadPicture | None, current: dict[str, int], state: PolicyState | None = None, now: float = 100.0,
+        service: InferenceServiceSpec | None = None, settings: PolicySettings = SETTINGS):
+    return decide(pic, service or spec(), current, state or PolicyState(), now, settings, DEFAULT_CATALOG)
+
+
+# Load -> replicas: more load never means fewer replicas, and the counts meet the capacity model.
+@pytest.mark.parametrize(
+    ("prefill_tps", "decode_tps", "prefill_range", "decode_range"),
+    [
+        (0.0, 0.0, (1, 1), (1, 1)),            # idle: the minimum, never zero
+        # ~11.6k prompt tok/s per prefill replica (H100 TP2); decode on one H200 is KV-bound at 73
+        # sequences of 2,200 tokens, ~1.8k tok/s; both with 10 % headroom.
+        (20_000.0, 4_000.0, (2, 3), (3, 3)),
+        (100_000.0, 20_000.0, (9, 13), (12, 14)),
+        (400_000.0, 80_000.0, (36, 40), (40, 40)),  # decode capped at maxReplicas
+    ],
+)
+def test_pools_are_sized_from_load(
+    prefill_tps: float, decode_tps: float, prefill_range: tuple[int, int], decode_range: tuple[int, int]
+) -> None:
+    decisions, _ = run(picture(prefill_tps, decode_tps), {"prefill": 40, "decode": 40},
+                       settings=replace(SETTINGS, scale_down_window_s=0.0, hysteresis=0.0))
+    assert prefill_range[0] <= decisions["prefill"].desired <= prefill_range[1], decisions["prefill"].reason
+    assert decode_range[0] <= decisions["decode"].desired <= decode_range[1], decisions["decode"].reason
+
+
+def test_a_burst_scales_up_in_one_step_to_the_needed_count() -> None:
+    decisions, _ = run(picture(200_000, 40_000), {"prefill": 2, "decode": 2})
+    assert decisions["prefill"].desired >= 18 and decisions["prefill"].changed
+    assert decisions["decode"].desired >= 12 and decisions["decode"].changed
+    assert "prompt tok/s" in decisions["prefill"].reason and "200000" in decisions["prefill"].reason
+
+
+def test_reason_carries_the_numbers() -> None:
+    decisions, _ = run(picture(50_000, 9_000), {"prefill": 2, "decode": 2})
+    assert "tok/s per replica" in decisions["prefill"].reason
+    assert "gen tok/s" in decisions["decode"].reason and "ITL" in decisions["decode"].reason
+
+
+def test_scale_down_waits_for_the_stabilisation_window() -> None:
+    settings = replace(SETTINGS, scale_down_window_s=300.0)
+    state = PolicyState()
+    current = {"prefill": 10, "decode": 8}
+    decisions, state = run(picture(100_000, 20_000, now=0.0), current, state, now=0.0, settings=settings)
+    current = {role: d.desired for role, d in decisions.items()}
+    for now in range(15, 300, 15):  # load drops to a tenth: held for the whole window
+        decisions, state = run(picture(10_000, 2_000, now=now), current, state, now=now, settings=settings)
+        assert decisions["prefill"].desired == current["prefill"], (now, decisions["prefill"].reason)
+        assert decisions["decode"].desired == current["decode"]
+        assert "holding" in decisions["prefill"].reason
+    decisions, state = run(picture(10_000, 2_000, now=315.0), current, state, now=315.0, settings=settings)
+    assert decisions["prefill"].desired < current["prefill"]
+    assert decisions["decode"].desired < current["decode"]
+
+
+def test_noise_around_a_level_never_flaps() -> None:
+    settings = replace(SETTINGS, scale_down_window_s=120.0)
+    state = PolicyState()
+    current = {"prefill": 6, "decode": 4}
+    changes_after_settling = 0
+    for step in range(200):
+        now = step * 15.0
+        load = 55_000 * (1.0 + (0.08 if step % 2 else -0.08))  # +-8 % every tick
+        decisions, state = run(picture(load, load / 5, now=now), current, state, now=now, settings=settings)
+        if step >= 2:  # the first low and high samples may each raise the pools once
+            changes_after_settling += sum(d.changed for d in decisions.values())
+        current = {role: d.desired for role, d in decisions.items()}
+    assert changes_after_settling == 0
+
+
+def test_hysteresis_ignores_small_scale_downs() -> None:
+    settings = replace(SETTINGS, scale_down_window_s=0.0, hysteresis=0.2)
+    decisions, _ = run(picture(100_000, 20_000), {"prefill": 12, "decode": 9}, settings=settings)
+    assert decisions["prefill"].desired == 12  # needs ~10-11: within 20 %
+    assert "hysteresis" in decisions["prefill"].reason
+
+
+@pytest.mark.parametrize(
+    ("bounds", "load", "expected"),
+    [
+        ((3, 5), 0.0, (3, 3)),             # min holds when idle
+        ((1, 4), 400_000.0, (4, 4)),       # max caps a flood
+    ],
+)
+def test_min_and_max_bound_the_decision(bounds: tuple[int, int], load: float, expected: tuple[int, int]) -> None:
+    scaling = {"minReplicas": bounds[0], "maxReplicas": bounds[1]}
+    service = spec(
+        prefill={"accelerator": {"type": "nvidia-h100", "count": 2}, "parallelism": {"tensor": 2},
+                 "autoscaling": scaling},
+        decode={"accelerator": {"type": "nvidia-h200"}, "autoscaling": scaling},
+    )
+    decisions, _ = run(picture(load, load / 5), {"prefill": 3, "decode": 3}, service=service,
+                       settings=replace(SETTINGS, scale_down_window_s=0.0))
+    assert (decisions["prefill"].desired, decisions["decode"].desired) == expected
+
+
+def test_accelerator_budget_is_shared_across_both_pools() -> None:
+    service = spec(acceleratorBudget=20)
+    decisions, _ = run(picture(200_000, 40_000), {"prefill": 2, "decode": 2}, service=service)
+    used = decisions["prefill"].desired * 2 + decisions["decode"].desired * 1
+    assert used <= 20
+    assert decisions["prefill"].desired >= 2 and decisions["decode"].desired >= 2  # both still grow
+    assert "budget 20" in decisions["prefill"].reason
+
+
+def test_budget_counts_a_fixed_pool() -> None:
+    service = spec(acceleratorBudget=12, decode=None)  # decode fixed at 2 replicas x 1 accelerator
+    decisions, _ = run(picture(200_000, 40_000), {"prefill": 2, "decode": 6}, service=service)
+    assert "decode" not in decisions  # not autoscaled: not decided
+    assert decisions["prefill"].desired * 2 + 6 <= 12
+
+
+@pytest.mark.parametrize(
+    ("pic", "now", "why"),
+    [
+        (None, 100.0, "no metrics"),
+        (LoadPicture(None, None), 100.0, "no metrics"),
+        (LoadPicture(prefill_signals(90_000, now=100.0), decode_signals(9000, now=100.0)), 1000.0, "old"),
+        (LoadPicture(PoolSignals(ready_replicas=2, sampled_at=95.0), PoolSignals(ready_replicas=2, sampled_at=95.0)),
+         100.0, "no"),
+    ],
+)
+def test_missing_or_stale_metrics_hold_and_never_scale_to_zero(pic: LoadPicture | None, now: float, why: str) -> None:
+    decisions, _ = run(pic, {"prefill": 5, "decode": 3}, now=now)
+    for role, count in (("prefill", 5), ("decode", 3)):
+        assert decisions[role].desired == count
+        assert not decisions[role].changed and not decisions[role].metrics_available
+        assert decisions[role].reason.startswith("MetricsUnavailable") and why in decisions[role].reason
+    held, _ = run(None, {"prefill": 0, "decode": 0})
+    assert held["prefill"].desired == 1 and held["decode"].desired == 1  # back to min, not zero
+
+
+def test_pools_are_decided_independently_from_one_picture() -> None:
+    base, _ = run(picture(100_000, 5_000), {"prefill": 2, "decode": 2})
+    more_decode, _ = run(picture(100_000, 30_000), {"prefill": 2, "decode": 2})
+    assert base["prefill"].desired == more_decode["prefill"].desired
+    assert more_decode["decode"].desired > base["decode"].desired
+    only_prefill = LoadPicture(prefill_signals(100_000), None)
+    decisions, _ = run(only_prefill, {"prefill": 2, "decode": 2})
+    assert decisions["prefill"].metrics_available and not decisions["decode"].metrics_available
+
+
+def test_decode_leads_on_requests_entering_prefill() -> None:
+    quiet_decode = decode_signals(1_000)
+    busy_prefill = replace(prefill_signals(100_000), request_rate=100.0)  # 100 req/s x 200 tokens coming
+    decisions, _ = run(LoadPicture(busy_prefill, quiet_decode), {"prefill": 10, "decode": 1})
+    assert decisions["decode"].desired >= 6
+
+
+def test_online_correction_adds_replicas_when_latency_is_worse_than_predicted() -> None:
+    current = {"prefill": 4, "decode": 4}
+    honest, _ = run(picture(30_000, 8_000), current)
+    slow_state = PolicyState()
+    for step in range(8):  # the engines are ~2x slower than the roofline says
+        now = 100.0 + 15 * step
+        slow = LoadPicture(prefill_signals(30_000, now, ready=4, ttft_s=1.5, prefill_time_s=0.35),
+                           decode_signals(8_000, now, ready=4, itl_s=0.08))
+        decisions, slow_state = run(slow, current, slow_state, now=now)
+    assert slow_state.pool("prefill").service_correction > 1.5
+    assert slow_state.pool("decode").correction > 1.5
+    assert decisions["prefill"].desired > honest["prefill"].desired
+    assert decisions["decode"].desired > honest["decode"].desired
+
+
+def test_correction_is_bounded_against_broken_histograms() -> None:
+    state = PolicyState()
+    for step in range(30):
+        now = 100.0 + 15 * step
+        broken = LoadPicture(prefill_signals(30_000, now, ready=4, ttft_s=1e6),
+                             decode_signals(8_000, now, ready=4, itl_s=1e6))
+        decisions, state = run(broken, {"prefill": 4, "decode": 4}, state, now=now)
+    assert state.pool("prefill").correction <= SETTINGS.correction_bounds[1]
+    assert decisions["prefill"].desired < 40 and decisions["decode"].desired < 40
+
+
+def test_pool_without_autoscaling_is_not_decided() -> None:
+    decisions, _ = run(picture(100_000, 20_000), {"prefill": 2, "decode": 2}, service=spec(prefill=None))
+    assert set(decisions) == {"decode"}
+
+
+def test_state_is_not_mutated() -> None:
+    state = PolicyState()
+    _, new_state = run(picture(100_000, 20_000), {"prefill": 2, "decode": 2}, state)
+    assert state.pools == {}
+    assert new_state.pool("prefill").recommendations

@@ -1,0 +1,136 @@
+"""The simulator: traces, workload construction, the pools' behaviour and the policies in the loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from disagg.capacity import builtin_model
+from disagg.catalog.accelerators import DEFAULT_CATALOG
+from disagg.sim.baselines import find_static_best, run_static
+from disagg.sim.cli import simulate_main
+from disagg.sim.controllers import DisaggController
+from disagg.sim.engine import PoolSetup, SimSetup, simulate
+from disagg.sim.traces import TraceError, Workload, build_workload, diurnal_curve, read_trace
+
+TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
+SETUP = SimSetup(
+    model=builtin_model("llama-3.1-70b"),
+    prefill=PoolSetup(DEFAULT_CATALOG["nvidia-h100"], 2, 2, 1, 16),
+    decode=PoolSetup(DEFAULT_CATALOG["nvidia-h200"], 1, 2, 1, 16),
+    ttft_s=1.0, itl_s=0.05, dt=0.2,
+)
+
+
+def poisson(rate: float, seconds: float, prompt: int = 1500, output: int = 150, seed: int = 1) -> Workload:
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds * 1.2)))
+    arrivals = arrivals[arrivals < seconds]
+    n = arrivals.size
+    return Workload("poisson", arrivals, np.full(n, prompt, dtype=np.int64), np.full(n, output, dtype=np.int64),
+                    seconds)
+
+
+def test_reads_both_formats(tmp_path: Path) -> None:
+    azure = tmp_path / "a.csv"
+    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,4808,10\n"
+                     "2023-11-16 18:17:04.0319600,3180,8\n")
+    mooncake = tmp_path / "m.jsonl"
+    mooncake.write_text('{"timestamp": 0, "input_length": 6758, "output_length": 500, "hash_ids": [0]}\n'
+                        '{"timestamp": 1500, "input_length": 10, "output_length": 3, "hash_ids": [1]}\n')
+    a = read_trace(azure)
+    assert a.requests == 2 and a.arrivals[1] == pytest.approx(0.052, abs=1e-6)
+    assert list(a.prompt_tokens) == [4808, 3180]
+    m = read_trace(mooncake)
+    assert list(m.arrivals) == [0.0, 1.5] and list(m.output_tokens) == [500, 3]
+    bad = tmp_path / "x.txt"
+    bad.write_text("hello\n")
+    with pytest.raises(TraceError, match="not a known trace format"):
+        read_trace(bad)
+
+
+@pytest.mark.skipif(not TRACES.exists(), reason="shared traces not present")
+def test_shared_traces_load_with_their_documented_sizes() -> None:
+    assert read_trace(TRACES / "azure2023_conv.csv").requests == 19366
+    assert read_trace(TRACES / "mooncake_synthetic.jsonl").requests == 3993
+
+
+def test_time_scale_and_diurnal_construction() -> None:
+    hour = poisson(2.0, 3600.0)
+    fast = build_workload(hour, time_scale=4.0)
+    assert fast.duration_s == pytest.approx(900.0) and fast.requests == hour.requests
+    day = build_workload(hour, time_scale=4.0, diurnal=5.0)
+    assert day.duration_s == 86400.0
+    peak = day.window(15 * 3600.0, 17 * 3600.0).mean_rate()
+    trough = day.window(3 * 3600.0, 5 * 3600.0).mean_rate()
+    assert peak == pytest.approx(8.0, rel=0.1)  # the peak runs at F x the trace's rate
+    assert peak / trough == pytest.approx(5.0, rel=0.2)
+    assert diurnal_curve(np.array([4 * 3600.0, 16 * 3600.0]), 10.0) == pytest.approx([0.1, 1.0])
+    again = build_workload(hour, time_scale=4.0, diurnal=5.0)
+    assert again.requests == day.requests  # seeded: reproducible
+
+
+def test_enough_replicas_meet_the_slo_and_too_few_do_not() -> None:
+    load = poisson(8.0, 300.0)
+    enough = run_static(SETUP, load, {"prefill": 2, "decode": 2})
+    assert enough.attainment() > 0.99
+    assert enough.accelerator_hours()["total"] == pytest.approx((2 * 2 + 2) * 300 / 3600, rel=0.02)
+    starved = run_static(SETUP, load, {"prefill": 1, "decode": 1})
+    assert starved.attainment() < 0.5
+
+
+def test_kv_capacity_limits_decode_admission() -> None:
+    long = poisson(0.5, 300.0, prompt=60_000, output=500)  # ~2.6 sequences fit one H200 KV cache
+    one = run_static(SETUP, long, {"prefill": 8, "decode": 1})
+    many = run_static(SETUP, long, {"prefill": 8, "decode": 6})
+    assert np.median(one.ttft_s) > 5 * np.median(many.ttft_s)
+
+
+def test_startup_delay_and_our_policy_scale_up_on_a_step() -> None:
+    quiet = poisson(2.0, 300.0, seed=2)
+    busy = poisson(16.0, 600.0, seed=3)
+    step = Workload("step", np.concatenate([quiet.arrivals, busy.arrivals + 300.0]),
+                    np.concatenate([quiet.prompt_tokens, busy.prompt_tokens]),
+                    np.concatenate([quiet.output_tokens, busy.output_tokens]), 900.0)
+    result = simulate(SETUP, step, DisaggController(SETUP, DEFAULT_CATALOG), record_decisions=True)
+    ups = [(t, role) for t, role, change in result.decisions if int(change.split()[-1]) > int(change.split()[0])]
+    assert ups and ups[0][0] >= 300.0
+    first_prefill = min(t for t, role in ups if role == "prefill")
+    assert first_prefill <= 300.0 + 60.0  # scrape + delay + tick
+    assert result.max_replicas["prefill"] >= 3
+    tail = result.ttft_s[step.arrivals > 300.0 + 120.0]  # once the new replicas serve
+    assert np.mean(tail <= SETUP.ttft_s) > 0.95
+
+
+def test_static_best_finds_the_cheapest_constant_allocation() -> None:
+    load = poisson(8.0, 300.0)
+    counts, result = find_static_best(SETUP, load, start={"prefill": 2, "decode": 2})
+    assert result.attainment() >= 0.99
+    fewer_prefill = run_static(SETUP, load, {**counts, "prefill": counts["prefill"] - 1})
+    assert counts["prefill"] == 1 or fewer_prefill.attainment() < 0.99
+
+
+def test_simulate_cli_prints_the_issue_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.jsonl"
+    rng = np.random.default_rng(0)
+    times = np.cumsum(rng.exponential(0.25, 600)) * 1000
+    trace.write_text("".join(
+        json.dumps({"timestamp": int(t), "input_length": 1200, "output_length": 100, "hash_ids": []}) + "\n"
+        for t in times
+    ))
+    plot = tmp_path / "run.png"
+    code = simulate_main(["--trace", str(trace), "--policy", "disagg,hpa", "-o", "json", "--ttft-ms", "1000",
+                          "--dt", "0.2", "--plot", str(plot)])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["policy"] for row in rows] == ["disagg", "hpa"]
+    assert set(rows[0]) == {
+        "policy", "requests", "slo_attainment", "ttft_ms", "itl_ms", "accelerator_hours", "cost_usd",
+        "max_replicas", "scale_events", "sim_wall_s",
+    }
+    assert set(rows[0]["accelerator_hours"]) == {"prefill", "decode", "total"}
+    assert plot.stat().st_size > 10_000
+    assert simulate_main(["--trace", str(trace), "--policy", "nope"]) == 2
