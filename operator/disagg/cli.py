@@ -124,6 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         prometheus_ca_file=args.prometheus_ca_file,
         prometheus_timeout_s=args.prometheus_timeout,
         autoscale_tick_s=args.autoscale_tick,
+        scale_down_window_s=args.scale_down_window,
+        metrics_staleness_s=args.metrics_staleness,
+        prometheus_rate_window=args.prometheus_rate_window,
     )
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -176,7 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prometheus-token-file", default=os.environ.get("DISAGG_PROMETHEUS_TOKEN_FILE") or None)
     run.add_argument("--prometheus-ca-file", default=os.environ.get("DISAGG_PROMETHEUS_CA_FILE") or None)
     run.add_argument("--prometheus-timeout", type=float, default=float(os.environ.get("DISAGG_PROMETHEUS_TIMEOUT", 5)))
-    run.add_argument("--autoscale-tick", type=float, default=float(os.environ.get("DISAGG_AUTOSCALE_TICK", 5)))
+    run.add_argument("--autoscale-tick", type=float, default=float(os.environ.get("DISAGG_AUTOSCALE_TICK", 5)),
+                     help="seconds between autoscaling decisions")
+    run.add_argument("--scale-down-window", type=float,
+                     default=float(os.environ.get("DISAGG_SCALE_DOWN_WINDOW", 600)),
+                     help="seconds of lower recommendations before a pool scales down")
+    run.add_argument("--metrics-staleness", type=float, default=float(os.environ.get("DISAGG_METRICS_STALENESS", 60)),
+                     help="signals older than this many seconds count as missing (hold replicas)")
+    run.add_argument("--prometheus-rate-window", default=os.environ.get("DISAGG_PROMETHEUS_RATE_WINDOW", "30s"),
+                     help="rate() window of the PromQL queries (a few scrape intervals)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 

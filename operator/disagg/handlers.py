@@ -22,8 +22,12 @@ from disagg import GROUP, PLURAL, VERSION
 from disagg.catalog.accelerators import load_catalog
 from disagg.kube.client import INFERENCE_SERVICE, ApiError, Kube
 from disagg.metrics import OperatorMetrics
+from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index
 from disagg.reconcile.run import Reconciler, reconcile_service
 from disagg.render.context import SERVICE_LABEL
+from disagg.scaling.policy import PolicySettings
+from disagg.scaling.prometheus import PrometheusSource
+from disagg.scaling.signals import QuerySet
 from disagg.settings import OperatorSettings
 
 log = logging.getLogger("disagg")
@@ -68,6 +72,8 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     locks = ServiceLocks()
     catalog = load_catalog(settings.accelerator_catalog)
     state: dict[str, Reconciler] = {}
+    index = Index()
+    threads: list[AutoscalerThread] = []
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -98,8 +104,46 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             catalog=catalog,
             record_event=_event_recorder,
         )
-        log.info("disagg operator configured: %d accelerator types, %d workers", len(catalog.names()),
-                 disagg_settings.workers)
+        source = None
+        if disagg_settings.prometheus_url:
+            source = PrometheusSource(
+                url=disagg_settings.prometheus_url,
+                token_file=disagg_settings.prometheus_token_file,
+                ca_file=disagg_settings.prometheus_ca_file,
+                timeout_s=disagg_settings.prometheus_timeout_s,
+                queries=QuerySet(window=disagg_settings.prometheus_rate_window),
+                on_query=_observe_query,
+            )
+        autoscaler = Autoscaler(
+            kube=state["reconciler"].kube,
+            catalog=catalog,
+            source=source,
+            settings=PolicySettings(
+                tick_s=disagg_settings.autoscale_tick_s,
+                scale_down_window_s=disagg_settings.scale_down_window_s,
+                staleness_s=disagg_settings.metrics_staleness_s,
+            ),
+            record_event=_event_recorder,
+            index=index,
+            lock_for=locks,
+            on_scale=lambda role, direction: metrics.scaling_decisions.labels(role=role, direction=direction).inc(),
+        )
+        thread = AutoscalerThread(autoscaler, disagg_settings.autoscale_tick_s)
+        thread.start()
+        threads.append(thread)
+        log.info("disagg operator configured: %d accelerator types, %d workers, autoscaling %s",
+                 len(catalog.names()), disagg_settings.workers,
+                 f"from {disagg_settings.prometheus_url}" if source else "without metrics (no --prometheus-url)")
+
+    def _observe_query(seconds: float, succeeded: bool) -> None:
+        metrics.prometheus_query_seconds.observe(seconds)
+        if not succeeded:
+            metrics.prometheus_query_failures.inc()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_autoscaler(**_: Any) -> None:
+        for thread in threads:
+            thread.stop()
 
     disagg_settings = settings
 
@@ -136,8 +180,12 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     def on_service_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+        meta = body.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
         if type == "DELETED":
+            index.services.pop(key, None)
             return
+        index.services[key] = copy.deepcopy(dict(body))
         reconcile(body, "event")
 
     @kopf.timer(GROUP, VERSION, PLURAL, interval=settings.resync_seconds, initial_delay=settings.resync_seconds,
@@ -149,9 +197,14 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
                    registry=registry)
     def on_child_event(body: kopf.Body, type: str | None, **_: Any) -> None:
         # status follows the pools: a Deployment changing readiness re-reconciles its service
+        meta = body.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if type == "DELETED":
+            index.deployments.pop(key, None)
+        else:
+            index.deployments[key] = copy.deepcopy(dict(body))
         if type is None:
             return  # the initial listing: the services' own listing reconciles them already
-        meta = body.get("metadata", {})
         service = meta.get("labels", {}).get(SERVICE_LABEL)
         if service:
             reconcile({"metadata": {"namespace": meta.get("namespace"), "name": service}}, "child")

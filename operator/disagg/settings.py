@@ -30,4 +30,9 @@ class OperatorSettings:
     prometheus_ca_file: str | None = None
     prometheus_timeout_s: float = 5.0
     autoscale_tick_s: float = 5.0
+    scale_down_window_s: float = 600.0
+    """A pool scales down only to the highest count recommended within this window."""
+    metrics_staleness_s: float = 60.0
+    """Signals older than this count as missing: the autoscaler holds."""
+    prometheus_rate_window: str = "30s"
     extra: dict[str, str] = field(default_factory=dict)

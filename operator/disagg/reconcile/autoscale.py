@@ -1,0 +1,215 @@
+"""The autoscaler: one loop for every InferenceService of the operator.
+
+Each tick runs the same fixed set of PromQL queries whatever the number of services, decides every
+autoscaled pool with the pure policy (`disagg.scaling.policy.decide`, the code the simulator
+benchmarks), and actuates through its own field manager on the pools' `replicas` only. It reads
+services and Deployments from in-memory indexes that the watch handlers keep, so a tick makes no API
+reads; it writes only when a pool changes or its status does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.catalog.accelerators import AcceleratorCatalog
+from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, ApiError, Kube
+from disagg.reconcile.status import Cond, merge_conditions
+from disagg.scaling.policy import PolicySettings, PolicyState, PoolDecision, decide
+from disagg.scaling.prometheus import PrometheusSource, PrometheusUnavailable
+from disagg.scaling.signals import Observations
+
+log = logging.getLogger(__name__)
+
+ServiceKey = tuple[str, str]
+EventRecorder = Callable[[dict[str, Any], str, str, str], None]
+
+
+def _rfc3339(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Index:
+    """Objects as the watches last saw them (kept by the kopf handlers)."""
+
+    services: dict[ServiceKey, dict[str, Any]] = field(default_factory=dict)
+    deployments: dict[ServiceKey, dict[str, Any]] = field(default_factory=dict)
+    """By (namespace, Deployment name)."""
+
+
+@dataclass
+class TickReport:
+    """What one tick did (tests and logs)."""
+
+    queried: bool = False
+    decisions: dict[ServiceKey, dict[str, PoolDecision]] = field(default_factory=dict)
+    scaled: list[tuple[str, str, int, int]] = field(default_factory=list)
+    """(namespace, Deployment, from, to)."""
+    metrics_problem: str | None = None
+
+
+@dataclass
+class Autoscaler:
+    kube: Kube
+    catalog: AcceleratorCatalog
+    source: PrometheusSource | None
+    settings: PolicySettings
+    record_event: EventRecorder
+    index: Index
+    lock_for: Callable[[str, str], threading.Lock]
+    on_scale: Callable[[str, str], None] = lambda role, direction: None
+    clock: Callable[[], float] = time.time
+    states: dict[ServiceKey, PolicyState] = field(default_factory=dict)
+    _actuated: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def _autoscaled(self) -> list[tuple[ServiceKey, dict[str, Any], InferenceServiceSpec]]:
+        found = []
+        for key, body in list(self.index.services.items()):
+            if body.get("metadata", {}).get("deletionTimestamp"):
+                continue
+            try:
+                spec = InferenceServiceSpec.model_validate(body.get("spec"))
+            except ValidationError:
+                continue  # reconcile reports InvalidSpec; nothing to scale
+            if any(getattr(spec, role).autoscaling is not None for role in ROLES):
+                found.append((key, body, spec))
+        return found
+
+    def tick(self) -> TickReport:
+        """One round: query, decide every autoscaled pool, actuate, record."""
+        report = TickReport()
+        services = self._autoscaled()
+        live = {key for key, _, _ in services}
+        for gone in [key for key in self.states if key not in live]:
+            del self.states[gone]
+        if not services:
+            return report
+        observations: Observations | None = None
+        if self.source is None:
+            report.metrics_problem = "no Prometheus configured (disagg run --prometheus-url)"
+        else:
+            try:
+                observations = self.source.observe()
+                report.queried = True
+            except PrometheusUnavailable as error:
+                report.metrics_problem = f"Prometheus unavailable: {error}"
+        now = self.clock()
+        for key, body, spec in services:
+            namespace, name = key
+            current: dict[str, int] = {}
+            ready: dict[str, int] = {}
+            for role in ROLES:
+                deployment = self.index.deployments.get((namespace, f"{name}-{role}"))
+                if deployment is not None:
+                    current[role] = int(deployment.get("spec", {}).get("replicas", 0))
+                    ready[role] = int((deployment.get("status") or {}).get("readyReplicas", 0))
+            picture = None
+            if observations is not None:
+                picture = observations.picture(namespace, name, ready, spec.slo.percentile)
+            decisions, state = decide(
+                picture, spec, current, self.states.get(key, PolicyState()), now, self.settings, self.catalog
+            )
+            self.states[key] = state
+            report.decisions[key] = decisions
+            try:
+                self._act(body, spec, decisions, report, now)
+            except ApiError as error:
+                log.warning("autoscaling %s/%s: %s", namespace, name, error)
+        return report
+
+    def _act(
+        self,
+        body: dict[str, Any],
+        spec: InferenceServiceSpec,
+        decisions: dict[str, PoolDecision],
+        report: TickReport,
+        now: float,
+    ) -> None:
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        old_status: dict[str, Any] = body.get("status") or {}
+        status_patch: dict[str, Any] = {}
+        for role, decision in decisions.items():
+            deployment = f"{name}-{role}"
+            pool_status = dict(old_status.get(role) or {})
+            pool_status["desiredReplicas"] = decision.desired
+            # without metrics the policy only ever holds (or clamps into min/max): act on it either way
+            if decision.changed and decision.desired != decision.current:
+                if self._actuated.get((namespace, deployment)) != decision.desired:
+                    self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER)
+                    self._actuated[(namespace, deployment)] = decision.desired
+                    report.scaled.append((namespace, deployment, decision.current, decision.desired))
+                    direction = "up" if decision.desired > decision.current else "down"
+                    self.on_scale(role, direction)
+                    self.record_event(
+                        body, "Normal", "Scaled",
+                        f"{role} {decision.current} -> {decision.desired}: {decision.reason}",
+                    )
+                    pool_status["lastScale"] = {
+                        "time": _rfc3339(now),
+                        "from": decision.current,
+                        "to": decision.desired,
+                        "reason": decision.reason,
+                    }
+            else:
+                self._actuated.pop((namespace, deployment), None)
+            if pool_status != (old_status.get(role) or {}):
+                status_patch[role] = pool_status
+        blind = [d for d in decisions.values() if not d.metrics_available]
+        if blind:
+            reasons = "; ".join(f"{d.role}: {d.reason}" for d in blind)
+            if report.metrics_problem:
+                reasons = f"{report.metrics_problem}; holding {', '.join(d.role for d in blind)} at current replicas"
+            cond = Cond("ScalingActive", "False", "MetricsUnavailable", reasons)
+        else:
+            summary = "; ".join(f"{d.role} {d.desired} ({d.reason})" for d in decisions.values())
+            cond = Cond("ScalingActive", "True", "MetricsAvailable", summary)
+        old_conditions = old_status.get("conditions", []) or []
+        previous = next((c for c in old_conditions if c.get("type") == "ScalingActive"), None)
+        # a changing message alone (fresh numbers every tick) is not worth a write
+        if previous is None or (previous.get("status"), previous.get("reason")) != (cond.status, cond.reason):
+            status_patch["conditions"] = merge_conditions(
+                old_conditions, [cond], meta.get("generation"), _rfc3339(now)
+            )
+            if cond.status == "False":
+                self.record_event(body, "Warning", cond.reason, cond.message)
+        if status_patch:
+            with self.lock_for(namespace, name):
+                self.kube.patch_status(namespace, name, status_patch)
+
+
+class AutoscalerThread:
+    """Runs ticks every `tick_s` in a daemon thread until stopped."""
+
+    def __init__(self, autoscaler: Autoscaler, tick_s: float) -> None:
+        self.autoscaler = autoscaler
+        self.tick_s = tick_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="disagg-autoscaler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.tick_s + 5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                report = self.autoscaler.tick()
+                for namespace, deployment, before, after in report.scaled:
+                    log.info("scaled %s/%s %d -> %d", namespace, deployment, before, after)
+            except Exception:
+                log.exception("autoscaler tick failed")
+            self._stop.wait(max(0.0, self.tick_s - (time.monotonic() - started)))

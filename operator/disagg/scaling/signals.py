@@ -1,0 +1,170 @@
+"""Phase signals from Prometheus: a fixed set of PromQL queries for every service at once.
+
+Each query is aggregated `by (namespace, disagg_service, disagg_role)` and matches both engines'
+metric names (and vLLM's older names) through `__name__` regexes, so one tick costs the same number
+of queries for 1 or 1,000 InferenceServices. Latency percentiles are computed here from the bucket
+rates, because each service asks for its own percentile (`spec.slo.percentile`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from disagg.catalog.engines import ENGINES, MetricNames
+from disagg.scaling.policy import LoadPicture, PoolSignals
+
+BY = "namespace, disagg_service, disagg_role"
+Key = tuple[str, str, str]  # (namespace, service, role)
+
+
+def _names(pick: Callable[[MetricNames], Iterable[str]]) -> str:
+    names: list[str] = []
+    for engine in ENGINES.values():
+        for name in pick(engine.metrics):
+            if name not in names:
+                names.append(name)
+    return "|".join(names)
+
+
+def _one(name: str) -> tuple[str]:
+    return (name,)
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    """The PromQL of one tick; `window` is the rate window (a few scrape intervals)."""
+
+    window: str = "30s"
+
+    def queries(self) -> dict[str, str]:
+        w = self.window
+        waiting = _names(lambda m: m.waiting_requests)
+        running = _names(lambda m: m.running_requests)
+        kv = _names(lambda m: m.kv_cache_usage)
+        prompt = _names(lambda m: _one(m.prompt_tokens_total))
+        generation = _names(lambda m: _one(m.generation_tokens_total))
+        ttft = _names(lambda m: _one(m.ttft_histogram + "_bucket"))
+        ttft_count = _names(lambda m: _one(m.ttft_histogram + "_count"))
+        itl = _names(lambda m: tuple(h + "_bucket" for h in m.itl_histogram))
+        prefill_sum = "vllm:request_prefill_time_seconds_sum"
+        prefill_count = "vllm:request_prefill_time_seconds_count"
+        return {
+            "waiting": f'sum by ({BY}) ({{__name__=~"{waiting}"}})',
+            "running": f'sum by ({BY}) ({{__name__=~"{running}"}})',
+            "kv_usage": f'avg by ({BY}) ({{__name__=~"{kv}"}})',
+            "prompt_tps": f'sum by ({BY}) (rate({{__name__=~"{prompt}"}}[{w}]))',
+            "generation_tps": f'sum by ({BY}) (rate({{__name__=~"{generation}"}}[{w}]))',
+            "request_rate": f'sum by ({BY}) (rate({{__name__=~"{ttft_count}"}}[{w}]))',
+            "ttft_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{ttft}"}}[{w}]))',
+            "itl_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{itl}"}}[{w}]))',
+            "prefill_time": f"sum by ({BY}) (rate({prefill_sum}[{w}])) / sum by ({BY}) (rate({prefill_count}[{w}]))",
+            # the newest sample of any pod of the pool: older than the staleness limit = blind
+            "sampled_at": f'max by ({BY}) (timestamp({{__name__=~"{running}"}}))',
+        }
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile over (upper bound, cumulative rate) pairs."""
+    if not buckets:
+        return None
+    buckets = sorted(buckets)
+    total = buckets[-1][1]
+    if total <= 0 or math.isnan(total):
+        return None
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound  # the answer is above the highest finite bucket: its bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return buckets[-1][0]
+
+
+def _key(metric: dict[str, str]) -> Key | None:
+    try:
+        return metric["namespace"], metric["disagg_service"], metric["disagg_role"]
+    except KeyError:
+        return None
+
+
+def _value(sample: dict[str, Any]) -> float | None:
+    try:
+        value = float(sample["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+@dataclass(frozen=True)
+class Observations:
+    """One tick's query results, indexed by pool."""
+
+    scalars: dict[str, dict[Key, float]]
+    buckets: dict[str, dict[Key, list[tuple[float, float]]]]
+
+    @classmethod
+    def from_results(cls, results: dict[str, list[dict[str, Any]]]) -> Observations:
+        scalars: dict[str, dict[Key, float]] = {}
+        buckets: dict[str, dict[Key, list[tuple[float, float]]]] = {}
+        for name, series in results.items():
+            for sample in series:
+                metric = sample.get("metric", {})
+                key = _key(metric)
+                value = _value(sample)
+                if key is None or value is None:
+                    continue
+                if name.endswith("_buckets"):
+                    try:
+                        bound = float(metric["le"])
+                    except (KeyError, ValueError):
+                        continue
+                    buckets.setdefault(name, {}).setdefault(key, []).append((bound, value))
+                else:
+                    scalars.setdefault(name, {})[key] = value
+        return cls(scalars, buckets)
+
+    def services(self) -> set[tuple[str, str]]:
+        return {(ns, svc) for series in self.scalars.values() for ns, svc, _ in series}
+
+    def pool(self, key: Key, ready_replicas: int, percentile: float) -> PoolSignals | None:
+        sampled_at = self.scalars.get("sampled_at", {}).get(key)
+        if sampled_at is None:
+            return None
+
+        def get(name: str) -> float | None:
+            return self.scalars.get(name, {}).get(key)
+
+        q = percentile / 100.0
+        request_rate = get("request_rate")
+        prompt_tps = get("prompt_tps")
+        generation_tps = get("generation_tps")
+        mean_prompt = prompt_tps / request_rate if prompt_tps is not None and request_rate else None
+        mean_output = generation_tps / request_rate if generation_tps is not None and request_rate else None
+        return PoolSignals(
+            ready_replicas=ready_replicas,
+            sampled_at=sampled_at,
+            waiting_requests=get("waiting"),
+            running_requests=get("running"),
+            prompt_tokens_per_s=prompt_tps,
+            generation_tokens_per_s=generation_tps,
+            request_rate=request_rate,
+            kv_usage=get("kv_usage"),
+            ttft_s=histogram_quantile(q, self.buckets.get("ttft_buckets", {}).get(key, [])),
+            itl_s=histogram_quantile(q, self.buckets.get("itl_buckets", {}).get(key, [])),
+            mean_prompt_tokens=mean_prompt,
+            mean_output_tokens=mean_output,
+            prefill_time_s=get("prefill_time"),
+        )
+
+    def picture(self, namespace: str, service: str, ready: dict[str, int], percentile: float) -> LoadPicture:
+        return LoadPicture(
+            prefill=self.pool((namespace, service, "prefill"), ready.get("prefill", 0), percentile),
+            decode=self.pool((namespace, service, "decode"), ready.get("decode", 0), percentile),
+        )

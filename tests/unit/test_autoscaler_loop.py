@@ -1,0 +1,200 @@
+"""The operator's autoscaling loop: fixed queries per tick, one-step actuation, holding when blind."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import yaml
+
+from disagg.catalog.accelerators import DEFAULT_CATALOG
+from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, Kube
+from disagg.reconcile.autoscale import Autoscaler, Index
+from disagg.scaling.policy import PolicySettings
+from disagg.scaling.prometheus import PrometheusSource
+from disagg.scaling.signals import QuerySet, histogram_quantile
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "01-vllm-nixl-llama70b.yaml"
+NOW = 1_800_000_000.0
+
+
+class FakeKube:
+    """Records the autoscaler's writes."""
+
+    def __init__(self) -> None:
+        self.scaled: list[tuple[str, str, int, str]] = []
+        self.status: list[tuple[str, str, dict[str, Any]]] = []
+
+    def scale(self, namespace: str, name: str, replicas: int, field_manager: str) -> dict[str, Any]:
+        self.scaled.append((namespace, name, replicas, field_manager))
+        return {}
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.status.append((namespace, name, status))
+
+
+class FakePrometheus:
+    """A Prometheus query API on loopback: answers from a table keyed by query name, counts queries."""
+
+    def __init__(self) -> None:
+        self.queries: list[str] = []
+        self.answers: dict[str, list[dict[str, Any]]] = {}
+        names = {promql: name for name, promql in QuerySet().queries().items()}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                query = parse_qs(urlparse(self.path).query).get("query", [""])[0]
+                outer.queries.append(query)
+                result = outer.answers.get(names.get(query, ""), [])
+                body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def prometheus() -> Iterator[FakePrometheus]:
+    fake = FakePrometheus()
+    yield fake
+    fake.stop()
+
+
+def services(count: int) -> Index:
+    body = yaml.safe_load(EXAMPLE.read_text())
+    index = Index()
+    for i in range(count):
+        svc = json.loads(json.dumps(body))
+        svc["metadata"].update(name=f"svc-{i}", namespace="ns", generation=1)
+        index.services[("ns", f"svc-{i}")] = svc
+        for role in ("prefill", "decode"):
+            index.deployments[("ns", f"svc-{i}-{role}")] = {
+                "spec": {"replicas": 2}, "status": {"readyReplicas": 2},
+            }
+    return index
+
+
+def autoscaler(index: Index, source: PrometheusSource | None, kube: FakeKube) -> tuple[Autoscaler, list[Any]]:
+    events: list[Any] = []
+    scaler = Autoscaler(
+        kube=cast(Kube, kube),
+        catalog=DEFAULT_CATALOG,
+        source=source,
+        settings=PolicySettings(tick_s=5, scale_down_window_s=300, staleness_s=60),
+        record_event=lambda obj, kind, reason, message: events.append((kind, reason, message)),
+        index=index,
+        lock_for=lambda ns, name: threading.Lock(),
+        clock=lambda: NOW,
+    )
+    return scaler, events
+
+
+def sample(service: str, role: str, value: float, **labels: str) -> dict[str, Any]:
+    metric = {"namespace": "ns", "disagg_service": service, "disagg_role": role, **labels}
+    return {"metric": metric, "value": [NOW, str(value)]}
+
+
+def test_queries_per_tick_do_not_grow_with_the_number_of_services(prometheus: FakePrometheus) -> None:
+    counts = {}
+    for n in (1, 50):
+        prometheus.queries.clear()
+        scaler, _ = autoscaler(services(n), PrometheusSource(url=prometheus.url), FakeKube())
+        scaler.tick()
+        counts[n] = len(prometheus.queries)
+    assert counts[1] == counts[50] == len(QuerySet().queries())
+
+
+def test_no_autoscaled_services_means_no_queries(prometheus: FakePrometheus) -> None:
+    scaler, _ = autoscaler(Index(), PrometheusSource(url=prometheus.url), FakeKube())
+    scaler.tick()
+    assert prometheus.queries == []
+
+
+def test_prometheus_down_holds_replicas_and_says_why() -> None:
+    kube = FakeKube()
+    source = PrometheusSource(url="http://127.0.0.1:1", timeout_s=0.5)  # nothing listens on port 1
+    scaler, events = autoscaler(services(1), source, kube)
+    report = scaler.tick()
+    assert kube.scaled == []
+    assert report.metrics_problem is not None and "unavailable" in report.metrics_problem
+    (_, _, status) = kube.status[-1]
+    (cond,) = [c for c in status["conditions"] if c["type"] == "ScalingActive"]
+    assert (cond["status"], cond["reason"]) == ("False", "MetricsUnavailable")
+    assert all(d.desired == 2 and not d.metrics_available for d in report.decisions[("ns", "svc-0")].values())
+    assert any(reason == "MetricsUnavailable" for _, reason, _ in events)
+
+
+def test_stale_metrics_hold_too(prometheus: FakePrometheus) -> None:
+    prometheus.answers["sampled_at"] = [sample("svc-0", r, NOW - 600) for r in ("prefill", "decode")]
+    kube = FakeKube()
+    scaler, _ = autoscaler(services(1), PrometheusSource(url=prometheus.url), kube)
+    report = scaler.tick()
+    assert kube.scaled == []
+    assert all("old" in d.reason for d in report.decisions[("ns", "svc-0")].values())
+
+
+def test_a_burst_scales_each_pool_in_one_step_through_the_autoscaler_field_manager(
+    prometheus: FakePrometheus,
+) -> None:
+    # a heavy load on both pools: thousands of prompt tokens/s queueing, long decode batches
+    answers = prometheus.answers
+    for role in ("prefill", "decode"):
+        answers.setdefault("sampled_at", []).append(sample("svc-0", role, NOW - 2))
+    answers["waiting"] = [sample("svc-0", "prefill", 400), sample("svc-0", "decode", 50)]
+    answers["running"] = [sample("svc-0", "prefill", 8), sample("svc-0", "decode", 600)]
+    answers["kv_usage"] = [sample("svc-0", "decode", 0.98)]
+    answers["request_rate"] = [sample("svc-0", r, 40) for r in ("prefill", "decode")]
+    answers["prompt_tps"] = [sample("svc-0", r, 40 * 4000) for r in ("prefill", "decode")]
+    answers["generation_tps"] = [sample("svc-0", "decode", 40 * 300)]
+    kube = FakeKube()
+    index = services(1)
+    scaler, events = autoscaler(index, PrometheusSource(url=prometheus.url), kube)
+    report = scaler.tick()
+    scaled = {name: (replicas, manager) for _, name, replicas, manager in kube.scaled}
+    for name, (replicas, _) in scaled.items():  # what the Deployment watch would show next
+        index.deployments[("ns", name)] = {"spec": {"replicas": replicas}, "status": {"readyReplicas": 2}}
+    assert set(scaled) == {"svc-0-prefill", "svc-0-decode"}, report.decisions
+    assert all(manager == AUTOSCALER_FIELD_MANAGER for _, manager in scaled.values())
+    assert scaled["svc-0-prefill"][0] > 2 and scaled["svc-0-decode"][0] > 2
+    # a second tick with the same picture does not write again
+    kube.scaled.clear()
+    again = scaler.tick()
+    assert kube.scaled == [], again.decisions
+    assert sum(1 for _, reason, _ in events if reason == "Scaled") == 2
+    (_, _, status) = kube.status[0]
+    assert status["decode"]["lastScale"]["from"] == 2 and status["decode"]["lastScale"]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("q", "buckets", "expected"),
+    [
+        (0.5, [(0.1, 50.0), (0.2, 100.0), (float("inf"), 100.0)], 0.1),
+        (0.9, [(0.1, 50.0), (0.2, 100.0), (float("inf"), 100.0)], 0.18),
+        (0.99, [(1.0, 10.0), (float("inf"), 20.0)], 1.0),
+        (0.5, [], None),
+        (0.5, [(1.0, 0.0), (float("inf"), 0.0)], None),
+    ],
+)
+def test_histogram_quantile_matches_prometheus(q: float, buckets: list[tuple[float, float]],
+                                               expected: float | None) -> None:
+    result = histogram_quantile(q, buckets)
+    assert result == pytest.approx(expected) if expected is not None else result is None
