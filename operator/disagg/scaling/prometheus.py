@@ -11,6 +11,7 @@ from typing import Any
 import requests
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
+from urllib3.util.retry import Retry
 
 from disagg.scaling.signals import Observations, QuerySet
 
@@ -39,7 +40,9 @@ class PrometheusSource:
         if self.token_file:
             # re-read each tick: projected ServiceAccount tokens rotate
             headers["Authorization"] = f"Bearer {Path(self.token_file).read_text().strip()}"
-        return PrometheusConnect(url=self.url, headers=headers, session=session, timeout=self.timeout_s)
+        # one quick retry: a tick that waits out long back-offs decides on stale data anyway
+        retry = Retry(total=1, backoff_factor=0.1, status_forcelist=(502, 503, 504), allowed_methods=("GET", "POST"))
+        return PrometheusConnect(url=self.url, headers=headers, session=session, timeout=self.timeout_s, retry=retry)
 
     def observe(self) -> Observations:
         """Every query of the tick; PrometheusUnavailable if any fails (partial data is not trusted)."""
