@@ -24,7 +24,8 @@ kubectl create namespace disagg-system --dry-run=client -o yaml | kubectl apply 
 
 say "operator: disagg run --all-namespaces (log: $CLUSTER_DIR/operator.log)"
 if [[ -f $CLUSTER_DIR/operator.pid ]] && kill -0 "$(cat "$CLUSTER_DIR/operator.pid")" 2>/dev/null; then
-  kill "$(cat "$CLUSTER_DIR/operator.pid")"; sleep 1
+  old=$(cat "$CLUSTER_DIR/operator.pid"); kill "$old"
+  for _ in $(seq 50); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
 fi
 KUBECONFIG="$CLUSTER_DIR/operator.kubeconfig" nohup .venv/bin/disagg run --all-namespaces \
   --listen-host 127.0.0.1 --liveness-port 18080 --metrics-port 19100 \

@@ -20,8 +20,9 @@ from kubernetes import config as k8s_config
 
 from disagg import GROUP, PLURAL, VERSION
 from disagg.catalog.accelerators import load_catalog
-from disagg.kube.client import INFERENCE_SERVICE, ApiError, Kube
+from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, ApiError, Kind, Kube
 from disagg.metrics import OperatorMetrics
+from disagg.reconcile import ChildKey, child_key
 from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index
 from disagg.reconcile.run import Reconciler, reconcile_service
 from disagg.render.context import SERVICE_LABEL
@@ -66,12 +67,52 @@ def _event_recorder(obj: dict[str, Any], event_type: str, reason: str, message: 
         kopf.info(target, reason=reason, message=message)
 
 
+def child_index_id(kind: Kind) -> str:
+    return f"disagg_children_{kind.plural}"
+
+
+def slim_child(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
+    """What reconcile needs of a child, and no more (1,000 services hold ~13,000 of these)."""
+    meta = body.get("metadata", {})
+    slim_meta = {key: copy.deepcopy(meta[key]) for key in (
+        "name", "namespace", "uid", "generation", "resourceVersion", "labels", "annotations",
+        "ownerReferences", "deletionTimestamp") if key in meta}
+    # only the autoscaler's ownership of replicas matters (see reconcile_service)
+    slim_meta["managedFields"] = [
+        copy.deepcopy(entry) for entry in meta.get("managedFields", []) or []
+        if entry.get("manager") == AUTOSCALER_FIELD_MANAGER
+    ]
+    slim: dict[str, Any] = {"apiVersion": kind.api_version, "kind": kind.kind, "metadata": slim_meta}
+    for key in ("spec", "rules", "roleRef", "subjects"):
+        if key in body:
+            slim[key] = copy.deepcopy(body[key])
+    if kind.kind == "Deployment" and "status" in body:
+        slim["status"] = copy.deepcopy(body["status"])
+    return slim
+
+
+def children_from(indexes: dict[Kind, Any], namespace: str, service: str) -> dict[ChildKey, dict[str, Any]]:
+    """A service's children from the kopf indexes (read from a worker thread while the loop writes)."""
+    for _ in range(5):
+        try:
+            children: dict[ChildKey, dict[str, Any]] = {}
+            for store_index in indexes.values():
+                store = store_index.get((namespace, service)) if (namespace, service) in store_index else None
+                for child in list(store or ()):
+                    children[child_key(child)] = child
+            return children
+        except RuntimeError:  # changed size during iteration: read again
+            continue
+    raise RuntimeError(f"children of {namespace}/{service} kept changing while being read")
+
+
 def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf.OperatorRegistry:
     """All handlers of the operator, bound to its settings (no module-level state)."""
     registry = kopf.OperatorRegistry()
     locks = ServiceLocks()
     catalog = load_catalog(settings.accelerator_catalog)
     state: dict[str, Reconciler] = {}
+    caches: dict[str, dict[Kind, Any]] = {}
     index = Index()
     threads: list[AutoscalerThread] = []
 
@@ -154,12 +195,12 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
         reconciler = state["reconciler"]
         started = time.monotonic()
         with locks(namespace, name):
+            if trigger == "child":  # act on the service as the watch last saw it
+                fresh = index.services.get((namespace, name))
+                if fresh is None:
+                    return
+                obj = copy.deepcopy(fresh)
             try:
-                if trigger != "event":  # timers and child events act on the freshest object
-                    fresh = reconciler.kube.get(INFERENCE_SERVICE, namespace, name)
-                    if fresh is None:
-                        return
-                    obj = fresh
                 outcome = reconcile_service(reconciler, obj)
             except ApiError as error:
                 metrics.reconciles.labels(result="api_error").inc()
@@ -178,8 +219,32 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             log.info("reconciled %s/%s (%s): applied %d, deleted %d, status %s", namespace, name, trigger,
                      len(outcome.applied), len(outcome.deleted), "written" if outcome.status_written else "same")
 
+    # Children are cached by kopf indexes (kopf runs no handler before every index has its initial
+    # listing), so a reconcile reads nothing from the API server: it diffs against the cache.
+    def register_child_index(kind: Kind) -> None:
+        group, _, version = kind.api_version.rpartition("/")
+
+        async def index_child(body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]] | None:
+            meta = body.get("metadata", {})
+            service = (meta.get("labels") or {}).get(SERVICE_LABEL)
+            if not service:
+                return None
+            return {(meta.get("namespace", ""), service): slim_child(body, kind)}
+
+        kopf.index(group, version, kind.plural, id=child_index_id(kind), registry=registry,
+                   labels={"app.kubernetes.io/managed-by": "disagg"})(index_child)
+
+    for kind in CHILD_KINDS:
+        register_child_index(kind)
+
+    def remember_indexes(kwargs: dict[str, Any]) -> None:
+        if "indexes" not in caches:
+            caches["indexes"] = {kind: kwargs[child_index_id(kind)] for kind in CHILD_KINDS}
+            state["reconciler"].live_children = lambda ns, svc: children_from(caches["indexes"], ns, svc)
+
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def on_service_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    def on_service_event(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
+        remember_indexes(kwargs)
         meta = body.get("metadata", {})
         key = (meta.get("namespace", ""), meta.get("name", ""))
         if type == "DELETED":
@@ -190,12 +255,14 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
 
     @kopf.timer(GROUP, VERSION, PLURAL, interval=settings.resync_seconds, initial_delay=settings.resync_seconds,
                 registry=registry)
-    def resync(body: kopf.Body, **_: Any) -> None:
+    def resync(body: kopf.Body, **kwargs: Any) -> None:
+        remember_indexes(kwargs)
         reconcile(body, "resync")
 
     @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "disagg"},
                    registry=registry)
-    def on_child_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    def on_child_event(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
+        remember_indexes(kwargs)
         # status follows the pools: a Deployment changing readiness re-reconciles its service
         meta = body.get("metadata", {})
         key = (meta.get("namespace", ""), meta.get("name", ""))
@@ -205,7 +272,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             index.deployments[key] = copy.deepcopy(dict(body))
         if type is None:
             return  # the initial listing: the services' own listing reconciles them already
-        service = meta.get("labels", {}).get(SERVICE_LABEL)
+        service = (meta.get("labels") or {}).get(SERVICE_LABEL)
         if service:
             reconcile({"metadata": {"namespace": meta.get("namespace"), "name": service}}, "child")
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
@@ -47,6 +49,11 @@ class Reconciler:
     catalog: AcceleratorCatalog
     record_event: EventRecorder
     clock: Callable[[], datetime.datetime] = utcnow
+    live_children: Callable[[str, str], dict[ChildKey, dict[str, Any]]] | None = None
+    """Where the children come from: a watch cache if given, else LIST requests."""
+    pod_check_interval_s: float = 10.0
+    """How often (at most) a not-ready pool's pods are listed to explain why."""
+    _pods_checked: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,7 +114,7 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
                 ctx.record_event(body, "Warning", "InvalidSpec", str(error))
         return outcome
 
-    live = live_children(ctx.kube, namespace, name)
+    live = (ctx.live_children or partial(live_children, ctx.kube))(namespace, name)
     desired = [stamp(m) for m in render_children(Owner(name, namespace, uid), spec, ctx.catalog)]
     plan = plan_children(desired, live, uid)
 
@@ -167,8 +174,16 @@ def _observe(
         desired, ready, _, _ = deployment_counts(deployment)
         troubles[role] = None
         if deployment is not None and ready < desired:
-            pods = ctx.kube.list(POD, namespace, f"{SERVICE_LABEL}={name},{ROLE_LABEL}={role}")
-            troubles[role] = pod_trouble(pods)
+            previous = _previous_trouble(old_status, role)
+            last = ctx._pods_checked.get((namespace, f"{name}-{role}"), 0.0)
+            if time.monotonic() - last >= ctx.pod_check_interval_s:
+                ctx._pods_checked[(namespace, f"{name}-{role}")] = time.monotonic()
+                pods = ctx.kube.list(POD, namespace, f"{SERVICE_LABEL}={name},{ROLE_LABEL}={role}")
+                troubles[role] = pod_trouble(pods)
+            else:
+                troubles[role] = previous  # checked moments ago: keep what it said
+        else:
+            ctx._pods_checked.pop((namespace, f"{name}-{role}"), None)
     kv_present = all(("v1", "Service", f"{name}-{role}-kv") in children for role in ROLES)
     conditions = merge_conditions(
         old_status.get("conditions", []),
@@ -185,6 +200,18 @@ def _observe(
     for role in ROLES:
         status[role] = pool_status(spec, role, deployments[role], old_status.get(role))
     return status
+
+
+def _previous_trouble(status: dict[str, Any], role: str) -> PodTrouble | None:
+    """The Unschedulable finding of the last status, so it is not lost between pod checks."""
+    ctype = {"prefill": "PrefillReady", "decode": "DecodeReady", "router": "RouterReady"}[role]
+    for cond in status.get("conditions", []) or []:
+        if cond.get("type") == ctype and cond.get("reason") == "Unschedulable":
+            message = str(cond.get("message", ""))
+            count = message.split(" of ", 1)[0]
+            unschedulable = int(count) if count.isdigit() else 1
+            return PodTrouble(unschedulable, unschedulable, message.split(": ", 1)[-1])
+    return None
 
 
 def _status_differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
