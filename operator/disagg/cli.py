@@ -109,7 +109,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not args.all_namespaces and not args.namespace:
         raise SystemExit("error: give --all-namespaces or at least one --namespace")
+    import random
+
+    # each replica needs its own priority: kopf pauses every peer that sees an equal or higher one
+    priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
+    from kopf._core.engines.peering import Identity, detect_own_id  # kopf exports no public alias
+
+    identity = detect_own_id(manual=False)
     settings = OperatorSettings(
+        priority=priority,
+        identity=str(identity),
         namespaces=tuple(args.namespace or ()),
         accelerator_catalog=args.accelerator_catalog,
         resync_seconds=args.resync_seconds,
@@ -143,6 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         namespaces=list(settings.namespaces),
         standalone=settings.peering is None,
         peering_name=settings.peering,
+        priority=settings.priority,
+        identity=Identity(settings.identity),
         liveness_endpoint=liveness,
     ))
     return 0
@@ -175,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=int(os.environ.get("DISAGG_WORKERS", 16)))
     run.add_argument("--peering", default=os.environ.get("DISAGG_PEERING") or None,
                      help="kopf peering name: run several replicas, only one acts")
+    run.add_argument("--priority", type=int, default=None,
+                     help="peering priority (default: random, so replicas never tie)")
     run.add_argument("--prometheus-url", default=os.environ.get("DISAGG_PROMETHEUS_URL") or None)
     run.add_argument("--prometheus-token-file", default=os.environ.get("DISAGG_PROMETHEUS_TOKEN_FILE") or None)
     run.add_argument("--prometheus-ca-file", default=os.environ.get("DISAGG_PROMETHEUS_CA_FILE") or None)

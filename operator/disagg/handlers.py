@@ -21,6 +21,7 @@ from kubernetes import config as k8s_config
 from disagg import GROUP, PLURAL, VERSION
 from disagg.catalog.accelerators import load_catalog
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, ApiError, Kind, Kube
+from disagg.kube.peering import PeeringCheck
 from disagg.metrics import OperatorMetrics
 from disagg.reconcile import ChildKey, child_key
 from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index
@@ -137,6 +138,9 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             settings.peering.name = disagg_settings.peering
             settings.peering.mandatory = True
             settings.peering.clusterwide = not disagg_settings.namespaces
+            settings.peering.priority = disagg_settings.priority
+            # a dead active replica is noticed within this many seconds (its entry expires)
+            settings.peering.lifetime = 15
         settings.persistence.finalizer = f"{GROUP}/finalizer"
         state["reconciler"] = Reconciler(
             kube=Kube(
@@ -169,6 +173,14 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             lock_for=locks,
             on_scale=lambda role, direction: metrics.scaling_decisions.labels(role=role, direction=direction).inc(),
         )
+        if disagg_settings.peering is not None:
+            autoscaler.is_active = PeeringCheck(
+                kube=autoscaler.kube,
+                name=disagg_settings.peering,
+                identity=disagg_settings.identity,
+                priority=disagg_settings.priority,
+                namespace=None if not disagg_settings.namespaces else disagg_settings.namespaces[0],
+            ).is_active
         thread = AutoscalerThread(autoscaler, disagg_settings.autoscale_tick_s)
         thread.start()
         threads.append(thread)

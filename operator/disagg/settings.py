@@ -23,6 +23,10 @@ class OperatorSettings:
     """Threads for the synchronous Kubernetes client calls."""
     peering: str | None = None
     """kopf peering name for active/standby high availability; None = standalone."""
+    priority: int = 0
+    """Peering priority; replicas need distinct ones (the highest live one acts)."""
+    identity: str = ""
+    """This process's peering identity."""
     kubeconfig: str | None = None
     prometheus_url: str | None = None
     """Prometheus base URL for autoscaling; autoscaling is off without it."""

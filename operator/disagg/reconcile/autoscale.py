@@ -68,6 +68,8 @@ class Autoscaler:
     lock_for: Callable[[str, str], threading.Lock]
     on_scale: Callable[[str, str], None] = lambda role, direction: None
     clock: Callable[[], float] = time.time
+    is_active: Callable[[], bool] = lambda: True
+    """False while another operator of the peering group is the active one."""
     states: dict[ServiceKey, PolicyState] = field(default_factory=dict)
     _actuated: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -87,6 +89,8 @@ class Autoscaler:
     def tick(self) -> TickReport:
         """One round: query, decide every autoscaled pool, actuate, record."""
         report = TickReport()
+        if not self.is_active():
+            return report
         services = self._autoscaled()
         live = {key for key, _, _ in services}
         for gone in [key for key in self.states if key not in live]:
