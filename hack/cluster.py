@@ -1136,6 +1136,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop_extras(pids: Path) -> None:
+    """Stops processes others started for this cluster (the demo's operator and engine fleet):
+    pid files `extra-*.pid` in the pids dir, only if the process still runs a disagg command."""
+    for pidfile in sorted(pids.glob("extra-*.pid")):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pidfile.read_text().strip())
+            argv = _proc_argv(pid)
+            if argv is not None and any("disagg" in part for part in argv):
+                log(f"{pidfile.stem.removeprefix('extra-')}: stopping pid {pid}")
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(50):
+                    _reap(pid)
+                    if _proc_argv(pid) is None:
+                        break
+                    time.sleep(0.1)
+        pidfile.unlink(missing_ok=True)
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     root = cluster_dir()
     t0 = time.monotonic()
@@ -1146,6 +1164,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         if not (root / MARKER).exists():
             raise ClusterError(f"{root} has no {MARKER} marker: not a cluster dir of this tool; not touching it")
         c = Cluster(root)
+        stop_extras(c.p.pids)
         for name in reversed(COMPONENT_ORDER):  # etcd last
             c.stop(name)
         shutil.rmtree(root)

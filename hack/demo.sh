@@ -23,14 +23,14 @@ kubectl create namespace disagg-system --dry-run=client -o yaml | kubectl apply 
   --out "$CLUSTER_DIR/operator.kubeconfig" >/dev/null
 
 say "operator: disagg run --all-namespaces (log: $CLUSTER_DIR/operator.log)"
-if [[ -f $CLUSTER_DIR/operator.pid ]] && kill -0 "$(cat "$CLUSTER_DIR/operator.pid")" 2>/dev/null; then
-  old=$(cat "$CLUSTER_DIR/operator.pid"); kill "$old"
+if [[ -f $CLUSTER_DIR/pids/extra-operator.pid ]] && kill -0 "$(cat "$CLUSTER_DIR/pids/extra-operator.pid")" 2>/dev/null; then
+  old=$(cat "$CLUSTER_DIR/pids/extra-operator.pid"); kill "$old"
   for _ in $(seq 50); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
 fi
 KUBECONFIG="$CLUSTER_DIR/operator.kubeconfig" nohup .venv/bin/disagg run --all-namespaces \
   --listen-host 127.0.0.1 --liveness-port 18080 --metrics-port 19100 \
   >"$CLUSTER_DIR/operator.log" 2>&1 &
-echo $! >"$CLUSTER_DIR/operator.pid"
+echo $! >"$CLUSTER_DIR/pids/extra-operator.pid"
 for _ in $(seq 60); do curl -sf http://127.0.0.1:18080/healthz >/dev/null && break; sleep 0.5; done
 curl -sf http://127.0.0.1:18080/healthz >/dev/null || { tail -30 "$CLUSTER_DIR/operator.log"; exit 1; }
 
