@@ -2,7 +2,7 @@
 the Deployment's security context, probes and arguments (parsed by `disagg run`'s own parser), the
 monitoring objects, the dashboard, and values.schema.json rejecting bad values.
 
-Skipped when the helm binary is missing; `make test` builds it (hack/cluster.py) before the e2e suite,
+Skipped when the helm binary is missing; `make test` builds it (hack/cluster.py up) before the unit tests,
 which runs the same chart against the local cluster (tests/e2e/test_helm.py).
 """
 
