@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -501,7 +502,9 @@ class Cluster:
         for d in comp.env.values():
             if d.startswith(str(self.p.root)):
                 Path(d).mkdir(parents=True, exist_ok=True)
-        argv = comp.argv()
+        # benchmarks raise client rate limits this way, e.g. DISAGG_KUBE_SCHEDULER_ARGS="--kube-api-qps=200"
+        extra = os.environ.get(f"DISAGG_{name.upper().replace('-', '_')}_ARGS", "")
+        argv = [*comp.argv(), *shlex.split(extra)]
         log(f"{name}: starting (log {self.p.log(name)})")
         with self.p.log(name).open("ab") as logf:
             logf.write(f"\n---- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())

@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+"""Scale benchmark: N InferenceServices on the local cluster, the operator's work and its cost.
+
+Measures, against the real control plane (hack/cluster.py) with the operator running under its
+ServiceAccount:
+- the operator's own work for N services from a cold start (every child applied, every status
+  written with the current observedGeneration), and separately the time until every service is Ready
+  (bounded by kube-controller-manager, the scheduler and kwok, not by the operator);
+- event-to-apply latency: spec changes at a steady rate, each stamped with its time in an engine env
+  var, until the pool's Deployment carries the stamp (p50/p99);
+- API write requests in total and during an idle period (the operator's own counter);
+- operator CPU seconds and peak RSS; Prometheus queries per autoscaling tick.
+Prints a table next to the targets and writes JSON (bench/results/scale.json).
+
+    .venv/bin/python bench/scale.py                 # N=1000 (about 10 minutes)
+    .venv/bin/python bench/scale.py -n 50 --idle-seconds 30 --changes-seconds 10
+For the pod side, start the cluster with higher client rate limits, e.g.
+    DISAGG_KUBE_SCHEDULER_ARGS="--kube-api-qps=300 --kube-api-burst=600" hack/cluster.py up
+(kube-controller-manager already runs with --kube-api-qps=100 --kube-api-burst=200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes import watch as k8s_watch
+
+REPO = Path(__file__).resolve().parents[1]
+PY = str(REPO / ".venv" / "bin" / "python")
+TARGETS = {
+    "operator_work_s": 120.0,
+    "idle_writes": 0,
+    "event_to_apply_p99_s": 1.0,
+    "peak_rss_mib": 300.0,
+}
+CHILDREN_PER_SERVICE = 13
+
+
+def log(message: str) -> None:
+    print(f"==> [bench/scale] {message}", file=sys.stderr, flush=True)
+
+
+def cluster(*args: str) -> str:
+    return subprocess.run([PY, str(REPO / "hack" / "cluster.py"), *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def kubectl(*args: str, stdin: str | None = None) -> str:
+    return subprocess.run(["kubectl", *args], check=True, capture_output=True, text=True, input=stdin).stdout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def service(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "disagg.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "uri": "hf://meta-llama/Llama-3.1-8B-Instruct",
+                      "architecture": {"parameters": 8.03e9, "layers": 32, "kvHeads": 8, "headDim": 128}},
+            "engine": {"kind": "vllm", "env": [{"name": "STAMP", "value": "0"}]},
+            "router": {"replicas": 1},
+            "prefill": {"replicas": 1, "accelerator": {"type": "nvidia-h100", "count": 1},
+                        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                        "autoscaling": {"minReplicas": 1, "maxReplicas": 2}},
+            "decode": {"replicas": 1, "accelerator": {"type": "nvidia-h200", "count": 1},
+                       "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                       "autoscaling": {"minReplicas": 1, "maxReplicas": 2}},
+        },
+    }
+
+
+def bench_nodes(n: int) -> list[dict[str, Any]]:
+    """Enough fake GPU and CPU nodes for n services (one GPU pod per pool, one router each)."""
+    nodes = []
+    kinds = [("nvidia-h100", "nvidia.com/gpu", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, "p5.48xlarge"),
+             ("nvidia-h200", "nvidia.com/gpu", {"nvidia.com/gpu.product": "NVIDIA-H200"}, "p5en.48xlarge")]
+    for acc, resource, labels, instance in kinds:
+        for i in range((n + 7) // 8):
+            nodes.append(_node(f"bench-{acc}-{i}", {**labels, "node.kubernetes.io/instance-type": instance},
+                               {resource: "8"}, taint=resource))
+    for i in range((n + 99) // 100):
+        nodes.append(_node(f"bench-cpu-{i}", {"node.kubernetes.io/instance-type": "m7i.8xlarge"}, {}, taint=None))
+    return nodes
+
+
+def _node(name: str, labels: dict[str, str], extended: dict[str, str], taint: str | None) -> dict[str, Any]:
+    capacity = {"cpu": "192", "memory": "2Ti", "pods": "110", **extended}
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"type": "kwok", "kubernetes.io/hostname": name,
+                                              "disagg.dev/bench": "scale", **labels},
+                     "annotations": {"node.alpha.kubernetes.io/ttl": "0", "kwok.x-k8s.io/node": "fake"}},
+        "spec": {"taints": [{"key": taint, "value": "present", "effect": "NoSchedule"}] if taint else []},
+        "status": {"capacity": capacity, "allocatable": capacity, "phase": "Running",
+                   "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "kubeletVersion": "fake",
+                                "kubeProxyVersion": "fake", "bootID": "", "containerRuntimeVersion": "",
+                                "kernelVersion": "", "machineID": "", "osImage": "", "systemUUID": ""}},
+    }
+
+
+class Operator:
+    """The operator process under its ServiceAccount, with its metrics endpoint."""
+
+    def __init__(self, cluster_dir: Path, namespaces: list[str], prometheus: str) -> None:
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+        self.log_path = cluster_dir / "bench-operator.log"
+        kubeconfig = cluster_dir / "bench-operator.kubeconfig"
+        cluster("sa-kubeconfig", "--namespace", "disagg-system", "--service-account", "disagg-operator",
+                "--out", str(kubeconfig))
+        args = [str(REPO / ".venv" / "bin" / "disagg"), "run", "--listen-host", "127.0.0.1",
+                "--liveness-port", str(self.liveness_port), "--metrics-port", str(self.metrics_port),
+                "--prometheus-url", prometheus, "--resync-seconds", "600"]
+        for ns in namespaces:
+            args += ["-n", ns]
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        self.process = subprocess.Popen(args, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"operator did not become live; log: {self.log_path}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            series, _, rest = head.partition("{")
+            if series != name:
+                continue
+            if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def writes(self) -> float:
+        return sum(self.metric("disagg_api_requests_total", method=m) for m in ("PATCH", "POST", "PUT", "DELETE"))
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def operator_work_done(custom: Any, apps: Any, namespaces: list[str], n: int) -> tuple[int, int]:
+    """(services whose status reflects their generation, children that exist)."""
+    done = 0
+    for ns in namespaces:
+        for item in custom.list_namespaced_custom_object("disagg.dev", "v1alpha1", ns, "inferenceservices")["items"]:
+            status = item.get("status") or {}
+            if status.get("observedGeneration") == item["metadata"]["generation"] and status.get("conditions"):
+                done += 1
+    children = 0
+    for ns in namespaces:
+        children += len(apps.list_namespaced_deployment(ns, label_selector="app.kubernetes.io/managed-by=disagg").items)
+    return done, children
+
+
+def all_ready(custom: Any, namespaces: list[str]) -> int:
+    ready = 0
+    for ns in namespaces:
+        for item in custom.list_namespaced_custom_object("disagg.dev", "v1alpha1", ns, "inferenceservices")["items"]:
+            for cond in (item.get("status") or {}).get("conditions", []):
+                if cond["type"] == "Ready" and cond["status"] == "True":
+                    ready += 1
+    return ready
+
+
+def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str], n: int,
+                           rate: float, seconds: float) -> list[float]:
+    """Stamps spec changes at `rate`/s; latency until the prefill Deployment carries the stamp."""
+    sent: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watcher(ns: str) -> None:
+        w = k8s_watch.Watch()  # type: ignore[no-untyped-call]
+        apps = k8s.AppsV1Api(api)
+        for event in w.stream(apps.list_namespaced_deployment, ns, timeout_seconds=int(seconds) + 60,  # type: ignore[no-untyped-call]
+                              label_selector="disagg.dev/role=prefill"):
+            if stop.is_set():
+                w.stop()  # type: ignore[no-untyped-call]
+                break
+            for env in event["object"].spec.template.spec.containers[0].env or []:
+                if env.name == "STAMP" and env.value in sent and env.value not in seen:
+                    seen[env.value] = time.monotonic()
+
+    threads = [threading.Thread(target=watcher, args=(ns,), daemon=True) for ns in namespaces]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    count = int(rate * seconds)
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for i in range(count):
+            target = started + i / rate
+            time.sleep(max(0.0, target - time.monotonic()))
+            index = i % n
+            ns = namespaces[index % len(namespaces)]
+            stamp = f"{i + 1}"
+            sent[stamp] = time.monotonic()
+            body = {"spec": {"engine": {"kind": "vllm", "env": [{"name": "STAMP", "value": stamp}]}}}
+            pool.submit(custom.patch_namespaced_custom_object, "disagg.dev", "v1alpha1", ns, "inferenceservices",
+                        f"svc-{index}", body)
+    deadline = time.monotonic() + 30
+    while len(seen) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stop.set()
+    return [seen[s] - sent[s] if s in seen else float("inf") for s in sent]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=1000, help="InferenceServices (default 1000)")
+    parser.add_argument("--namespaces", type=int, default=10)
+    parser.add_argument("--changes-per-second", type=float, default=20.0)
+    parser.add_argument("--changes-seconds", type=float, default=30.0)
+    parser.add_argument("--idle-seconds", type=float, default=300.0)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
+    parser.add_argument("--keep", action="store_true", help="leave the services and nodes in place")
+    args = parser.parse_args(argv)
+
+    env_line = cluster("up").strip().splitlines()[-1]
+    os.environ["KUBECONFIG"] = env_line.split("=", 1)[1]
+    os.environ["PATH"] = cluster("bin-dir").strip() + os.pathsep + os.environ["PATH"]
+    cluster_dir = Path(os.environ["KUBECONFIG"]).parent
+    k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    api = k8s.ApiClient()
+    api.configuration.connection_pool_maxsize = 32
+    core, apps, custom = k8s.CoreV1Api(api), k8s.AppsV1Api(api), k8s.CustomObjectsApi(api)
+
+    log("CRD, RBAC, namespaces, nodes")
+    kubectl("apply", "--server-side", "-f", "-", stdin=subprocess.run(
+        [str(REPO / ".venv" / "bin" / "disagg"), "crd"], capture_output=True, text=True, check=True).stdout)
+    subprocess.run("kubectl create namespace disagg-system --dry-run=client -o yaml | kubectl apply -f -",
+                   shell=True, check=True, capture_output=True)
+    kubectl("apply", "--server-side", "-f", "-", stdin=subprocess.run(
+        [str(REPO / ".venv" / "bin" / "disagg"), "rbac", "--namespace", "disagg-system"],
+        capture_output=True, text=True, check=True).stdout)
+    namespaces = [f"scale-{i}" for i in range(args.namespaces)]
+    for ns in namespaces:
+        subprocess.run(f"kubectl create namespace {ns} --dry-run=client -o yaml | kubectl apply -f -",
+                       shell=True, check=True, capture_output=True)
+    nodes = bench_nodes(args.n)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda body: _create_ignore_exists(core.create_node, body), nodes))
+    log(f"{len(nodes)} bench nodes")
+
+    operator = Operator(cluster_dir, namespaces, "http://127.0.0.1:9090")
+    result: dict[str, Any] = {"n": args.n, "namespaces": args.namespaces,
+                              "client_rate_limits": {
+                                  "kube-controller-manager": "--kube-api-qps=100 --kube-api-burst=200",
+                                  "kube-scheduler": os.environ.get("DISAGG_KUBE_SCHEDULER_ARGS", "defaults (50/100)"),
+                                  "kwok": "defaults"}}
+    try:
+        log(f"creating {args.n} InferenceServices")
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: custom.create_namespaced_custom_object(
+                "disagg.dev", "v1alpha1", namespaces[i % len(namespaces)], "inferenceservices",
+                service(f"svc-{i}", namespaces[i % len(namespaces)])), range(args.n)))
+        result["create_requests_s"] = round(time.monotonic() - t0, 1)
+        work_s = None
+        deadline = t0 + 1800
+        while time.monotonic() < deadline:
+            done, deployments = operator_work_done(custom, apps, namespaces, args.n)
+            if done >= args.n and deployments >= 3 * args.n:
+                work_s = time.monotonic() - t0
+                break
+            time.sleep(1)
+        result["operator_work_s"] = round(work_s, 1) if work_s else None
+        log(f"operator work done in {result['operator_work_s']} s")
+        ready_s = None
+        while time.monotonic() < deadline:
+            if all_ready(custom, namespaces) >= args.n:
+                ready_s = time.monotonic() - t0
+                break
+            time.sleep(2)
+        result["all_ready_s"] = round(ready_s, 1) if ready_s else None
+        log(f"all Ready in {result['all_ready_s']} s")
+        result["writes_cold_start"] = operator.writes()
+
+        log(f"event-to-apply at {args.changes_per_second}/s for {args.changes_seconds} s")
+        latencies = measure_event_to_apply(custom, api, namespaces, args.n, args.changes_per_second,
+                                           args.changes_seconds)
+        finite = [x for x in latencies if x != float("inf")]
+        result["event_to_apply"] = {"changes": len(latencies), "missed": len(latencies) - len(finite),
+                                    "p50_s": round(percentile(finite, 50), 3),
+                                    "p99_s": round(percentile(latencies, 99), 3)}
+        result["event_to_apply_p99_s"] = result["event_to_apply"]["p99_s"]
+        time.sleep(20)  # let the rollouts the stamps caused settle before the idle window
+
+        log(f"idle for {args.idle_seconds} s")
+        writes_before = operator.writes()
+        queries_before = operator.metric("disagg_prometheus_query_duration_seconds_count")
+        ticks_before = operator.metric("disagg_autoscaler_ticks_total")
+        time.sleep(args.idle_seconds)
+        result["idle_seconds"] = args.idle_seconds
+        result["idle_writes"] = operator.writes() - writes_before
+        ticks = operator.metric("disagg_autoscaler_ticks_total") - ticks_before
+        queries = operator.metric("disagg_prometheus_query_duration_seconds_count") - queries_before
+        result["prometheus_queries_per_tick"] = round(queries / ticks, 2) if ticks else None
+        result["writes_total"] = operator.writes()
+        result["operator_cpu_s"] = round(operator.cpu_seconds(), 1)
+        result["peak_rss_mib"] = round(operator.peak_rss_mib(), 1)
+    finally:
+        operator.stop()
+        if not args.keep:
+            log("cleaning up")
+            for ns in namespaces:
+                subprocess.run(["kubectl", "delete", "namespace", ns, "--wait=false"], capture_output=True)
+            subprocess.run(["kubectl", "delete", "nodes", "-l", "disagg.dev/bench=scale", "--wait=false"],
+                           capture_output=True)
+
+    rows = [
+        ("operator work for N services (s)", result.get("operator_work_s"), f"<= {TARGETS['operator_work_s']:.0f}"),
+        ("all pods Ready (s)", result.get("all_ready_s"), "(kcm/scheduler/kwok bound)"),
+        ("event-to-apply p50 (s)", result.get("event_to_apply", {}).get("p50_s"), ""),
+        ("event-to-apply p99 (s)", result.get("event_to_apply_p99_s"), f"<= {TARGETS['event_to_apply_p99_s']}"),
+        ("API writes, total", result.get("writes_total"), ""),
+        (f"API writes, {args.idle_seconds:.0f} s idle", result.get("idle_writes"), "0"),
+        ("operator CPU (s)", result.get("operator_cpu_s"), ""),
+        ("operator peak RSS (MiB)", result.get("peak_rss_mib"), f"<= {TARGETS['peak_rss_mib']:.0f}"),
+        ("Prometheus queries per tick", result.get("prometheus_queries_per_tick"), "independent of N"),
+    ]
+    print(f"\nscale benchmark, N = {args.n} InferenceServices\n")
+    print(f"| {'measure':36} | {'value':>10} | target |")
+    print(f"|{'-' * 38}|{'-' * 12}|--------|")
+    for name, value, target in rows:
+        print(f"| {name:36} | {value!s:>10} | {target} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    return 0
+
+
+def _create_ignore_exists(create: Any, body: dict[str, Any]) -> None:
+    try:
+        create(body)
+    except k8s.ApiException as error:
+        if error.status != 409:
+            raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
