@@ -29,6 +29,7 @@ if [[ -f $CLUSTER_DIR/pids/extra-operator.pid ]] && kill -0 "$(cat "$CLUSTER_DIR
 fi
 KUBECONFIG="$CLUSTER_DIR/operator.kubeconfig" nohup .venv/bin/disagg run --all-namespaces \
   --listen-host 127.0.0.1 --liveness-port 18080 --metrics-port 19100 \
+  --prometheus-url http://127.0.0.1:9090 --autoscale-tick 5 --scale-down-window 120 \
   >"$CLUSTER_DIR/operator.log" 2>&1 &
 echo $! >"$CLUSTER_DIR/pids/extra-operator.pid"
 for _ in $(seq 60); do curl -sf http://127.0.0.1:18080/healthz >/dev/null && break; sleep 0.5; done
@@ -54,5 +55,39 @@ kubectl -n serving get pods -o custom-columns='POD:.metadata.name,ROLE:.metadata
       printf '%-38s %-8s %-8s %-22s %-16s %s\n' "$pod" "$role" "$phase" "$node" "$ip" "${product:-cpu-only}"
     done
 echo
+say "simulated engines for the Ready pods (real metric names, scraped by the local Prometheus)"
+if [[ -f $CLUSTER_DIR/pids/extra-fleet.pid ]] && kill -0 "$(cat "$CLUSTER_DIR/pids/extra-fleet.pid")" 2>/dev/null; then
+  old=$(cat "$CLUSTER_DIR/pids/extra-fleet.pid"); kill "$old"
+  for _ in $(seq 50); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
+fi
+nohup .venv/bin/disagg fleet -n serving --control-port 18090 --default-load 1x \
+  >"$CLUSTER_DIR/fleet.log" 2>&1 &
+echo $! >"$CLUSTER_DIR/pids/extra-fleet.pid"
+for _ in $(seq 60); do curl -sf http://127.0.0.1:18090/healthz >/dev/null && break; sleep 0.5; done
+
+replicas() { kubectl -n serving get deploy "llama-70b-$1" -o jsonpath='{.spec.replicas}'; }
+before_prefill=$(replicas prefill); before_decode=$(replicas decode)
+say "steady load: let the autoscaler see it (20 s)"
+sleep 20
+kubectl -n serving get inferenceservice llama-70b
+say "a load burst: 8x the steady load"
+curl -sf -X PUT http://127.0.0.1:18090/load/serving/llama-70b -d '{"x": 8}' >/dev/null
+burst_at=$(date +%s)
+for _ in $(seq 120); do
+  p=$(replicas prefill); d=$(replicas decode)
+  if (( p > before_prefill && d > before_decode )); then break; fi
+  sleep 1
+done
+echo "prefill ${before_prefill} -> $(replicas prefill), decode ${before_decode} -> $(replicas decode), $(( $(date +%s) - burst_at )) s after the burst"
+echo
+echo "\$ kubectl -n serving get inferenceservices"
+kubectl -n serving get inferenceservices -o wide
+echo
+echo "Scaling decisions (Events):"
+kubectl -n serving get events --field-selector involvedObject.kind=InferenceService,reason=Scaled \
+  -o custom-columns='AGE:.lastTimestamp,MESSAGE:.message' --no-headers | tail -4 | cut -c1-220
+echo
+curl -sf -X PUT http://127.0.0.1:18090/load/serving/llama-70b -d '{"x": 1}' >/dev/null
+say "load back to 1x: pools scale down after the 120 s stabilisation window"
 say "done. Try: export KUBECONFIG=$KUBECONFIG; kubectl -n serving describe inferenceservice llama-70b"
 say "stop everything with: make cluster-down"
