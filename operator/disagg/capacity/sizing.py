@@ -169,3 +169,98 @@ def size_decode(
     spread = max(load_tokens / per_replica * batch, load_sequences) / replicas
     itl = decode_step_seconds(model, accelerator, tensor_parallel, max(spread, 1.0), context, eff) * correction
     return DecodeSizing(replicas, batch, per_replica, itl)
+
+
+def settled_utilization(replicas: int, service_s: float, span_s: float) -> float:
+    """The highest utilisation whose M/M/c queue settles within `span_s`: the relaxation time of a
+    queue of `replicas` at utilisation rho is about (service / replicas) / (1 - sqrt(rho))^2. Above it, a
+    window's queue is still building when the window ends (and a fluid backlog describes it better)."""
+    settle = math.sqrt(service_s / (replicas * span_s)) if span_s > 0 and replicas > 0 else 0.0
+    return min(max((1.0 - settle) ** 2, 0.5), 0.99)
+
+
+def prefill_miss_share(
+    replicas: int,
+    windows: list[tuple[float, float]],
+    *,
+    step_s: float,
+    service_s: float,
+    tokens_per_replica_s: float,
+    ttft_budget_s: float,
+    load_factor: float = 1.0,
+    floor_s: float | None = None,
+) -> float:
+    """Predicted share of requests whose prefill-side TTFT exceeds `ttft_budget_s`, had the pool had
+    `replicas` during `windows` ((prompt tokens/s, requests/s), one every `step_s`).
+
+    Two time scales. A fluid backlog carries what the windows brought beyond the pool's throughput from
+    one window to the next; it delays every request of the window. Within a window, an M/M/c queue at
+    `load_factor` x the window's load leaves P(wait > t) = C x exp(-(c - a) t / service), and a request
+    misses when its wait exceeds the budget less the backlog's delay and the floor (`floor_s`, default
+    one mean prefill: the part of the TTFT more replicas do not shorten). The queue relaxes towards
+    that distribution only as fast as (service / c) / (1 - sqrt(rho))^2, so a window's utilisation counts
+    up to the level it settles at within one step (`settled_utilization`); above it the backlog takes over.
+    """
+    if replicas <= 0 or tokens_per_replica_s <= 0:
+        return 1.0
+    capacity = replicas * tokens_per_replica_s
+    rho_cap = settled_utilization(replicas, service_s, step_s)
+    floor = service_s if floor_s is None else floor_s
+    backlog = 0.0
+    missed = total = 0.0
+    for tokens, requests in windows:
+        backlog = max(0.0, backlog + (tokens - capacity) * step_s)
+        remaining = ttft_budget_s - floor - backlog / capacity
+        if remaining <= 0:
+            miss = 1.0
+        else:
+            offered = min(load_factor * tokens / tokens_per_replica_s, rho_cap * replicas)
+            theta = (replicas - offered) / service_s
+            miss = min(1.0, erlang_c(replicas, offered) * math.exp(-theta * remaining))
+        missed += requests * miss
+        total += requests
+    return missed / total if total > 0 else 0.0
+
+
+def size_prefill_attainment(
+    windows: list[tuple[float, float]],
+    *,
+    step_s: float,
+    service_s: float,
+    tokens_per_replica_s: float,
+    ttft_budget_s: float,
+    miss_share: float,
+    load_factor: float = 1.0,
+    floor_s: float | None = None,
+    max_utilization: float = 0.95,
+    max_replicas: int = 1000,
+) -> tuple[int, float]:
+    """Fewest replicas whose predicted miss share over `windows` (see `prefill_miss_share`) is at most
+    `miss_share`, with the windows' mean effective utilisation at most `max_utilization`; and that share."""
+    if not windows or tokens_per_replica_s <= 0:
+        return 1, 0.0
+    mean_tokens = sum(tokens for tokens, _ in windows) / len(windows)
+    low = max(1, math.ceil(load_factor * mean_tokens / (tokens_per_replica_s * max_utilization)))
+    low = min(low, max_replicas)
+
+    def share(replicas: int) -> float:
+        return prefill_miss_share(
+            replicas, windows, step_s=step_s, service_s=service_s, tokens_per_replica_s=tokens_per_replica_s,
+            ttft_budget_s=ttft_budget_s, load_factor=load_factor, floor_s=floor_s,
+        )
+
+    # The share falls as replicas grow: double until it fits, then bisect.
+    high = low
+    high_share = share(high)
+    while high_share > miss_share and high < max_replicas:
+        low = high + 1
+        high = min(max_replicas, high * 2)
+        high_share = share(high)
+    while low < high:
+        middle = (low + high) // 2
+        middle_share = share(middle)
+        if middle_share <= miss_share:
+            high, high_share = middle, middle_share
+        else:
+            low = middle + 1
+    return high, high_share

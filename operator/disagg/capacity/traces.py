@@ -15,6 +15,10 @@ c(t) = 1/RATIO + (1 - 1/RATIO) (1 - cos(2 pi (t - 4 h) / 24 h)) / 2 has its trou
 04:00 and its peak at 16:00. The peak hour therefore runs at F times the trace's own rate, the trough at
 F / RATIO of it, and the day keeps its 24 hours whatever F is. Thinning uses a seeded generator, so the
 same arguments always give the same workload.
+
+Warm-up (`with_warmup`): the workload's last S seconds are replayed before it (a day wraps round from
+midnight to midnight, a tiled trace from its end to its start), so that a simulation measured from S on
+starts with every autoscaler in its steady state (see `SimSetup.warmup_s`).
 """
 
 from __future__ import annotations
@@ -160,6 +164,22 @@ def scale_time(workload: Workload, time_scale: float) -> Workload:
     return Workload(
         workload.name, workload.arrivals / time_scale, workload.prompt_tokens, workload.output_tokens,
         workload.duration_s / time_scale,
+    )
+
+
+def with_warmup(workload: Workload, seconds: float) -> Workload:
+    """The workload with its own last `seconds` replayed before it: measured from `seconds` on, it is the
+    original workload entered in steady state."""
+    if seconds <= 0:
+        return workload
+    seconds = min(seconds, workload.duration_s)
+    tail = workload.window(workload.duration_s - seconds, workload.duration_s)
+    return Workload(
+        workload.name,
+        np.concatenate([tail.arrivals - (workload.duration_s - seconds), workload.arrivals + seconds]),
+        np.concatenate([tail.prompt_tokens, workload.prompt_tokens]),
+        np.concatenate([tail.output_tokens, workload.output_tokens]),
+        workload.duration_s + seconds,
     )
 
 

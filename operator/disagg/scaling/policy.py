@@ -6,19 +6,26 @@ replayed trace. No I/O, no clock: time comes in as `now`, memory as `PolicyState
 `PolicyState`.
 
 How a pool is sized
-- Prefill: the load is prompt tokens per second (the larger of what the pool processed and what arrived)
-  plus the waiting requests, drained over `backlog_drain_s`. The capacity model gives one replica's
-  prefill time for the mean prompt; an M/M/c queue predicts the TTFT at the SLO percentile; the pool
-  gets the fewest replicas whose predicted TTFT stays within the target (minus the KV hand-off and the
-  first decode step), times `target_fraction`.
+- Prefill, by replay: the policy keeps the last `replay_s` of per-tick load (prompt tokens/s, requests/s;
+  the current tick's waiting requests added as load drained over `backlog_drain_s`) and picks the fewest
+  replicas that would have kept the predicted share of requests over the TTFT budget within
+  `miss_share` of what the SLO allows (1 - percentile/100). The budget is `target_fraction` of the TTFT
+  target minus the KV hand-off and the first decode step. The prediction has two time scales: a fluid
+  backlog carries a window's load beyond the pool's throughput into the next windows; within a window an
+  M/M/c queue (the capacity model's prefill time of the mean prompt) gives the tail of the wait.
+- Prefill, learnt online from what the pool did (steady ticks only, `memory_ticks` of them): the
+  effective load factor k (bursts shorter than the rate window queue like k x the window's mean load)
+  and the TTFT floor (the part of the TTFT at the percentile that more replicas do not shorten: the
+  long prompts' own prefill) are fitted so that floor + M/M/c wait of k x load explains the TTFT the
+  pool reported at the SLO percentile; the measured prefill time per request corrects the model's
+  prefill time (`service_correction`).
 - Decode: the load is generated tokens per second (the larger of what decode produced and what the
-  requests entering prefill will ask for) and the sequences running or waiting. The capacity model gives
-  the largest batch a replica runs within the ITL target and its KV cache; the pool gets enough replicas
-  for both.
-- Online correction: each tick, the observed latency at the SLO percentile is compared with what the
-  model predicts for the ready replicas at the observed load; the ratio (smoothed, bounded) multiplies
-  every later prediction. A slower engine, heavier prompts or burstier arrivals than the prior assumes all
-  show up there.
+  requests entering prefill will ask for) and the sequences running or waiting, averaged over the span
+  the queue ahead of decode absorbs (`horizon_per_budget` TTFT budgets). The capacity model gives the
+  largest batch a replica runs within `itl_target_fraction` of the ITL target and its KV cache, with
+  the KV a running sequence really holds read from the pool's KV usage; the pool gets enough replicas
+  for both. Its correction is the mean step the pool runs (running sequences / generated tokens per
+  second) over the model's step, pushed further up while the ITL percentile exceeds the target itself.
 - Up in one step to the needed count; down only to the highest count recommended during the last
   `scale_down_window_s`, and only when that is at least `hysteresis` below the current count: a pool never
   flaps.
@@ -40,11 +47,16 @@ from disagg.capacity.roofline import (
     DEFAULT_EFFICIENCY,
     Efficiency,
     decode_step_seconds,
+    kv_capacity_tokens,
     kv_link_bytes_per_s,
     kv_transfer_seconds,
     prefill_seconds,
 )
-from disagg.capacity.sizing import predicted_prefill_ttft, size_decode, size_prefill
+from disagg.capacity.sizing import (
+    queue_wait_percentile,
+    size_decode,
+    size_prefill_attainment,
+)
 from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog
 
 Role = Literal["prefill", "decode"]
@@ -100,22 +112,40 @@ class PolicySettings:
     """A scale-down must remove at least this share of the pool (and at least one replica)."""
     staleness_s: float = 90.0
     """Signals older than this are treated as missing."""
-    prefill_headroom: float = 0.1
-    """Extra share of prefill load provisioned for."""
-    decode_headroom: float = 0.1
+    prefill_headroom: float = 0.0
+    """Extra share of prefill load provisioned for (the replay and the learnt effective load already
+    provision for what the pool saw)."""
+    decode_headroom: float = 0.0
     """Extra share of decode load provisioned for."""
     target_fraction: float = 0.85
-    """Plan for this share of the latency targets, keeping the rest as margin."""
+    """Plan prefill for this share of the TTFT target, keeping the rest as margin."""
+    itl_target_fraction: float = 0.85
+    """Plan decode's mean step for this share of the ITL target (the rest covers replicas busier than
+    the mean)."""
     backlog_drain_s: float = 60.0
     """Waiting requests are added to the load as if they had to be served within this time."""
-    correction_smoothing: float = 0.5
+    correction_smoothing: float = 0.1
     """Weight of a newest observed/predicted ratio above the running correction (things got worse)."""
-    correction_decay: float = 0.02
-    """Weight of a newest ratio below the running correction: bursts are remembered for ~1/decay ticks."""
+    correction_decay: float = 0.1
+    """Weight of a newest ratio below the running correction (bursts are provisioned for by the replay
+    and the effective load, not by the correction)."""
     correction_bounds: tuple[float, float] = (0.6, 6.0)
     """The correction never leaves this range (a broken histogram must not run the pool to its max)."""
-    min_load_for_correction: float = 0.15
-    """Utilisation (prefill) or batch share (decode) below which latency says little; no correction."""
+    signal_window_s: float = 30.0
+    """The rate window of the signals: latency observed less than this after the ready count changed
+    mixes two pool sizes and does not update what the policy learns."""
+    memory_ticks: int = 40
+    """How many recent steady ticks the prefill effective load and TTFT floor are fitted to."""
+    load_factor_bounds: tuple[float, float] = (1.0, 8.0)
+    """The effective-load factor stays in this range: never smoother than Poisson arrivals."""
+    replay_s: float = 300.0
+    """Prefill is sized by replaying the load of this many recent seconds against candidate pool sizes."""
+    miss_share: float = 0.5
+    """Prefill aims at this share of the misses the SLO allows (1 - percentile/100) over the replay."""
+    horizon_per_budget: float = 4.0
+    """Decode is sized for the mean load over this many TTFT budgets (at least one rate window, at most
+    `max_horizon_s`): the queue ahead of it absorbs a 25 % overload for about four budgets."""
+    max_horizon_s: float = 180.0
     efficiency: Efficiency = DEFAULT_EFFICIENCY
     """Roofline efficiency factors of the capacity-model prior."""
     kv_over_rdma: bool = True
@@ -130,12 +160,24 @@ class PoolMemory:
     """(time, replicas) recommended during the scale-down window."""
     last_scale_at: float | None = None
     correction: float = 1.0
-    """Observed / predicted latency, smoothed: multiplies the capacity model's latencies."""
+    """Decode only: observed / predicted step time, smoothed: multiplies the capacity model's steps."""
     service_correction: float = 1.0
     """Prefill only: observed / predicted prefill time per request, smoothed: the capacity model's
     throughput error (engine speed, and the spread of prompt sizes around the mean)."""
     mean_prompt_tokens: float | None = None
     mean_output_tokens: float | None = None
+    load_factor: float = 1.0
+    """Prefill only: effective load / measured load (arrivals burstier than Poisson within the rate window
+    queue like more load), fitted to the TTFT the pool reported."""
+    queue_samples: tuple[tuple[int, float, float, float], ...] = ()
+    """Prefill only: (ready replicas, requests/s, mean prefill s, TTFT at the SLO percentile) of recent
+    steady ticks, to which the effective load and the TTFT floor are fitted."""
+    rate_samples: tuple[tuple[float, ...], ...] = ()
+    """Prefill: (sample time, prompt tokens/s incl. backlog, requests/s) of recent ticks; decode: (sample
+    time, generated tokens/s, sequences, mean prompt, mean output)."""
+    ready: int | None = None
+    """Ready replicas at the last tick, and since when (sample time) that count holds."""
+    ready_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +263,72 @@ class _Need:
     mean_prompt: float | None
     mean_output: float | None
     explanation: str
+    load_factor: float = 1.0
+    queue_samples: tuple[tuple[int, float, float, float], ...] = ()
+    rate_samples: tuple[tuple[float, ...], ...] = ()
+
+
+def _horizon(spec: InferenceServiceSpec, settings: PolicySettings) -> float:
+    """The span of recent load a pool is sized for: the queue ahead of a pool absorbs an overload of 25 %
+    for about four times the TTFT it may add (at least one rate window, at most `max_horizon_s`)."""
+    budget = spec.slo.ttft_ms / 1000.0 * settings.target_fraction - spec.slo.itl_ms / 1000.0
+    budget = max(budget, spec.slo.ttft_ms / 1000.0 * 0.25)
+    return min(max(settings.horizon_per_budget * budget, settings.signal_window_s), settings.max_horizon_s)
+
+
+def _recent(
+    samples: tuple[tuple[float, ...], ...], now: float, horizon: float, settings: PolicySettings
+) -> list[tuple[float, ...]]:
+    """The samples whose rate windows fall within the last `horizon` seconds (the newest always)."""
+    return [x for x in samples if now - x[0] <= horizon - settings.signal_window_s + 1e-6] or list(samples[-1:])
+
+
+def _steady(memory: PoolMemory, signals: PoolSignals, settings: PolicySettings) -> bool:
+    """Whether the pool had its current ready count over the whole rate window of these signals."""
+    if memory.ready != signals.ready_replicas or memory.ready_since is None:
+        return False
+    return signals.sampled_at - memory.ready_since >= settings.signal_window_s
+
+
+def _quantile(values: tuple[float, ...], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered))))]
+
+
+def fit_ttft_model(
+    samples: tuple[tuple[int, float, float, float], ...],
+    percentile: float,
+    load_factor: float,
+    bounds: tuple[float, float],
+    steps: tuple[float, ...] = (1.5, 1.2, 1.05),
+) -> tuple[float, float]:
+    """(load factor k, floor F) with which F + the M/M/c wait at `percentile` of k x each sample's
+    arrivals best explains the TTFT observed at that percentile (least absolute residuals; F is the
+    median residual). A few steps around `load_factor` per call: the fit follows the pool over ticks, and
+    holds where the observations cannot tell (no queueing seen or predicted).
+
+    Samples are (ready replicas, requests/s, mean prefill s, observed TTFT s). k > 1: arrivals burstier
+    than Poisson within the rate window queue like more load; F: the long prompts' own prefill, which
+    more replicas do not shorten.
+    """
+    low, high = bounds
+    if not samples:
+        return load_factor, 0.0
+    scale = sum(sample[3] for sample in samples) / len(samples) or 1.0
+    best: tuple[float, float, float] | None = None
+    candidates = [load_factor] + [min(max(load_factor * f, low), high) for step in steps for f in (step, 1 / step)]
+    for k in candidates:
+        waits = [
+            queue_wait_percentile(ready, min(k * rate, 0.999 * ready / service), service, percentile)
+            for ready, rate, service, _ in samples
+        ]
+        residuals = [sample[3] - wait for sample, wait in zip(samples, waits, strict=True)]
+        floor = max(_quantile(tuple(residuals), 0.5), 0.0)
+        loss = sum(abs(r - floor) for r in residuals) / len(residuals) / scale
+        if best is None or loss < best[0] - 1e-9:
+            best = (loss, k, floor)
+    assert best is not None
+    return best[1], best[2]
 
 
 def _prefill_need(
@@ -254,10 +362,10 @@ def _prefill_need(
         capacity.model, mean_prompt, kv_link_bytes_per_s(capacity.tensor_parallel, decode_tp, settings.kv_over_rdma),
         eff,
     )
+    # What the prefill side may take of the TTFT target: the rest goes to the KV hand-off and first step.
     budget = slo.ttft_ms / 1000.0 * settings.target_fraction - handoff - slo.itl_ms / 1000.0
     budget = max(budget, slo.ttft_ms / 1000.0 * 0.25)
 
-    correction = memory.correction
     service = prefill_seconds(capacity.model, capacity.accelerator, capacity.tensor_parallel, mean_prompt, eff)
     service_correction = memory.service_correction
     if signals.prefill_time_s is not None and signals.prefill_time_s > 0:
@@ -266,28 +374,48 @@ def _prefill_need(
         )
     service *= service_correction
     ready = signals.ready_replicas
-    if signals.ttft_s is not None and ready > 0 and load > 0:
-        rate = load / mean_prompt
-        utilization = rate * service / ready
-        if settings.min_load_for_correction <= utilization < 0.95:
-            predicted = predicted_prefill_ttft(ready, rate, service, slo.percentile)
-            correction = _update_correction(memory, signals.ttft_s / predicted, settings)
+    rate = load / mean_prompt
+    steady = ready > 0 and _steady(memory, signals, settings)
 
-    sizing = size_prefill(
-        capacity.model, capacity.accelerator, capacity.tensor_parallel,
-        prompt_tokens_per_s=load + backlog, mean_prompt_tokens=mean_prompt, ttft_budget_s=budget,
-        percentile=slo.percentile, correction=correction, headroom=settings.prefill_headroom,
-        max_replicas=max_replicas, eff=eff, service_scale=service_correction,
+    # The TTFT at the percentile = a floor (the long prompts' own prefill, which more replicas do not
+    # shorten) + queueing of an effective load (bursts within the rate window queue like more load than
+    # the window's mean): both fitted to the recent steady ticks' observed TTFT.
+    queue_samples = memory.queue_samples
+    if steady and signals.ttft_s is not None and rate > 0:
+        queue_samples = (*queue_samples, (ready, rate, service, signals.ttft_s))[-settings.memory_ticks:]
+    load_factor, floor = fit_ttft_model(queue_samples, slo.percentile, memory.load_factor,
+                                        settings.load_factor_bounds)
+    floor = floor if queue_samples else service
+    # A floor at the budget leaves nothing to size queueing against: keep a quarter of it for queueing.
+    floor = min(max(floor, service), budget - 0.25 * (budget - service))
+
+    # Replay the recent windows' load against candidate pool sizes: the fewest replicas whose predicted
+    # share of requests over the TTFT budget stays within the SLO's allowance.
+    rate_samples = (*memory.rate_samples, (signals.sampled_at, load + backlog, rate + backlog / mean_prompt))
+    rate_samples = tuple(x for x in rate_samples if signals.sampled_at - x[0] <= settings.replay_s)
+    windows = [(x[1], x[2]) for x in rate_samples]
+    total_tokens = sum(x[1] for x in rate_samples)
+    total_requests = sum(x[2] for x in rate_samples)
+    sized_prompt = total_tokens / total_requests if total_requests > 0 else mean_prompt
+    sized_service = service_correction * prefill_seconds(
+        capacity.model, capacity.accelerator, capacity.tensor_parallel, sized_prompt, eff)
+    allowed = (1.0 - slo.percentile / 100.0) * settings.miss_share
+    replicas, miss = size_prefill_attainment(
+        windows, step_s=settings.tick_s, service_s=sized_service, tokens_per_replica_s=sized_prompt / sized_service,
+        ttft_budget_s=budget, miss_share=allowed, load_factor=load_factor * (1.0 + settings.prefill_headroom),
+        floor_s=floor, max_replicas=max_replicas,
     )
-    observed = f", TTFT p{slo.percentile:g} {signals.ttft_s * 1000:.0f}ms" if signals.ttft_s is not None else ""
+    observed_text = f", TTFT p{slo.percentile:g} {signals.ttft_s * 1000:.0f}ms" if signals.ttft_s is not None else ""
+    per_replica = mean_prompt / service
     explanation = (
         f"{load:.0f} prompt tok/s + {signals.waiting_requests or 0:.0f} waiting, {mean_prompt:.0f} tok/prompt"
-        f"{observed}; {sizing.tokens_per_s_per_replica:.0f} tok/s per replica (corrections: service "
-        f"{service_correction:.2f}, latency {correction:.2f})"
-        f" -> {sizing.replicas} for TTFT {sizing.predicted_ttft_s * 1000:.0f}ms <= {budget * 1000:.0f}ms"
+        f"{observed_text}; {per_replica:.0f} tok/s per replica (service correction {service_correction:.2f}), "
+        f"effective load x{load_factor:.2f}, TTFT floor {floor * 1000:.0f}ms"
+        f" -> {replicas} for {miss:.2%} of the last {settings.replay_s:.0f}s over TTFT {budget * 1000:.0f}ms"
+        f" (allowed {allowed:.2%})"
     )
-    return _Need(sizing.replicas, correction, service_correction, mean_prompt, memory.mean_output_tokens,
-                 explanation)
+    return _Need(replicas, memory.correction, service_correction, mean_prompt, memory.mean_output_tokens,
+                 explanation, load_factor, queue_samples, rate_samples)
 
 
 def _decode_need(
@@ -320,29 +448,52 @@ def _decode_need(
     load_tokens = max(generated or 0.0, arriving)
     sequences = (running or 0.0) + (signals.waiting_requests or 0.0)
     eff = settings.efficiency
-    itl_target = spec.slo.itl_ms / 1000.0 * settings.target_fraction
+    itl_target = spec.slo.itl_ms / 1000.0 * settings.itl_target_fraction
 
-    correction = memory.correction
     ready = signals.ready_replicas
-    context = mean_prompt + mean_output / 2.0
-    if signals.itl_s is not None and ready > 0 and (running or 0.0) > 0:
+    # The KV cache a running sequence really holds (the requests in decode are weighted by their output
+    # length, not by their number): from the pool's KV usage where it reports it, else the mean request.
+    held_prompt = mean_prompt
+    capacity_tokens = kv_capacity_tokens(capacity.model, capacity.accelerator, capacity.tensor_parallel, eff)
+    if signals.kv_usage is not None and ready > 0 and (running or 0.0) >= 1.0 and capacity_tokens > 0:
+        held_prompt = max(signals.kv_usage * capacity_tokens * ready / (running or 1.0) - mean_output / 2.0, 1.0)
+
+    # Correction: the mean step the pool really runs (running sequences / generated tokens per second)
+    # over the capacity model's step at the same batch and context; a step percentile above the target
+    # itself (the SLO broken at step level) pushes it up further.
+    correction = memory.correction
+    if ready > 0 and (running or 0.0) / ready >= 1.0:
         batch = (running or 0.0) / ready
         predicted = decode_step_seconds(
-            capacity.model, capacity.accelerator, capacity.tensor_parallel, batch, context, eff
+            capacity.model, capacity.accelerator, capacity.tensor_parallel, batch, held_prompt + mean_output / 2.0,
+            eff,
         )
-        observed_itl = signals.itl_s
-        if generated:
-            # Running sequences / generated tokens per second is the mean step: a histogram claiming far
-            # more than that is broken, not slow.
-            observed_itl = min(observed_itl, 2.0 * (running or 0.0) / generated)
-        if batch >= 1.0:
-            correction = _update_correction(memory, observed_itl / predicted, settings)
+        ratio = (running or 0.0) / generated / predicted if generated else None
+        if signals.itl_s is not None:
+            itl_target_full = spec.slo.itl_ms / 1000.0
+            observed_itl = signals.itl_s
+            if generated:
+                # A histogram claiming far more than twice the mean step is broken, not slow.
+                observed_itl = min(observed_itl, 2.0 * (running or 0.0) / generated)
+            if observed_itl > itl_target_full:
+                ratio = max(ratio or 0.0, memory.correction * observed_itl / itl_target_full)
+            elif ratio is None:
+                ratio = observed_itl / predicted
+        correction = _update_correction(memory, ratio, settings)
 
+    # Size for the mean load over the horizon the queue ahead of decode absorbs (request sizes vary a
+    # lot from one rate window to the next when prompts are heavy-tailed).
+    horizon = _horizon(spec, settings)
+    rate_samples = (*memory.rate_samples, (signals.sampled_at, load_tokens, sequences, held_prompt, mean_output))
+    rate_samples = tuple(x for x in rate_samples if signals.sampled_at - x[0] <= settings.max_horizon_s)
+    recent = _recent(rate_samples, signals.sampled_at, horizon, settings)
+    count = len(recent)
     sizing = size_decode(
         capacity.model, capacity.accelerator, capacity.tensor_parallel,
-        generation_tokens_per_s=load_tokens, concurrent_sequences=sequences,
-        mean_prompt_tokens=mean_prompt, mean_output_tokens=mean_output, itl_target_s=itl_target,
-        correction=correction, headroom=settings.decode_headroom, eff=eff,
+        generation_tokens_per_s=sum(x[1] for x in recent) / count,
+        concurrent_sequences=sum(x[2] for x in recent) / count,
+        mean_prompt_tokens=sum(x[3] for x in recent) / count, mean_output_tokens=sum(x[4] for x in recent) / count,
+        itl_target_s=itl_target, correction=correction, headroom=settings.decode_headroom, eff=eff,
     )
     observed = f", ITL p{spec.slo.percentile:g} {signals.itl_s * 1000:.1f}ms" if signals.itl_s is not None else ""
     kv = f", KV {signals.kv_usage:.0%}" if signals.kv_usage is not None else ""
@@ -352,7 +503,8 @@ def _decode_need(
         f"(correction {correction:.2f}) -> {sizing.replicas} for ITL {sizing.predicted_itl_s * 1000:.1f}ms"
         f" <= {itl_target * 1000:.1f}ms"
     )
-    return _Need(sizing.replicas, correction, 1.0, mean_prompt, mean_output, explanation)
+    return _Need(sizing.replicas, correction, 1.0, mean_prompt, mean_output, explanation,
+                 rate_samples=rate_samples)
 
 
 def _clamp(value: int, pool: PoolSpec) -> int:
@@ -445,10 +597,17 @@ def decide(
             continue
         recommendation[role] = _clamp(need.replicas, pool)
         explanations[role] = need.explanation
+        ready_now = signals.ready_replicas if signals is not None else None
         memories[role] = replace(
             memory,
             correction=need.correction,
             service_correction=need.service_correction,
+            load_factor=need.load_factor,
+            queue_samples=need.queue_samples,
+            rate_samples=need.rate_samples,
+            ready=ready_now,
+            ready_since=memory.ready_since if memory.ready == ready_now and memory.ready_since is not None
+            else (signals.sampled_at if signals is not None else None),
             mean_prompt_tokens=need.mean_prompt if need.mean_prompt is not None else memory.mean_prompt_tokens,
             mean_output_tokens=need.mean_output if need.mean_output is not None else memory.mean_output_tokens,
         )

@@ -19,6 +19,9 @@ What is simulated (each replica from the roofline capacity model with the engine
   from the engines; the policy sees rates and histogram quantiles over `rate_window_s`, computed from
   scrapes at least `scrape_delay_s` old. Latency signals come from log-spaced histogram buckets.
 - The controller (our policy or a baseline) is called every `interval_s` of its own.
+- Warm-up: with `warmup_s`, requests arriving before it are not measured and replicas are not billed
+  before it; the controller runs from the start, so every policy enters the measured period in its own
+  steady state (the timeline and the result's counts cover the measured period only).
 
 Time advances in steps of `dt` (0.1 s by default); arrivals, prefill batches and the first token of each
 request are placed at their exact times, the decode batch evolves per step.
@@ -94,6 +97,9 @@ class SimSetup:
     drain_s: float = 900.0
     """After the last arrival, requests get this long to finish (not billed)."""
     timeline_step_s: float = 60.0
+    warmup_s: float = 0.0
+    """The first `warmup_s` seconds of the workload run with the controller in the loop but are neither
+    billed nor measured: results describe a service already running (steady state), not a cold start."""
 
 
 class Controller(Protocol):
@@ -425,7 +431,9 @@ def simulate(
     horizon = end + setup.drain_s
     next_scrape = 0.0
     next_decision = controller.interval_s
-    next_timeline = setup.timeline_step_s
+    warmup = setup.warmup_s
+    next_timeline = warmup + setup.timeline_step_s
+    measuring = warmup <= 0.0
     arrival_index = 0
     steps = math.ceil(horizon / dt)
     pcount = pre.accelerators_per_replica
@@ -463,7 +471,13 @@ def simulate(
     for step_index in range(steps):
         now = step_index * dt
         later = now + dt
-        billing = now < end
+        if not measuring and now >= warmup:
+            measuring = True
+            max_replicas = {
+                "prefill": len(prefill_replicas),
+                "decode": int(np.count_nonzero((decode.state == 1) | (decode.state == 2))),
+            }
+        billing = measuring and now < end
 
         # Replicas becoming ready.
         starting = decode.state == 1
@@ -600,7 +614,7 @@ def simulate(
                 del snapshots[:-64]
 
         # The controller.
-        if billing and now >= next_decision:
+        if now < end and now >= next_decision:
             next_decision += controller.interval_s
             current = {
                 "prefill": len(prefill_replicas),
@@ -612,7 +626,7 @@ def simulate(
                 target = max(pool.min_replicas, min(pool.max_replicas, desired.get(role, current[role])))
                 if target == current[role]:
                     continue
-                scale_events += 1
+                scale_events += 1 if measuring else 0
                 if record_decisions:
                     decisions.append((now, role, f"{current[role]} -> {target}"))
                 if role == "prefill":
@@ -634,7 +648,8 @@ def simulate(
                                 continue
                             replica.draining = True
                             prefill_draining.append(replica)
-                    max_replicas["prefill"] = max(max_replicas["prefill"], len(prefill_replicas))
+                    if measuring:
+                        max_replicas["prefill"] = max(max_replicas["prefill"], len(prefill_replicas))
                 else:
                     if target > current[role]:
                         for _ in range(target - current[role]):
@@ -652,13 +667,14 @@ def simulate(
                             for slot_value in ready_slots[:surplus]:
                                 slot = int(slot_value)
                                 decode.state[slot] = 3 if decode.batch[slot] > 0 else 0
-                    max_replicas["decode"] = max(
-                        max_replicas["decode"], int(np.count_nonzero((decode.state == 1) | (decode.state == 2)))
-                    )
+                    if measuring:
+                        max_replicas["decode"] = max(
+                            max_replicas["decode"], int(np.count_nonzero((decode.state == 1) | (decode.state == 2)))
+                        )
 
         # Replicas over time, for plots (latencies are filled in at the end).
         if now >= next_timeline and now <= end:
-            timeline.time_s.append(now)
+            timeline.time_s.append(now - warmup)
             timeline.prefill_replicas.append(len(prefill_replicas))
             timeline.decode_replicas.append(int(np.count_nonzero((decode.state == 1) | (decode.state == 2))))
             next_timeline += setup.timeline_step_s
@@ -673,12 +689,14 @@ def simulate(
     unfinished = np.isnan(finish)
     ttft = np.where(unfinished, np.inf, ttft)
     itl = np.where(unfinished, np.inf, itl)
-    _fill_timeline(timeline, setup.timeline_step_s, arrivals, prompt, ttft, itl)
+    measured = slice(int(np.searchsorted(arrivals, warmup)), count) if warmup > 0 else slice(0, count)
+    ttft, itl = ttft[measured], itl[measured]
+    _fill_timeline(timeline, setup.timeline_step_s, arrivals[measured] - warmup, prompt[measured], ttft, itl)
     hours = {role: seconds / 3600.0 for role, seconds in accel_seconds.items()}
     usd = hours["prefill"] * pre.accelerator.usd_per_hour + hours["decode"] * setup.decode.accelerator.usd_per_hour
     return SimResult(
         policy=controller.name,
-        requests=count,
+        requests=int(ttft.size),
         ttft_s=ttft,
         itl_s=itl,
         accelerator_seconds=accel_seconds,

@@ -9,6 +9,9 @@ from disagg.capacity.traces import (
     diurnal_curve,
     read_trace,
     scale_time,
+    with_warmup,
 )
 
-__all__ = ["DAY_S", "TraceError", "Workload", "build_workload", "diurnal_curve", "read_trace", "scale_time"]
+__all__ = [
+    "DAY_S", "TraceError", "Workload", "build_workload", "diurnal_curve", "read_trace", "scale_time", "with_warmup",
+]
