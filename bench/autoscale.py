@@ -9,8 +9,13 @@ For each trace of ../shared/traces (Azure 2023 code and conversation, Mooncake c
   peak hour runs at that scale;
 both for Llama-3.1-70B (fp8 weights, bf16 KV) with prefill on nvidia-h100 (TP2) and decode on nvidia-h200
 (TP1), and a second pair (prefill nvidia-b200 TP1, decode amd-mi300x TP1). The SLO is ITL 50 ms and a TTFT
-that static provisioning can reach on that trace (disagg.sim.runner.reachable_ttft_s); attainment counts
-requests meeting both. Prints a table and writes bench/results/autoscale.json.
+that static provisioning can reach on that trace (disagg.sim.runner.reachable_ttft_s), at the 99th
+percentile (the benchmark asks for 99 % attainment; attainment counts requests meeting both targets).
+
+Every run is measured in steady state: the workload's last 20 minutes are replayed before it as a
+warm-up that is neither billed nor measured (`SimSetup.warmup_s`), so that no policy is judged on its
+cold start from the planner's first guess while `static-best` is born with its hindsight allocation.
+Prints a table and writes bench/results/autoscale.json.
 
 Traces: Azure Public Dataset (Microsoft, CC-BY-4.0) and Mooncake FAST'25 traces (Moonshot AI, Apache-2.0).
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +36,7 @@ from disagg.capacity.models import builtin_model
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.sim.engine import PoolSetup, SimSetup
 from disagg.sim.runner import POLICIES, initial_replicas, reachable_ttft_s, run_policy, scale_for_replicas
-from disagg.sim.traces import build_workload, read_trace
+from disagg.sim.traces import build_workload, read_trace, with_warmup
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT.parent / "shared" / "traces"
@@ -39,6 +45,8 @@ PAIRS = {
     "h100-h200": (("nvidia-h100", 2), ("nvidia-h200", 1)),
     "b200-mi300x": (("nvidia-b200", 1), ("amd-mi300x", 1)),
 }
+WARMUP_S = 1200.0
+PERCENTILE = 99.0
 TRACE_FILES = ("azure2023_conv.csv", "azure2023_code.csv", "mooncake_conversation.jsonl", "mooncake_synthetic.jsonl")
 
 
@@ -51,18 +59,24 @@ def _run(job: tuple[str, str, str, float]) -> dict[str, Any]:
         prefill=PoolSetup(DEFAULT_CATALOG[prefill_acc], prefill_tp, 1, 1, 128),
         decode=PoolSetup(DEFAULT_CATALOG[decode_acc], decode_tp, 1, 1, 128),
         itl_s=0.05,
+        percentile=PERCENTILE,
         dt=dt,
+        warmup_s=WARMUP_S,
     )
     scale = scale_for_replicas(setup, trace)
     setup = replace(setup, ttft_s=reachable_ttft_s(setup, trace))
     diurnal = (10.0 if "code" in trace_file else 5.0) if kind == "day" else None
     workload = build_workload(trace, time_scale=scale, diurnal=diurnal, duration_s=None if diurnal else 3600.0)
+    measured = workload
+    workload = with_warmup(workload, WARMUP_S)
     setup = initial_replicas(setup, workload)
     started = time.perf_counter()
     rows = []
+    simulated_hours = workload.duration_s / 3600.0
     for policy in POLICIES:
         result = run_policy(policy, setup, workload, DEFAULT_CATALOG)
         rows.append(result.summary())
+        rows[-1]["sim_wall_s_per_hour"] = round(result.wall_s / simulated_hours, 2)
         print(f"  {trace_file} {pair} {kind} {policy}: {rows[-1]['slo_attainment']} "
               f"{rows[-1]['accelerator_hours']}", file=sys.stderr, flush=True)
     return {
@@ -71,8 +85,11 @@ def _run(job: tuple[str, str, str, float]) -> dict[str, Any]:
         "workload": kind,
         "diurnal": diurnal,
         "time_scale": scale,
-        "requests": workload.requests,
-        "hours": workload.duration_s / 3600.0,
+        "requests": measured.requests,
+        "hours": measured.duration_s / 3600.0,
+        "warmup_s": WARMUP_S,
+        "simulated_hours_per_run": round(simulated_hours, 3),
+        "percentile": PERCENTILE,
         "ttft_ms": setup.ttft_s * 1000,
         "itl_ms": setup.itl_s * 1000,
         "initial": {"prefill": setup.prefill.initial_replicas, "decode": setup.decode.initial_replicas},
@@ -110,7 +127,7 @@ def verdict(entry: dict[str, Any]) -> str:
 
 def print_table(entries: list[dict[str, Any]]) -> None:
     header = (f"{'workload':<34} {'policy':<12} {'attain':>7} {'ttft p50/p99 ms':>16} {'itl p90':>7} "
-              f"{'acc-hours':>9} {'cost $':>8} {'max P/D':>8} {'events':>6} {'wall s':>7}")
+              f"{'acc-hours':>9} {'cost $':>8} {'max P/D':>8} {'events':>6} {'wall s':>7} {'s/sim-h':>7}")
     print(header)
     for entry in entries:
         label = f"{entry['trace'].split('.')[0]} {entry['workload']} {entry['pair']}"
@@ -120,11 +137,19 @@ def print_table(entries: list[dict[str, Any]]) -> None:
                 f"{row['ttft_ms']['p50']:>7.0f}/{row['ttft_ms']['p99']:>8.0f} {row['itl_ms']['p90']:>7.1f} "
                 f"{row['accelerator_hours']['total']:>9.1f} {row['cost_usd']:>8.0f} "
                 f"{row['max_replicas']['prefill']:>3}/{row['max_replicas']['decode']:<4} {row['scale_events']:>6} "
-                f"{row['sim_wall_s']:>7.1f}"
+                f"{row['sim_wall_s']:>7.1f} {row.get('sim_wall_s_per_hour', math.nan):>7.2f}"
             )
             label = ""
-        print(f"{'':<34} -> {verdict(entry)}  (TTFT {entry['ttft_ms']:.0f} ms, x{entry['time_scale']}, "
-              f"{entry['requests']} requests)")
+        print(f"{'':<34} -> {verdict(entry)}  (TTFT {entry['ttft_ms']:.0f} ms p{entry.get('percentile', 90):g}, "
+              f"x{entry['time_scale']}, {entry['requests']} requests)")
+    hour_speed = [row.get("sim_wall_s_per_hour", math.nan) for e in entries if e["workload"] == "hour"
+                  for row in e["policies"]]
+    day_walls = [row["sim_wall_s"] for e in entries if e["workload"] == "day" for row in e["policies"]]
+    if hour_speed:
+        print(f"speed: one-hour runs at most {max(hour_speed):.1f} s per simulated hour (target <= 10 s)")
+    if day_walls:
+        print(f"speed: day-long runs at most {max(day_walls):.0f} s each, 20-min warm-up included "
+              f"(target <= 240 s)")
 
 
 def main(argv: list[str]) -> int:

@@ -177,3 +177,51 @@ def test_sizing_meets_its_targets() -> None:
                          mean_prompt_tokens=2000, mean_output_tokens=200, itl_target_s=0.045)
     assert decode.replicas * decode.tokens_per_s_per_replica >= 20_000
     assert decode.predicted_itl_s <= 0.045
+
+
+def test_settled_utilization_is_lower_for_slow_service_and_small_pools() -> None:
+    from disagg.capacity.sizing import settled_utilization
+
+    fast = settled_utilization(40, 0.1, 15.0)
+    slow = settled_utilization(4, 2.0, 15.0)
+    assert 0.5 <= slow < fast <= 0.99
+    assert settled_utilization(40, 0.1, 60.0) > fast  # a longer span settles closer to saturation
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "expect_absorbed"),
+    [
+        (0.8, False),   # a one-second budget: the burst window must be served as it comes
+        (20.0, True),   # a twenty-second budget: the queue carries the burst into the next windows
+    ],
+)
+def test_replay_sizing_absorbs_short_bursts_only_with_a_long_budget(budget_s: float, expect_absorbed: bool) -> None:
+    from disagg.capacity.sizing import prefill_miss_share, size_prefill_attainment
+
+    per_replica, service = 10_000.0, 0.2
+    calm = (50_000.0, 25.0)  # five replicas' worth
+    burst = (80_000.0, 40.0)  # eight replicas' worth, for one 15-s window
+    windows = [calm] * 9 + [burst] + [calm] * 10
+    replicas, share = size_prefill_attainment(
+        windows, step_s=15.0, service_s=service, tokens_per_replica_s=per_replica, ttft_budget_s=budget_s,
+        miss_share=0.005,
+    )
+    assert share <= 0.005
+    assert (replicas < 8) == expect_absorbed, replicas
+    # More replicas never miss more, fewer never miss less.
+    shares = [prefill_miss_share(n, windows, step_s=15.0, service_s=service, tokens_per_replica_s=per_replica,
+                                 ttft_budget_s=budget_s) for n in range(5, 12)]
+    assert shares == sorted(shares, reverse=True)
+
+
+def test_replay_sizing_counts_the_floor_and_the_effective_load() -> None:
+    from disagg.capacity.sizing import size_prefill_attainment
+
+    windows = [(60_000.0, 30.0)] * 20
+    kwargs = {"step_s": 15.0, "service_s": 0.2, "tokens_per_replica_s": 10_000.0, "ttft_budget_s": 1.0,
+              "miss_share": 0.005}
+    plain, _ = size_prefill_attainment(windows, **kwargs)
+    floored, _ = size_prefill_attainment(windows, floor_s=0.7, **kwargs)  # long prompts eat the budget
+    bursty, _ = size_prefill_attainment(windows, load_factor=2.0, **kwargs)
+    assert 6 < plain < floored
+    assert bursty >= 2 * 6

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from disagg.api.v1alpha1 import InferenceServiceSpec
+from disagg.capacity.models import ModelShape, builtin_model
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.scaling.policy import (
     LoadPicture,
@@ -251,3 +252,112 @@ def test_state_is_not_mutated() -> None:
     _, new_state = run(picture(100_000, 20_000), {"prefill": 2, "decode": 2}, state)
     assert state.pools == {}
     assert new_state.pool("prefill").recommendations
+
+
+# ---- what the policy learns and remembers (issue 4: effective load, TTFT floor, replay, KV held) ----
+
+
+def test_fit_recovers_effective_load_and_floor_from_observed_ttft() -> None:
+    from disagg.capacity.sizing import queue_wait_percentile
+    from disagg.scaling.policy import fit_ttft_model
+
+    service, ready, true_k, true_floor = 0.2, 10, 1.8, 0.5
+    samples = tuple(
+        (ready, rate, service, true_floor + queue_wait_percentile(ready, true_k * rate, service, 99.0))
+        for rate in (14.0, 18.0, 20.0, 22.0, 24.0, 25.0, 16.0, 21.0)
+    )
+    k, floor = 1.0, 0.0
+    for _ in range(20):  # a few steps per tick: the fit follows over ticks
+        k, floor = fit_ttft_model(samples, 99.0, k, (1.0, 8.0))
+    assert k == pytest.approx(true_k, rel=0.1)
+    assert floor == pytest.approx(true_floor, abs=0.05)
+    # No queueing seen or predicted: the fit holds where it is instead of drifting.
+    quiet = tuple((ready, 2.0, service, 0.3) for _ in range(10))
+    assert fit_ttft_model(quiet, 99.0, 1.7, (1.0, 8.0))[0] == pytest.approx(1.7)
+
+
+def _prefill_only(tokens_per_s: float, now: float, ready: int, ttft_s: float | None) -> LoadPicture:
+    return LoadPicture(prefill_signals(tokens_per_s, now, ready=ready, ttft_s=ttft_s),
+                       decode_signals(4_000, now, ready=4))
+
+
+def test_bursty_load_seen_in_the_ttft_raises_the_effective_load_and_the_pool() -> None:
+    from disagg.capacity.roofline import prefill_seconds
+    from disagg.capacity.sizing import queue_wait_percentile
+    service = prefill_seconds(_llama(), DEFAULT_CATALOG["nvidia-h100"], 2, 2000)
+    smooth_state, bursty_state = PolicyState(), PolicyState()
+    current = {"prefill": 8, "decode": 4}
+    free = replace(SETTINGS, scale_down_window_s=0.0, hysteresis=0.0)  # compare what each pool needs
+    for step in range(40):
+        now = 100.0 + 15 * step
+        tokens = 30_000 + 8_000 * ((step * 7) % 5 - 2) / 2  # the load varies from tick to tick
+        rate = tokens / 2000
+        # One pool queues like Poisson arrivals, the other like twice its load (bursts inside the window).
+        poisson = 0.3 + queue_wait_percentile(8, rate, service, 90.0)
+        bursty = 0.3 + queue_wait_percentile(8, min(2.0 * rate, 0.99 * 8 / service), service, 90.0)
+        smooth, smooth_state = run(_prefill_only(tokens, now, 8, poisson), current, smooth_state, now=now,
+                                   settings=free)
+        burst, bursty_state = run(_prefill_only(tokens, now, 8, bursty), current, bursty_state, now=now,
+                                  settings=free)
+    assert bursty_state.pool("prefill").load_factor > 1.5
+    assert smooth_state.pool("prefill").load_factor < 1.2
+    assert burst["prefill"].desired > smooth["prefill"].desired
+    assert "effective load x" in burst["prefill"].reason
+
+
+def _llama() -> ModelShape:
+    return builtin_model("llama-3.1-70b")
+
+
+def test_what_the_pool_did_while_its_size_changed_is_not_learnt() -> None:
+    state = PolicyState()
+    _, state = run(_prefill_only(50_000, 100.0, 6, 5.0), {"prefill": 6, "decode": 4}, state, now=100.0)
+    # The ready count changes: the next ticks' TTFT mixes two pool sizes.
+    _, state = run(_prefill_only(50_000, 115.0, 8, 5.0), {"prefill": 8, "decode": 4}, state, now=115.0)
+    _, state = run(_prefill_only(50_000, 130.0, 8, 5.0), {"prefill": 8, "decode": 4}, state, now=130.0)
+    assert state.pool("prefill").queue_samples == ()
+    _, state = run(_prefill_only(50_000, 160.0, 8, 5.0), {"prefill": 8, "decode": 4}, state, now=160.0)
+    assert len(state.pool("prefill").queue_samples) == 1  # a whole rate window at 8 replicas
+
+
+def test_replay_keeps_a_burst_in_view_for_replay_s() -> None:
+    settings = replace(SETTINGS, scale_down_window_s=0.0, hysteresis=0.0, replay_s=120.0)
+    state = PolicyState()
+    current = {"prefill": 4, "decode": 4}
+    decisions, state = run(_prefill_only(150_000, 100.0, 4, None), current, state, now=100.0, settings=settings)
+    burst = decisions["prefill"].desired
+    assert burst > 4
+    current = {"prefill": burst, "decode": 4}
+    held = []
+    for step in range(1, 12):
+        now = 100.0 + 15 * step
+        decisions, state = run(_prefill_only(20_000, now, burst, None), current, state, now=now, settings=settings)
+        held.append(decisions["prefill"].desired)
+    assert all(n >= burst - 1 for n in held[:7])  # the burst is still in the last 120 s
+    assert held[-1] <= 3  # then only the quiet load is
+
+
+def test_decode_sizes_kv_from_what_running_sequences_hold() -> None:
+    # KV-bound decode: 2,000-token prompts would need ~9 replicas for 600 sequences; the pool reports
+    # that its sequences hold a third of that (long prompts finish decode fast and leave).
+    busy = decode_signals(6_000, ready=10)
+    running = busy.running_requests or 0.0
+    kv_capacity = 159_606.9  # tokens of one H200 for Llama-3.1-70B (fp8 weights, bf16 KV)
+    light = replace(busy, kv_usage=running * 800.0 / (10 * kv_capacity))
+    heavy = replace(busy, kv_usage=running * 2_200.0 / (10 * kv_capacity))
+    settings = replace(SETTINGS, scale_down_window_s=0.0, hysteresis=0.0)
+    light_decision, _ = run(LoadPicture(prefill_signals(60_000), light), {"prefill": 6, "decode": 10},
+                            settings=settings)
+    heavy_decision, _ = run(LoadPicture(prefill_signals(60_000), heavy), {"prefill": 6, "decode": 10},
+                            settings=settings)
+    assert light_decision["decode"].desired < heavy_decision["decode"].desired
+
+
+def test_decode_correction_follows_the_mean_step_not_the_tail_alone() -> None:
+    state = PolicyState()
+    for step in range(20):
+        now = 100.0 + 15 * step
+        # A p99 step 20 % above the mean model, within the ITL target: replicas are uneven, the engine is not slow.
+        pic = LoadPicture(prefill_signals(30_000, now), decode_signals(8_000, now, ready=4, itl_s=0.045))
+        _, state = run(pic, {"prefill": 4, "decode": 4}, state, now=now)
+    assert state.pool("decode").correction < 1.15

@@ -134,3 +134,32 @@ def test_simulate_cli_prints_the_issue_fields(tmp_path: Path, capsys: pytest.Cap
     assert set(rows[0]["accelerator_hours"]) == {"prefill", "decode", "total"}
     assert plot.stat().st_size > 10_000
     assert simulate_main(["--trace", str(trace), "--policy", "nope"]) == 2
+
+
+def test_warmup_is_replayed_but_neither_billed_nor_measured() -> None:
+    from dataclasses import replace
+
+    from disagg.sim.traces import with_warmup
+
+    load = poisson(8.0, 600.0)
+    warm = with_warmup(load, 120.0)
+    assert warm.duration_s == pytest.approx(720.0)
+    assert warm.requests == load.requests + load.window(480.0, 600.0).requests
+    assert np.all(np.diff(warm.arrivals) >= 0)
+    setup = replace(SETUP, warmup_s=120.0)
+    result = run_static(setup, warm, {"prefill": 2, "decode": 2})
+    assert result.requests == load.requests  # only the requests after the warm-up count
+    assert result.accelerator_hours()["total"] == pytest.approx((2 * 2 + 2) * 600 / 3600, rel=0.02)
+    assert result.timeline.time_s[0] == pytest.approx(60.0)  # measured time starts at 0
+
+
+def test_static_best_trades_between_the_pools_when_that_is_cheaper() -> None:
+    # Prefill replicas cost two accelerators, decode replicas one: the search also tries one prefill
+    # replica fewer for more decode, and keeps the cheapest allocation that reaches the target.
+    load = poisson(12.0, 300.0, prompt=3000, output=300)
+    counts, result = find_static_best(SETUP, load, start={"prefill": 3, "decode": 3})
+    assert result.attainment() >= 0.99
+    cost = 2 * counts["prefill"] + counts["decode"]
+    for p, d in [(counts["prefill"] - 1, counts["decode"] + 1), (counts["prefill"], counts["decode"] - 1)]:
+        if p >= 1 and d >= 1 and 2 * p + d < cost:
+            assert run_static(SETUP, load, {"prefill": p, "decode": d}).attainment() < 0.99

@@ -281,7 +281,9 @@ def find_static_best(
 
     Found in hindsight by search: the fewest decode replicas that reach the target with prefill
     generously sized, then the fewest prefill replicas with that decode pool, then one more pass of each
-    (the pools interact through the decode queue). When no allocation within the pools' maxima reaches
+    (the pools interact through the decode queue); then trades between the pools while that is cheaper
+    in accelerators (one prefill replica fewer for one or two decode replicas more, and back), since the
+    misses of both pools share the same allowance. When no allocation within the pools' maxima reaches
     the target, the maxima are returned.
     """
     cache: dict[tuple[int, int], SimResult] = {}
@@ -317,7 +319,7 @@ def find_static_best(
 
     guess = start or {"prefill": 4, "decode": 4}
     max_p, max_d = setup.prefill.max_replicas, setup.decode.max_replicas
-    generous_p = min(max_p, max(2 * guess["prefill"], guess["prefill"] + 4))
+    generous_p = min(max_p, max(3 * guess["prefill"], guess["prefill"] + 6))
     decode = smallest([guess["decode"]], lambda d: ok(generous_p, d), max_d)
     prefill = smallest([guess["prefill"]], lambda p: ok(p, decode), max_p)
     decode = smallest([max(1, decode - 2)], lambda d: ok(prefill, d), max_d)
@@ -326,6 +328,23 @@ def find_static_best(
     best = (prefill, decode)
     if not ok(*best):
         best = (max_p, max_d)
+    else:
+        per_p, per_d = setup.prefill.accelerators_per_replica, setup.decode.accelerators_per_replica
+
+        def cost(pair: tuple[int, int]) -> int:
+            return pair[0] * per_p + pair[1] * per_d
+
+        improved = True
+        while improved:
+            improved = False
+            p, d = best
+            moves = [(p - 1, d), (p, d - 1), (p - 1, d + 1), (p - 1, d + 2), (p + 1, d - 1), (p + 1, d - 2)]
+            for move in sorted(moves, key=cost):
+                if cost(move) >= cost(best) or not (1 <= move[0] <= max_p and 1 <= move[1] <= max_d):
+                    continue
+                if ok(*move):
+                    best, improved = move, True
+                    break
     result = run(*best)
     result.policy = "static-best"
     return {"prefill": best[0], "decode": best[1]}, result

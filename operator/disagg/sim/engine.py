@@ -348,7 +348,15 @@ class _Decode:
         return result
 
     def step_one(self, slot: int) -> float:
-        return float(self.step_seconds(np.array([slot]))[0])
+        """`step_seconds` of one replica, in scalar arithmetic (called once per admitted request)."""
+        batch = float(self.batch[slot])
+        context = float(self.sum_prompt[slot]) + batch * float(self.clock[slot]) - float(self.sum_start[slot])
+        weights = self.model.weight_bytes
+        if self.moe_share < 1.0:
+            weights *= 1.0 - (1.0 - self.moe_share) ** max(batch, 1.0)
+        memory = weights * self.weights_coef + context * self.kv_coef
+        compute = batch * self.compute_coef
+        return (memory if memory > compute else compute) + self.overhead
 
 
 def _fill_timeline(
@@ -497,7 +505,8 @@ def simulate(
             for replica in prefill_replicas:
                 if replica.ready_at > at:
                     continue
-                work = max(replica.busy_until, at) + replica.queued_work
+                busy = replica.busy_until
+                work = (busy if busy > at else at) + replica.queued_work
                 if work < best_work:
                     best, best_work = replica, work
             if best is None:  # nothing ready yet: the earliest starting replica takes it

@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 
+import numpy as np
+
 from disagg.capacity.roofline import (
     decode_tokens_per_s,
     kv_capacity_tokens,
@@ -23,12 +25,13 @@ from disagg.sim.traces import Workload
 POLICIES = ("disagg", "static-best", "hpa", "dynamo-sla", "dynamo-load", "oracle")
 
 
-def initial_replicas(setup: SimSetup, workload: Workload, minutes: float = 5.0) -> SimSetup:
-    """The setup with both pools sized by the capacity model for the workload's first minutes.
+def initial_replicas(setup: SimSetup, workload: Workload, minutes: float = 5.0, offset: float = 0.0) -> SimSetup:
+    """The setup with both pools sized by the capacity model for the workload's first minutes (from
+    `offset`).
 
     Every policy starts from the same allocation, as an operator would start from `disagg plan`.
     """
-    head = workload.window(0.0, minutes * 60.0)
+    head = workload.window(offset, offset + minutes * 60.0)
     if head.requests == 0:
         return setup
     rate = head.requests / (minutes * 60.0)
@@ -49,6 +52,16 @@ def initial_replicas(setup: SimSetup, workload: Workload, minutes: float = 5.0) 
         prefill=replace(setup.prefill, initial_replicas=min(prefill.replicas, setup.prefill.max_replicas)),
         decode=replace(setup.decode, initial_replicas=min(decode.replicas, setup.decode.max_replicas)),
     )
+
+
+def peak_replicas(setup: SimSetup, workload: Workload, minutes: float = 5.0) -> dict[str, int]:
+    """Both pools sized by the capacity model for the workload's busiest `minutes` (the static-best
+    search starts there: a day-long workload's first minutes are its quietest)."""
+    span = minutes * 60.0
+    starts = np.arange(0.0, max(workload.duration_s - span, 0.0) + 1e-9, span)
+    busiest = max(starts, key=lambda start: workload.window(float(start), float(start) + span).requests)
+    peak = initial_replicas(setup, workload.window(float(busiest), float(busiest) + span), minutes, offset=busiest)
+    return {"prefill": peak.prefill.initial_replicas, "decode": peak.decode.initial_replicas}
 
 
 def scale_for_replicas(setup: SimSetup, workload: Workload, replicas: int = 4, utilization: float = 0.75) -> float:
@@ -95,7 +108,6 @@ def run_policy(
     if name == "disagg":
         return simulate(setup, workload, DisaggController(setup, catalog, settings or PolicySettings()))
     if name == "static-best":
-        start = {"prefill": setup.prefill.initial_replicas, "decode": setup.decode.initial_replicas}
-        _, result = find_static_best(setup, workload, start=start, on_trial=on_trial)
+        _, result = find_static_best(setup, workload, start=peak_replicas(setup, workload), on_trial=on_trial)
         return result
     return simulate(setup, workload, controller_for(name, setup, workload))
