@@ -87,9 +87,12 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from disagg.api.reference import field_reference
+    from disagg.api.reference import field_reference, update_readme
 
-    sys.stdout.write(field_reference())
+    if args.update:
+        update_readme(args.update)
+    else:
+        sys.stdout.write(field_reference())
     return 0
 
 
@@ -219,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition")
     crd.set_defaults(func=cmd_crd)
-    sub.add_parser("reference", help="print the spec field reference (markdown)").set_defaults(func=cmd_reference)
+    reference = sub.add_parser("reference", help="print the spec field reference (markdown)")
+    reference.add_argument("--update", metavar="README", help="rewrite the generated section of this file instead")
+    reference.set_defaults(func=cmd_reference)
     rbac = sub.add_parser("rbac", help="print the operator's ServiceAccount, ClusterRole and binding")
     rbac.add_argument("-n", "--namespace", default="disagg-system")
     rbac.add_argument("--service-account", default="disagg-operator")

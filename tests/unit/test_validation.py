@@ -201,3 +201,16 @@ def test_catalogue_override_adds_a_type_and_changes_a_price(tmp_path: Any) -> No
     validate_service(body, catalog)
     with pytest.raises(InvalidSpec):
         validate_service(body, DEFAULT_CATALOG)
+
+
+@pytest.mark.parametrize("quantity", ["100m", "0.5", "16", "128Gi", "1e3", "500M", "1.5Gi", ".5"])
+def test_kubernetes_quantities_are_accepted(quantity: str) -> None:
+    body = base()
+    body["spec"]["decode"]["resources"] = {"requests": {"cpu": quantity, "memory": quantity}}
+    validate_service(body, DEFAULT_CATALOG)
+
+
+def test_disk_tier_sizes_in_any_unit() -> None:
+    from disagg.render.context import _gib
+
+    assert [_gib(q) for q in ("500Gi", "2Ti", "1000G", "1e12", "10Mi")] == [500, 2048, 931, 931, 1]

@@ -41,6 +41,16 @@ def _rows(node: dict[str, Any], path: str, required: set[str]) -> list[str]:
     return rows
 
 
+def update_readme(path: str) -> None:
+    """Replaces the generated section of a README with the current field reference."""
+    from pathlib import Path
+
+    readme = Path(path)
+    text = readme.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END) + 1
+    readme.write_text(text[:start] + field_reference() + text[end:])
+
+
 def field_reference() -> str:
     schema = openapi_schema(InferenceServiceSpec)
     lines = [
