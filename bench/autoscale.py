@@ -50,8 +50,8 @@ PERCENTILE = 99.0
 TRACE_FILES = ("azure2023_conv.csv", "azure2023_code.csv", "mooncake_conversation.jsonl", "mooncake_synthetic.jsonl")
 
 
-def _run(job: tuple[str, str, str, float]) -> dict[str, Any]:
-    trace_file, pair, kind, dt = job
+def _run(job: tuple[str, str, str, float, str | None]) -> dict[str, Any]:
+    trace_file, pair, kind, dt, plot_dir = job
     (prefill_acc, prefill_tp), (decode_acc, decode_tp) = PAIRS[pair]
     trace = read_trace(TRACES / trace_file)
     setup = SimSetup(
@@ -77,6 +77,12 @@ def _run(job: tuple[str, str, str, float]) -> dict[str, Any]:
         result = run_policy(policy, setup, workload, DEFAULT_CATALOG)
         rows.append(result.summary())
         rows[-1]["sim_wall_s_per_hour"] = round(result.wall_s / simulated_hours, 2)
+        if plot_dir is not None and policy == "disagg" and kind == "day":
+            from disagg.sim.plot import plot_run
+
+            name = f"autoscale-day-{trace_file.split('.')[0]}-{pair}.png"
+            plot_run(result, Path(plot_dir) / name,
+                     title=f"{workload.name} ({pair}, x{scale}), disagg policy")
         print(f"  {trace_file} {pair} {kind} {policy}: {rows[-1]['slo_attainment']} "
               f"{rows[-1]['accelerator_hours']}", file=sys.stderr, flush=True)
     return {
@@ -161,14 +167,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dt-hour", type=float, default=0.2, help="time step of one-hour runs")
     parser.add_argument("--dt-day", type=float, default=0.5, help="time step of day-long runs")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--plot-dir", default=None, help="write a plot of our policy's day-long runs here")
     args = parser.parse_args(argv)
     traces = [t for t in TRACE_FILES if args.only is None or any(o in t for o in args.only.split(","))]
     jobs = [
-        (trace, pair, kind, args.dt_hour if kind == "hour" else args.dt_day)
+        (trace, pair, kind, args.dt_hour if kind == "hour" else args.dt_day, args.plot_dir)
         for kind in args.workloads.split(",") for pair in args.pairs.split(",") for trace in traces
     ]
+    # Longest (day-long) runs first, so that the workers finish together; the table keeps hours first.
+    ordered = sorted(jobs, key=lambda job: job[2] != "day")
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        entries = list(pool.map(_run, jobs))
+        results = dict(zip(ordered, pool.map(_run, ordered), strict=True))
+    entries = [results[job] for job in jobs]
     print_table(entries)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"entries": entries, "verdicts": [verdict(e) for e in entries]}, indent=1))

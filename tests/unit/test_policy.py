@@ -361,3 +361,24 @@ def test_decode_correction_follows_the_mean_step_not_the_tail_alone() -> None:
         pic = LoadPicture(prefill_signals(30_000, now), decode_signals(8_000, now, ready=4, itl_s=0.045))
         _, state = run(pic, {"prefill": 4, "decode": 4}, state, now=now)
     assert state.pool("decode").correction < 1.15
+
+
+@pytest.mark.parametrize(("waiting", "grows"), [(5.0, True), (0.0, False)])
+def test_slo_guard_adds_load_while_the_ttft_breaks_the_target_with_requests_queueing(
+    waiting: float, grows: bool
+) -> None:
+    state = PolicyState()
+    current = {"prefill": 6, "decode": 4}
+    for step in range(10):
+        now = 100.0 + 15 * step
+        broken = LoadPicture(replace(prefill_signals(50_000, now, ready=6, ttft_s=1.5), waiting_requests=waiting),
+                             decode_signals(4_000, now, ready=4))
+        decisions, state = run(broken, current, state, now=now)
+    guard = state.pool("prefill").slo_guard
+    assert (guard > 1.3) == grows, guard
+    if grows:
+        assert "SLO guard" in decisions["prefill"].reason
+        for step in range(10, 40):  # the SLO holds again: the guard relaxes, slowly
+            now = 100.0 + 15 * step
+            _, state = run(_prefill_only(50_000, now, 6, 0.3), current, state, now=now)
+        assert 1.0 < state.pool("prefill").slo_guard < guard

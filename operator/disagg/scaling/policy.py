@@ -138,6 +138,13 @@ class PolicySettings:
     """How many recent steady ticks the prefill effective load and TTFT floor are fitted to."""
     load_factor_bounds: tuple[float, float] = (1.0, 8.0)
     """The effective-load factor stays in this range: never smoother than Poisson arrivals."""
+    slo_guard_step: float = 0.05
+    """When a steady tick's TTFT at the percentile exceeds the target itself (the SLO broken, whatever the
+    model predicted), the prefill effective load grows by this share ..."""
+    slo_guard_decay: float = 0.005
+    """... and shrinks back towards the fitted one by this share on every tick that keeps the SLO: the
+    guard settles where about decay / (step + decay) of the rate windows (here 1 in 11) miss the target."""
+    slo_guard_bounds: tuple[float, float] = (1.0, 4.0)
     replay_s: float = 300.0
     """Prefill is sized by replaying the load of this many recent seconds against candidate pool sizes."""
     miss_share: float = 0.5
@@ -172,6 +179,9 @@ class PoolMemory:
     queue_samples: tuple[tuple[int, float, float, float], ...] = ()
     """Prefill only: (ready replicas, requests/s, mean prefill s, TTFT at the SLO percentile) of recent
     steady ticks, to which the effective load and the TTFT floor are fitted."""
+    slo_guard: float = 1.0
+    """Prefill only: extra effective-load factor while the observed TTFT breaks the SLO more often than
+    the model expects (see `PolicySettings.slo_guard_step`)."""
     rate_samples: tuple[tuple[float, ...], ...] = ()
     """Prefill: (sample time, prompt tokens/s incl. backlog, requests/s) of recent ticks; decode: (sample
     time, generated tokens/s, sequences, mean prompt, mean output)."""
@@ -265,6 +275,7 @@ class _Need:
     explanation: str
     load_factor: float = 1.0
     queue_samples: tuple[tuple[int, float, float, float], ...] = ()
+    slo_guard: float = 1.0
     rate_samples: tuple[tuple[float, ...], ...] = ()
 
 
@@ -386,6 +397,16 @@ def _prefill_need(
     load_factor, floor = fit_ttft_model(queue_samples, slo.percentile, memory.load_factor,
                                         settings.load_factor_bounds)
     floor = floor if queue_samples else service
+    # The SLO guard: the model is a model; a TTFT percentile above the target itself is the SLO broken.
+    slo_guard = memory.slo_guard
+    if steady and signals.ttft_s is not None:
+        low_guard, high_guard = settings.slo_guard_bounds
+        # Broken with requests queueing: more replicas would have helped (a window that is over only for a
+        # prompt longer than the target allows is not).
+        if signals.ttft_s > slo.ttft_ms / 1000.0 and (signals.waiting_requests or 0.0) >= 1.0:
+            slo_guard = min(slo_guard * (1.0 + settings.slo_guard_step), high_guard)
+        else:
+            slo_guard = max(slo_guard * (1.0 - settings.slo_guard_decay), low_guard)
     # A floor at the budget leaves nothing to size queueing against: keep a quarter of it for queueing.
     floor = min(max(floor, service), budget - 0.25 * (budget - service))
 
@@ -402,7 +423,8 @@ def _prefill_need(
     allowed = (1.0 - slo.percentile / 100.0) * settings.miss_share
     replicas, miss = size_prefill_attainment(
         windows, step_s=settings.tick_s, service_s=sized_service, tokens_per_replica_s=sized_prompt / sized_service,
-        ttft_budget_s=budget, miss_share=allowed, load_factor=load_factor * (1.0 + settings.prefill_headroom),
+        ttft_budget_s=budget, miss_share=allowed,
+        load_factor=load_factor * slo_guard * (1.0 + settings.prefill_headroom),
         floor_s=floor, max_replicas=max_replicas,
     )
     observed_text = f", TTFT p{slo.percentile:g} {signals.ttft_s * 1000:.0f}ms" if signals.ttft_s is not None else ""
@@ -410,12 +432,13 @@ def _prefill_need(
     explanation = (
         f"{load:.0f} prompt tok/s + {signals.waiting_requests or 0:.0f} waiting, {mean_prompt:.0f} tok/prompt"
         f"{observed_text}; {per_replica:.0f} tok/s per replica (service correction {service_correction:.2f}), "
-        f"effective load x{load_factor:.2f}, TTFT floor {floor * 1000:.0f}ms"
+        f"effective load x{load_factor:.2f}{f' (SLO guard x{slo_guard:.2f})' if slo_guard > 1.005 else ''}, "
+        f"TTFT floor {floor * 1000:.0f}ms"
         f" -> {replicas} for {miss:.2%} of the last {settings.replay_s:.0f}s over TTFT {budget * 1000:.0f}ms"
         f" (allowed {allowed:.2%})"
     )
     return _Need(replicas, memory.correction, service_correction, mean_prompt, memory.mean_output_tokens,
-                 explanation, load_factor, queue_samples, rate_samples)
+                 explanation, load_factor, queue_samples, slo_guard, rate_samples)
 
 
 def _decode_need(
@@ -604,6 +627,7 @@ def decide(
             service_correction=need.service_correction,
             load_factor=need.load_factor,
             queue_samples=need.queue_samples,
+            slo_guard=need.slo_guard,
             rate_samples=need.rate_samples,
             ready=ready_now,
             ready_since=memory.ready_since if memory.ready == ready_now and memory.ready_since is not None
