@@ -135,6 +135,10 @@ class Operator:
         for ns in namespaces:
             args += ["-n", ns]
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        profile = os.environ.get("DISAGG_BENCH_PROFILE")  # e.g. /tmp/operator.txt: py-spy's collapsed stacks
+        if profile:
+            args = [str(REPO / ".venv" / "bin" / "py-spy"), "record", "--format", "raw", "-o", profile,
+                    "--rate", "50", "--", *args]
         self.process = subprocess.Popen(args, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
         self.started = time.monotonic()
         deadline = time.monotonic() + 30
@@ -175,7 +179,8 @@ class Operator:
         return float("nan")
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
+        # py-spy writes its profile on SIGINT
+        self.process.send_signal(signal.SIGINT if os.environ.get("DISAGG_BENCH_PROFILE") else signal.SIGTERM)
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -208,9 +213,12 @@ def all_ready(custom: Any, namespaces: list[str]) -> int:
 
 def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str], n: int,
                            rate: float, seconds: float) -> list[float]:
-    """Stamps spec changes at `rate`/s; latency until the prefill Deployment carries the stamp."""
+    """Stamps spec changes at `rate`/s; latency until the prefill Deployment carries the stamp or a newer
+    one of the same service (reconcile is level-triggered: a change superseded before it was applied
+    is applied by the newer one)."""
     sent: dict[str, float] = {}
     seen: dict[str, float] = {}
+    owner: dict[str, str] = {}
     stop = threading.Event()
 
     def watcher(ns: str) -> None:
@@ -221,9 +229,12 @@ def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str
             if stop.is_set():
                 w.stop()  # type: ignore[no-untyped-call]
                 break
+            service = event["object"].metadata.name.removesuffix("-prefill")
             for env in event["object"].spec.template.spec.containers[0].env or []:
-                if env.name == "STAMP" and env.value in sent and env.value not in seen:
-                    seen[env.value] = time.monotonic()
+                if env.name == "STAMP" and env.value in sent:
+                    now = time.monotonic()
+                    for stamp in [s for s, svc in owner.items() if svc == service and int(s) <= int(env.value)]:
+                        seen.setdefault(stamp, now)
 
     threads = [threading.Thread(target=watcher, args=(ns,), daemon=True) for ns in namespaces]
     for t in threads:
@@ -238,6 +249,7 @@ def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str
             index = i % n
             ns = namespaces[index % len(namespaces)]
             stamp = f"{i + 1}"
+            owner[stamp] = f"svc-{index}"
             sent[stamp] = time.monotonic()
             body = {"spec": {"engine": {"kind": "vllm", "env": [{"name": "STAMP", "value": stamp}]}}}
             pool.submit(custom.patch_namespaced_custom_object, "disagg.dev", "v1alpha1", ns, "inferenceservices",
@@ -284,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     kubectl("apply", "--server-side", "-f", "-", stdin=subprocess.run(
         [str(REPO / ".venv" / "bin" / "disagg"), "rbac", "--namespace", "disagg-system"],
         capture_output=True, text=True, check=True).stdout)
-    namespaces = [f"scale-{i}" for i in range(args.namespaces)]
+    run_id = time.strftime("%H%M%S")  # namespaces of an earlier run may still be terminating
+    namespaces = [f"scale-{run_id}-{i}" for i in range(args.namespaces)]
     for ns in namespaces:
         subprocess.run(f"kubectl create namespace {ns} --dry-run=client -o yaml | kubectl apply -f -",
                        shell=True, check=True, capture_output=True)
@@ -347,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"idle for {args.idle_seconds} s")
         writes_before = operator.writes()
         queries_before = operator.metric("disagg_prometheus_query_duration_seconds_count")
-        ticks_before = operator.metric("disagg_autoscaler_ticks_total")
+        ticks_before = operator.metric("disagg_autoscaler_ticks_total", queried="true")
         time.sleep(args.idle_seconds)
         result["idle_seconds"] = args.idle_seconds
         result["idle_writes"] = operator.writes() - writes_before
-        ticks = operator.metric("disagg_autoscaler_ticks_total") - ticks_before
+        ticks = operator.metric("disagg_autoscaler_ticks_total", queried="true") - ticks_before
         queries = operator.metric("disagg_prometheus_query_duration_seconds_count") - queries_before
         result["prometheus_queries_per_tick"] = round(queries / ticks, 2) if ticks else None
         result["writes_total"] = operator.writes()

@@ -7,11 +7,12 @@ keeps no state annotations on the objects - a steady operator writes nothing at 
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import kopf
@@ -24,7 +25,7 @@ from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, ApiError, 
 from disagg.kube.peering import PeeringCheck
 from disagg.metrics import OperatorMetrics
 from disagg.reconcile import ChildKey, child_key
-from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index
+from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index, resource_version
 from disagg.reconcile.run import Reconciler, reconcile_service
 from disagg.render.context import SERVICE_LABEL
 from disagg.scaling.policy import PolicySettings
@@ -45,6 +46,34 @@ class ServiceLocks:
     def __call__(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
+
+
+class Coalescer:
+    """At most one reconcile of a service at a time; triggers that arrive meanwhile fold into one
+    re-run (of the newest version), so a burst of child events costs two reconciles, not fifty."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._pending: dict[tuple[str, str], bool] = {}
+
+    def run(self, key: tuple[str, str], first: Callable[[], None], again: Callable[[], None]) -> None:
+        with self._guard:
+            if key in self._pending:
+                self._pending[key] = True
+                return
+            self._pending[key] = False
+        step = first
+        try:
+            while True:
+                step()
+                with self._guard:
+                    if not self._pending[key]:
+                        return
+                    self._pending[key] = False
+                step = again
+        finally:
+            with self._guard:
+                self._pending.pop(key, None)
 
 
 def make_api_client(settings: OperatorSettings) -> k8s.ApiClient:
@@ -116,6 +145,15 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     caches: dict[str, dict[Kind, Any]] = {}
     index = Index()
     threads: list[AutoscalerThread] = []
+    kopf_context: list[contextvars.Context] = []
+
+    def record_from_thread(obj: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+        """kopf posts Events only from its own context (its handlers); the autoscaler's thread borrows
+        the context of a handler that ran (kopf.warn there raised LookupError and aborted the tick)."""
+        if not kopf_context:
+            log.info("Event %s %s not posted (no handler has run yet): %s", event_type, reason, message)
+            return
+        kopf_context[0].copy().run(_event_recorder, obj, event_type, reason, message)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -168,7 +206,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
                 scale_down_window_s=disagg_settings.scale_down_window_s,
                 staleness_s=disagg_settings.metrics_staleness_s,
             ),
-            record_event=_event_recorder,
+            record_event=record_from_thread,
             index=index,
             lock_for=locks,
             on_scale=lambda role, direction: metrics.scaling_decisions.labels(role=role, direction=direction).inc(),
@@ -181,7 +219,10 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
                 priority=disagg_settings.priority,
                 namespace=None if not disagg_settings.namespaces else disagg_settings.namespaces[0],
             ).is_active
-        thread = AutoscalerThread(autoscaler, disagg_settings.autoscale_tick_s)
+        thread = AutoscalerThread(
+            autoscaler, disagg_settings.autoscale_tick_s,
+            on_tick=lambda queried: metrics.autoscaler_ticks.labels(queried=str(queried).lower()).inc(),
+        )
         thread.start()
         threads.append(thread)
         log.info("disagg operator configured: %d accelerator types, %d workers, autoscaling %s",
@@ -200,20 +241,36 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
 
     disagg_settings = settings
 
+    coalescer = Coalescer()
+
     def reconcile(body: Mapping[str, Any], trigger: str) -> None:
+        meta = body.get("metadata", {})
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        stub = {"metadata": {"namespace": namespace, "name": name}}
+        coalescer.run(
+            (namespace, name),
+            lambda: reconcile_once(body, trigger),
+            lambda: reconcile_once(stub, "child"),  # the re-run acts on the newest version in the index
+        )
+
+    def reconcile_once(body: Mapping[str, Any], trigger: str) -> None:
         obj = copy.deepcopy(dict(body))
         meta = obj.get("metadata", {})
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
         reconciler = state["reconciler"]
         started = time.monotonic()
         with locks(namespace, name):
-            if trigger == "child":  # act on the service as the watch last saw it
-                fresh = index.services.get((namespace, name))
-                if fresh is None:
-                    return
+            # Act on the newest version known: an event's body goes stale while it waits for the lock
+            # (another reconcile may have written status meanwhile); a child event carries none.
+            fresh = index.services.get((namespace, name))
+            if trigger == "child" and fresh is None:
+                return
+            if fresh is not None and resource_version(fresh) > resource_version(obj):
                 obj = copy.deepcopy(fresh)
             try:
                 outcome = reconcile_service(reconciler, obj)
+                if outcome.status_object:
+                    index.remember(outcome.status_object)
             except ApiError as error:
                 metrics.reconciles.labels(result="api_error").inc()
                 metrics.api_errors.labels(status=str(error.status)).inc()
@@ -228,8 +285,11 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
         result = "invalid" if outcome.invalid else ("changed" if outcome.applied or outcome.deleted else "unchanged")
         metrics.reconciles.labels(result=result).inc()
         if outcome.applied or outcome.deleted or outcome.status_written:
-            log.info("reconciled %s/%s (%s): applied %d, deleted %d, status %s", namespace, name, trigger,
-                     len(outcome.applied), len(outcome.deleted), "written" if outcome.status_written else "same")
+            log.info("reconciled %s/%s (%s): applied %d%s, deleted %d, status %s", namespace, name, trigger,
+                     len(outcome.applied),
+                     f" ({', '.join(f'{kind}/{child}' for _, kind, child in outcome.applied)})"
+                     if 0 < len(outcome.applied) < 4 else "",
+                     len(outcome.deleted), "written" if outcome.status_written else "same")
 
     # Children are cached by kopf indexes (kopf runs no handler before every index has its initial
     # listing), so a reconcile reads nothing from the API server: it diffs against the cache.
@@ -250,6 +310,8 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
         register_child_index(kind)
 
     def remember_indexes(kwargs: dict[str, Any]) -> None:
+        if not kopf_context:  # a handler's context: lets other threads post Events through kopf
+            kopf_context.append(contextvars.copy_context())
         if "indexes" not in caches:
             caches["indexes"] = {kind: kwargs[child_index_id(kind)] for kind in CHILD_KINDS}
             state["reconciler"].live_children = lambda ns, svc: children_from(caches["indexes"], ns, svc)
@@ -261,8 +323,9 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
         key = (meta.get("namespace", ""), meta.get("name", ""))
         if type == "DELETED":
             index.services.pop(key, None)
+            state["reconciler"].forget(meta.get("uid"))
             return
-        index.services[key] = copy.deepcopy(dict(body))
+        index.remember(dict(body))
         reconcile(body, "event")
 
     @kopf.timer(GROUP, VERSION, PLURAL, interval=settings.resync_seconds, initial_delay=settings.resync_seconds,

@@ -28,6 +28,10 @@ class OperatorMetrics:
             "disagg_scaling_decisions_total", "Autoscaling decisions that changed a pool", ["role", "direction"],
             registry=r,
         )
+        self.autoscaler_ticks = Counter(
+            "disagg_autoscaler_ticks_total", "Autoscaling ticks, by whether they queried Prometheus", ["queried"],
+            registry=r,
+        )
         self.prometheus_query_seconds = Histogram(
             "disagg_prometheus_query_duration_seconds", "Latency of one PromQL query", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

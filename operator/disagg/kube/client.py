@@ -156,14 +156,15 @@ class Kube:
             if error.status not in (404, 409):
                 raise
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """Merge-patches the InferenceService's status subresource."""
-        self.request(
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patches the InferenceService's status subresource; returns the object as written."""
+        result: dict[str, Any] | None = self.request(
             "PATCH",
             INFERENCE_SERVICE.path(namespace, name) + "/status",
             body={"status": status},
             content_type="application/merge-patch+json",
         )
+        return result
 
     def scale(self, namespace: str, name: str, replicas: int, field_manager: str) -> dict[str, Any]:
         """Sets a Deployment's replicas under `field_manager` (server-side apply of that one field)."""

@@ -9,11 +9,12 @@ reads; it writes only when a pool changes or its status does.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,23 @@ class Index:
     services: dict[ServiceKey, dict[str, Any]] = field(default_factory=dict)
     deployments: dict[ServiceKey, dict[str, Any]] = field(default_factory=dict)
     """By (namespace, Deployment name)."""
+
+    def remember(self, body: dict[str, Any]) -> None:
+        """Keeps the newest version of a service: from its watch events and from this operator's own
+        status writes, whose watch events may not have been handled yet."""
+        meta = body.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        current = self.services.get(key)
+        if current is None or resource_version(body) >= resource_version(current):
+            self.services[key] = copy.deepcopy(body)
+
+
+def resource_version(body: Mapping[str, Any]) -> int:
+    """The object's resourceVersion as a number (comparable on kube-apiserver); -1 when absent."""
+    try:
+        return int(body.get("metadata", {}).get("resourceVersion", ""))
+    except (TypeError, ValueError):
+        return -1
 
 
 @dataclass
@@ -138,6 +156,20 @@ class Autoscaler:
         report: TickReport,
         now: float,
     ) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        with self.lock_for(*key):
+            # the newest version: a reconcile may have written status since this tick read the index,
+            # and the status patch below (whole `conditions` list) must not put back older conditions
+            self._act_locked(self.index.services.get(key, body), spec, decisions, report, now)
+
+    def _act_locked(
+        self,
+        body: dict[str, Any],
+        spec: InferenceServiceSpec,
+        decisions: dict[str, PoolDecision],
+        report: TickReport,
+        now: float,
+    ) -> None:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         old_status: dict[str, Any] = body.get("status") or {}
@@ -187,16 +219,19 @@ class Autoscaler:
             if cond.status == "False":
                 self.record_event(body, "Warning", cond.reason, cond.message)
         if status_patch:
-            with self.lock_for(namespace, name):
-                self.kube.patch_status(namespace, name, status_patch)
+            written = self.kube.patch_status(namespace, name, status_patch)
+            if written:
+                self.index.remember(written)
 
 
 class AutoscalerThread:
     """Runs ticks every `tick_s` in a daemon thread until stopped."""
 
-    def __init__(self, autoscaler: Autoscaler, tick_s: float) -> None:
+    def __init__(self, autoscaler: Autoscaler, tick_s: float, on_tick: Callable[[bool], None] | None = None) -> None:
         self.autoscaler = autoscaler
         self.tick_s = tick_s
+        self.on_tick = on_tick
+        """Called after each tick with whether it queried Prometheus (operator metrics)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="disagg-autoscaler", daemon=True)
 
@@ -212,6 +247,8 @@ class AutoscalerThread:
             started = time.monotonic()
             try:
                 report = self.autoscaler.tick()
+                if self.on_tick is not None:
+                    self.on_tick(report.queried)
                 for namespace, deployment, before, after in report.scaled:
                     log.info("scaled %s/%s %d -> %d", namespace, deployment, before, after)
             except Exception:

@@ -54,6 +54,23 @@ class Reconciler:
     pod_check_interval_s: float = 10.0
     """How often (at most) a not-ready pool's pods are listed to explain why."""
     _pods_checked: dict[tuple[str, str], float] = field(default_factory=dict)
+    _desired: dict[str, tuple[int, list[dict[str, Any]]]] = field(default_factory=dict)
+    """Rendered children by service uid, for the generation they were rendered from: the spec only
+    changes with the generation, so the other reconciles (status, resync) never render again."""
+
+    def desired_children(
+        self, owner: Owner, generation: int | None, spec: InferenceServiceSpec
+    ) -> list[dict[str, Any]]:
+        cached = self._desired.get(owner.uid or "") if owner.uid else None
+        if cached is not None and generation is not None and cached[0] == generation:
+            return cached[1]
+        desired = [stamp(m) for m in render_children(owner, spec, self.catalog)]
+        if owner.uid and generation is not None:
+            self._desired[owner.uid] = (generation, desired)
+        return desired
+
+    def forget(self, uid: str | None) -> None:
+        self._desired.pop(uid or "", None)
 
 
 @dataclass
@@ -63,6 +80,8 @@ class Outcome:
     applied: list[ChildKey] = field(default_factory=list)
     deleted: list[ChildKey] = field(default_factory=list)
     status_written: bool = False
+    status_object: dict[str, Any] | None = None
+    """The service as the status write left it (newer than any watch event seen so far)."""
     invalid: str | None = None
 
 
@@ -108,14 +127,14 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
         conditions = invalid_conditions(old_status.get("conditions", []), str(error), generation, now)
         new_status = {**old_status, "conditions": conditions, "observedGeneration": generation}
         if _status_differs(old_status, new_status):
-            ctx.kube.patch_status(namespace, name, new_status)
+            outcome.status_object = ctx.kube.patch_status(namespace, name, new_status)
             outcome.status_written = True
             if _ready_reason(old_status) != ("InvalidSpec", str(error)):
                 ctx.record_event(body, "Warning", "InvalidSpec", str(error))
         return outcome
 
     live = (ctx.live_children or partial(live_children, ctx.kube))(namespace, name)
-    desired = [stamp(m) for m in render_children(Owner(name, namespace, uid), spec, ctx.catalog)]
+    desired = ctx.desired_children(Owner(name, namespace, uid), generation, spec)
     plan = plan_children(desired, live, uid)
 
     # An autoscaled pool's replicas belong to the autoscaler's field manager. Hand the field over
@@ -150,7 +169,7 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
 
     new_status = _observe(ctx, body, spec, results, old_status, now)
     if _status_differs(old_status, new_status):
-        ctx.kube.patch_status(namespace, name, new_status)
+        outcome.status_object = ctx.kube.patch_status(namespace, name, new_status)
         outcome.status_written = True
         _announce_transitions(ctx, body, old_status, new_status)
     return outcome

@@ -69,11 +69,13 @@ def pool_condition(
         )
     if desired == 0:
         return Cond(ctype, "False", "ScaledToZero", "0 replicas requested")
-    if ready >= desired and updated >= desired and observed:
+    # pods of the previous template still running: the rollout is not over (as `kubectl rollout status`)
+    leftover = int((deployment.get("status") or {}).get("replicas", 0)) > desired
+    if ready >= desired and updated >= desired and observed and not leftover:
         return Cond(ctype, "True", "AllReplicasReady", f"{ready}/{desired} replicas ready")
     if ready == 0:
         return Cond(ctype, "False", "NoReplicasReady", f"0/{desired} replicas ready")
-    if updated < desired or not observed:
+    if updated < desired or not observed or leftover:
         return Cond(ctype, "False", "RollingOut", f"{updated}/{desired} replicas updated, {ready} ready")
     return Cond(ctype, "False", "ReplicasNotReady", f"{ready}/{desired} replicas ready")
 
@@ -112,6 +114,8 @@ def merge_conditions(
     """New conditions, keeping lastTransitionTime where a condition's status did not change.
 
     Conditions of other types (e.g. ScalingActive, owned by the autoscaler) are kept as they were.
+    The list keeps its order (new types go last), so the reconciler and the autoscaler, each merging
+    its own types, produce the same list and never rewrite status just to reorder it.
     """
     by_type = {c.get("type"): c for c in old}
     out: list[dict[str, Any]] = []
@@ -128,9 +132,9 @@ def merge_conditions(
             "observedGeneration": generation,
             "lastTransitionTime": since,
         })
-    produced = {c.type for c in new}
-    out += [c for c in old if c.get("type") not in produced]
-    return out
+    merged = {c["type"]: c for c in out}
+    kept = [merged.pop(c.get("type")) if c.get("type") in merged else c for c in old]
+    return kept + list(merged.values())
 
 
 def invalid_conditions(
