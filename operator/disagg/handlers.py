@@ -179,7 +179,6 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             settings.peering.priority = disagg_settings.priority
             # a dead active replica is noticed within this many seconds (its entry expires)
             settings.peering.lifetime = 15
-        settings.persistence.finalizer = f"{GROUP}/finalizer"
         state["reconciler"] = Reconciler(
             kube=Kube(
                 make_api_client(disagg_settings), on_request=lambda m: metrics.api_requests.labels(method=m).inc()
@@ -328,11 +327,30 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
         index.remember(dict(body))
         reconcile(body, "event")
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=settings.resync_seconds, initial_delay=settings.resync_seconds,
-                registry=registry)
-    def resync(body: kopf.Body, **kwargs: Any) -> None:
-        remember_indexes(kwargs)
-        reconcile(body, "resync")
+    # The periodic resync is one thread over the index, not a kopf timer: kopf timers put a finalizer
+    # on every object (a write per object, and deletions that hang while no operator runs) and keep
+    # one task per object.
+    def resync_all(stop: threading.Event) -> None:
+        while not stop.wait(disagg_settings.resync_seconds):
+            if disagg_settings.peering is not None and threads and not threads[0].autoscaler.is_active():
+                continue  # a standby replica: the active one resyncs
+            for namespace, name in list(index.services):
+                if stop.is_set():
+                    return
+                try:
+                    reconcile({"metadata": {"namespace": namespace, "name": name}}, "child")
+                except Exception:
+                    log.exception("resync of %s/%s failed", namespace, name)
+
+    resync_stop = threading.Event()
+
+    @kopf.on.startup(registry=registry)
+    def start_resync(**_: Any) -> None:
+        threading.Thread(target=resync_all, args=(resync_stop,), name="disagg-resync", daemon=True).start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_resync(**_: Any) -> None:
+        resync_stop.set()
 
     @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "disagg"},
                    registry=registry)

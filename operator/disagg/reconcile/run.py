@@ -16,7 +16,7 @@ from typing import Any
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, POD, Kube, kind_of
+from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, INFERENCE_SERVICE, POD, Kube, kind_of
 from disagg.reconcile import ChildKey, child_key, plan_children, stamp
 from disagg.reconcile.status import (
     PodTrouble,
@@ -32,6 +32,8 @@ from disagg.render import Owner, render_children
 from disagg.render.context import ROLE_LABEL, SERVICE_LABEL
 
 log = logging.getLogger(__name__)
+
+LEGACY_FINALIZER = "disagg.dev/finalizer"
 
 # (object, event type, reason, message)
 EventRecorder = Callable[[dict[str, Any], str, str, str], None]
@@ -116,6 +118,14 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     old_status: dict[str, Any] = dict(body.get("status") or {})
     outcome = Outcome()
     now = _timestamp(ctx.clock())
+    if LEGACY_FINALIZER in (meta.get("finalizers") or []):
+        # an earlier version's kopf timers left this finalizer; nothing needs it (children go with
+        # their owner references), and it blocks deletion whenever no operator runs
+        ctx.kube.request(
+            "PATCH", INFERENCE_SERVICE.path(namespace, name),
+            body={"metadata": {"finalizers": [f for f in meta["finalizers"] if f != LEGACY_FINALIZER]}},
+            content_type="application/merge-patch+json",
+        )
     if meta.get("deletionTimestamp"):
         return outcome  # the garbage collector removes the children through their owner references
 
