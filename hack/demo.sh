@@ -85,7 +85,7 @@ kubectl -n serving get inferenceservices -o wide
 echo
 echo "Scaling decisions (Events):"
 kubectl -n serving get events --field-selector involvedObject.kind=InferenceService,reason=Scaled \
-  -o custom-columns='AGE:.lastTimestamp,MESSAGE:.message' --no-headers | tail -4 | cut -c1-220
+  --sort-by=.lastTimestamp -o custom-columns='TIME:.lastTimestamp,MESSAGE:.message' --no-headers | tail -2 | cut -c1-240
 echo
 curl -sf -X PUT http://127.0.0.1:18090/load/serving/llama-70b -d '{"x": 1}' >/dev/null
 say "load back to 1x: pools scale down after the 120 s stabilisation window"
