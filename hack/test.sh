@@ -10,6 +10,11 @@ source hack/venv.sh
 
 if [[ ${DISAGG_SKIP_E2E:-0} != 1 ]]; then
   # first, so the chart tests below find helm; the cluster itself is reused by the e2e suite
+  if [[ ${CI:-} == true ]]; then
+    # CI starts from an empty cluster: state an earlier session left in the cluster dir is not ours
+    say "CI: removing any earlier local cluster"
+    .venv/bin/python hack/cluster.py down
+  fi
   say "local cluster (builds its binaries on first use: ~10-40 min cold on 2 cores)"
   eval "$(.venv/bin/python hack/cluster.py up | tail -1)"
   export PATH="$(.venv/bin/python hack/cluster.py bin-dir):$PATH"
