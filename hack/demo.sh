@@ -37,6 +37,9 @@ curl -sf http://127.0.0.1:18080/healthz >/dev/null || { tail -30 "$CLUSTER_DIR/o
 
 say "apply examples/01-vllm-nixl-llama70b.yaml (prefill on nvidia-h100, decode on nvidia-h200)"
 kubectl create namespace serving --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+# from its initial state on every run: an earlier run's autoscaled counts would blur the burst below
+kubectl -n serving delete inferenceservice llama-70b --ignore-not-found --wait=true >/dev/null
+kubectl -n serving wait --for=delete deploy -l disagg.dev/service=llama-70b --timeout=60s >/dev/null 2>&1 || true
 kubectl apply -f examples/01-vllm-nixl-llama70b.yaml
 say "waiting for Ready"
 kubectl -n serving wait --for=condition=Ready inferenceservice/llama-70b --timeout=180s

@@ -7,6 +7,8 @@ keeps no state annotations on the objects - a steady operator writes nothing at 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import contextvars
 import copy
 import logging
@@ -184,7 +186,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
                 make_api_client(disagg_settings), on_request=lambda m: metrics.api_requests.labels(method=m).inc()
             ),
             catalog=catalog,
-            record_event=_event_recorder,
+            record_event=record_from_thread,
         )
         source = None
         if disagg_settings.prometheus_url:
@@ -315,8 +317,20 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             caches["indexes"] = {kind: kwargs[child_index_id(kind)] for kind in CHILD_KINDS}
             state["reconciler"].live_children = lambda ns, svc: children_from(caches["indexes"], ns, svc)
 
+    # Handlers only update the caches and hand the reconcile to this pool: kopf's per-object workers
+    # (and the index updates behind them) are never held up by a reconcile in progress.
+    reconcile_pool = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="disagg-reconcile")
+
+    def submit(body: Mapping[str, Any], trigger: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the pool is shutting down
+            reconcile_pool.submit(reconcile, body, trigger)
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_reconciles(**_: Any) -> None:
+        reconcile_pool.shutdown(wait=False, cancel_futures=True)
+
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def on_service_event(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
+    async def on_service_event(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
         remember_indexes(kwargs)
         meta = body.get("metadata", {})
         key = (meta.get("namespace", ""), meta.get("name", ""))
@@ -325,7 +339,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             state["reconciler"].forget(meta.get("uid"))
             return
         index.remember(dict(body))
-        reconcile(body, "event")
+        submit(copy.deepcopy(dict(body)), "event")
 
     # The periodic resync is one thread over the index, not a kopf timer: kopf timers put a finalizer
     # on every object (a write per object, and deletions that hang while no operator runs) and keep
@@ -354,7 +368,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
 
     @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "disagg"},
                    registry=registry)
-    def on_child_event(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
+    async def on_child_event(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
         remember_indexes(kwargs)
         # status follows the pools: a Deployment changing readiness re-reconciles its service
         meta = body.get("metadata", {})
@@ -367,6 +381,6 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             return  # the initial listing: the services' own listing reconciles them already
         service = (meta.get("labels") or {}).get(SERVICE_LABEL)
         if service:
-            reconcile({"metadata": {"namespace": meta.get("namespace"), "name": service}}, "child")
+            submit({"metadata": {"namespace": meta.get("namespace"), "name": service}}, "child")
 
     return registry
