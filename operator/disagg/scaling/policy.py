@@ -401,9 +401,12 @@ def _prefill_need(
     slo_guard = memory.slo_guard
     if steady and signals.ttft_s is not None:
         low_guard, high_guard = settings.slo_guard_bounds
-        # Broken with requests queueing: more replicas would have helped (a window that is over only for a
-        # prompt longer than the target allows is not).
-        if signals.ttft_s > slo.ttft_ms / 1000.0 and (signals.waiting_requests or 0.0) >= 1.0:
+        # Broken with requests queueing (a window over only for a prompt longer than the target allows is
+        # not: more replicas would not have helped) while the pool had what the policy last asked for (a
+        # pool still short of it breaks the SLO without the model being wrong).
+        asked = memory.recommendations[-1][1] if memory.recommendations else 0
+        if (signals.ttft_s > slo.ttft_ms / 1000.0 and (signals.waiting_requests or 0.0) >= 1.0
+                and ready >= asked):
             slo_guard = min(slo_guard * (1.0 + settings.slo_guard_step), high_guard)
         else:
             slo_guard = max(slo_guard * (1.0 - settings.slo_guard_decay), low_guard)

@@ -11,7 +11,7 @@ from disagg.capacity.models import ModelConfigError, ModelShape, builtin_model, 
 from disagg.catalog.accelerators import AcceleratorCatalog, CatalogError, load_catalog
 from disagg.sim.engine import PoolSetup, SimResult, SimSetup
 from disagg.sim.runner import POLICIES, initial_replicas, run_policy
-from disagg.sim.traces import TraceError, build_workload, read_trace
+from disagg.sim.traces import TraceError, build_workload, read_trace, with_warmup
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--itl-ms", type=float, default=50.0)
     parser.add_argument("--percentile", type=float, default=90.0, help="SLO percentile the policies keep")
     parser.add_argument("--startup-s", type=float, default=60.0, help="replica start-up delay (default 60)")
+    parser.add_argument("--warmup-s", type=float, default=0.0,
+                        help="replay the workload's last S seconds first, unbilled and unmeasured (steady state)")
     parser.add_argument("--dt", type=float, default=0.1, help="simulation time step in seconds")
     parser.add_argument("--accelerator-catalog", type=Path, default=None, help="catalogue overrides (YAML)")
     parser.add_argument("--policy", default="disagg", help=f"one of {', '.join(POLICIES)}, or all")
@@ -108,7 +110,10 @@ def simulate_main(argv: list[str]) -> int:
         percentile=args.percentile,
         startup_s=args.startup_s,
         dt=args.dt,
+        warmup_s=max(args.warmup_s, 0.0),
     )
+    measured = workload
+    workload = with_warmup(workload, setup.warmup_s)
     setup = initial_replicas(setup, workload)
     runs: list[SimResult] = [run_policy(name, setup, workload, catalog) for name in names]
     summaries = [run.summary() for run in runs]
@@ -116,8 +121,8 @@ def simulate_main(argv: list[str]) -> int:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
     else:
         print(
-            f"{workload.name}: {workload.requests} requests over {workload.duration_s / 3600:.2f} h "
-            f"({workload.mean_rate():.1f} req/s), {model.name}, prefill {prefill_acc.name} TP{args.prefill_tp}, "
+            f"{measured.name}: {measured.requests} requests over {measured.duration_s / 3600:.2f} h "
+            f"({measured.mean_rate():.1f} req/s), {model.name}, prefill {prefill_acc.name} TP{args.prefill_tp}, "
             f"decode {decode_acc.name} TP{args.decode_tp}, SLO TTFT {args.ttft_ms:.0f} ms / "
             f"ITL {args.itl_ms:.0f} ms"
         )
