@@ -68,8 +68,8 @@ def _static_key(trace_file: str, pair: str, kind: str, setup: SimSetup, scale: f
             f"p{setup.percentile}|warmup{setup.warmup_s}|startup{setup.startup_s}")
 
 
-def _run(job: tuple[str, str, str, float, str | None, str | None]) -> dict[str, Any]:
-    trace_file, pair, kind, dt, plot_dir, static_cache = job
+def _run(job: tuple[str, str, str, float, str | None, str | None, str]) -> dict[str, Any]:
+    trace_file, pair, kind, dt, plot_dir, static_cache, policies = job
     (prefill_acc, prefill_tp), (decode_acc, decode_tp) = PAIRS[pair]
     trace = read_trace(TRACES / trace_file)
     setup = SimSetup(
@@ -96,7 +96,7 @@ def _run(job: tuple[str, str, str, float, str | None, str | None]) -> dict[str, 
     if static_cache is not None and Path(static_cache).exists():
         cache = json.loads(Path(static_cache).read_text())
     static_found: dict[str, int] | None = None
-    for policy in POLICIES:
+    for policy in policies.split(","):
         if policy == "static-best" and key in cache:
             result = run_static(setup, workload, cache[key])
             result.policy = "static-best"
@@ -200,12 +200,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dt-day", type=float, default=0.5, help="time step of day-long runs")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--plot-dir", default=None, help="write a plot of our policy's day-long runs here")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="an earlier results file: policies not run now keep their rows from it (same "
+                             "workload and setup only)")
     parser.add_argument("--static-cache", default=None,
                         help="JSON file of static-best allocations found earlier (read, then updated)")
     args = parser.parse_args(argv)
     traces = [t for t in TRACE_FILES if args.only is None or any(o in t for o in args.only.split(","))]
     jobs = [
-        (trace, pair, kind, args.dt_hour if kind == "hour" else args.dt_day, args.plot_dir, args.static_cache)
+        (trace, pair, kind, args.dt_hour if kind == "hour" else args.dt_day, args.plot_dir, args.static_cache,
+         args.policies)
         for kind in args.workloads.split(",") for pair in args.pairs.split(",") for trace in traces
     ]
     # Longest (day-long) runs first, so that the workers finish together; the table keeps hours first.
@@ -213,6 +218,20 @@ def main(argv: list[str]) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = dict(zip(ordered, pool.map(_run, ordered), strict=True))
     entries = [results[job] for job in jobs]
+    if args.merge is not None:
+        earlier = {e["static_key"]: e for e in json.loads(args.merge.read_text())["entries"]}
+        for entry in entries:
+            previous = earlier.get(entry["static_key"])
+            if previous is None:
+                continue
+            ran = {row["policy"] for row in entry["policies"]}
+            kept = {row["policy"]: row for row in previous["policies"] if row["policy"] not in ran}
+            entry["policies"] = [
+                next(row for row in entry["policies"] if row["policy"] == name) if name in ran else kept[name]
+                for name in POLICIES if name in ran or name in kept
+            ]
+            if entry.get("static_best") is None:
+                entry["static_best"] = previous.get("static_best")
     if args.static_cache is not None:
         path = Path(args.static_cache)
         cache = json.loads(path.read_text()) if path.exists() else {}

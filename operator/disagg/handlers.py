@@ -109,10 +109,14 @@ def slim_child(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
     slim_meta = {key: copy.deepcopy(meta[key]) for key in (
         "name", "namespace", "uid", "generation", "resourceVersion", "labels", "annotations",
         "ownerReferences", "deletionTimestamp") if key in meta}
-    # only the autoscaler's ownership of replicas matters (see reconcile_service)
+    # only who owns replicas matters (see reconcile_service): the autoscaler's entry, and of the other
+    # managers just their claim on spec.replicas
     slim_meta["managedFields"] = [
-        copy.deepcopy(entry) for entry in meta.get("managedFields", []) or []
+        copy.deepcopy(entry) if entry.get("manager") == AUTOSCALER_FIELD_MANAGER
+        else {"manager": entry.get("manager"), "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+        for entry in meta.get("managedFields", []) or []
         if entry.get("manager") == AUTOSCALER_FIELD_MANAGER
+        or "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
     ]
     slim: dict[str, Any] = {"apiVersion": kind.api_version, "kind": kind.kind, "metadata": slim_meta}
     for key in ("spec", "rules", "roleRef", "subjects"):

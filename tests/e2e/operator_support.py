@@ -118,6 +118,8 @@ class OperatorProcess:
     liveness_port: int = 0
     metrics_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()
+    """More `disagg run` flags (e.g. `--prometheus-url URL --autoscale-tick 2`)."""
 
     def start(self) -> OperatorProcess:
         self.liveness_port, self.metrics_port = free_port(), free_port()
@@ -131,6 +133,7 @@ class OperatorProcess:
             "--metrics-port", str(self.metrics_port),
             "--resync-seconds", str(self.resync_seconds),
             "--workers", "8",
+            *self.extra_args,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")}
         env["KUBECONFIG"] = str(self.kubeconfig)

@@ -150,6 +150,20 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
             errors.extend(_managed_flag(f"{field}.extraArgs[{index}]", arg, spec.engine.kind))
     for index, arg in enumerate(spec.engine.extra_args):
         errors.extend(_managed_flag(f"spec.engine.extraArgs[{index}]", arg, spec.engine.kind))
+    budget = spec.accelerator_budget
+    fixed = [getattr(spec, role) for role in ROLES if getattr(spec, role).autoscaling is None]
+    if budget is not None and fixed and not any(e.field.endswith(".autoscaling.minReplicas") for e in errors):
+        # the autoscaler shares the budget out over what the fixed pools leave: they must fit in it
+        need = sum(
+            pool.accelerator.count * (pool.replicas if pool.autoscaling is None else pool.autoscaling.min_replicas)
+            for pool in (getattr(spec, role) for role in ROLES)
+        )
+        if need > budget:
+            errors.append(FieldError(
+                "spec.acceleratorBudget",
+                f"{budget} is less than the {need} accelerators the pools hold at least (a fixed pool its "
+                "replicas x accelerator.count, an autoscaled one minReplicas x accelerator.count)",
+            ))
     if spec.engine.kind == "vllm" and spec.kv_transfer.connector == "mooncake":
         # vllm-router 0.1.17 asks a prefill's Mooncake bootstrap server for its engine id only for
         # statically listed prefills; for pods it discovers it forwards no kv_transfer_params, so

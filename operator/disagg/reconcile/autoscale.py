@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, ApiError, Kube
 from disagg.reconcile.status import Cond, merge_conditions
@@ -90,6 +91,7 @@ class Autoscaler:
     """False while another operator of the peering group is the active one."""
     states: dict[ServiceKey, PolicyState] = field(default_factory=dict)
     _actuated: dict[tuple[str, str], int] = field(default_factory=dict)
+    _failing: set[ServiceKey] = field(default_factory=set)
 
     def _autoscaled(self) -> list[tuple[ServiceKey, dict[str, Any], InferenceServiceSpec]]:
         found = []
@@ -97,9 +99,9 @@ class Autoscaler:
             if body.get("metadata", {}).get("deletionTimestamp"):
                 continue
             try:
-                spec = InferenceServiceSpec.model_validate(body.get("spec"))
-            except ValidationError:
-                continue  # reconcile reports InvalidSpec; nothing to scale
+                spec = validate_service(body, self.catalog)
+            except (InvalidSpec, ValidationError):
+                continue  # reconcile reports InvalidSpec and leaves the pools as they are; so does this
             if any(getattr(spec, role).autoscaling is not None for role in ROLES):
                 found.append((key, body, spec))
         return found
@@ -135,11 +137,19 @@ class Autoscaler:
                     current[role] = int(deployment.get("spec", {}).get("replicas", 0))
                     ready[role] = int((deployment.get("status") or {}).get("readyReplicas", 0))
             picture = None
-            if observations is not None:
-                picture = observations.picture(namespace, name, ready, spec.slo.percentile)
-            decisions, state = decide(
-                picture, spec, current, self.states.get(key, PolicyState()), now, self.settings, self.catalog
-            )
+            try:
+                if observations is not None:
+                    picture = observations.picture(namespace, name, ready, spec.slo.percentile)
+                decisions, state = decide(
+                    picture, spec, current, self.states.get(key, PolicyState()), now, self.settings, self.catalog
+                )
+            except Exception:
+                # one service's failure must not stop the others' autoscaling (the tick goes on)
+                if key not in self._failing:
+                    log.exception("autoscaling %s/%s: the policy failed; holding its pools", namespace, name)
+                self._failing.add(key)
+                continue
+            self._failing.discard(key)
             self.states[key] = state
             report.decisions[key] = decisions
             try:
@@ -178,8 +188,10 @@ class Autoscaler:
             deployment = f"{name}-{role}"
             pool_status = dict(old_status.get(role) or {})
             pool_status["desiredReplicas"] = decision.desired
-            # without metrics the policy only ever holds (or clamps into min/max): act on it either way
-            if decision.changed and decision.desired != decision.current:
+            # without metrics the policy only ever holds (or clamps into min/max): act on it either way;
+            # a pool not created yet is left to reconcile (it creates it with its initial replicas)
+            exists = (namespace, deployment) in self.index.deployments
+            if decision.changed and decision.desired != decision.current and exists:
                 if self._actuated.get((namespace, deployment)) != decision.desired:
                     self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER)
                     self._actuated[(namespace, deployment)] = decision.desired

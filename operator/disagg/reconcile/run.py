@@ -16,9 +16,18 @@ from typing import Any
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, INFERENCE_SERVICE, POD, Kube, kind_of
+from disagg.kube.client import (
+    AUTOSCALER_FIELD_MANAGER,
+    CHILD_KINDS,
+    INFERENCE_SERVICE,
+    POD,
+    ApiError,
+    Kube,
+    kind_of,
+)
 from disagg.reconcile import ChildKey, child_key, plan_children, stamp
 from disagg.reconcile.status import (
+    Cond,
     PodTrouble,
     compute_conditions,
     deployment_counts,
@@ -99,9 +108,12 @@ def live_children(kube: Kube, namespace: str, name: str) -> dict[ChildKey, dict[
     return children
 
 
-def _owns_replicas(deployment: dict[str, Any], manager: str) -> bool:
+def _owns_replicas(deployment: dict[str, Any], manager: str | None) -> bool:
+    """Whether `manager` (None: any manager) owns the Deployment's spec.replicas."""
     for entry in deployment.get("metadata", {}).get("managedFields", []) or []:
-        if entry.get("manager") == manager and "f:replicas" in (entry.get("fieldsV1", {}).get("f:spec", {}) or {}):
+        if manager is not None and entry.get("manager") != manager:
+            continue
+        if "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {}):
             return True
     return False
 
@@ -148,22 +160,48 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     plan = plan_children(desired, live, uid)
 
     # An autoscaled pool's replicas belong to the autoscaler's field manager. Hand the field over
-    # before an apply that omits it, or server-side apply would reset it to the default.
-    for manifest in plan.apply:
+    # before an apply that omits it, or server-side apply would reset it to the default. A pool whose
+    # replicas no manager owns still has the API server's default: it was created, but the operator
+    # stopped before setting its initial replicas (below); set them now.
+    to_apply = {child_key(m) for m in plan.apply}
+    scaled: dict[ChildKey, dict[str, Any]] = {}
+    for manifest in desired:
         if manifest["kind"] == "Deployment" and "replicas" not in manifest["spec"]:
             current = live.get(child_key(manifest))
-            if current is not None and not _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
+            if current is None or _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
+                continue
+            if not _owns_replicas(current, None):
+                replicas = int(manifest["metadata"]["annotations"]["disagg.dev/initial-replicas"])
+            elif child_key(manifest) in to_apply:
                 replicas = int(current.get("spec", {}).get("replicas", 1))
-                ctx.kube.scale(namespace, manifest["metadata"]["name"], replicas, AUTOSCALER_FIELD_MANAGER)
+            else:
+                continue
+            scaled[child_key(manifest)] = ctx.kube.scale(
+                namespace, manifest["metadata"]["name"], replicas, AUTOSCALER_FIELD_MANAGER)
 
     results: dict[ChildKey, dict[str, Any]] = {child_key(obj): obj for obj in plan.unchanged}
+    results.update((k, v) for k, v in scaled.items() if k in results)
+    # What the API server refuses to store (a spec valid here, but not as a child: e.g. a nodeSelector
+    # that is no label, duplicate env names) is reported like an invalid spec; that child stays as it was.
+    refused: list[str] = []
     for manifest in plan.apply:
-        results[child_key(manifest)] = ctx.kube.apply(manifest)
-        outcome.applied.append(child_key(manifest))
+        key = child_key(manifest)
+        try:
+            results[key] = ctx.kube.apply(manifest)
+        except ApiError as error:
+            if not _refused(error):
+                raise
+            refused.append(f"the API server refused {key[1]}/{key[2]}: {error.message}")
+            if key in live:
+                results[key] = live[key]
+            continue
+        outcome.applied.append(key)
     for manifest in plan.create_scaled:
         initial = int(manifest["metadata"]["annotations"]["disagg.dev/initial-replicas"])
         key = child_key(manifest)
-        results[key] = ctx.kube.scale(namespace, manifest["metadata"]["name"], initial, AUTOSCALER_FIELD_MANAGER)
+        if key in outcome.applied:
+            results[key] = ctx.kube.scale(namespace, manifest["metadata"]["name"], initial,
+                                          AUTOSCALER_FIELD_MANAGER)
     for obj in plan.delete:
         kind = kind_of(obj)
         ctx.kube.delete(kind, namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
@@ -178,11 +216,23 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
         ctx.record_event(body, "Normal", "Pruned", f"deleted children no longer in the spec: {names}")
 
     new_status = _observe(ctx, body, spec, results, old_status, now)
+    if refused:
+        outcome.invalid = "; ".join(refused)
+        new_status["conditions"] = merge_conditions(
+            new_status["conditions"], [Cond("Ready", "False", "InvalidSpec", outcome.invalid)], generation, now
+        )
     if _status_differs(old_status, new_status):
         outcome.status_object = ctx.kube.patch_status(namespace, name, new_status)
         outcome.status_written = True
         _announce_transitions(ctx, body, old_status, new_status)
     return outcome
+
+
+def _refused(error: ApiError) -> bool:
+    """The API server will never store this object as it is (not a passing failure or a permission)."""
+    return error.status in (400, 422) or (
+        error.status == 500 and "failed to create typed patch object" in error.message
+    )
 
 
 def _observe(

@@ -5,7 +5,6 @@ Never imports a Kubernetes client: `disagg render` prints exactly what reconcile
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jinja2
@@ -23,6 +22,7 @@ from disagg.render.context import (
     pool_values,
     router_values,
 )
+from disagg.yamlio import yaml_safe_json
 
 _env = jinja2.Environment(
     loader=jinja2.PackageLoader("disagg.render", "templates"),
@@ -31,7 +31,7 @@ _env = jinja2.Environment(
     autoescape=False,
 )
 # JSON is YAML: every value goes through json.dumps, so no user string can break the document.
-_env.filters["j"] = lambda value: json.dumps(value, ensure_ascii=False)
+_env.filters["j"] = yaml_safe_json
 
 
 def _documents(template: str, **values: Any) -> list[dict[str, Any]]:

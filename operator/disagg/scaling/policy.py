@@ -312,11 +312,13 @@ def fit_ttft_model(
     load_factor: float,
     bounds: tuple[float, float],
     steps: tuple[float, ...] = (1.5, 1.2, 1.05),
+    min_gain: float = 0.02,
 ) -> tuple[float, float]:
     """(load factor k, floor F) with which F + the M/M/c wait at `percentile` of k x each sample's
     arrivals best explains the TTFT observed at that percentile (least absolute residuals; F is the
     median residual). A few steps around `load_factor` per call: the fit follows the pool over ticks, and
-    holds where the observations cannot tell (no queueing seen or predicted).
+    holds unless a step explains the observations better by at least `min_gain` (so it does not wander
+    where they cannot tell, such as when no queueing is seen or predicted).
 
     Samples are (ready replicas, requests/s, mean prefill s, observed TTFT s). k > 1: arrivals burstier
     than Poisson within the rate window queue like more load; F: the long prompts' own prefill, which
@@ -336,7 +338,7 @@ def fit_ttft_model(
         residuals = [sample[3] - wait for sample, wait in zip(samples, waits, strict=True)]
         floor = max(_quantile(tuple(residuals), 0.5), 0.0)
         loss = sum(abs(r - floor) for r in residuals) / len(residuals) / scale
-        if best is None or loss < best[0] - 1e-9:
+        if best is None or loss < best[0] * (1.0 - min_gain) - 1e-9:
             best = (loss, k, floor)
     assert best is not None
     return best[1], best[2]

@@ -4,6 +4,19 @@ Each query is aggregated `by (namespace, disagg_service, disagg_role)` and match
 metric names (and vLLM's older names) through `__name__` regexes, so one tick costs the same number
 of queries for 1 or 1,000 InferenceServices. Latency percentiles are computed here from the bucket
 rates, because each service asks for its own percentile (`spec.slo.percentile`).
+
+Two signals need more than one rate window:
+- the mean output length of a request: tokens are generated over a request's whole life (tens of
+  seconds), so generated tokens/s over requests/s of the same short window is not the output length
+  while the load changes (after a step up it is a fraction of it, and `request rate x mean output`,
+  decode's leading signal, collapses to the generated tokens/s it should lead). Request sizes are a
+  property of the workload: they come from the longer `size_window`, and each request counts half when
+  it enters the pool and half when it leaves (its tokens are generated in between): exact while the
+  request rate changes linearly over a request's life, so also over a window that starts with the
+  engines (generated / entered alone reads ~25 % short a minute after a start, generated / finished
+  ~20 % long).
+- the pool's mean KV-cache usage: a replica that is Ready but not scraped yet (a new pod) holds no KV
+  cache, so the mean is over the pool's ready replicas, not only over the pods that report.
 """
 
 from __future__ import annotations
@@ -35,12 +48,14 @@ def _one(name: str) -> tuple[str]:
 
 @dataclass(frozen=True)
 class QuerySet:
-    """The PromQL of one tick; `window` is the rate window (a few scrape intervals)."""
+    """The PromQL of one tick; `window` is the rate window (a few scrape intervals), `size_window` the
+    window of the mean request sizes (minutes: longer than a request lives)."""
 
     window: str = "30s"
+    size_window: str = "5m"
 
     def queries(self) -> dict[str, str]:
-        w = self.window
+        w, sw = self.window, self.size_window
         waiting = _names(lambda m: m.waiting_requests)
         running = _names(lambda m: m.running_requests)
         kv = _names(lambda m: m.kv_cache_usage)
@@ -48,6 +63,7 @@ class QuerySet:
         generation = _names(lambda m: _one(m.generation_tokens_total))
         ttft = _names(lambda m: _one(m.ttft_histogram + "_bucket"))
         ttft_count = _names(lambda m: _one(m.ttft_histogram + "_count"))
+        finished = _names(lambda m: _one(m.e2e_histogram + "_count"))
         itl = _names(lambda m: tuple(h + "_bucket" for h in m.itl_histogram))
         prefill_sum = "vllm:request_prefill_time_seconds_sum"
         prefill_count = "vllm:request_prefill_time_seconds_count"
@@ -55,9 +71,13 @@ class QuerySet:
             "waiting": f'sum by ({BY}) ({{__name__=~"{waiting}"}})',
             "running": f'sum by ({BY}) ({{__name__=~"{running}"}})',
             "kv_usage": f'avg by ({BY}) ({{__name__=~"{kv}"}})',
+            "kv_pods": f'count by ({BY}) ({{__name__=~"{kv}"}})',
             "prompt_tps": f'sum by ({BY}) (rate({{__name__=~"{prompt}"}}[{w}]))',
             "generation_tps": f'sum by ({BY}) (rate({{__name__=~"{generation}"}}[{w}]))',
             "request_rate": f'sum by ({BY}) (rate({{__name__=~"{ttft_count}"}}[{w}]))',
+            "generation_tps_sizes": f'sum by ({BY}) (rate({{__name__=~"{generation}"}}[{sw}]))',
+            "request_rate_sizes": f'sum by ({BY}) (rate({{__name__=~"{ttft_count}"}}[{sw}]))',
+            "finish_rate_sizes": f'sum by ({BY}) (rate({{__name__=~"{finished}"}}[{sw}]))',
             "ttft_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{ttft}"}}[{w}]))',
             "itl_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{itl}"}}[{w}]))',
             "prefill_time": f"sum by ({BY}) (rate({prefill_sum}[{w}])) / sum by ({BY}) (rate({prefill_count}[{w}]))",
@@ -146,7 +166,20 @@ class Observations:
         prompt_tps = get("prompt_tps")
         generation_tps = get("generation_tps")
         mean_prompt = prompt_tps / request_rate if prompt_tps is not None and request_rate else None
-        mean_output = generation_tps / request_rate if generation_tps is not None and request_rate else None
+        # the output length over the size window (see the module docstring); the rate window's ratio only
+        # when that is missing
+        generated_long, requests_long = get("generation_tps_sizes"), get("request_rate_sizes")
+        finished_long = get("finish_rate_sizes")
+        if finished_long is not None and requests_long is not None:
+            requests_long = (requests_long + finished_long) / 2.0
+        if generated_long is not None and requests_long:
+            mean_output: float | None = generated_long / requests_long
+        else:
+            mean_output = generation_tps / request_rate if generation_tps is not None and request_rate else None
+        # mean KV usage over the ready replicas: those not reporting yet (just Ready) hold no KV cache
+        kv_usage, kv_pods = get("kv_usage"), get("kv_pods")
+        if kv_usage is not None and kv_pods and ready_replicas > kv_pods:
+            kv_usage = kv_usage * kv_pods / ready_replicas
         return PoolSignals(
             ready_replicas=ready_replicas,
             sampled_at=sampled_at,
@@ -155,7 +188,7 @@ class Observations:
             prompt_tokens_per_s=prompt_tps,
             generation_tokens_per_s=generation_tps,
             request_rate=request_rate,
-            kv_usage=get("kv_usage"),
+            kv_usage=kv_usage,
             ttft_s=histogram_quantile(q, self.buckets.get("ttft_buckets", {}).get(key, [])),
             itl_s=histogram_quantile(q, self.buckets.get("itl_buckets", {}).get(key, [])),
             mean_prompt_tokens=mean_prompt,
