@@ -34,22 +34,25 @@ def dump_all(documents: Iterable[Any]) -> str:
     return "---\n".join(dump_yaml(doc) for doc in documents)
 
 
-# What YAML does not allow unescaped in a document (outside its printable set), and what it would read
-# as a line break (folded into a space) or a byte order mark.
-_YAML_UNPRINTABLE = re.compile(
-    "[^\t\n\r\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]")
+# Characters Go's YAML parser (the API server's) and PyYAML both take raw in a double-quoted scalar:
+# the printable BMP, without the line and paragraph separators (folded) and the byte order mark.
+_NOT_RAW = re.compile("[^\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd]")
 
 
-def yaml_safe_json(value: Any) -> str:
-    """JSON that every YAML parser reads as the same value (JSON is YAML, but not all of it).
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
-    json.dumps either escapes characters beyond the BMP as surrogate pairs (\\ud83d\\ude00), which Go's
-    YAML parser refuses ("invalid Unicode character escape code"), or (ensure_ascii=False) writes every
-    character raw, and YAML refuses some raw (C1 controls) and folds others (U+2028). Here characters go
-    raw except those, which are escaped (all are in the BMP).
+
+def yaml_flow(value: Any) -> str:
+    """`value` as YAML in JSON's syntax (flow style), which every YAML parser reads the same.
+
+    Plain JSON is not that: json.dumps escapes characters beyond the BMP as surrogate pairs, which Go's
+    YAML parser refuses ("invalid Unicode character escape code"), and with ensure_ascii=False it writes
+    them raw, which Go's parser refuses too ("control characters are not allowed"), as YAML does C1
+    controls. Those are escaped here the YAML way (\\u, and \\U for beyond the BMP).
     """
-    text = json.dumps(value, ensure_ascii=False)
-    return _YAML_UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return _NOT_RAW.sub(_escape, json.dumps(value, ensure_ascii=False))
 
 
 def load_all(text: str) -> list[Any]:

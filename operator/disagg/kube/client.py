@@ -17,7 +17,7 @@ import urllib3
 from kubernetes import client as k8s
 
 from disagg import GROUP, PLURAL, VERSION
-from disagg.yamlio import yaml_safe_json
+from disagg.yamlio import yaml_flow
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class Kube:
             "PATCH",
             kind.path(meta["namespace"], meta["name"]),
             query=[("fieldManager", field_manager), ("force", "true")],
-            body=yaml_safe_json(manifest).encode(),  # the body is YAML: see yaml_safe_json
+            body=yaml_flow(manifest).encode(),  # the body is YAML, which JSON not always is
             content_type="application/apply-patch+yaml",
         )
         return result

@@ -22,7 +22,7 @@ from disagg.render.context import (
     pool_values,
     router_values,
 )
-from disagg.yamlio import yaml_safe_json
+from disagg.yamlio import yaml_flow
 
 _env = jinja2.Environment(
     loader=jinja2.PackageLoader("disagg.render", "templates"),
@@ -30,8 +30,8 @@ _env = jinja2.Environment(
     keep_trailing_newline=True,
     autoescape=False,
 )
-# JSON is YAML: every value goes through json.dumps, so no user string can break the document.
-_env.filters["j"] = yaml_safe_json
+# Every value goes in as YAML in JSON syntax (yaml_flow), so no user string can break the document.
+_env.filters["j"] = yaml_flow
 
 
 def _documents(template: str, **values: Any) -> list[dict[str, Any]]:
