@@ -191,6 +191,8 @@ def test_fleet_metrics_reach_prometheus_and_follow_the_offered_load(
     cluster: LocalCluster, fleet_env: FleetEnv, e2e_namespace: str
 ) -> None:
     env, ns = fleet_env, e2e_namespace
+    # an earlier test may have stopped and restarted Prometheus: make sure every component is up
+    cluster.up()
     env.kubectl("label", "namespace", ns, f"{SESSION_LABEL}={env.session}")
     operator = OperatorProcess("operator", (ns,), env.operator_kubeconfig, env.workdir / "operator.log", 5.0).start()
     fleet: Fleet | None = None

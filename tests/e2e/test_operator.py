@@ -358,6 +358,9 @@ def test_shipped_rbac_applies_and_is_least_privilege(env: Env) -> None:
     shipped = disagg_cli("rbac")
     assert shipped.returncode == 0, shipped.stderr
     # as printed (names disagg-operator, namespace disagg-system): the API server accepts it as is
+    # (the ServiceAccount's namespace must exist for a server-side dry run; a fresh cluster lacks it)
+    namespace = env.kubectl("create", "namespace", "disagg-system", "--dry-run=client", "-o", "yaml")
+    env.kubectl("apply", "-f", "-", input=namespace.stdout)
     env.kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f", "-", input=shipped.stdout)
     # this session's copy (same rules, own names) is live; its token authenticates as the ServiceAccount
     whoami = env.kubectl("--kubeconfig", str(env.operator_kubeconfig), "auth", "whoami",
