@@ -582,9 +582,18 @@ def test_cordoned_accelerator_nodes_leave_pods_pending_and_unschedulable(
         patch = {"spec": {"decode": {"replicas": 3}}}
         env.kubectl("-n", ns, "patch", "inferenceservice", name, "--type=merge", "-p", json.dumps(patch))
 
-        svc = wait_condition(env, operators, ns, name, "DecodeReady", "False", "Unschedulable", timeout=30)
+        def both_unschedulable() -> dict[str, Any]:
+            # the operator looks at a pool's pods at most every 10 s: the first look may see one of them
+            svc = env.cluster.service(ns, name)
+            decode = condition(svc, "DecodeReady") or {}
+            assert (decode.get("status"), decode.get("reason")) == ("False", "Unschedulable"), decode
+            assert decode["message"].startswith("2 of 3 pods cannot be scheduled: "), decode
+            assert svc is not None
+            return svc
+
+        svc = wait_until(both_unschedulable, 45, "DecodeReady=False/Unschedulable for 2 of 3 pods",
+                         operators.diagnostics())
         decode = condition(svc, "DecodeReady") or {}
-        assert decode["message"].startswith("2 of 3 pods cannot be scheduled: "), decode
         assert re.search(r"\d+/\d+ nodes are available", decode["message"]), decode
         assert "unschedulable" in decode["message"], decode
         ready = condition(svc, "Ready") or {}
