@@ -148,7 +148,7 @@ def node_ready(node: Any) -> bool:
 def env(
     cluster: LocalCluster, kube_api: kclient.ApiClient, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FaultEnv]:
-    session = secrets.token_hex(3)
+    session = "s" + secrets.token_hex(3)  # a letter first: all-digit or 1e5-like ids parse as YAML numbers
     kubectl = Kubectl(bin_dir() / "kubectl", cluster.kubeconfig)
     workdir = tmp_path_factory.mktemp("faults-e2e")
     operator_ns = f"disagg-faults-{session}"

@@ -78,7 +78,7 @@ def fleet_env(
     cluster: LocalCluster, kube_api: kclient.ApiClient, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FleetEnv]:
     """CRD, an operator identity with the shipped rules (own names), and the isolation policy."""
-    session = secrets.token_hex(3)
+    session = "s" + secrets.token_hex(3)  # a letter first: all-digit or 1e5-like ids parse as YAML numbers
     kubectl = Kubectl(bin_dir() / "kubectl", cluster.kubeconfig)
     workdir = tmp_path_factory.mktemp("fleet-e2e")
     operator_ns = f"disagg-fleet-e2e-{session}"

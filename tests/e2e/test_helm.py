@@ -398,7 +398,7 @@ def test_dashboard_and_rules_promql_parse(cluster: LocalCluster, tools: Tools) -
 @pytest.fixture
 def apps_namespace(kube_api: kclient.ApiClient, e2e_namespace: str) -> Iterator[tuple[str, str]]:
     """A second namespace, watched by the namespaced operator; isolated from other operators."""
-    session = secrets.token_hex(4)
+    session = "s" + secrets.token_hex(4)  # a letter first: all-digit or 1e5-like ids parse as YAML numbers
     name = f"{e2e_namespace[:50]}-apps"
     core: Any = kclient.CoreV1Api(kube_api)
     core.create_namespace(kclient.V1Namespace(metadata=kclient.V1ObjectMeta(

@@ -87,7 +87,7 @@ class Env:
 def env(cluster: LocalCluster, kube_api: kclient.ApiClient, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """CRD installed; an operator identity with the shipped RBAC rules and a TokenRequest kubeconfig;
     the admission policy that isolates this session's namespaces."""
-    session = secrets.token_hex(3)
+    session = "s" + secrets.token_hex(3)  # a letter first: all-digit or 1e5-like ids parse as YAML numbers
     kubectl = Kubectl(bin_dir() / "kubectl", cluster.kubeconfig)
     workdir = tmp_path_factory.mktemp("operator-e2e")
     operator_ns = f"disagg-e2e-{session}"
