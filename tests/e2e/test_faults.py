@@ -996,7 +996,7 @@ def test_generated_invalid_and_extreme_services_never_crash_the_operator(
         ready = condition(seen[name], "Ready") or {}
         reason, message = ready.get("reason"), str(ready.get("message", ""))
         if reason == "InvalidSpec":
-            kinds["InvalidSpec"] += 1
+            kinds["InvalidSpec (operator)" if outcome.offline else "InvalidSpec (a child refused)"] += 1
             if not re.search(r"\b(spec|metadata\.name)[.\[:]", message):
                 unclear.append(f"{name} ({outcome.mutation}): no field path in {message[:200]!r}")
             if outcome.offline is None and outcome.mutation not in REFUSED_CHILDREN:
