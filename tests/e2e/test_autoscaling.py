@@ -1,0 +1,707 @@
+"""e2e: the operator's autoscaler on the local cluster, driven by the real Prometheus scraping the simulated
+engine fleet (`python -m disagg.sim.fleet`).
+
+A namespace of this module holds an examples/01-like InferenceService (vLLM, prefill on H100, decode on
+H200, both pools autoscaled from one replica), its own operator process (the shipped RBAC under
+session-specific names, a TokenRequest kubeconfig, namespaced, `--prometheus-url` and short autoscaling
+settings: see `operator_flags`) and its own fleet (own control port). The session's admission policy
+(operator_support.isolation_policy) keeps any other operator on the cluster from writing there.
+
+The workload is chosen so that the step's need is unambiguous (see `Workload`): a steady load one replica
+per pool serves comfortably, then 4x that, which needs exactly two replicas in each pool for any plausible
+state of the policy's online corrections. The tests run in order on the same service:
+
+(a) from the settled steady load, the 4x step: both pools scale up in one decision each (one `Scaled`
+    Event per pool, straight to the count the pool then keeps; `status.<pool>.lastScale` has from/to);
+    the reaction time from the step (the fleet's `applied_at_unix`) to each Deployment's new
+    `spec.replicas` (seen by a watch) is measured and printed;
+(b) back to the steady load: no pool scales down before the stabilisation window has passed since the
+    step down (the last higher recommendation comes after it); then decode does. (Prefill is sized by
+    replaying the last 5 minutes of load, so its recommendation stays up for that long: it only has to
+    hold through the window here.)
+(c) Prometheus stopped, and the 4x step offered meanwhile: the replicas hold, `ScalingActive=False` with
+    reason `MetricsUnavailable`; Prometheus started again: `ScalingActive=True` and the step is acted on.
+    Prometheus is shared with other tests: it is restarted in a `finally`.
+
+The rig (identity and isolation, the fleet process, the Deployment watch, settling) is also what
+bench/reaction.py runs on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+from kubernetes import client as kclient
+from kubernetes import watch as kwatch
+from operator_support import (
+    EXAMPLES,
+    SESSION_LABEL,
+    Cluster,
+    Kubectl,
+    OperatorProcess,
+    bin_dir,
+    condition,
+    diagnose,
+    disagg_cli,
+    dump,
+    free_port,
+    in_namespace,
+    is_ready,
+    isolation_policy,
+    load_docs,
+    remove_finalizers,
+    renamed_rbac,
+    wait_until,
+)
+
+from disagg.api.v1alpha1 import InferenceServiceSpec
+from disagg.capacity.models import from_architecture
+from disagg.capacity.roofline import DEFAULT_EFFICIENCY, prefill_seconds
+from disagg.catalog.accelerators import DEFAULT_CATALOG
+
+if TYPE_CHECKING:
+    from conftest import LocalCluster
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICE = "llama-70b"
+ROLES = ("prefill", "decode")
+
+TICK_S = 2.0
+RATE_WINDOW = "6s"
+"""Three scrape intervals: every window holds two or three samples of each pod."""
+SCALE_DOWN_WINDOW_S = 45.0
+STALENESS_S = 15.0
+SCRAPE_INTERVAL_S = 2.0
+"""The local Prometheus' scrape interval (hack/cluster.py)."""
+STEP_FACTOR = 4.0
+
+
+def operator_flags(tick_s: float = TICK_S, rate_window: str = RATE_WINDOW,
+                   scale_down_window_s: float = SCALE_DOWN_WINDOW_S, staleness_s: float = STALENESS_S,
+                   prometheus_url: str = "http://127.0.0.1:9090") -> tuple[str, ...]:
+    return (
+        "--prometheus-url", prometheus_url,
+        "--autoscale-tick", f"{tick_s:g}",
+        "--prometheus-rate-window", rate_window,
+        "--scale-down-window", f"{scale_down_window_s:g}",
+        "--metrics-staleness", f"{staleness_s:g}",
+        "--prometheus-timeout", "2",
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The offered load of the tests and of bench/reaction.py, in requests/s.
+
+    512-token prompts and 640-token outputs, Poisson arrivals. The step is 1.02x what one prefill replica
+    of examples/01 (H100 TP2, 44 ms per prompt) processes: one prefill replica cannot keep up, two run at
+    half load, and the policy sizes two for any effective-load factor it may have fitted (1-2.5). Decode
+    then generates ~15k tokens/s: two H200 TP2 replicas at the ITL target whatever the policy's
+    correction (0.9-1.3), also during a +15 % catch-up. The steady load is a quarter of the step: one
+    replica of each pool at ~25 %. With these sizes the prefill TTFT (~50-70 ms) stays inside vLLM's
+    fine TTFT buckets; with 1024-token prompts it sits at the 0.1 s bucket bound, the interpolated p90
+    reads queueing where there is none and the policy's fitted effective load drifts up (prefill went to
+    two replicas at a quarter of one's capacity in every such run), so the steady state is not settled.
+    """
+
+    prompt_tokens: int = 512
+    output_tokens: int = 640
+    step_rps: float = 0.0
+    steady_rps: float = 0.0
+
+    @classmethod
+    def for_service(cls, manifest: dict[str, Any], factor: float = STEP_FACTOR, overload: float = 1.02) -> Workload:
+        spec = InferenceServiceSpec.model_validate(manifest["spec"])
+        assert spec.model.architecture is not None and spec.prefill.accelerator.type is not None
+        model = from_architecture(spec.model.architecture, spec.model.name)
+        accelerator = DEFAULT_CATALOG[spec.prefill.accelerator.type]
+        base = cls()
+        service = prefill_seconds(model, accelerator, spec.prefill.parallelism.tensor, base.prompt_tokens,
+                                  DEFAULT_EFFICIENCY)
+        step = overload / service
+        return cls(base.prompt_tokens, base.output_tokens, round(step, 2), round(step / factor, 2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the rig: an operator identity and isolation for this session, the fleet, a Deployment watch
+
+
+@dataclass(frozen=True)
+class Rig:
+    session: str
+    kubectl: Kubectl
+    cluster: Cluster
+    operator_namespace: str
+    operator_kubeconfig: Path
+    admin_kubeconfig: Path
+    engines_file: Path
+    workdir: Path
+
+
+@contextlib.contextmanager
+def rig(admin_kubeconfig: Path, engines_file: Path, api: kclient.ApiClient, workdir: Path,
+        label: str = "autoscale-e2e") -> Iterator[Rig]:
+    """CRD, an operator identity with the shipped rules (session-specific names) and the isolation policy;
+    all removed afterwards."""
+    # a letter first: a label value like "1e5432" reaches kubectl as a YAML number
+    session = "s" + secrets.token_hex(3)
+    kubectl = Kubectl(bin_dir() / "kubectl", admin_kubeconfig)
+    operator_ns = f"disagg-{label}-{session}"
+    crd = disagg_cli("crd")
+    assert crd.returncode == 0, crd.stderr
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=crd.stdout)
+    kubectl("wait", "--for=condition=Established", "crd/inferenceservices.disagg.dev", "--timeout=60s", timeout=90)
+    try:
+        kubectl("create", "namespace", operator_ns)
+        rbac = disagg_cli("rbac", "--namespace", operator_ns, "--service-account", "disagg-operator")
+        assert rbac.returncode == 0, rbac.stderr
+        docs = renamed_rbac(list(yaml.safe_load_all(rbac.stdout)), f"disagg-operator-{label}-{session}")
+        for doc in docs:
+            doc["metadata"].setdefault("labels", {})[SESSION_LABEL] = session
+        kubectl("apply", "--server-side", "-f", "-", input=dump(docs))
+        out = workdir / "operator.kubeconfig"
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "hack" / "cluster.py"), "sa-kubeconfig", "--namespace", operator_ns,
+             "--service-account", "disagg-operator", "--out", str(out), "--duration", "7200"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert proc.returncode == 0, f"sa-kubeconfig failed:\n{proc.stdout}\n{proc.stderr}"
+        kubectl("apply", "--server-side", "-f", "-", input=dump(isolation_policy(session, operator_ns)))
+        yield Rig(session, kubectl, Cluster(api), operator_ns, out, admin_kubeconfig, engines_file, workdir)
+    finally:
+        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy,clusterrolebinding,clusterrole",
+                "-l", f"{SESSION_LABEL}={session}", "--wait=false", check=False)
+        kubectl("delete", "namespace", operator_ns, "--wait=false", check=False)
+
+
+def isolate(rig: Rig, namespace: str) -> None:
+    """Puts a namespace under the session's admission policy and waits until it is enforced there."""
+    rig.kubectl("label", "namespace", namespace, f"{SESSION_LABEL}={rig.session}", "--overwrite")
+
+    def denied() -> bool:
+        probe = rig.kubectl(
+            "-n", namespace, "create", "service", "clusterip", "isolation-probe", "--tcp=80", "--dry-run=server",
+            "--as=system:serviceaccount:some-other-operator:disagg-operator", "--as-group=system:masters",
+            check=False,
+        )
+        return probe.returncode != 0 and "ValidatingAdmissionPolicy" in probe.stderr
+
+    wait_until(denied, 20, f"the isolation policy to cover namespace {namespace}",
+               lambda: rig.kubectl.text("get", "validatingadmissionpolicy", "-o", "yaml"))
+
+
+def autoscaled_service(namespace: str, max_prefill: int = 8, max_decode: int = 16) -> dict[str, Any]:
+    """examples/01 (vLLM, prefill on H100, decode on H200, both pools autoscaled) starting at one replica
+    per pool, one router replica."""
+    (example,) = [p for p in EXAMPLES if p.name.startswith("01-")]
+    (service,) = [in_namespace(d, namespace) for d in load_docs(example) if d.get("kind") == "InferenceService"]
+    spec = service["spec"]
+    spec["router"]["replicas"] = 1
+    spec["prefill"]["replicas"] = 1
+    spec["decode"]["replicas"] = 1
+    spec["prefill"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": max_prefill}
+    spec["decode"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": max_decode}
+    assert service["metadata"]["name"] == SERVICE
+    return service
+
+
+@dataclass
+class FleetProcess:
+    """One `python -m disagg.sim.fleet -n NS` process with its own control port."""
+
+    proc: subprocess.Popen[bytes]
+    control: str
+    log_path: Path
+
+    @classmethod
+    def start(cls, rig: Rig, namespace: str, default_load: str, seed: int = 7,
+              prompt_tokens: int | None = None, output_tokens: int | None = None) -> FleetProcess:
+        port = free_port()
+        log_path = rig.workdir / f"fleet-{namespace}.log"
+        cmd = [
+            sys.executable, "-m", "disagg.sim.fleet", "--namespace", namespace,
+            "--kubeconfig", str(rig.admin_kubeconfig), "--control-port", str(port),
+            "--targets-file", str(rig.engines_file), "--seed", str(seed), "--default-load", default_load,
+        ]
+        if prompt_tokens is not None:
+            cmd += ["--prompt-tokens", str(prompt_tokens)]
+        if output_tokens is not None:
+            cmd += ["--output-tokens", str(output_tokens)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                    start_new_session=True)
+        fleet = cls(proc, f"http://127.0.0.1:{port}", log_path)
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"fleet exited with {proc.returncode}\n{fleet.log_tail()}")
+            try:
+                return bool(fleet.get("/healthz")["ok"])
+            except (OSError, urllib.error.URLError):
+                return False
+
+        try:
+            wait_until(healthy, 30, "the fleet's control API", fleet.log_tail)
+        except BaseException:
+            fleet.stop()
+            raise
+        return fleet
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.control}{path}", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def put_load(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(f"{self.control}/load/{namespace}/{name}", data=json.dumps(body).encode(),
+                                         method="PUT", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            result: dict[str, Any] = json.loads(resp.read())
+        assert result.get("known"), f"the fleet does not know {namespace}/{name} yet: {result}"
+        return result
+
+    def served(self, namespace: str, name: str) -> dict[str, int]:
+        """Pods the fleet serves per role for one service."""
+        counts = dict.fromkeys(ROLES, 0)
+        for pod in self.get("/state").get("pods", []):
+            if pod.get("namespace") == namespace and pod.get("service") == name and pod.get("role") in counts:
+                counts[pod["role"]] += 1
+        return counts
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return f"--- fleet log ({self.log_path}), last {len(text)} lines ---\n" + "\n".join(text)
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+@dataclass
+class ReplicaWatch:
+    """Watches a service's pool Deployments and records every change of `spec.replicas` with the wall-clock
+    time this process saw it (the same clock as the fleet's `applied_at_unix`)."""
+
+    api: kclient.ApiClient
+    namespace: str
+    service: str
+    changes: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: {r: [] for r in ROLES})
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _synced: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+
+    def start(self) -> ReplicaWatch:
+        self._thread = threading.Thread(target=self._run, name=f"replica-watch-{self.namespace}", daemon=True)
+        self._thread.start()
+        if not self._synced.wait(30):
+            raise AssertionError(f"the Deployment watch of {self.namespace} did not sync: {self.error}")
+        return self
+
+    def _record(self, deployment: Any, seen_at: float) -> None:
+        name = deployment.metadata.name
+        role = name.removeprefix(f"{self.service}-")
+        if role not in self.changes:
+            return
+        replicas = int(deployment.spec.replicas or 0)
+        with self._lock:
+            history = self.changes[role]
+            if not history or history[-1][1] != replicas:
+                history.append((seen_at, replicas))
+
+    def _run(self) -> None:
+        apps: Any = kclient.AppsV1Api(self.api)
+        make_watch: Any = kwatch.Watch
+        selector = f"disagg.dev/service={self.service}"
+        while not self._stop.is_set():
+            try:
+                listed = apps.list_namespaced_deployment(self.namespace, label_selector=selector)
+                now = time.time()
+                for item in listed.items:
+                    self._record(item, now)
+                self._synced.set()
+                stream = make_watch()
+                for event in stream.stream(apps.list_namespaced_deployment, self.namespace,
+                                           label_selector=selector, resource_version=listed.metadata.resource_version,
+                                           timeout_seconds=5, _request_timeout=10):
+                    seen_at = time.time()
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self._record(event["object"], seen_at)
+                    if self._stop.is_set():
+                        stream.stop()
+                        break
+            except Exception as error:  # a watch error is retried; shown on failure
+                self.error = f"{type(error).__name__}: {error}"
+                self._stop.wait(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def current(self, role: str) -> int | None:
+        with self._lock:
+            history = self.changes[role]
+            return history[-1][1] if history else None
+
+    def history(self, role: str) -> list[tuple[float, int]]:
+        with self._lock:
+            return list(self.changes[role])
+
+    def first_change_after(self, role: str, since: float) -> tuple[float, int] | None:
+        for at, replicas in self.history(role):
+            if at >= since:
+                return at, replicas
+        return None
+
+    def describe(self, since: float = 0.0) -> str:
+        lines = []
+        for role in ROLES:
+            steps = ", ".join(f"{replicas}@{at - since:+.1f}s" for at, replicas in self.history(role))
+            lines.append(f"{role}: {steps}")
+        return "--- spec.replicas seen by the watch (time relative to the last step) ---\n" + "\n".join(lines)
+
+
+def scaled_events(cluster: Cluster, namespace: str, name: str, since: float = 0.0) -> list[dict[str, Any]]:
+    """`Scaled` Events of the service (last seen at or after `since`, whole seconds), oldest first, each with
+    its pool, message, repeat count and time (unix seconds)."""
+    events = cluster.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name},reason=Scaled").items
+    out = []
+    for event in events:
+        stamp = event.last_timestamp or event.event_time or event.metadata.creation_timestamp
+        at = stamp.timestamp() if stamp is not None else 0.0
+        if at < math.floor(since):
+            continue
+        message = event.message or ""
+        out.append({"role": message.split(" ", 1)[0], "message": message, "count": int(event.count or 1), "at": at})
+    out.sort(key=lambda e: float(e["at"]))
+    return out
+
+
+def pool_status(service: dict[str, Any] | None, role: str) -> dict[str, Any]:
+    return dict(((service or {}).get("status") or {}).get(role) or {})
+
+
+def deployment_replicas(cluster: Cluster, namespace: str, role: str) -> tuple[int, int] | None:
+    """(spec.replicas, status.readyReplicas) of a pool's Deployment; None while there is none."""
+    try:
+        deployment = cluster.apps.read_namespaced_deployment(f"{SERVICE}-{role}", namespace)
+    except kclient.ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return int(deployment.spec.replicas or 0), int(deployment.status.ready_replicas or 0)
+
+
+def settle(
+    cluster: Cluster, namespace: str, watch: ReplicaWatch, since: float, min_age_s: float, quiet_s: float,
+    timeout: float, diagnostics: Callable[[], str], service: str = SERVICE,
+) -> dict[str, int]:
+    """Waits until the autoscaler has had `min_age_s` of the load (counted from `since`), ScalingActive is
+    True, and neither pool's replicas changed for `quiet_s` with desiredReplicas equal to them. Returns
+    the settled replicas per pool."""
+
+    def settled() -> dict[str, int] | None:
+        now = time.time()
+        assert now - since >= min_age_s, f"load on for {now - since:.0f}s of {min_age_s:.0f}s"
+        svc = cluster.service(namespace, service)
+        cond = condition(svc, "ScalingActive")
+        assert cond is not None and cond["status"] == "True", f"{service}: ScalingActive {cond}"
+        counts: dict[str, int] = {}
+        for role in ROLES:
+            history = watch.history(role)
+            assert history, f"{service}: no {role} Deployment seen"
+            at, replicas = history[-1]
+            assert now - at >= quiet_s, (
+                f"{service}: {role} changed to {replicas} {now - at:.0f}s ago (want {quiet_s:.0f}s quiet)")
+            desired = pool_status(svc, role).get("desiredReplicas")
+            assert desired == replicas, f"{service}: {role} desiredReplicas {desired}, spec.replicas {replicas}"
+            counts[role] = replicas
+        return counts
+
+    return wait_until(settled, timeout, "the pools to settle", diagnostics, interval=1.0)
+
+
+def first_changes(watch: ReplicaWatch, since: float) -> dict[str, tuple[float, int]]:
+    """Each pool's first spec.replicas change at or after `since` (pools without one are left out)."""
+    out: dict[str, tuple[float, int]] = {}
+    for role in ROLES:
+        change = watch.first_change_after(role, since)
+        if change is not None:
+            out[role] = change
+    return out
+
+
+@dataclass
+class Scenario:
+    """One autoscaled service with its own operator and fleet, settled at the steady load."""
+
+    cluster: LocalCluster
+    rig: Rig
+    namespace: str
+    operator: OperatorProcess
+    workload: Workload
+    fleet: FleetProcess | None = None
+    watch: ReplicaWatch | None = None
+    settled: dict[str, int] = field(default_factory=dict)
+    step_at: float = 0.0
+    results: dict[str, Any] = field(default_factory=dict)
+    """What one test leaves for the next (they run in order on the same service)."""
+
+    def service(self) -> dict[str, Any] | None:
+        return self.rig.cluster.service(self.namespace, SERVICE)
+
+    def load(self, rps: float) -> float:
+        """Sets the offered load; returns when the fleet applied it (unix seconds)."""
+        assert self.fleet is not None
+        return float(self.fleet.put_load(self.namespace, SERVICE, {"rps": rps})["applied_at_unix"])
+
+    def current(self) -> dict[str, int | None]:
+        assert self.watch is not None
+        return {role: self.watch.current(role) for role in ROLES}
+
+    def diagnostics(self) -> str:
+        parts = [diagnose(self.rig.kubectl, [self.namespace], [self.operator])]
+        if self.fleet is not None:
+            parts.append(self.fleet.log_tail())
+        if self.watch is not None:
+            parts.append(self.watch.describe(self.step_at))
+        try:
+            events = scaled_events(self.rig.cluster, self.namespace, SERVICE)
+            parts.append("--- Scaled Events ---\n" + "\n".join(f"x{e['count']} {e['message'][:500]}" for e in events))
+        except kclient.ApiException as error:
+            parts.append(f"Scaled Events: {error}")
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def autoscale_rig(
+    cluster: LocalCluster, kube_api: kclient.ApiClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Rig]:
+    with rig(cluster.kubeconfig, cluster.engines_file, kube_api, tmp_path_factory.mktemp("autoscale-e2e")) as r:
+        yield r
+
+
+SETTLE_MIN_S = 45.0
+"""The steady load runs at least this long before the step (decode sequences live ~13 s, the policy's
+fits want a few dozen ticks)."""
+SETTLE_QUIET_S = 20.0
+HOLD_CHECK_S = 25.0
+"""After the step's scale-ups, the pools must keep their count this long (no second decision)."""
+OUTAGE_S = 20.0
+
+
+@pytest.fixture(scope="module")
+def scenario(cluster: LocalCluster, autoscale_rig: Rig) -> Iterator[Scenario]:
+    r = autoscale_rig
+    namespace = f"e2e-autoscaling-{secrets.token_hex(3)}"
+    r.kubectl("create", "namespace", namespace)
+    r.kubectl("label", "namespace", namespace, "e2e=true")
+    manifest = autoscaled_service(namespace)
+    s = Scenario(cluster, r, namespace,
+                 OperatorProcess("autoscaler", (namespace,), r.operator_kubeconfig, r.workdir / "operator.log", 30.0,
+                                 extra_args=operator_flags()),
+                 Workload.for_service(manifest))
+    try:
+        isolate(r, namespace)
+        s.operator.start().wait_healthy(timeout=30)
+        r.kubectl("apply", "-f", "-", input=dump([manifest]))
+
+        def ready_at_one() -> dict[str, Any] | None:
+            svc = s.service()
+            counts = {role: deployment_replicas(r.cluster, namespace, role) for role in ROLES}
+            assert is_ready(svc) and counts == {"prefill": (1, 1), "decode": (1, 1)}, (
+                f"Ready {condition(svc, 'Ready')}; (spec, ready) replicas {counts}")
+            return svc
+
+        wait_until(ready_at_one, 90, f"{SERVICE} Ready with one replica per pool", s.diagnostics)
+        s.watch = ReplicaWatch(r.cluster.api, namespace, SERVICE).start()
+        s.fleet = FleetProcess.start(r, namespace, f"{s.workload.steady_rps:g}",
+                                     prompt_tokens=s.workload.prompt_tokens, output_tokens=s.workload.output_tokens)
+        wait_until(lambda: s.fleet is not None and s.fleet.served(namespace, SERVICE) == {"prefill": 1, "decode": 1},
+                   30, "the fleet to serve both pools' pods", s.diagnostics)
+        load_on = time.time()
+        s.settled = settle(r.cluster, namespace, s.watch, load_on, SETTLE_MIN_S, SETTLE_QUIET_S, SETTLE_MIN_S + 60,
+                           s.diagnostics)
+        print(f"\nautoscaling e2e: settled at {s.settled} {time.time() - load_on:.0f}s after the steady load "
+              f"({s.workload.steady_rps:g} requests/s of {s.workload.prompt_tokens}+{s.workload.output_tokens} "
+              "tokens) started")
+        yield s
+    finally:
+        if s.watch is not None:
+            s.watch.stop()
+        if s.fleet is not None:
+            s.fleet.stop()
+        s.operator.stop()
+        remove_finalizers(r.cluster, namespace)
+        r.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def test_a_4x_step_scales_each_pool_once_straight_to_its_need(scenario: Scenario) -> None:
+    s = scenario
+    assert s.watch is not None
+    before = dict(s.settled)
+    assert before == {"prefill": 1, "decode": 1}, f"the steady load settled at {before}\n{s.diagnostics()}"
+    s.step_at = s.load(s.workload.step_rps)
+
+    def both_up() -> dict[str, tuple[float, int]] | None:
+        assert s.watch is not None
+        first = first_changes(s.watch, s.step_at)
+        assert set(first) == set(ROLES), f"first changes after the step: {first}"
+        return first
+
+    first = wait_until(both_up, 60, f"both pools to scale up after the {STEP_FACTOR:g}x step", s.diagnostics)
+    reaction = {role: at - s.step_at for role, (at, _) in first.items()}
+    print(f"autoscaling e2e: {STEP_FACTOR:g}x step ({s.workload.steady_rps:g} -> {s.workload.step_rps:g} requests/s) "
+          "reaction, applied_at_unix -> new Deployment spec.replicas seen by a watch: " + ", ".join(
+              f"{role} {before[role]} -> {first[role][1]} in {reaction[role]:.1f}s" for role in ROLES)
+          + f" (tick {TICK_S:g}s, rate window {RATE_WINDOW}, scrape {SCRAPE_INTERVAL_S:g}s)")
+    for role in ROLES:
+        assert first[role][1] > before[role], f"{role} did not scale up: {first[role]}\n{s.diagnostics()}"
+    s.results["scaled_to"] = {role: first[role][1] for role in ROLES}
+    s.results["reaction_s"] = reaction
+    time.sleep(max(0.0, max(at for at, _ in first.values()) + HOLD_CHECK_S - time.time()))
+    for role in ROLES:
+        after = [replicas for at, replicas in s.watch.history(role) if at >= s.step_at]
+        assert after == [first[role][1]], (
+            f"{role} took more than one decision for the {STEP_FACTOR:g}x step: spec.replicas {before[role]} -> "
+            f"{after}\n{s.diagnostics()}")
+    events = scaled_events(s.rig.cluster, s.namespace, SERVICE, since=s.step_at)
+    svc = s.service()
+    for role in ROLES:
+        mine = [e for e in events if e["role"] == role]
+        assert len(mine) == 1 and mine[0]["count"] == 1, (
+            f"{role}: want one Scaled Event for the step, got {mine}\n{s.diagnostics()}")
+        assert mine[0]["message"].startswith(f"{role} {before[role]} -> {first[role][1]}:"), mine[0]
+        last = pool_status(svc, role).get("lastScale") or {}
+        assert (last.get("from"), last.get("to")) == (before[role], first[role][1]), f"{role} lastScale {last}"
+        assert last.get("reason") and last.get("time"), last
+        assert pool_status(svc, role).get("desiredReplicas") == first[role][1], pool_status(svc, role)
+
+
+def test_b_scale_down_only_after_the_stabilisation_window(scenario: Scenario) -> None:
+    s = scenario
+    assert s.watch is not None
+    if "scaled_to" not in s.results:
+        pytest.fail("test (a) did not leave the pools scaled up")
+    scaled_to = s.results["scaled_to"]
+    s.step_at = s.load(s.workload.steady_rps)
+
+    def decode_down() -> dict[str, tuple[float, int]] | None:
+        assert s.watch is not None
+        changes = first_changes(s.watch, s.step_at)
+        early = {role: c for role, c in changes.items() if c[0] - s.step_at < SCALE_DOWN_WINDOW_S}
+        if early:  # fails at once, not at the timeout
+            raise RuntimeError(f"scaled within the {SCALE_DOWN_WINDOW_S:g}s window after the load went down: {early}")
+        assert "decode" in changes, f"first changes after the step down: {changes}"
+        return changes
+
+    try:
+        down = wait_until(decode_down, SCALE_DOWN_WINDOW_S + 40, "decode to scale down after the window",
+                          s.diagnostics, interval=0.5)
+    except RuntimeError as error:
+        pytest.fail(f"{error}\n{s.diagnostics()}")
+    for role, (at, replicas) in down.items():
+        assert replicas < scaled_to[role], f"{role}: {scaled_to[role]} -> {replicas} is not down"
+        assert at - s.step_at >= SCALE_DOWN_WINDOW_S, f"{role} scaled down after {at - s.step_at:.1f}s"
+    print("autoscaling e2e: after the step down: " + ", ".join(
+        f"{role} {scaled_to[role]} -> {down[role][1]} after {down[role][0] - s.step_at:.1f}s" if role in down
+        else f"{role} holds {s.watch.current(role)} (its replay of the last 5 min still has the step)"
+        for role in ROLES) + f" (window {SCALE_DOWN_WINDOW_S:g}s)")
+    s.results["low"] = settle(s.rig.cluster, s.namespace, s.watch, s.step_at, SCALE_DOWN_WINDOW_S, 3 * TICK_S, 60,
+                              s.diagnostics)
+
+
+def test_c_prometheus_down_holds_and_says_so_then_scaling_resumes(scenario: Scenario) -> None:
+    s = scenario
+    assert s.watch is not None
+    if "low" not in s.results:
+        pytest.fail("test (b) did not leave decode scaled down")
+    low = s.results["low"]
+    cluster = s.cluster
+    stopped = False
+
+    def scaling_active() -> dict[str, Any] | None:
+        return condition(s.service(), "ScalingActive")
+
+    try:
+        stopped = True
+        cluster.prometheus_stop()
+        outage_at = time.time()
+        s.step_at = s.load(s.workload.step_rps)
+
+        def unavailable() -> dict[str, Any] | None:
+            cond = scaling_active()
+            assert cond is not None and (cond["status"], cond["reason"]) == ("False", "MetricsUnavailable"), cond
+            return cond
+
+        cond = wait_until(unavailable, 3 * TICK_S + 10, "ScalingActive=False reason MetricsUnavailable",
+                          s.diagnostics)
+        assert "Prometheus" in cond["message"], cond
+        time.sleep(max(0.0, outage_at + OUTAGE_S - time.time()))  # well past the step's reaction time
+        assert not first_changes(s.watch, outage_at), f"replicas changed while Prometheus was down\n{s.diagnostics()}"
+        svc = s.service()
+        for role in ROLES:
+            assert pool_status(svc, role).get("desiredReplicas") == low[role], (role, pool_status(svc, role))
+        assert unavailable()
+        warned = s.rig.cluster.core.list_namespaced_event(
+            s.namespace, field_selector=f"involvedObject.name={SERVICE},reason=MetricsUnavailable").items
+        assert any(e.type == "Warning" for e in warned), warned
+        held_for = time.time() - outage_at
+        cluster.prometheus_start()
+        stopped = False
+        restarted_at = time.time()
+    finally:
+        if stopped:
+            cluster.prometheus_start()
+
+    def active() -> dict[str, Any] | None:
+        cond = scaling_active()
+        assert cond is not None and (cond["status"], cond["reason"]) == ("True", "MetricsAvailable"), cond
+        return cond
+
+    wait_until(active, 45, "ScalingActive=True after Prometheus is back", s.diagnostics)
+
+    def resumed() -> dict[str, tuple[float, int]] | None:
+        assert s.watch is not None
+        changes = first_changes(s.watch, restarted_at)
+        assert "decode" in changes, f"changes since Prometheus is back: {changes}"
+        return changes
+
+    up = wait_until(resumed, 45, "the step offered during the outage to be acted on", s.diagnostics)
+    for role, (_, replicas) in up.items():
+        assert replicas > low[role], f"{role}: {low[role]} -> {replicas} after the restart"
+    print(f"autoscaling e2e: Prometheus down {held_for:.0f}s: replicas held at {low}, ScalingActive=False "
+          "MetricsUnavailable; back: " + ", ".join(
+              f"{role} {low[role]} -> {n} {at - restarted_at:.1f}s after the restart" for role, (at, n) in up.items()))
