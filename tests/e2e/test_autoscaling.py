@@ -118,9 +118,10 @@ class Workload:
     then generates ~15k tokens/s: two H200 TP2 replicas at the ITL target whatever the policy's
     correction (0.9-1.3), also during a +15 % catch-up. The steady load is a quarter of the step: one
     replica of each pool at ~25 %. With these sizes the prefill TTFT (~50-70 ms) stays inside vLLM's
-    fine TTFT buckets; with 1024-token prompts it sits at the 0.1 s bucket bound, the interpolated p90
-    reads queueing where there is none and the policy's fitted effective load drifts up (prefill went to
-    two replicas at a quarter of one's capacity in every such run), so the steady state is not settled.
+    fine TTFT buckets; with 1024-token prompts it sits at the 0.1 s bucket bound and the interpolated
+    p90 reads about twice the real one (0.19-0.22 s for ~0.1 s), which the policy's TTFT fit takes for
+    queueing (before the fit's `min_gain` it drifted the effective load to x1.2-2.25 and prefill went to
+    two replicas at a quarter of one's capacity).
     """
 
     prompt_tokens: int = 512
