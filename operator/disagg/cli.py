@@ -112,6 +112,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not args.all_namespaces and not args.namespace:
         raise SystemExit("error: give --all-namespaces or at least one --namespace")
+    from disagg.scaling.signals import prometheus_duration_seconds
+
+    try:
+        prometheus_duration_seconds(args.prometheus_rate_window)
+    except ValueError as error:
+        raise SystemExit(f"error: --prometheus-rate-window: {error}") from None
     import random
 
     # each replica needs its own priority: kopf pauses every peer that sees an equal or higher one

@@ -55,6 +55,11 @@ def yaml_flow(value: Any) -> str:
     return _NOT_RAW.sub(_escape, json.dumps(value, ensure_ascii=False))
 
 
+# libyaml's safe loader where PyYAML was built with it: the same documents, ~10x faster (rendering the
+# children of 1,000 services parses 13,000 documents).
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_all(text: str) -> list[Any]:
     """Every non-empty document of a multi-document YAML text."""
-    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    return [doc for doc in yaml.load_all(text, Loader=_SafeLoader) if doc is not None]

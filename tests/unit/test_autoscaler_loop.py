@@ -18,7 +18,7 @@ from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, Kube
 from disagg.reconcile.autoscale import Autoscaler, Index
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
-from disagg.scaling.signals import QuerySet, histogram_quantile
+from disagg.scaling.signals import QuerySet, histogram_quantile, prometheus_duration_seconds
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "01-vllm-nixl-llama70b.yaml"
 NOW = 1_800_000_000.0
@@ -198,3 +198,15 @@ def test_histogram_quantile_matches_prometheus(q: float, buckets: list[tuple[flo
                                                expected: float | None) -> None:
     result = histogram_quantile(q, buckets)
     assert result == pytest.approx(expected) if expected is not None else result is None
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30.0), ("1m30s", 90.0), ("500ms", 0.5), ("2m", 120.0)])
+def test_rate_window_durations_are_read_like_prometheus(text: str, seconds: float) -> None:
+    # the policy's notion of "a whole rate window at this pool size" comes from the same string
+    assert QuerySet(window=text).window_seconds == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30", "30 s", "1.5m", "s30", "30sec"])
+def test_a_bad_rate_window_is_refused_with_its_text(text: str) -> None:
+    with pytest.raises(ValueError, match="not a Prometheus duration"):
+        prometheus_duration_seconds(text)

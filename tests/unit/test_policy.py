@@ -389,3 +389,46 @@ def test_slo_guard_adds_load_while_the_ttft_breaks_the_target_with_requests_queu
             _, state = run(_prefill_only(50_000, now, current["prefill"], 0.3), current, state, now=now,
                            settings=replace(SETTINGS, signal_window_s=0.0))
         assert 1.0 < state.pool("prefill").slo_guard < guard
+
+
+@pytest.mark.parametrize("persist_s", [60.0, 0.0])
+def test_a_step_after_a_calm_spell_is_answered_on_the_first_tick_that_shows_it(persist_s: float) -> None:
+    # Five calm minutes of 2-s ticks in the replay, then a step to 30k prompt tok/s (2.6 replicas' worth):
+    # with the newest window persisted the first tick that sees it scales to what it needs; the replay
+    # alone waits until enough of the step has outweighed the 150 calm windows, and asks for less.
+    settings = replace(SETTINGS, persist_s=persist_s, tick_s=2.0, signal_window_s=6.0)
+    state = PolicyState()
+    current = {"prefill": 2, "decode": 4}
+    for step in range(150):
+        now = 100.0 + 2 * step
+        decisions, state = run(_prefill_only(8_000, now, current["prefill"], None), current, state, now=now,
+                               settings=settings)
+        current = {"prefill": decisions["prefill"].desired, "decode": 4}
+    assert current["prefill"] == 2
+    decisions, state = run(_prefill_only(30_000, 400.0, 2, None), current, state, now=400.0, settings=settings)
+    if persist_s > 0:
+        assert decisions["prefill"].desired >= 4, decisions["prefill"].reason
+        assert "if the newest load lasts 60s" in decisions["prefill"].reason
+    else:
+        assert not decisions["prefill"].changed, decisions["prefill"].reason
+
+
+def test_a_short_spike_scales_up_once_and_back_once() -> None:
+    # A spike one rate window long: the persisted check asks at once for what the spike needs, and the
+    # pool comes back once the replay and the scale-down window have let go of it: one up, one down.
+    settings = replace(SETTINGS, scale_down_window_s=120.0, replay_s=120.0)
+    state = PolicyState()
+    current = {"prefill": 3, "decode": 4}
+    changes = []
+    for step in range(40):
+        now = 100.0 + 15 * step
+        load = 60_000 if step == 10 else 20_000
+        decisions, state = run(_prefill_only(load, now, current["prefill"], None), current, state, now=now,
+                               settings=settings)
+        if decisions["prefill"].changed:
+            changes.append((step, current["prefill"], decisions["prefill"].desired))
+        current = {"prefill": decisions["prefill"].desired, "decode": 4}
+    ups = [c for c in changes if c[2] > c[1]]
+    downs = [c for c in changes if c[2] < c[1]]
+    assert [c[0] for c in ups] == [10] and ups[0][2] >= 5, changes
+    assert len(downs) == 1 and downs[0][0] >= 10 + 120 / 15, changes

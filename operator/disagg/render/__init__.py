@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import jinja2
-import yaml
 
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
 from disagg.api.validate import validate_service
@@ -22,7 +21,7 @@ from disagg.render.context import (
     pool_values,
     router_values,
 )
-from disagg.yamlio import yaml_flow
+from disagg.yamlio import load_all, yaml_flow
 
 _env = jinja2.Environment(
     loader=jinja2.PackageLoader("disagg.render", "templates"),
@@ -36,7 +35,7 @@ _env.filters["j"] = yaml_flow
 
 def _documents(template: str, **values: Any) -> list[dict[str, Any]]:
     text = _env.get_template(template).render(**values)
-    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    return load_all(text)
 
 
 def _tidy(manifest: dict[str, Any]) -> dict[str, Any]:

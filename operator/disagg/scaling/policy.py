@@ -147,6 +147,10 @@ class PolicySettings:
     slo_guard_bounds: tuple[float, float] = (1.0, 4.0)
     replay_s: float = 300.0
     """Prefill is sized by replaying the load of this many recent seconds against candidate pool sizes."""
+    persist_s: float = 60.0
+    """Prefill is also sized for the newest rate window's load lasting this long: a step up is answered
+    as soon as the signals show it, not once the replay has seen enough of it to outweigh the calm
+    before (that took 10-20 ticks)."""
     miss_share: float = 0.5
     """Prefill aims at this share of the misses the SLO allows (1 - percentile/100) over the replay."""
     horizon_per_budget: float = 4.0
@@ -432,6 +436,16 @@ def _prefill_need(
         load_factor=load_factor * slo_guard * (1.0 + settings.prefill_headroom),
         floor_s=floor, max_replicas=max_replicas,
     )
+    # The newest window's load as if it lasted `persist_s`: one step to what a step up needs.
+    persisted, persisted_miss = size_prefill_attainment(
+        [windows[-1]], step_s=settings.persist_s, service_s=sized_service,
+        tokens_per_replica_s=sized_prompt / sized_service, ttft_budget_s=budget, miss_share=allowed,
+        load_factor=load_factor * slo_guard * (1.0 + settings.prefill_headroom),
+        floor_s=floor, max_replicas=max_replicas,
+    ) if settings.persist_s > 0 else (0, 0.0)
+    sized_by = f"{miss:.2%} of the last {settings.replay_s:.0f}s"
+    if persisted > replicas:
+        replicas, sized_by = persisted, f"{persisted_miss:.2%} if the newest load lasts {settings.persist_s:.0f}s"
     observed_text = f", TTFT p{slo.percentile:g} {signals.ttft_s * 1000:.0f}ms" if signals.ttft_s is not None else ""
     per_replica = mean_prompt / service
     explanation = (
@@ -439,7 +453,7 @@ def _prefill_need(
         f"{observed_text}; {per_replica:.0f} tok/s per replica (service correction {service_correction:.2f}), "
         f"effective load x{load_factor:.2f}{f' (SLO guard x{slo_guard:.2f})' if slo_guard > 1.005 else ''}, "
         f"TTFT floor {floor * 1000:.0f}ms"
-        f" -> {replicas} for {miss:.2%} of the last {settings.replay_s:.0f}s over TTFT {budget * 1000:.0f}ms"
+        f" -> {replicas} for {sized_by} over TTFT {budget * 1000:.0f}ms"
         f" (allowed {allowed:.2%})"
     )
     return _Need(replicas, memory.correction, service_correction, mean_prompt, memory.mean_output_tokens,

@@ -22,6 +22,7 @@ Two signals need more than one rate window:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,18 @@ def _names(pick: Callable[[MetricNames], Iterable[str]]) -> str:
     return "|".join(names)
 
 
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+
+
+def prometheus_duration_seconds(text: str) -> float:
+    """Seconds of a Prometheus duration such as `30s` or `1m30s`; ValueError names the bad text."""
+    parts = _DURATION.findall(text)
+    if not text or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError(f"not a Prometheus duration: {text!r} (e.g. 30s, 1m, 1m30s)")
+    return sum(int(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
 def _one(name: str) -> tuple[str]:
     return (name,)
 
@@ -53,6 +66,11 @@ class QuerySet:
 
     window: str = "30s"
     size_window: str = "5m"
+
+    @property
+    def window_seconds(self) -> float:
+        """The rate window in seconds (Prometheus duration syntax: `30s`, `1m30s`, `500ms`)."""
+        return prometheus_duration_seconds(self.window)
 
     def queries(self) -> dict[str, str]:
         w, sw = self.window, self.size_window
