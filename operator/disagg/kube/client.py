@@ -123,8 +123,11 @@ class Kube:
                 return None
             raise
 
-    def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        result = self.request("GET", kind.collection(namespace), query=[("labelSelector", label_selector)])
+    def list(self, kind: Kind, namespace: str, label_selector: str, cached: bool = False) -> list[dict[str, Any]]:
+        """The objects matching a selector; `cached`: as the API server's watch cache has them (may be
+        a moment old, but costs no etcd read: for explanations, not for decisions)."""
+        query = [("labelSelector", label_selector)] + ([("resourceVersion", "0")] if cached else [])
+        result = self.request("GET", kind.collection(namespace), query=query)
         items: list[dict[str, Any]] = result.get("items", [])
         for item in items:  # list items come without their type
             item.setdefault("apiVersion", kind.api_version)

@@ -239,7 +239,12 @@ class Autoscaler:
             status_patch["conditions"] = merge_conditions(
                 old_conditions, [cond], meta.get("generation"), _rfc3339(now)
             )
-            if cond.status == "False":
+            # a pool with no ready replica yet has no metrics to give: a new service's ordinary state,
+            # said by the condition, not worth a Warning (1,000 new services: 1,000 Events)
+            starting = not report.metrics_problem and all(
+                not (self.index.deployments.get((namespace, f"{name}-{d.role}")) or {}).get("status", {})
+                .get("readyReplicas") for d in blind)
+            if cond.status == "False" and not starting:
                 self.record_event(body, "Warning", cond.reason, cond.message)
         if status_patch:
             written = self.kube.patch_status(namespace, name, status_patch)

@@ -260,7 +260,7 @@ def _observe(
             last = ctx._pods_checked.get((namespace, f"{name}-{role}"), 0.0)
             if time.monotonic() - last >= ctx.pod_check_interval_s:
                 ctx._pods_checked[(namespace, f"{name}-{role}")] = time.monotonic()
-                pods = ctx.kube.list(POD, namespace, f"{SERVICE_LABEL}={name},{ROLE_LABEL}={role}")
+                pods = ctx.kube.list(POD, namespace, f"{SERVICE_LABEL}={name},{ROLE_LABEL}={role}", cached=True)
                 troubles[role] = pod_trouble(pods)
             else:
                 troubles[role] = previous  # checked moments ago: keep what it said
@@ -317,5 +317,7 @@ def _announce_transitions(ctx: Reconciler, body: dict[str, Any], old: dict[str, 
             continue
         kind = "Normal" if cond["status"] == "True" else "Warning"
         if cond["reason"] in ("NotCreated", "NoReplicasReady", "RollingOut", "NoPeers") and cond["type"] == "Ready":
+            if before.get("Ready") is None or before.get("Ready", ("", ""))[1] in ("NotCreated", "NoReplicasReady"):
+                continue  # a new service on its way to its first readiness: "Created", then "Ready"
             kind = "Normal"  # the ordinary way to readiness, not a problem
         ctx.record_event(body, kind, cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}")
