@@ -190,6 +190,35 @@ def print_table(entries: list[dict[str, Any]]) -> None:
               f"(target <= 240 s)")
 
 
+def markdown(entries: list[dict[str, Any]]) -> str:
+    """One row per workload: ours, static-best and the best peer, against issue 4's targets."""
+    lines = [
+        "| workload | pair | TTFT target | ours: attainment / acc-h | static-best | best peer reaching 99 % "
+        "| oracle | ours / static-best | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        rows = {row["policy"]: row for row in entry["policies"]}
+
+        def cell(name: str, rows: dict[str, Any] = rows) -> str:
+            row = rows[name]
+            return f"{row['slo_attainment']:.2%} / {row['accelerator_hours']['total']:.1f}"
+
+        peers = [n for n in ("hpa", "dynamo-sla", "dynamo-load") if rows[n]["slo_attainment"] >= 0.99]
+        best_peer = min(peers, key=lambda n: rows[n]["accelerator_hours"]["total"]) if peers else None
+        ratio = rows["disagg"]["accelerator_hours"]["total"] / rows["static-best"]["accelerator_hours"]["total"]
+        kind = f"{entry['trace'].split('.')[0]} {entry['workload']}"
+        if entry.get("diurnal"):
+            kind += f" (diurnal {entry['diurnal']:g})"
+        passed = "PASS" if "PASS" in verdict(entry) else "FAIL"
+        lines.append(
+            f"| {kind} | {entry['pair']} | {entry['ttft_ms'] / 1000:g} s | {cell('disagg')} | {cell('static-best')} "
+            f"| {f'{best_peer}: {cell(best_peer)}' if best_peer else 'none'} | {cell('oracle')} | {ratio:.2f}x "
+            f"| {passed} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="comma-separated trace names (default: all four)")
@@ -201,12 +230,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--plot-dir", default=None, help="write a plot of our policy's day-long runs here")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="print the table (and a markdown summary) of an earlier results file; run nothing")
     parser.add_argument("--merge", type=Path, default=None,
                         help="an earlier results file: policies not run now keep their rows from it (same "
                              "workload and setup only)")
     parser.add_argument("--static-cache", default=None,
                         help="JSON file of static-best allocations found earlier (read, then updated)")
     args = parser.parse_args(argv)
+    if args.report is not None:
+        entries = json.loads(args.report.read_text())["entries"]
+        print_table(entries)
+        print()
+        print(markdown(entries))
+        return 0
     traces = [t for t in TRACE_FILES if args.only is None or any(o in t for o in args.only.split(","))]
     jobs = [
         (trace, pair, kind, args.dt_hour if kind == "hour" else args.dt_day, args.plot_dir, args.static_cache,

@@ -151,6 +151,9 @@ class PolicySettings:
     """Prefill is also sized for the newest rate window's load lasting this long: a step up is answered
     as soon as the signals show it, not once the replay has seen enough of it to outweigh the calm
     before (that took 10-20 ticks)."""
+    persist_miss_share: float = 1.0
+    """The share of the SLO's allowed misses the persisted newest window may predict: all of it (a load
+    that, if it lasted, breaks the SLO itself), where the replay aims at `miss_share` of it."""
     miss_share: float = 0.5
     """Prefill aims at this share of the misses the SLO allows (1 - percentile/100) over the replay."""
     horizon_per_budget: float = 4.0
@@ -439,7 +442,8 @@ def _prefill_need(
     # The newest window's load as if it lasted `persist_s`: one step to what a step up needs.
     persisted, persisted_miss = size_prefill_attainment(
         [windows[-1]], step_s=settings.persist_s, service_s=sized_service,
-        tokens_per_replica_s=sized_prompt / sized_service, ttft_budget_s=budget, miss_share=allowed,
+        tokens_per_replica_s=sized_prompt / sized_service, ttft_budget_s=budget,
+        miss_share=(1.0 - slo.percentile / 100.0) * settings.persist_miss_share,
         load_factor=load_factor * slo_guard * (1.0 + settings.prefill_headroom),
         floor_s=floor, max_replicas=max_replicas,
     ) if settings.persist_s > 0 else (0, 0.0)
