@@ -91,12 +91,13 @@ def service(name: str, namespace: str) -> dict[str, Any]:
 
 
 def bench_nodes(n: int) -> list[dict[str, Any]]:
-    """Enough fake GPU and CPU nodes for n services (one GPU pod per pool, one router each)."""
+    """Enough fake GPU and CPU nodes for n services (one GPU pod per pool, one router each), with a
+    quarter to spare: a rolling update surges a new pod before the old one goes."""
     nodes = []
     kinds = [("nvidia-h100", "nvidia.com/gpu", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, "p5.48xlarge"),
              ("nvidia-h200", "nvidia.com/gpu", {"nvidia.com/gpu.product": "NVIDIA-H200"}, "p5en.48xlarge")]
     for acc, resource, labels, instance in kinds:
-        for i in range((n + 7) // 8):
+        for i in range((n + n // 4 + 7) // 8):
             nodes.append(_node(f"bench-{acc}-{i}", {**labels, "node.kubernetes.io/instance-type": instance},
                                {resource: "8"}, taint=resource))
     for i in range((n + 99) // 100):
