@@ -234,7 +234,7 @@ def children_exist(apps: Any, namespaces: list[str]) -> int:
                for ns in namespaces)
 
 
-def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str], n: int,
+def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str], services: int,
                            rate: float, seconds: float) -> list[float]:
     """Stamps spec changes at `rate`/s; latency until the prefill Deployment carries the stamp or a newer
     one of the same service (reconcile is level-triggered: a change superseded before it was applied
@@ -256,7 +256,8 @@ def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str
             for env in event["object"].spec.template.spec.containers[0].env or []:
                 if env.name == "STAMP" and env.value in sent:
                     now = time.monotonic()
-                    for stamp in [s for s, svc in owner.items() if svc == service and int(s) <= int(env.value)]:
+                    for stamp in [s for s, svc in list(owner.items())
+                                  if svc == service and int(s) <= int(env.value)]:
                         seen.setdefault(stamp, now)
 
     threads = [threading.Thread(target=watcher, args=(ns,), daemon=True) for ns in namespaces]
@@ -269,7 +270,7 @@ def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str
         for i in range(count):
             target = started + i / rate
             time.sleep(max(0.0, target - time.monotonic()))
-            index = i % n
+            index = i % services
             ns = namespaces[index % len(namespaces)]
             stamp = f"{i + 1}"
             owner[stamp] = f"svc-{index}"
@@ -321,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespaces", type=int, default=10)
     parser.add_argument("--changes-per-second", type=float, default=20.0)
     parser.add_argument("--changes-seconds", type=float, default=30.0)
+    parser.add_argument("--changes-services", type=int, default=100,
+                        help="services the changes go round (each change rolls both pools: 100 services "
+                             "roll at most 200 pods at once, which the spare GPU nodes take)")
     parser.add_argument("--idle-seconds", type=float, default=300.0)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
     parser.add_argument("--keep", action="store_true", help="leave the services and nodes in place")
@@ -410,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         result["writes_cold_start"] = operator.writes()
 
         log(f"event-to-apply at {args.changes_per_second}/s for {args.changes_seconds} s")
-        latencies = measure_event_to_apply(custom, api, namespaces, args.n, args.changes_per_second,
-                                           args.changes_seconds)
+        latencies = measure_event_to_apply(custom, api, namespaces, min(args.changes_services, args.n),
+                                           args.changes_per_second, args.changes_seconds)
         finite = [x for x in latencies if x != float("inf")]
         result["event_to_apply"] = {"changes": len(latencies), "missed": len(latencies) - len(finite),
                                     "p50_s": round(percentile(finite, 50), 3),
