@@ -309,6 +309,16 @@ def apiserver_apply_ceiling(namespace: str, objects: int, threads: int = 16) -> 
     return {"objects": objects, "seconds": round(seconds, 1), "applies_per_s": round(objects / seconds, 1)}
 
 
+def running_flags(cluster_dir: Path, component: str, prefix: str) -> str:
+    """The flags starting with `prefix` that a running cluster component was started with."""
+    try:
+        pid = (cluster_dir / "pids" / f"{component}.pid").read_text().strip()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except (OSError, ValueError):
+        return ""
+    return " ".join(a for a in argv if a.startswith(prefix))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -379,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"n": args.n, "namespaces": args.namespaces,
                               "client_rate_limits": {
                                   "kube-controller-manager": "--kube-api-qps=100 --kube-api-burst=200",
-                                  "kube-scheduler": os.environ.get("DISAGG_KUBE_SCHEDULER_ARGS", "defaults (50/100)"),
+                                  "kube-scheduler": running_flags(cluster_dir, "kube-scheduler", "--kube-api-")
+                                  or "defaults (50/100)",
                                   "kwok": "defaults"},
                               "apiserver_apply_ceiling": ceiling}
     try:
