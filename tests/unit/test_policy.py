@@ -179,6 +179,13 @@ def test_budget_counts_a_fixed_pool() -> None:
     assert decisions["prefill"].desired * 2 + 6 <= 12
 
 
+def test_no_metrics_with_fixed_pools_over_the_budget_holds_instead_of_failing() -> None:
+    # decode is fixed at 10 x 1 accelerators, over the budget of 8; prefill has no metrics to act on
+    service = spec(acceleratorBudget=8, decode=None)
+    decisions, _ = run(None, {"prefill": 2, "decode": 10}, service=service)
+    assert decisions["prefill"].desired == 2 and not decisions["prefill"].metrics_available
+
+
 @pytest.mark.parametrize(
     ("pic", "now", "why"),
     [

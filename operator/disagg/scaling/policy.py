@@ -568,7 +568,7 @@ def _fit_budget(
 ) -> tuple[dict[Role, int], str]:
     """Shrink the autoscaled pools' counts in proportion until both pools fit the accelerator budget."""
     budget = spec.accelerator_budget
-    if budget is None:
+    if budget is None or not desired:  # nothing to shrink: pools without metrics hold their count
         return desired, ""
     per_replica: dict[str, int] = {role: int(getattr(spec, role).accelerator.count) for role in ROLE_NAMES}
     fixed: int = sum(
