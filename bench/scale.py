@@ -309,14 +309,14 @@ def apiserver_apply_ceiling(namespace: str, objects: int, threads: int = 16) -> 
     return {"objects": objects, "seconds": round(seconds, 1), "applies_per_s": round(objects / seconds, 1)}
 
 
-def running_flags(cluster_dir: Path, component: str, prefix: str) -> str:
-    """The flags starting with `prefix` that a running cluster component was started with."""
+def running_flags(cluster_dir: Path, component: str, prefixes: tuple[str, ...]) -> str:
+    """The flags starting with one of `prefixes` that a running cluster component was started with."""
     try:
         pid = (cluster_dir / "pids" / f"{component}.pid").read_text().strip()
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     except (OSError, ValueError):
         return ""
-    return " ".join(a for a in argv if a.startswith(prefix))
+    return " ".join(a for a in argv if a.startswith(prefixes))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -388,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     operator = Operator(cluster_dir, namespaces, "http://127.0.0.1:9090")
     result: dict[str, Any] = {"n": args.n, "namespaces": args.namespaces,
                               "client_rate_limits": {
-                                  "kube-controller-manager": "--kube-api-qps=100 --kube-api-burst=200",
-                                  "kube-scheduler": running_flags(cluster_dir, "kube-scheduler", "--kube-api-")
-                                  or "defaults (50/100)",
-                                  "kwok": "defaults"},
+                                  component: running_flags(cluster_dir, component, prefixes) or "defaults"
+                                  for component, prefixes in (("kube-controller-manager", ("--kube-api-",)),
+                                                              ("kube-scheduler", ("--kube-api-",)),
+                                                              ("kwok", ("--kube-api-", "--qps", "--burst")))},
                               "apiserver_apply_ceiling": ceiling}
     try:
         log(f"creating {args.n} InferenceServices")

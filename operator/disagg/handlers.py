@@ -50,39 +50,13 @@ class ServiceLocks:
             return self._locks.setdefault((namespace, name), threading.Lock())
 
 
-class Coalescer:
-    """At most one reconcile of a service at a time; triggers that arrive meanwhile fold into one
-    re-run (of the newest version), so a burst of child events costs two reconciles, not fifty."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._pending: dict[tuple[str, str], bool] = {}
-
-    def run(self, key: tuple[str, str], first: Callable[[], None], again: Callable[[], None]) -> None:
-        with self._guard:
-            if key in self._pending:
-                self._pending[key] = True
-                return
-            self._pending[key] = False
-        step = first
-        try:
-            while True:
-                step()
-                with self._guard:
-                    if not self._pending[key]:
-                        return
-                    self._pending[key] = False
-                step = again
-        finally:
-            with self._guard:
-                self._pending.pop(key, None)
-
-
 class ReconcileQueue:
     """Worker threads taking reconciles by priority: a spec change (`SPEC`) before status-only work
     (`STATUS`: child events, resyncs), so a user's edit is applied within moments even while thousands
-    of Deployments roll out. A service already waiting at the same or a better priority is not queued
-    again (the reconcile reads the newest version from the index when it runs)."""
+    of Deployments roll out. A service is never reconciled twice at once and waits in the queue once:
+    triggers that arrive while it waits or runs fold into that one entry or into one re-run at their
+    best priority (a burst of child events costs two reconciles, not fifty); the reconcile reads the
+    newest version of the service from the index when it runs."""
 
     SPEC, STATUS = 0, 1
 
@@ -91,6 +65,10 @@ class ReconcileQueue:
         self._queue: queue.PriorityQueue[tuple[int, int, tuple[str, str], Mapping[str, Any], str]] = (
             queue.PriorityQueue())
         self._queued: dict[tuple[str, str], int] = {}
+        """Services waiting in the queue, at the priority of their entry."""
+        self._rerun: dict[tuple[str, str], tuple[int, Mapping[str, Any], str]] = {}
+        """Services being reconciled: None, or the trigger to run again when done."""
+        self._running: set[tuple[str, str]] = set()
         self._guard = threading.Lock()
         self._order = itertools.count()
         self._stopped = False
@@ -103,7 +81,14 @@ class ReconcileQueue:
         meta = body.get("metadata", {})
         key = (meta.get("namespace", ""), meta.get("name", ""))
         with self._guard:
-            if self._stopped or self._queued.get(key, priority + 1) <= priority:
+            if self._stopped:
+                return
+            if key in self._running:
+                pending = self._rerun.get(key)
+                if pending is None or priority <= pending[0]:
+                    self._rerun[key] = (priority, body, trigger)
+                return
+            if self._queued.get(key, priority + 1) <= priority:
                 return
             self._queued[key] = priority
         self._queue.put((priority, next(self._order), key, body, trigger))
@@ -123,9 +108,20 @@ class ReconcileQueue:
             if trigger == "stop":
                 return
             with self._guard:
-                if self._queued.get(key) == priority:
-                    del self._queued[key]
-            self._run(body, trigger)
+                if self._queued.get(key) != priority:
+                    continue  # superseded by an entry of a better priority, which ran or runs
+                del self._queued[key]
+                self._running.add(key)
+            try:
+                self._run(body, trigger)
+            except Exception:  # a worker outlives any one service's failure
+                log.exception("reconcile of %s/%s failed", *key)
+            finally:
+                with self._guard:
+                    self._running.discard(key)
+                    again = self._rerun.pop(key, None)
+            if again is not None:
+                self.submit(again[1], again[2], again[0])
 
 
 def make_api_client(settings: OperatorSettings) -> k8s.ApiClient:
@@ -299,19 +295,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
 
     disagg_settings = settings
 
-    coalescer = Coalescer()
-
     def reconcile(body: Mapping[str, Any], trigger: str) -> None:
-        meta = body.get("metadata", {})
-        namespace, name = meta.get("namespace", ""), meta.get("name", "")
-        stub = {"metadata": {"namespace": namespace, "name": name}}
-        coalescer.run(
-            (namespace, name),
-            lambda: reconcile_once(body, trigger),
-            lambda: reconcile_once(stub, "child"),  # the re-run acts on the newest version in the index
-        )
-
-    def reconcile_once(body: Mapping[str, Any], trigger: str) -> None:
         obj = copy.deepcopy(dict(body))
         meta = obj.get("metadata", {})
         namespace, name = meta.get("namespace", ""), meta.get("name", "")
@@ -412,10 +396,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             for namespace, name in list(index.services):
                 if stop.is_set():
                     return
-                try:
-                    reconcile({"metadata": {"namespace": namespace, "name": name}}, "child")
-                except Exception:
-                    log.exception("resync of %s/%s failed", namespace, name)
+                submit({"metadata": {"namespace": namespace, "name": name}}, "child")
 
     resync_stop = threading.Event()
 

@@ -66,3 +66,51 @@ def test_a_spec_change_is_queued_even_when_the_service_waits_for_status_work() -
     finally:
         work.stop()
     assert ran[:2] == ["busy/event", "svc/event"]
+
+
+def test_triggers_during_a_reconcile_fold_into_one_rerun_and_never_run_beside_it() -> None:
+    release = threading.Event()
+    ran: list[str] = []
+    running: set[str] = set()
+    overlaps: list[str] = []
+
+    def run(obj: Mapping[str, Any], trigger: str) -> None:
+        name = obj["metadata"]["name"]
+        if name in running:
+            overlaps.append(name)
+        running.add(name)
+        if not ran:
+            release.wait(5)  # the first reconcile is slow: the burst arrives while it runs
+        ran.append(f"{name}/{trigger}")
+        running.discard(name)
+
+    work = ReconcileQueue(4, run)  # idle workers that could take a second copy of the service
+    try:
+        work.submit(body("svc"), "event", ReconcileQueue.SPEC)
+        time.sleep(0.1)
+        for _ in range(50):  # a Deployment's events during a rollout
+            work.submit(body("svc"), "child", ReconcileQueue.STATUS)
+        release_and_wait(release, ran, 2)
+        time.sleep(0.2)  # room for any further (wrong) re-run
+    finally:
+        work.stop()
+    assert ran == ["svc/event", "svc/child"]
+    assert overlaps == []
+
+
+def test_a_failing_reconcile_does_not_stop_its_worker() -> None:
+    ran: list[str] = []
+
+    def run(obj: Mapping[str, Any], trigger: str) -> None:
+        if obj["metadata"]["name"] == "broken":
+            raise RuntimeError("a bug in one service's reconcile")
+        ran.append(obj["metadata"]["name"])
+
+    work = ReconcileQueue(1, run)
+    try:
+        work.submit(body("broken"), "event", ReconcileQueue.SPEC)
+        work.submit(body("fine"), "event", ReconcileQueue.SPEC)
+        release_and_wait(threading.Event(), ran, 1)
+    finally:
+        work.stop()
+    assert ran == ["fine"]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Literal
 
 from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
@@ -156,9 +157,6 @@ class PolicySettings:
     not one of the bursts the replay already provisions for (sizing every window as if it lasted cost
     7-28 % more accelerator-hours on the four production traces' hours for 0.0-0.2 points of attainment;
     at 1.5x still 0-10 %, at 2x nothing)."""
-    persist_miss_share: float = 1.0
-    """The share of the SLO's allowed misses the persisted newest window may predict: all of it (a load
-    that, if it lasted, breaks the SLO itself), where the replay aims at `miss_share` of it."""
     miss_share: float = 0.5
     """Prefill aims at this share of the misses the SLO allows (1 - percentile/100) over the replay."""
     horizon_per_budget: float = 4.0
@@ -437,24 +435,24 @@ def _prefill_need(
     sized_prompt = total_tokens / total_requests if total_requests > 0 else mean_prompt
     sized_service = service_correction * prefill_seconds(
         capacity.model, capacity.accelerator, capacity.tensor_parallel, sized_prompt, eff)
-    allowed = (1.0 - slo.percentile / 100.0) * settings.miss_share
-    replicas, miss = size_prefill_attainment(
-        windows, step_s=settings.tick_s, service_s=sized_service, tokens_per_replica_s=sized_prompt / sized_service,
-        ttft_budget_s=budget, miss_share=allowed,
-        load_factor=load_factor * slo_guard * (1.0 + settings.prefill_headroom),
+    slo_allows = 1.0 - slo.percentile / 100.0
+    allowed = slo_allows * settings.miss_share
+    size = partial(
+        size_prefill_attainment, service_s=sized_service, tokens_per_replica_s=sized_prompt / sized_service,
+        ttft_budget_s=budget, load_factor=load_factor * slo_guard * (1.0 + settings.prefill_headroom),
         floor_s=floor, max_replicas=max_replicas,
     )
-    # The newest window's load as if it lasted `persist_s`: one step to what a step up needs.
-    persisted, persisted_miss = size_prefill_attainment(
-        [windows[-1]], step_s=settings.persist_s, service_s=sized_service,
-        tokens_per_replica_s=sized_prompt / sized_service, ttft_budget_s=budget,
-        miss_share=(1.0 - slo.percentile / 100.0) * settings.persist_miss_share,
-        load_factor=load_factor * slo_guard * (1.0 + settings.prefill_headroom),
-        floor_s=floor, max_replicas=max_replicas,
-    ) if settings.persist_s > 0 and windows[-1][0] >= settings.persist_step * total_tokens / len(windows) else (0, 0.0)
+    replicas, miss = size(windows, step_s=settings.tick_s, miss_share=allowed)
+    # The newest window's load as if it lasted `persist_s`, when it is a step to a new level: one step
+    # to what the step needs. It may predict all the misses the SLO allows (a load that, if it lasted,
+    # breaks the SLO itself), where the replay aims at `miss_share` of them.
     sized_by = f"{miss:.2%} of the last {settings.replay_s:.0f}s"
-    if persisted > replicas:
-        replicas, sized_by = persisted, f"{persisted_miss:.2%} if the newest load lasts {settings.persist_s:.0f}s"
+    mean_tokens = total_tokens / len(windows)
+    if settings.persist_s > 0 and windows[-1][0] >= settings.persist_step * mean_tokens:
+        persisted, persisted_miss = size([windows[-1]], step_s=settings.persist_s, miss_share=slo_allows)
+        if persisted > replicas:
+            replicas = persisted
+            sized_by = f"{persisted_miss:.2%} if the newest load lasts {settings.persist_s:.0f}s"
     observed_text = f", TTFT p{slo.percentile:g} {signals.ttft_s * 1000:.0f}ms" if signals.ttft_s is not None else ""
     per_replica = mean_prompt / service
     explanation = (
