@@ -18,7 +18,7 @@ from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, Kube
 from disagg.reconcile.autoscale import Autoscaler, Index
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
-from disagg.scaling.signals import QuerySet, histogram_quantile, prometheus_duration_seconds
+from disagg.scaling.signals import Observations, QuerySet, histogram_quantile, prometheus_duration_seconds
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "01-vllm-nixl-llama70b.yaml"
 NOW = 1_800_000_000.0
@@ -210,3 +210,16 @@ def test_rate_window_durations_are_read_like_prometheus(text: str, seconds: floa
 def test_a_bad_rate_window_is_refused_with_its_text(text: str) -> None:
     with pytest.raises(ValueError, match="not a Prometheus duration"):
         prometheus_duration_seconds(text)
+
+
+def test_the_last_scrape_interval_rate_reaches_the_policy_from_its_own_irate_query() -> None:
+    queries = QuerySet(window="6s").queries()
+    assert "irate(" in queries["request_rate_last"] and "[6s]" in queries["request_rate_last"]
+    labels = {"namespace": "ns", "disagg_service": "svc-0", "disagg_role": "prefill"}
+    observations = Observations.from_results({
+        "sampled_at": [{"metric": labels, "value": [NOW, str(NOW)]}],
+        "request_rate": [{"metric": labels, "value": [NOW, "4"]}],
+        "request_rate_last": [{"metric": labels, "value": [NOW, "16"]}],
+    })
+    signals = observations.pool(("ns", "svc-0", "prefill"), ready_replicas=2, percentile=99)
+    assert signals is not None and (signals.request_rate, signals.request_rate_last) == (4.0, 16.0)

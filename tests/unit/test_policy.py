@@ -415,7 +415,7 @@ def test_a_step_after_a_calm_spell_is_answered_on_the_first_tick_that_shows_it(p
     decisions, state = run(_prefill_only(30_000, 400.0, 2, None), current, state, now=400.0, settings=settings)
     if persist_s > 0:
         assert decisions["prefill"].desired >= 4, decisions["prefill"].reason
-        assert "if the newest load lasts 60s" in decisions["prefill"].reason
+        assert "lasts 60s" in decisions["prefill"].reason
     else:
         assert not decisions["prefill"].changed, decisions["prefill"].reason
 
@@ -439,3 +439,46 @@ def test_a_short_spike_scales_up_once_and_back_once() -> None:
     downs = [c for c in changes if c[2] < c[1]]
     assert [c[0] for c in ups] == [10] and ups[0][2] >= 5, changes
     assert len(downs) == 1 and downs[0][0] >= 10 + 120 / 15, changes
+
+
+def _calm_then(settings: PolicySettings) -> tuple[PolicyState, dict[str, int]]:
+    """Five calm minutes of 2-s ticks at 8k prompt tok/s and 1.6k gen tok/s (whose last-interval rates
+    are the window's): the pools settle at what the calm needs."""
+    state = PolicyState()
+    current = {"prefill": 2, "decode": 2}
+    for step in range(150):
+        now = 100.0 + 2 * step
+        calm = LoadPicture(prefill_signals(8_000, now, ready=current["prefill"], request_rate_last=4.0),
+                           decode_signals(1_600, now, ready=current["decode"], request_rate_last=8.0))
+        decisions, state = run(calm, current, state, now=now, settings=settings)
+        current = {role: d.desired for role, d in decisions.items()}
+    return state, current
+
+
+@pytest.mark.parametrize(("last_rate", "scales"), [(None, False), (6.0, False), (16.0, True)])
+def test_a_step_seen_in_the_last_scrape_interval_scales_both_pools_before_the_window_shows_it(
+    last_rate: float | None, scales: bool
+) -> None:
+    # The rate window still reads the calm 4 req/s, the last scrape interval 4x of it: both pools go at
+    # once to what the step needs. 1.5x is a burst the replay provisions for, not a step: no change.
+    # Without the last-interval rate the policy waits for the window.
+    settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0)
+    state, current = _calm_then(settings)
+    assert current == {"prefill": 2, "decode": 2}
+    now = 400.0
+    stepped = LoadPicture(
+        prefill_signals(8_000, now, ready=2, request_rate_last=last_rate),
+        decode_signals(1_600, now, ready=2, request_rate_last=None if last_rate is None else last_rate * 2),
+    )
+    decisions, _ = run(stepped, current, state, now=now, settings=settings)
+    # What the pools need once the window shows the step (4x the calm), for comparison.
+    settled, _ = run(picture(32_000, 6_400, now), current, state, now=now, settings=settings)
+    for role in ("prefill", "decode"):
+        if scales:
+            assert decisions[role].desired >= settled[role].desired > 2, (decisions[role].reason,
+                                                                            settled[role].reason)
+        else:
+            assert not decisions[role].changed, decisions[role].reason
+    if scales:
+        assert "lasts 60s" in decisions["prefill"].reason
+        assert "in the last scrape interval" in decisions["decode"].reason

@@ -77,6 +77,9 @@ class PoolSignals:
     generation_tokens_per_s: float | None = None
     request_rate: float | None = None
     """Requests per second entering the pool."""
+    request_rate_last: float | None = None
+    """Requests per second over the last scrape interval only (Prometheus `irate`): noisier than
+    `request_rate`, but it shows a step up a window sooner."""
     kv_usage: float | None = None
     """Mean KV-cache occupancy of the pool's replicas, 0..1."""
     ttft_s: float | None = None
@@ -446,13 +449,19 @@ def _prefill_need(
     # The newest window's load as if it lasted `persist_s`, when it is a step to a new level: one step
     # to what the step needs. It may predict all the misses the SLO allows (a load that, if it lasted,
     # breaks the SLO itself), where the replay aims at `miss_share` of them.
+    # The newest load is the rate window's or, when higher, the last scrape interval's (a step shows there
+    # first).
     sized_by = f"{miss:.2%} of the last {settings.replay_s:.0f}s"
     mean_tokens = total_tokens / len(windows)
-    if settings.persist_s > 0 and windows[-1][0] >= settings.persist_step * mean_tokens:
-        persisted, persisted_miss = size([windows[-1]], step_s=settings.persist_s, miss_share=slo_allows)
+    newest = windows[-1]
+    if signals.request_rate_last is not None and signals.request_rate_last * mean_prompt + backlog > newest[0]:
+        newest = (signals.request_rate_last * mean_prompt + backlog, signals.request_rate_last + backlog / mean_prompt)
+    if settings.persist_s > 0 and newest[0] >= settings.persist_step * mean_tokens:
+        persisted, persisted_miss = size([newest], step_s=settings.persist_s, miss_share=slo_allows)
         if persisted > replicas:
             replicas = persisted
-            sized_by = f"{persisted_miss:.2%} if the newest load lasts {settings.persist_s:.0f}s"
+            sized_by = (f"{persisted_miss:.2%} if the newest load ({newest[0]:.0f} tok/s) lasts "
+                        f"{settings.persist_s:.0f}s")
     observed_text = f", TTFT p{slo.percentile:g} {signals.ttft_s * 1000:.0f}ms" if signals.ttft_s is not None else ""
     per_replica = mean_prompt / service
     explanation = (
@@ -544,13 +553,30 @@ def _decode_need(
         mean_prompt_tokens=sum(x[3] for x in recent) / count, mean_output_tokens=sum(x[4] for x in recent) / count,
         itl_target_s=itl_target, correction=correction, headroom=settings.decode_headroom, eff=eff,
     )
+    # A step up: the requests of the last scrape interval at least `persist_step` times the load sized for
+    # (the same test as prefill's) -> size for them at once, not once the window's mean has caught up.
+    step_note = ""
+    fast_rates = [r for r in (signals.request_rate_last, prefill.request_rate_last if prefill else None)
+                  if r is not None]
+    fast_tokens = max(fast_rates) * mean_output if fast_rates else 0.0
+    if settings.persist_s > 0 and fast_tokens > 0 and fast_tokens >= settings.persist_step * (
+            sum(x[1] for x in recent) / count):
+        stepped = size_decode(
+            capacity.model, capacity.accelerator, capacity.tensor_parallel,
+            generation_tokens_per_s=fast_tokens, concurrent_sequences=sequences,
+            mean_prompt_tokens=held_prompt, mean_output_tokens=mean_output,
+            itl_target_s=itl_target, correction=correction, headroom=settings.decode_headroom, eff=eff,
+        )
+        if stepped.replicas > sizing.replicas:
+            sizing = stepped
+            step_note = f" (a step to {fast_tokens:.0f} gen tok/s in the last scrape interval)"
     observed = f", ITL p{spec.slo.percentile:g} {signals.itl_s * 1000:.1f}ms" if signals.itl_s is not None else ""
     kv = f", KV {signals.kv_usage:.0%}" if signals.kv_usage is not None else ""
     explanation = (
         f"{load_tokens:.0f} gen tok/s, {sequences:.0f} sequences{kv}{observed}; "
         f"{sizing.max_batch:.0f} seqs / {sizing.tokens_per_s_per_replica:.0f} tok/s per replica "
-        f"(correction {correction:.2f}) -> {sizing.replicas} for ITL {sizing.predicted_itl_s * 1000:.1f}ms"
-        f" <= {itl_target * 1000:.1f}ms"
+        f"(correction {correction:.2f}) -> {sizing.replicas}{step_note} for ITL"
+        f" {sizing.predicted_itl_s * 1000:.1f}ms <= {itl_target * 1000:.1f}ms"
     )
     return _Need(sizing.replicas, correction, 1.0, mean_prompt, mean_output, explanation,
                  rate_samples=rate_samples)

@@ -250,6 +250,8 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         if newest.time - snap.time >= setup.rate_window_s - 1e-9:
             break
     span = newest.time - oldest.time
+    last = visible[-2]  # the previous scrape: Prometheus' irate
+    last_span = newest.time - last.time
     done = newest.prefill_done - oldest.prefill_done
     finished = newest.finished - oldest.finished
     prompt = newest.prompt_tokens - oldest.prompt_tokens
@@ -262,6 +264,7 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         running_requests=float(newest.prefill_running),
         prompt_tokens_per_s=prompt / span,
         request_rate=(newest.arrivals - oldest.arrivals) / span,
+        request_rate_last=(newest.arrivals - last.arrivals) / last_span,
         ttft_s=_quantile(newest.ttft_hist - oldest.ttft_hist, setup.percentile),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
@@ -274,6 +277,7 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         running_requests=float(newest.decode_running),
         generation_tokens_per_s=(newest.generated_tokens - oldest.generated_tokens) / span,
         request_rate=(newest.admitted - oldest.admitted) / span,
+        request_rate_last=(newest.admitted - last.admitted) / last_span,
         kv_usage=newest.kv_usage,
         itl_s=_quantile(newest.itl_hist - oldest.itl_hist, setup.percentile),
         mean_prompt_tokens=mean_prompt,
