@@ -26,6 +26,7 @@ Target: p99 <= scrape interval + tick + 2 s. Prints a table and writes JSON (ben
 
     .venv/bin/python bench/reaction.py                       # 12 steps, tick 2 s, rate window 6 s
     .venv/bin/python bench/reaction.py --tick 1 --rate-window 4s --out /tmp/reaction-fast.json
+    .venv/bin/python bench/reaction.py --scrape-interval 1 --out bench/results/reaction-scrape1s.json
 """
 
 from __future__ import annotations
@@ -319,7 +320,7 @@ def report(steps: list[StepResult], config: dict[str, Any], target_s: float) -> 
     print()
     print(f"Reaction time, load step ({config['workload']['steady_rps']} -> {config['workload']['step_rps']} "
           f"requests/s, 4x) to the Deployment's new spec.replicas; tick {config['tick_s']:g} s, rate window "
-          f"{config['rate_window']}, scrape {SCRAPE_INTERVAL_S:g} s")
+          f"{config['rate_window']}, scrape {config['scrape_interval_s']:g} s")
     print()
     header = (f"{'step':>4} {'service':<11} {'steady':>6} {'pool':<8} {'from':>4} {'to':>3} {'final':>5} {'react':>6} "
               f"{'scrape':>6} {'window':>6} {'policy':>6} {'write':>6} {'ticks':>5}")
@@ -338,7 +339,7 @@ def report(steps: list[StepResult], config: dict[str, Any], target_s: float) -> 
             print(f"     note: {s.note}")
     print()
     print(f"{'':<16} {'n':>3} {'p50':>6} {'p99':>6} {'max':>6}   target p99 <= {target_s:g} s "
-          f"(scrape {SCRAPE_INTERVAL_S:g} + tick {config['tick_s']:g} + 2)")
+          f"(scrape {config['scrape_interval_s']:g} + tick {config['tick_s']:g} + 2)")
     for name in (*ROLES, "all_scale_ups", "both_pools"):
         st = stats[name]
         verdict = "meets" if st["n"] and st["p99_s"] <= target_s else "MISSES"
@@ -372,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="scale-up steps in all (default 12)")
     parser.add_argument("--per-wave", type=int, default=4, help="services created, settled and stepped together")
     parser.add_argument("--tick", type=float, default=rig_lib.TICK_S, help="--autoscale-tick (default 2)")
+    parser.add_argument("--scrape-interval", type=float, default=SCRAPE_INTERVAL_S,
+                        help="seconds between scrapes of the engines (default: the cluster Prometheus' 2; others "
+                             "through the fleet's per-target __scrape_interval__)")
     parser.add_argument("--rate-window", default=rig_lib.RATE_WINDOW, help="--prometheus-rate-window (default 6s)")
     parser.add_argument("--settle-min", type=float, default=45.0, help="seconds of steady load before any step")
     parser.add_argument("--settle-quiet", type=float, default=20.0, help="seconds without a change = settled")
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     window_s = float(re.fullmatch(r"(\d+(?:\.\d+)?)s", args.rate_window).group(1))  # type: ignore[union-attr]
-    target_s = SCRAPE_INTERVAL_S + args.tick + 2.0
+    target_s = args.scrape_interval + args.tick + 2.0
     status = subprocess.run([sys.executable, str(REPO / "hack" / "cluster.py"), "status"], capture_output=True,
                             text=True, timeout=120, check=False)
     if status.returncode != 0:
@@ -400,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = rig_lib.operator_flags(tick_s=args.tick, rate_window=args.rate_window,
                                    scale_down_window_s=120.0, staleness_s=15.0)
     config: dict[str, Any] = {
-        "tick_s": args.tick, "rate_window": args.rate_window, "scrape_interval_s": SCRAPE_INTERVAL_S,
+        "tick_s": args.tick, "rate_window": args.rate_window, "scrape_interval_s": args.scrape_interval,
         "operator_flags": list(flags), "steps": args.steps, "services_per_wave": args.per_wave,
         "settle_min_s": args.settle_min, "settle_quiet_s": args.settle_quiet, "react_timeout_s": args.react_timeout,
     }
@@ -421,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
             config["workload"] = asdict(workload)
             fleet = rig_lib.FleetProcess.start(r, namespace, f"{workload.steady_rps:g}",
                                                prompt_tokens=workload.prompt_tokens,
-                                               output_tokens=workload.output_tokens)
+                                               output_tokens=workload.output_tokens,
+                                               scrape_interval=None if args.scrape_interval == SCRAPE_INTERVAL_S
+                                               else f"{args.scrape_interval * 1000:.0f}ms")
             log(f"operator {' '.join(flags)}; workload {workload}; {waves} waves of {args.per_wave}")
             index = 0
             for wave in range(waves):

@@ -235,7 +235,8 @@ class FleetProcess:
 
     @classmethod
     def start(cls, rig: Rig, namespace: str, default_load: str, seed: int = 7,
-              prompt_tokens: int | None = None, output_tokens: int | None = None) -> FleetProcess:
+              prompt_tokens: int | None = None, output_tokens: int | None = None,
+              scrape_interval: str | None = None) -> FleetProcess:
         port = free_port()
         log_path = rig.workdir / f"fleet-{namespace}.log"
         cmd = [
@@ -247,6 +248,8 @@ class FleetProcess:
             cmd += ["--prompt-tokens", str(prompt_tokens)]
         if output_tokens is not None:
             cmd += ["--output-tokens", str(output_tokens)]
+        if scrape_interval is not None:
+            cmd += ["--scrape-interval", scrape_interval]
         env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")}
         env["PYTHONUNBUFFERED"] = "1"
         with log_path.open("ab") as log:

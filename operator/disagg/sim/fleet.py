@@ -101,6 +101,7 @@ from disagg.capacity.traces import TraceError, Workload, read_trace, scale_time
 from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog, CatalogError, load_catalog
 from disagg.catalog.engines import ENGINES
 from disagg.scaling.policy import PolicySettings
+from disagg.scaling.signals import prometheus_duration_seconds
 
 log = logging.getLogger("disagg.fleet")
 
@@ -1441,12 +1442,16 @@ class FleetSim:
 # Prometheus targets file
 
 
-def target_groups(pods: Iterable[SimPod], owner: str) -> list[dict[str, Any]]:
-    """file_sd groups: one per served pod, with the pod's labels and our ownership label."""
+def target_groups(pods: Iterable[SimPod], owner: str, scrape_interval: str | None = None) -> list[dict[str, Any]]:
+    """file_sd groups: one per served pod, with the pod's labels and our ownership label; a scrape interval
+    other than the job's goes in Prometheus' `__scrape_interval__`/`__scrape_timeout__` target labels."""
     groups = []
     for pod in sorted(pods, key=lambda p: (p.pod.namespace, p.pod.name)):
         labels = dict(pod.labels)
         labels[FLEET_LABEL] = owner
+        if scrape_interval is not None:
+            labels["__scrape_interval__"] = scrape_interval
+            labels["__scrape_timeout__"] = scrape_interval
         groups.append({"targets": [f"{pod.pod.ip}:{pod.port}"], "labels": labels})
     return groups
 
@@ -1680,6 +1685,7 @@ class FleetServer:
         namespaces: Sequence[str] | None,
         kubeconfig: str | None,
         targets_file: Path | None,
+        scrape_interval: str | None = None,
         control_host: str = "127.0.0.1",
         control_port: int = DEFAULT_CONTROL_PORT,
         allow_remote_apiserver: bool = False,
@@ -1689,6 +1695,7 @@ class FleetServer:
         self.namespaces = list(namespaces) if namespaces else None
         self.kubeconfig = kubeconfig
         self.targets_file = targets_file
+        self.scrape_interval = scrape_interval
         self.control_host = control_host
         self.control_port = control_port
         self.allow_remote_apiserver = allow_remote_apiserver
@@ -1839,7 +1846,7 @@ class FleetServer:
     def _write_targets(self, final: bool = False) -> None:
         if self.targets_file is None:
             return
-        groups = [] if final else target_groups(self.sim.pods.values(), self.owner)
+        groups = [] if final else target_groups(self.sim.pods.values(), self.owner, self.scrape_interval)
         if groups == self._written and not final:
             return
         try:
@@ -2186,6 +2193,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--targets-file", default=None,
                         help="Prometheus file_sd file (default $DISAGG_CLUSTER_DIR/prometheus/engines.json, "
                              "cluster dir /tmp/disagg-cluster); 'none' to write none")
+    parser.add_argument("--scrape-interval", default=None, metavar="DURATION",
+                        help="ask Prometheus to scrape these engines this often (e.g. 1s; default: the job's)")
     parser.add_argument("--traces-dir", default=None, help="where relative trace paths are looked up")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: on signal)")
     parser.add_argument("--allow-remote-apiserver", action="store_true", help=argparse.SUPPRESS)
@@ -2221,8 +2230,15 @@ def fleet_main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     targets = None if args.targets_file == "none" else Path(args.targets_file or _default_targets_file())
+    if args.scrape_interval is not None:
+        try:
+            prometheus_duration_seconds(args.scrape_interval)
+        except ValueError as error:
+            print(f"error: --scrape-interval: {error}", file=sys.stderr)
+            return 2
     server = FleetServer(
         sim, namespaces=args.namespace or None, kubeconfig=args.kubeconfig, targets_file=targets,
+        scrape_interval=args.scrape_interval,
         control_host=args.control_host, control_port=args.control_port,
         allow_remote_apiserver=args.allow_remote_apiserver,
     )

@@ -47,5 +47,6 @@ def plot_run(result: SimResult, path: Path | str, title: str = "") -> None:
     for axis in (load, replicas, latency):
         axis.grid(alpha=0.3)
     figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(str(path))
     plt.close(figure)
