@@ -553,17 +553,20 @@ def _decode_need(
         mean_prompt_tokens=sum(x[3] for x in recent) / count, mean_output_tokens=sum(x[4] for x in recent) / count,
         itl_target_s=itl_target, correction=correction, headroom=settings.decode_headroom, eff=eff,
     )
-    # A step up: the requests of the last scrape interval at least `persist_step` times the load sized for
-    # (the same test as prefill's) -> size for them at once, not once the window's mean has caught up.
+    # A step up: the requests of the last scrape interval at least `persist_step` times the mean load of
+    # the last `max_horizon_s` (prefill's test against its replay; not against the newest windows, which
+    # already show part of the step) -> size for them at once, not once the windows have caught up. The
+    # sequences grow with them (Little's law at the current time a token's sequence stays in the pool).
     step_note = ""
     fast_rates = [r for r in (signals.request_rate_last, prefill.request_rate_last if prefill else None)
                   if r is not None]
     fast_tokens = max(fast_rates) * mean_output if fast_rates else 0.0
-    if settings.persist_s > 0 and fast_tokens > 0 and fast_tokens >= settings.persist_step * (
-            sum(x[1] for x in recent) / count):
+    usual_tokens = sum(x[1] for x in rate_samples) / len(rate_samples)
+    if settings.persist_s > 0 and fast_tokens > 0 and fast_tokens >= settings.persist_step * usual_tokens:
+        stay_s = sequences / generated if generated else 0.0
         stepped = size_decode(
             capacity.model, capacity.accelerator, capacity.tensor_parallel,
-            generation_tokens_per_s=fast_tokens, concurrent_sequences=sequences,
+            generation_tokens_per_s=fast_tokens, concurrent_sequences=max(sequences, stay_s * fast_tokens),
             mean_prompt_tokens=held_prompt, mean_output_tokens=mean_output,
             itl_target_s=itl_target, correction=correction, headroom=settings.decode_headroom, eff=eff,
         )
