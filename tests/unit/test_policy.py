@@ -482,3 +482,33 @@ def test_a_step_seen_in_the_last_scrape_interval_scales_both_pools_before_the_wi
     if scales:
         assert "lasts 60s" in decisions["prefill"].reason
         assert "in the last scrape interval" in decisions["decode"].reason
+
+
+def test_after_a_step_the_noise_of_the_new_level_does_not_scale_further_but_a_second_step_does() -> None:
+    # The step to 4x is sized for at once; for the next minute the windows catch up while the last scrape
+    # interval swings +-40 % around the new level (Poisson noise of a short interval): the pools stay
+    # where the step put them. A second step, to 8x, is a step again.
+    settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0, scale_down_window_s=600.0)
+    state, current = _calm_then(settings)
+    first: dict[str, int] = {}
+    for tick in range(30):
+        now = 400.0 + 2 * tick
+        caught_up = min(1.0, (tick + 1) / 3)  # the 6-s window reaches the new level in three ticks
+        window_rps = 4.0 + 12.0 * caught_up
+        last_rps = 16.0 * (1.4 if tick % 3 == 1 else 0.7 if tick % 3 == 2 else 1.0)
+        pic = LoadPicture(
+            prefill_signals(window_rps * 2000, now, ready=current["prefill"], request_rate_last=last_rps),
+            decode_signals(window_rps * 400, now, ready=current["decode"], request_rate_last=last_rps * 2),
+        )
+        decisions, state = run(pic, current, state, now=now, settings=settings)
+        current = {role: d.desired for role, d in decisions.items()}
+        if tick == 0:
+            first = dict(current)
+    assert first["prefill"] > 2 and first["decode"] > 2, first
+    assert current == first, (first, current)
+    now = 460.0
+    second = LoadPicture(prefill_signals(32_000, now, ready=current["prefill"], request_rate_last=32.0),
+                         decode_signals(6_400, now, ready=current["decode"], request_rate_last=64.0))
+    decisions, _ = run(second, current, state, now=now, settings=settings)
+    assert decisions["prefill"].desired > first["prefill"], decisions["prefill"].reason
+    assert decisions["decode"].desired > first["decode"], decisions["decode"].reason

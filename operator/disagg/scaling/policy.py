@@ -198,6 +198,9 @@ class PoolMemory:
     rate_samples: tuple[tuple[float, ...], ...] = ()
     """Prefill: (sample time, prompt tokens/s incl. backlog, requests/s) of recent ticks; decode: (sample
     time, generated tokens/s, sequences, mean prompt, mean output)."""
+    step: tuple[float, float] | None = None
+    """(sample time, load) of the last step up sized for at once (prefill prompt tok/s, decode generated
+    tok/s): the next one must be a step above it, not the noise of the same level."""
     ready: int | None = None
     """Ready replicas at the last tick, and since when (sample time) that count holds."""
     ready_since: float | None = None
@@ -290,6 +293,7 @@ class _Need:
     queue_samples: tuple[tuple[int, float, float, float], ...] = ()
     slo_guard: float = 1.0
     rate_samples: tuple[tuple[float, ...], ...] = ()
+    step: tuple[float, float] | None = None
 
 
 def _horizon(spec: InferenceServiceSpec, settings: PolicySettings) -> float:
@@ -305,6 +309,14 @@ def _recent(
 ) -> list[tuple[float, ...]]:
     """The samples whose rate windows fall within the last `horizon` seconds (the newest always)."""
     return [x for x in samples if now - x[0] <= horizon - settings.signal_window_s + 1e-6] or list(samples[-1:])
+
+
+def _step_baseline(usual: float, memory: PoolMemory, now: float, settings: PolicySettings) -> float:
+    """The load a step up is measured against: the recent mean or, for `max_horizon_s` after a step was
+    sized for, that step's load (its noise in the last scrape interval is not a second step)."""
+    if memory.step is not None and now - memory.step[0] <= settings.max_horizon_s:
+        return max(usual, memory.step[1])
+    return usual
 
 
 def _steady(memory: PoolMemory, signals: PoolSignals, settings: PolicySettings) -> bool:
@@ -456,10 +468,12 @@ def _prefill_need(
     newest = windows[-1]
     if signals.request_rate_last is not None and signals.request_rate_last * mean_prompt + backlog > newest[0]:
         newest = (signals.request_rate_last * mean_prompt + backlog, signals.request_rate_last + backlog / mean_prompt)
-    if settings.persist_s > 0 and newest[0] >= settings.persist_step * mean_tokens:
+    step = memory.step
+    if settings.persist_s > 0 and newest[0] >= settings.persist_step * _step_baseline(
+            mean_tokens, memory, signals.sampled_at, settings):
         persisted, persisted_miss = size([newest], step_s=settings.persist_s, miss_share=slo_allows)
         if persisted > replicas:
-            replicas = persisted
+            replicas, step = persisted, (signals.sampled_at, newest[0])
             sized_by = (f"{persisted_miss:.2%} if the newest load ({newest[0]:.0f} tok/s) lasts "
                         f"{settings.persist_s:.0f}s")
     observed_text = f", TTFT p{slo.percentile:g} {signals.ttft_s * 1000:.0f}ms" if signals.ttft_s is not None else ""
@@ -473,7 +487,7 @@ def _prefill_need(
         f" (allowed {allowed:.2%})"
     )
     return _Need(replicas, memory.correction, service_correction, mean_prompt, memory.mean_output_tokens,
-                 explanation, load_factor, queue_samples, slo_guard, rate_samples)
+                 explanation, load_factor, queue_samples, slo_guard, rate_samples, step)
 
 
 def _decode_need(
@@ -561,7 +575,9 @@ def _decode_need(
     fast_rates = [r for r in (signals.request_rate_last, prefill.request_rate_last if prefill else None)
                   if r is not None]
     fast_tokens = max(fast_rates) * mean_output if fast_rates else 0.0
-    usual_tokens = sum(x[1] for x in rate_samples) / len(rate_samples)
+    usual_tokens = _step_baseline(sum(x[1] for x in rate_samples) / len(rate_samples), memory, signals.sampled_at,
+                                  settings)
+    step = memory.step
     if settings.persist_s > 0 and fast_tokens > 0 and fast_tokens >= settings.persist_step * usual_tokens:
         stay_s = sequences / generated if generated else 0.0
         stepped = size_decode(
@@ -571,7 +587,7 @@ def _decode_need(
             itl_target_s=itl_target, correction=correction, headroom=settings.decode_headroom, eff=eff,
         )
         if stepped.replicas > sizing.replicas:
-            sizing = stepped
+            sizing, step = stepped, (signals.sampled_at, fast_tokens)
             step_note = f" (a step to {fast_tokens:.0f} gen tok/s in the last scrape interval)"
     observed = f", ITL p{spec.slo.percentile:g} {signals.itl_s * 1000:.1f}ms" if signals.itl_s is not None else ""
     kv = f", KV {signals.kv_usage:.0%}" if signals.kv_usage is not None else ""
@@ -582,7 +598,7 @@ def _decode_need(
         f" {sizing.predicted_itl_s * 1000:.1f}ms <= {itl_target * 1000:.1f}ms"
     )
     return _Need(sizing.replicas, correction, 1.0, mean_prompt, mean_output, explanation,
-                 rate_samples=rate_samples)
+                 rate_samples=rate_samples, step=step)
 
 
 def _clamp(value: int, pool: PoolSpec) -> int:
@@ -684,6 +700,7 @@ def decide(
             queue_samples=need.queue_samples,
             slo_guard=need.slo_guard,
             rate_samples=need.rate_samples,
+            step=need.step,
             ready=ready_now,
             ready_since=memory.ready_since if memory.ready == ready_now and memory.ready_since is not None
             else (signals.sampled_at if signals is not None else None),
