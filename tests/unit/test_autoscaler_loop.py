@@ -220,6 +220,9 @@ def test_the_last_scrape_interval_rate_reaches_the_policy_from_its_own_irate_que
         "sampled_at": [{"metric": labels, "value": [NOW, str(NOW)]}],
         "request_rate": [{"metric": labels, "value": [NOW, "4"]}],
         "request_rate_last": [{"metric": labels, "value": [NOW, "16"]}],
+        "requests_last": [{"metric": labels, "value": [NOW, "32"]}],
     })
     signals = observations.pool(("ns", "svc-0", "prefill"), ready_replicas=2, percentile=99)
-    assert signals is not None and (signals.request_rate, signals.request_rate_last) == (4.0, 16.0)
+    assert signals is not None
+    assert (signals.request_rate, signals.request_rate_last, signals.requests_last) == (4.0, 16.0, 32.0)
+    assert "idelta(" in queries["requests_last"]

@@ -448,8 +448,9 @@ def _calm_then(settings: PolicySettings) -> tuple[PolicyState, dict[str, int]]:
     current = {"prefill": 2, "decode": 2}
     for step in range(150):
         now = 100.0 + 2 * step
-        calm = LoadPicture(prefill_signals(8_000, now, ready=current["prefill"], request_rate_last=4.0),
-                           decode_signals(1_600, now, ready=current["decode"], request_rate_last=8.0))
+        calm = LoadPicture(
+            prefill_signals(8_000, now, ready=current["prefill"], request_rate_last=4.0, requests_last=8.0),
+            decode_signals(1_600, now, ready=current["decode"], request_rate_last=8.0, requests_last=16.0))
         decisions, state = run(calm, current, state, now=now, settings=settings)
         current = {role: d.desired for role, d in decisions.items()}
     return state, current
@@ -466,9 +467,11 @@ def test_a_step_seen_in_the_last_scrape_interval_scales_both_pools_before_the_wi
     state, current = _calm_then(settings)
     assert current == {"prefill": 2, "decode": 2}
     now = 400.0
-    stepped = LoadPicture(
-        prefill_signals(8_000, now, ready=2, request_rate_last=last_rate),
-        decode_signals(1_600, now, ready=2, request_rate_last=None if last_rate is None else last_rate * 2),
+    stepped = LoadPicture(  # 2-s scrape intervals
+        prefill_signals(8_000, now, ready=2, request_rate_last=last_rate,
+                        requests_last=None if last_rate is None else last_rate * 2),
+        decode_signals(1_600, now, ready=2, request_rate_last=None if last_rate is None else last_rate * 2,
+                       requests_last=None if last_rate is None else last_rate * 4),
     )
     decisions, _ = run(stepped, current, state, now=now, settings=settings)
     # What the pools need once the window shows the step (4x the calm), for comparison.
@@ -497,8 +500,10 @@ def test_after_a_step_the_noise_of_the_new_level_does_not_scale_further_but_a_se
         window_rps = 4.0 + 12.0 * caught_up
         last_rps = 16.0 * (1.4 if tick % 3 == 1 else 0.7 if tick % 3 == 2 else 1.0)
         pic = LoadPicture(
-            prefill_signals(window_rps * 2000, now, ready=current["prefill"], request_rate_last=last_rps),
-            decode_signals(window_rps * 400, now, ready=current["decode"], request_rate_last=last_rps * 2),
+            prefill_signals(window_rps * 2000, now, ready=current["prefill"], request_rate_last=last_rps,
+                            requests_last=last_rps * 2),
+            decode_signals(window_rps * 400, now, ready=current["decode"], request_rate_last=last_rps * 2,
+                           requests_last=last_rps * 4),
         )
         decisions, state = run(pic, current, state, now=now, settings=settings)
         current = {role: d.desired for role, d in decisions.items()}
@@ -507,8 +512,24 @@ def test_after_a_step_the_noise_of_the_new_level_does_not_scale_further_but_a_se
     assert first["prefill"] > 2 and first["decode"] > 2, first
     assert current == first, (first, current)
     now = 460.0
-    second = LoadPicture(prefill_signals(32_000, now, ready=current["prefill"], request_rate_last=32.0),
-                         decode_signals(6_400, now, ready=current["decode"], request_rate_last=64.0))
+    second = LoadPicture(
+        prefill_signals(32_000, now, ready=current["prefill"], request_rate_last=32.0, requests_last=64.0),
+        decode_signals(6_400, now, ready=current["decode"], request_rate_last=64.0, requests_last=128.0))
     decisions, _ = run(second, current, state, now=now, settings=settings)
     assert decisions["prefill"].desired > first["prefill"], decisions["prefill"].reason
     assert decisions["decode"].desired > first["decode"], decisions["decode"].reason
+
+
+@pytest.mark.parametrize(("noise_z", "scales"), [(0.0, True), (SETTINGS.step_noise_z, False)])
+def test_a_short_interval_twice_as_busy_by_chance_is_not_a_step(noise_z: float, scales: bool) -> None:
+    # 1-s scrape intervals at a calm 4 req/s: 11 requests in one of them is 2.75x the rate but within
+    # 4 standard deviations of the 4 expected (Poisson). Without the noise test the pools would scale.
+    settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0, step_noise_z=noise_z)
+    state, current = _calm_then(settings)
+    now = 400.0
+    blip = LoadPicture(
+        prefill_signals(8_000, now, ready=2, request_rate_last=11.0, requests_last=11.0),
+        decode_signals(1_600, now, ready=2, request_rate_last=11.0, requests_last=11.0),
+    )
+    decisions, _ = run(blip, current, state, now=now, settings=settings)
+    assert any(d.changed for d in decisions.values()) == scales, [d.reason for d in decisions.values()]

@@ -26,6 +26,10 @@ How a pool is sized
   the KV a running sequence really holds read from the pool's KV usage; the pool gets enough replicas
   for both. Its correction is the mean step the pool runs (running sequences / generated tokens per
   second) over the model's step, pushed further up while the ITL percentile exceeds the target itself.
+- A step up, both pools: when the newest load (the rate window's or, sooner, the last scrape
+  interval's requests/s if they are more than noise: `step_noise_z`) is at least `persist_step` times the
+  recent mean (prefill: the replay's; decode: the last `max_horizon_s`), the pool is also sized for that
+  load as if it lasted `persist_s`; for `max_horizon_s` after, only a step above that one counts again.
 - Up in one step to the needed count; down only to the highest count recommended during the last
   `scale_down_window_s`, and only when that is at least `hysteresis` below the current count: a pool never
   flaps.
@@ -80,6 +84,8 @@ class PoolSignals:
     request_rate_last: float | None = None
     """Requests per second over the last scrape interval only (Prometheus `irate`): noisier than
     `request_rate`, but it shows a step up a window sooner."""
+    requests_last: float | None = None
+    """How many requests that interval held (`idelta`): how far its rate is from noise."""
     kv_usage: float | None = None
     """Mean KV-cache occupancy of the pool's replicas, 0..1."""
     ttft_s: float | None = None
@@ -155,6 +161,10 @@ class PolicySettings:
     """Prefill is also sized for the newest rate window's load lasting this long: a step up is answered
     as soon as the signals show it, not once the replay has seen enough of it to outweigh the calm
     before (that took 10-20 ticks)."""
+    step_noise_z: float = 4.0
+    """The last scrape interval counts as a step only when its request count is this many standard
+    deviations (Poisson) above what the recent load would bring in the same time: a 1-s interval at
+    6 req/s reaches 2x by chance every few minutes, 6 + 4 x sqrt(6) = 16 requests about once in 2,000."""
     persist_step: float = 2.0
     """... but only when that load is at least this multiple of the replay's mean: a step to a new level,
     not one of the bursts the replay already provisions for (sizing every window as if it lasted cost
@@ -309,6 +319,18 @@ def _recent(
 ) -> list[tuple[float, ...]]:
     """The samples whose rate windows fall within the last `horizon` seconds (the newest always)."""
     return [x for x in samples if now - x[0] <= horizon - settings.signal_window_s + 1e-6] or list(samples[-1:])
+
+
+def _step_rate(signals: PoolSignals | None, baseline_rps: float, settings: PolicySettings) -> float | None:
+    """The last scrape interval's requests/s when they are more than Poisson noise around `baseline_rps`
+    (its count n over its length n / rate), else None."""
+    if signals is None or signals.request_rate_last is None or signals.requests_last is None:
+        return None
+    rate, count = signals.request_rate_last, signals.requests_last
+    if rate <= 0 or count <= 0:
+        return None
+    expected = max(baseline_rps, 0.0) * count / rate
+    return rate if count >= expected + settings.step_noise_z * math.sqrt(max(expected, 1.0)) else None
 
 
 def _step_baseline(usual: float, memory: PoolMemory, now: float, settings: PolicySettings) -> float:
@@ -466,11 +488,12 @@ def _prefill_need(
     sized_by = f"{miss:.2%} of the last {settings.replay_s:.0f}s"
     mean_tokens = total_tokens / len(windows)
     newest = windows[-1]
-    if signals.request_rate_last is not None and signals.request_rate_last * mean_prompt + backlog > newest[0]:
-        newest = (signals.request_rate_last * mean_prompt + backlog, signals.request_rate_last + backlog / mean_prompt)
+    baseline = _step_baseline(mean_tokens, memory, signals.sampled_at, settings)
+    fast = _step_rate(signals, baseline * total_requests / total_tokens if total_tokens > 0 else 0.0, settings)
+    if fast is not None and fast * mean_prompt + backlog > newest[0]:
+        newest = (fast * mean_prompt + backlog, fast + backlog / mean_prompt)
     step = memory.step
-    if settings.persist_s > 0 and newest[0] >= settings.persist_step * _step_baseline(
-            mean_tokens, memory, signals.sampled_at, settings):
+    if settings.persist_s > 0 and newest[0] >= settings.persist_step * baseline:
         persisted, persisted_miss = size([newest], step_s=settings.persist_s, miss_share=slo_allows)
         if persisted > replicas:
             replicas, step = persisted, (signals.sampled_at, newest[0])
@@ -572,11 +595,11 @@ def _decode_need(
     # already show part of the step) -> size for them at once, not once the windows have caught up. The
     # sequences grow with them (Little's law at the current time a token's sequence stays in the pool).
     step_note = ""
-    fast_rates = [r for r in (signals.request_rate_last, prefill.request_rate_last if prefill else None)
-                  if r is not None]
-    fast_tokens = max(fast_rates) * mean_output if fast_rates else 0.0
     usual_tokens = _step_baseline(sum(x[1] for x in rate_samples) / len(rate_samples), memory, signals.sampled_at,
                                   settings)
+    fast_rates = [r for r in (_step_rate(pool, usual_tokens / mean_output, settings) for pool in (signals, prefill))
+                  if r is not None]
+    fast_tokens = max(fast_rates) * mean_output if fast_rates else 0.0
     step = memory.step
     if settings.persist_s > 0 and fast_tokens > 0 and fast_tokens >= settings.persist_step * usual_tokens:
         stay_s = sequences / generated if generated else 0.0

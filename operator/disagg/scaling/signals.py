@@ -6,8 +6,8 @@ of queries for 1 or 1,000 InferenceServices. Latency percentiles are computed he
 rates, because each service asks for its own percentile (`spec.slo.percentile`).
 
 Requests per second come twice: over the rate window (what the pool is sized by) and over the last
-scrape interval (`irate`, what shows a step up first; the policy acts on it only for a step well above
-the recent load).
+scrape interval (`irate`, what shows a step up first, with that interval's count from `idelta`; the
+policy acts on it only for a step well above the recent load and its noise).
 
 Two signals need more than one rate window:
 - the mean output length of a request: tokens are generated over a request's whole life (tens of
@@ -100,6 +100,7 @@ class QuerySet:
             # the last scrape interval alone: a step up shows here one or two scrapes after it happens,
             # where the window's mean needs most of a window to tell it from a burst
             "request_rate_last": f'sum by ({BY}) (irate({{__name__=~"{ttft_count}"}}[{w}]))',
+            "requests_last": f'sum by ({BY}) (idelta({{__name__=~"{ttft_count}"}}[{w}]))',
             "generation_tps_sizes": f'sum by ({BY}) (rate({{__name__=~"{generation}"}}[{sw}]))',
             "request_rate_sizes": f'sum by ({BY}) (rate({{__name__=~"{ttft_count}"}}[{sw}]))',
             "finish_rate_sizes": f'sum by ({BY}) (rate({{__name__=~"{finished}"}}[{sw}]))',
@@ -214,6 +215,7 @@ class Observations:
             generation_tokens_per_s=generation_tps,
             request_rate=request_rate,
             request_rate_last=get("request_rate_last"),
+            requests_last=get("requests_last"),
             kv_usage=kv_usage,
             ttft_s=histogram_quantile(q, self.buckets.get("ttft_buckets", {}).get(key, [])),
             itl_s=histogram_quantile(q, self.buckets.get("itl_buckets", {}).get(key, [])),
