@@ -165,6 +165,9 @@ class PolicySettings:
     """The last scrape interval counts as a step only when its request count is this many standard
     deviations (Poisson) above what the recent load would bring in the same time: a 1-s interval at
     6 req/s reaches 2x by chance every few minutes, 6 + 4 x sqrt(6) = 16 requests about once in 2,000."""
+    step_upper_sd: float = 1.0
+    """A step seen in the last scrape interval is sized for its request count plus this many standard
+    deviations (46 requests in 2 s are a level of 23 +- 3.4 req/s)."""
     persist_step: float = 2.0
     """... but only when that load is at least this multiple of the replay's mean: a step to a new level,
     not one of the bursts the replay already provisions for (sizing every window as if it lasted cost
@@ -321,16 +324,23 @@ def _recent(
     return [x for x in samples if now - x[0] <= horizon - settings.signal_window_s + 1e-6] or list(samples[-1:])
 
 
-def _step_rate(signals: PoolSignals | None, baseline_rps: float, settings: PolicySettings) -> float | None:
-    """The last scrape interval's requests/s when they are more than Poisson noise around `baseline_rps`
-    (its count n over its length n / rate), else None."""
+def _step_rate(
+    signals: PoolSignals | None, baseline_rps: float, settings: PolicySettings
+) -> tuple[float, float] | None:
+    """The last scrape interval's requests/s, and the upper end of what its count says (what a step is
+    sized for), when they are more than Poisson noise around `baseline_rps` (its count n over its length
+    n / rate), else None."""
     if signals is None or signals.request_rate_last is None or signals.requests_last is None:
         return None
     rate, count = signals.request_rate_last, signals.requests_last
     if rate <= 0 or count <= 0:
         return None
     expected = max(baseline_rps, 0.0) * count / rate
-    return rate if count >= expected + settings.step_noise_z * math.sqrt(max(expected, 1.0)) else None
+    if count < expected + settings.step_noise_z * math.sqrt(max(expected, 1.0)):
+        return None
+    # One interval is a small sample of the new level: size for its upper end (a pool scaled up too far
+    # comes back after the scale-down window; one left short breaks the SLO until the windows catch up).
+    return rate, rate * (count + settings.step_upper_sd * math.sqrt(count)) / count
 
 
 def _step_baseline(usual: float, memory: PoolMemory, now: float, settings: PolicySettings) -> float:
@@ -487,17 +497,18 @@ def _prefill_need(
     # first).
     sized_by = f"{miss:.2%} of the last {settings.replay_s:.0f}s"
     mean_tokens = total_tokens / len(windows)
-    newest = windows[-1]
+    newest, sized = windows[-1][0], windows[-1]
     baseline = _step_baseline(mean_tokens, memory, signals.sampled_at, settings)
     fast = _step_rate(signals, baseline * total_requests / total_tokens if total_tokens > 0 else 0.0, settings)
-    if fast is not None and fast * mean_prompt + backlog > newest[0]:
-        newest = (fast * mean_prompt + backlog, fast + backlog / mean_prompt)
+    if fast is not None and fast[0] * mean_prompt + backlog > newest:
+        newest = fast[0] * mean_prompt + backlog
+        sized = (fast[1] * mean_prompt + backlog, fast[1] + backlog / mean_prompt)
     step = memory.step
-    if settings.persist_s > 0 and newest[0] >= settings.persist_step * baseline:
-        persisted, persisted_miss = size([newest], step_s=settings.persist_s, miss_share=slo_allows)
+    if settings.persist_s > 0 and newest >= settings.persist_step * baseline:
+        persisted, persisted_miss = size([sized], step_s=settings.persist_s, miss_share=slo_allows)
         if persisted > replicas:
-            replicas, step = persisted, (signals.sampled_at, newest[0])
-            sized_by = (f"{persisted_miss:.2%} if the newest load ({newest[0]:.0f} tok/s) lasts "
+            replicas, step = persisted, (signals.sampled_at, newest)
+            sized_by = (f"{persisted_miss:.2%} if the newest load ({sized[0]:.0f} tok/s) lasts "
                         f"{settings.persist_s:.0f}s")
     observed_text = f", TTFT p{slo.percentile:g} {signals.ttft_s * 1000:.0f}ms" if signals.ttft_s is not None else ""
     per_replica = mean_prompt / service
@@ -599,19 +610,21 @@ def _decode_need(
                                   settings)
     fast_rates = [r for r in (_step_rate(pool, usual_tokens / mean_output, settings) for pool in (signals, prefill))
                   if r is not None]
-    fast_tokens = max(fast_rates) * mean_output if fast_rates else 0.0
+    fast_tokens, sized_tokens = (max(fast_rates)[0] * mean_output, max(fast_rates)[1] * mean_output) if fast_rates \
+        else (0.0, 0.0)
     step = memory.step
     if settings.persist_s > 0 and fast_tokens > 0 and fast_tokens >= settings.persist_step * usual_tokens:
         stay_s = sequences / generated if generated else 0.0
         stepped = size_decode(
             capacity.model, capacity.accelerator, capacity.tensor_parallel,
-            generation_tokens_per_s=fast_tokens, concurrent_sequences=max(sequences, stay_s * fast_tokens),
+            generation_tokens_per_s=sized_tokens, concurrent_sequences=max(sequences, stay_s * sized_tokens),
             mean_prompt_tokens=held_prompt, mean_output_tokens=mean_output,
             itl_target_s=itl_target, correction=correction, headroom=settings.decode_headroom, eff=eff,
         )
         if stepped.replicas > sizing.replicas:
             sizing, step = stepped, (signals.sampled_at, fast_tokens)
-            step_note = f" (a step to {fast_tokens:.0f} gen tok/s in the last scrape interval)"
+            step_note = f" (a step to {fast_tokens:.0f} gen tok/s in the last scrape interval, sized for " \
+                        f"{sized_tokens:.0f})"
     observed = f", ITL p{spec.slo.percentile:g} {signals.itl_s * 1000:.1f}ms" if signals.itl_s is not None else ""
     kv = f", KV {signals.kv_usage:.0%}" if signals.kv_usage is not None else ""
     explanation = (
