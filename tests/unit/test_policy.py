@@ -441,41 +441,49 @@ def test_a_short_spike_scales_up_once_and_back_once() -> None:
     assert len(downs) == 1 and downs[0][0] >= 10 + 120 / 15, changes
 
 
+def _both(rps: float, now: float, current: dict[str, int], last_rps: float | None = None,
+          interval_s: float = 2.0) -> LoadPicture:
+    """Both pools at `rps` requests/s over the rate window (2,000-token prompts, 200 output tokens), and
+    `last_rps` over the last scrape interval of `interval_s` (default: the window's rate)."""
+    last = rps if last_rps is None else last_rps
+    return LoadPicture(
+        prefill_signals(rps * 2000, now, ready=current["prefill"], request_rate_last=last,
+                        requests_last=last * interval_s),
+        decode_signals(rps * 200, now, ready=current["decode"], request_rate_last=last,
+                       requests_last=last * interval_s),
+    )
+
+
 def _calm_then(settings: PolicySettings) -> tuple[PolicyState, dict[str, int]]:
-    """Five calm minutes of 2-s ticks at 8k prompt tok/s and 1.6k gen tok/s (whose last-interval rates
-    are the window's): the pools settle at what the calm needs."""
+    """Five calm minutes of 2-s ticks at 8 req/s (16k prompt tok/s, 1.6k gen tok/s): the pools settle
+    at what the calm needs."""
     state = PolicyState()
     current = {"prefill": 2, "decode": 2}
     for step in range(150):
         now = 100.0 + 2 * step
-        calm = LoadPicture(
-            prefill_signals(8_000, now, ready=current["prefill"], request_rate_last=4.0, requests_last=8.0),
-            decode_signals(1_600, now, ready=current["decode"], request_rate_last=8.0, requests_last=16.0))
-        decisions, state = run(calm, current, state, now=now, settings=settings)
+        decisions, state = run(_both(8.0, now, current), current, state, now=now, settings=settings)
         current = {role: d.desired for role, d in decisions.items()}
     return state, current
 
 
-@pytest.mark.parametrize(("last_rate", "scales"), [(None, False), (6.0, False), (16.0, True)])
+@pytest.mark.parametrize(("last_rate", "scales"), [(None, False), (12.0, False), (32.0, True)])
 def test_a_step_seen_in_the_last_scrape_interval_scales_both_pools_before_the_window_shows_it(
     last_rate: float | None, scales: bool
 ) -> None:
-    # The rate window still reads the calm 4 req/s, the last scrape interval 4x of it: both pools go at
+    # The rate window still reads the calm 8 req/s, the last scrape interval 4x of it: both pools go at
     # once to what the step needs. 1.5x is a burst the replay provisions for, not a step: no change.
     # Without the last-interval rate the policy waits for the window.
     settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0)
     state, current = _calm_then(settings)
     assert current == {"prefill": 2, "decode": 2}
     now = 400.0
-    stepped = LoadPicture(  # 2-s scrape intervals
-        prefill_signals(8_000, now, ready=2, request_rate_last=last_rate,
-                        requests_last=None if last_rate is None else last_rate * 2),
-        decode_signals(1_600, now, ready=2, request_rate_last=None if last_rate is None else last_rate * 2,
-                       requests_last=None if last_rate is None else last_rate * 4),
-    )
+    stepped = _both(8.0, now, current, last_rate)
+    if last_rate is None:
+        stepped = LoadPicture(replace(stepped.prefill, request_rate_last=None, requests_last=None),
+                              replace(stepped.decode, request_rate_last=None, requests_last=None))
     decisions, _ = run(stepped, current, state, now=now, settings=settings)
     # What the pools need once the window shows the step (4x the calm), for comparison.
-    settled, _ = run(picture(32_000, 6_400, now), current, state, now=now, settings=settings)
+    settled, _ = run(_both(32.0, now, current), current, state, now=now, settings=settings)
     for role in ("prefill", "decode"):
         if scales:
             assert decisions[role].desired >= settled[role].desired > 2, (decisions[role].reason,
@@ -497,39 +505,41 @@ def test_after_a_step_the_noise_of_the_new_level_does_not_scale_further_but_a_se
     for tick in range(30):
         now = 400.0 + 2 * tick
         caught_up = min(1.0, (tick + 1) / 3)  # the 6-s window reaches the new level in three ticks
-        window_rps = 4.0 + 12.0 * caught_up
-        last_rps = 16.0 * (1.4 if tick % 3 == 1 else 0.7 if tick % 3 == 2 else 1.0)
-        pic = LoadPicture(
-            prefill_signals(window_rps * 2000, now, ready=current["prefill"], request_rate_last=last_rps,
-                            requests_last=last_rps * 2),
-            decode_signals(window_rps * 400, now, ready=current["decode"], request_rate_last=last_rps * 2,
-                           requests_last=last_rps * 4),
-        )
-        decisions, state = run(pic, current, state, now=now, settings=settings)
+        last_rps = 32.0 * (1.4 if tick % 3 == 1 else 0.7 if tick % 3 == 2 else 1.0)
+        decisions, state = run(_both(8.0 + 24.0 * caught_up, now, current, last_rps), current, state, now=now,
+                               settings=settings)
         current = {role: d.desired for role, d in decisions.items()}
         if tick == 0:
             first = dict(current)
     assert first["prefill"] > 2 and first["decode"] > 2, first
     assert current == first, (first, current)
     now = 460.0
-    second = LoadPicture(
-        prefill_signals(32_000, now, ready=current["prefill"], request_rate_last=32.0, requests_last=64.0),
-        decode_signals(6_400, now, ready=current["decode"], request_rate_last=64.0, requests_last=128.0))
-    decisions, _ = run(second, current, state, now=now, settings=settings)
+    decisions, _ = run(_both(32.0, now, current, 64.0), current, state, now=now, settings=settings)
     assert decisions["prefill"].desired > first["prefill"], decisions["prefill"].reason
     assert decisions["decode"].desired > first["decode"], decisions["decode"].reason
 
 
 @pytest.mark.parametrize(("noise_z", "scales"), [(0.0, True), (SETTINGS.step_noise_z, False)])
 def test_a_short_interval_twice_as_busy_by_chance_is_not_a_step(noise_z: float, scales: bool) -> None:
-    # 1-s scrape intervals at a calm 4 req/s: 11 requests in one of them is 2.75x the rate but within
-    # 4 standard deviations of the 4 expected (Poisson). Without the noise test the pools would scale.
+    # 1-s scrape intervals at a calm 8 req/s: 18 requests in one of them is 2.25x the rate but within
+    # 4 standard deviations of the 8 expected (Poisson). Without the noise test the pools would scale.
     settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0, step_noise_z=noise_z)
     state, current = _calm_then(settings)
     now = 400.0
-    blip = LoadPicture(
-        prefill_signals(8_000, now, ready=2, request_rate_last=11.0, requests_last=11.0),
-        decode_signals(1_600, now, ready=2, request_rate_last=11.0, requests_last=11.0),
-    )
-    decisions, _ = run(blip, current, state, now=now, settings=settings)
+    decisions, _ = run(_both(8.0, now, current, 18.0, interval_s=1.0), current, state, now=now, settings=settings)
     assert any(d.changed for d in decisions.values()) == scales, [d.reason for d in decisions.values()]
+
+
+def test_decode_reads_a_step_from_the_requests_entering_prefill_not_its_own_clumped_admissions() -> None:
+    # Decode admits what prefill hands over in clumps: 28 admissions in a 1-s interval while prefill saw
+    # its usual 8 arrive is not a step (decode's own count would pass the noise test).
+    settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0)
+    state, current = _calm_then(settings)
+    now = 400.0
+    pic = _both(8.0, now, current, interval_s=1.0)
+    clumped = LoadPicture(pic.prefill, replace(pic.decode, request_rate_last=28.0, requests_last=28.0))
+    decisions, _ = run(clumped, current, state, now=now, settings=settings)
+    assert not decisions["decode"].changed, decisions["decode"].reason
+    alone = LoadPicture(None, clumped.decode)  # no prefill signals: decode's own count is all there is
+    decisions, _ = run(alone, current, state, now=now, settings=settings)
+    assert decisions["decode"].desired > 2, decisions["decode"].reason

@@ -604,17 +604,20 @@ def _decode_need(
     # A step up: the requests of the last scrape interval at least `persist_step` times the mean load of
     # the last `max_horizon_s` (prefill's test against its replay; not against the newest windows, which
     # already show part of the step) -> size for them at once, not once the windows have caught up. The
-    # sequences grow with them (Little's law at the current time a token's sequence stays in the pool).
+    # sequences grow with them (Little's law).
     step_note = ""
     usual_tokens = _step_baseline(sum(x[1] for x in rate_samples) / len(rate_samples), memory, signals.sampled_at,
                                   settings)
-    fast_rates = [r for r in (_step_rate(pool, usual_tokens / mean_output, settings) for pool in (signals, prefill))
-                  if r is not None]
-    fast_tokens, sized_tokens = (max(fast_rates)[0] * mean_output, max(fast_rates)[1] * mean_output) if fast_rates \
-        else (0.0, 0.0)
+    # The requests entering prefill, where the prefill pool reports them: decode admits what prefill
+    # hands over in clumps (a batch's requests at once), far from Poisson within one short interval.
+    entering = prefill if prefill is not None and prefill.requests_last is not None else signals
+    fast = _step_rate(entering, usual_tokens / mean_output, settings)
+    fast_tokens, sized_tokens = (fast[0] * mean_output, fast[1] * mean_output) if fast else (0.0, 0.0)
     step = memory.step
     if settings.persist_s > 0 and fast_tokens > 0 and fast_tokens >= settings.persist_step * usual_tokens:
-        stay_s = sequences / generated if generated else 0.0
+        # the time a sequence stays per token it generates (the step), at most the planned step: a pool
+        # whose generated rate still lags a start-up would otherwise be credited with a long one
+        stay_s = min(sequences / generated, itl_target) if generated else 0.0
         stepped = size_decode(
             capacity.model, capacity.accelerator, capacity.tensor_parallel,
             generation_tokens_per_s=sized_tokens, concurrent_sequences=max(sequences, stay_s * sized_tokens),
