@@ -343,11 +343,13 @@ def _step_rate(
     return rate, rate * (count + settings.step_upper_sd * math.sqrt(count)) / count
 
 
-def _step_baseline(usual: float, memory: PoolMemory, now: float, settings: PolicySettings) -> float:
+def _step_baseline(usual: float, newest: float, memory: PoolMemory, now: float, settings: PolicySettings) -> float:
     """The load a step up is measured against: the recent mean or, for `max_horizon_s` after a step was
-    sized for, that step's load (its noise in the last scrape interval is not a second step)."""
+    sized for, the level of that step as best known: what its interval showed or, once the rate window
+    has caught up, the window's load (a step first seen in an interval it only partly filled reads low,
+    and the noise of the new level is not a second step)."""
     if memory.step is not None and now - memory.step[0] <= settings.max_horizon_s:
-        return max(usual, memory.step[1])
+        return max(usual, memory.step[1], newest)
     return usual
 
 
@@ -498,7 +500,7 @@ def _prefill_need(
     sized_by = f"{miss:.2%} of the last {settings.replay_s:.0f}s"
     mean_tokens = total_tokens / len(windows)
     newest, sized = windows[-1][0], windows[-1]
-    baseline = _step_baseline(mean_tokens, memory, signals.sampled_at, settings)
+    baseline = _step_baseline(mean_tokens, newest, memory, signals.sampled_at, settings)
     fast = _step_rate(signals, baseline * total_requests / total_tokens if total_tokens > 0 else 0.0, settings)
     if fast is not None and fast[0] * mean_prompt + backlog > newest:
         newest = fast[0] * mean_prompt + backlog
@@ -606,8 +608,8 @@ def _decode_need(
     # already show part of the step) -> size for them at once, not once the windows have caught up. The
     # sequences grow with them (Little's law).
     step_note = ""
-    usual_tokens = _step_baseline(sum(x[1] for x in rate_samples) / len(rate_samples), memory, signals.sampled_at,
-                                  settings)
+    usual_tokens = _step_baseline(sum(x[1] for x in rate_samples) / len(rate_samples), load_tokens, memory,
+                                  signals.sampled_at, settings)
     # The requests entering prefill, where the prefill pool reports them: decode admits what prefill
     # hands over in clumps (a batch's requests at once), far from Poisson within one short interval.
     entering = prefill if prefill is not None and prefill.requests_last is not None else signals
