@@ -18,7 +18,8 @@ For each step and pool:
   of this process (the same clock);
 - where it went: scrape (the step to the pool's first sample scraped after it, from Prometheus' raw
   samples), rate window (the first scrape to the decision, at most the rate window: the windowed rates
-  are still filling with post-step samples), policy (the rest of the wait for the decision: the tick's
+  are still filling with post-step samples, or the policy waits for a scrape interval the step filled
+  enough to be told from noise), policy (the rest of the wait for the decision: the tick's
   phase, and any ticks whose signals already held the whole step but whose decision did not scale yet),
   write + watch (the decision, seen on the operator's `disagg_scaling_decisions_total` polled every
   0.1 s, to the watch event).
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "reaction.json"))
     args = parser.parse_args(argv)
 
-    window_s = float(re.fullmatch(r"(\d+(?:\.\d+)?)s", args.rate_window).group(1))  # type: ignore[union-attr]
+    window_s = QuerySet(window=args.rate_window).window_seconds
     target_s = args.scrape_interval + args.tick + 2.0
     status = subprocess.run([sys.executable, str(REPO / "hack" / "cluster.py"), "status"], capture_output=True,
                             text=True, timeout=120, check=False)

@@ -543,3 +543,30 @@ def test_decode_reads_a_step_from_the_requests_entering_prefill_not_its_own_clum
     alone = LoadPicture(None, clumped.decode)  # no prefill signals: decode's own count is all there is
     decisions, _ = run(alone, current, state, now=now, settings=settings)
     assert decisions["decode"].desired > 2, decisions["decode"].reason
+
+
+def test_a_step_first_seen_in_a_partly_filled_interval_is_judged_by_the_level_the_windows_then_show() -> None:
+    # A step to 32 req/s first seen in an interval it partly filled (20 req/s): the pools go up at once;
+    # the windows catch up to 32 within three ticks and the pools to what 32 needs. From then on the new
+    # level's noisy intervals (up to 45 req/s: more than twice the 20 first seen, not twice the 32 the
+    # windows show) change nothing against the same ride without noise.
+    settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0, scale_down_window_s=600.0)
+    calm_state, calm_current = _calm_then(settings)
+
+    def ride(noisy: bool) -> list[dict[str, int]]:
+        state, current = calm_state, dict(calm_current)
+        history = []
+        for tick in range(30):
+            now = 400.0 + 2 * tick
+            window_rps = 8.0 + 24.0 * min(1.0, tick / 3)
+            swing = (1.4 if tick % 3 == 1 else 0.8) if noisy and tick >= 3 else 1.0
+            last_rps = 20.0 if tick == 0 else 32.0 * swing
+            decisions, state = run(_both(window_rps, now, current, last_rps), current, state, now=now,
+                                   settings=settings)
+            current = {role: d.desired for role, d in decisions.items()}
+            history.append(dict(current))
+        return history
+
+    noisy, steady = ride(noisy=True), ride(noisy=False)
+    assert noisy[0]["prefill"] > 2 and noisy[0]["decode"] > 2, noisy[0]
+    assert noisy == steady, (noisy, steady)

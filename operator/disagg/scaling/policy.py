@@ -158,9 +158,14 @@ class PolicySettings:
     replay_s: float = 300.0
     """Prefill is sized by replaying the load of this many recent seconds against candidate pool sizes."""
     persist_s: float = 60.0
-    """Prefill is also sized for the newest rate window's load lasting this long: a step up is answered
-    as soon as the signals show it, not once the replay has seen enough of it to outweigh the calm
-    before (that took 10-20 ticks)."""
+    """Prefill is also sized for the newest load lasting this long: a step up is answered as soon as the
+    signals show it, not once the replay has seen enough of it to outweigh the calm before (that took
+    10-20 ticks). 0 turns the step test off, for decode too."""
+    persist_step: float = 2.0
+    """... but only when that load is at least this multiple of the replay's mean: a step to a new level,
+    not one of the bursts the replay already provisions for (sizing every window as if it lasted cost
+    7-28 % more accelerator-hours on the four production traces' hours for 0.0-0.2 points of attainment;
+    at 1.5x still 0-10 %, at 2x nothing)."""
     step_noise_z: float = 4.0
     """The last scrape interval counts as a step only when its request count is this many standard
     deviations (Poisson) above what the recent load would bring in the same time: a 1-s interval at
@@ -168,11 +173,6 @@ class PolicySettings:
     step_upper_sd: float = 1.0
     """A step seen in the last scrape interval is sized for its request count plus this many standard
     deviations (46 requests in 2 s are a level of 23 +- 3.4 req/s)."""
-    persist_step: float = 2.0
-    """... but only when that load is at least this multiple of the replay's mean: a step to a new level,
-    not one of the bursts the replay already provisions for (sizing every window as if it lasted cost
-    7-28 % more accelerator-hours on the four production traces' hours for 0.0-0.2 points of attainment;
-    at 1.5x still 0-10 %, at 2x nothing)."""
     miss_share: float = 0.5
     """Prefill aims at this share of the misses the SLO allows (1 - percentile/100) over the replay."""
     horizon_per_budget: float = 4.0
@@ -492,11 +492,10 @@ def _prefill_need(
         floor_s=floor, max_replicas=max_replicas,
     )
     replicas, miss = size(windows, step_s=settings.tick_s, miss_share=allowed)
-    # The newest window's load as if it lasted `persist_s`, when it is a step to a new level: one step
-    # to what the step needs. It may predict all the misses the SLO allows (a load that, if it lasted,
-    # breaks the SLO itself), where the replay aims at `miss_share` of them.
-    # The newest load is the rate window's or, when higher, the last scrape interval's (a step shows there
-    # first).
+    # The newest load as if it lasted `persist_s`, when it is a step to a new level: one step to what the
+    # step needs. It may predict all the misses the SLO allows (a load that, if it lasted, breaks the SLO
+    # itself), where the replay aims at `miss_share` of them. The newest load is the rate window's or,
+    # when higher and more than noise, the last scrape interval's (a step shows there first).
     sized_by = f"{miss:.2%} of the last {settings.replay_s:.0f}s"
     mean_tokens = total_tokens / len(windows)
     newest, sized = windows[-1][0], windows[-1]
@@ -628,8 +627,8 @@ def _decode_need(
         )
         if stepped.replicas > sizing.replicas:
             sizing, step = stepped, (signals.sampled_at, fast_tokens)
-            step_note = f" (a step to {fast_tokens:.0f} gen tok/s in the last scrape interval, sized for " \
-                        f"{sized_tokens:.0f})"
+            step_note = (f" (a step to {fast_tokens:.0f} gen tok/s in the last scrape interval, sized for "
+                         f"{sized_tokens:.0f})")
     observed = f", ITL p{spec.slo.percentile:g} {signals.itl_s * 1000:.1f}ms" if signals.itl_s is not None else ""
     kv = f", KV {signals.kv_usage:.0%}" if signals.kv_usage is not None else ""
     explanation = (
