@@ -388,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "reaction.json"))
     args = parser.parse_args(argv)
 
-    window_s = QuerySet(window=args.rate_window).window_seconds
+    try:
+        window_s = QuerySet(window=args.rate_window).window_seconds
+    except ValueError as error:
+        parser.error(f"--rate-window: {error}")
     target_s = args.scrape_interval + args.tick + 2.0
     status = subprocess.run([sys.executable, str(REPO / "hack" / "cluster.py"), "status"], capture_output=True,
                             text=True, timeout=120, check=False)
