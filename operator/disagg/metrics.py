@@ -20,6 +20,12 @@ class OperatorMetrics:
             "disagg_reconcile_duration_seconds", "Duration of one reconcile", registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.spec_change_seconds = Histogram(
+            "disagg_spec_change_seconds",
+            "From a new generation's watch event reaching the operator to the reconcile that takes it "
+            "starting (stage=started) and to its children applied (stage=applied)", ["stage"], registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+        )
         self.api_requests = Counter("disagg_api_requests_total", "API requests by HTTP method", ["method"],
                                     registry=r)
         self.api_errors = Counter("disagg_api_errors_total", "Failed API requests by HTTP status", ["status"],

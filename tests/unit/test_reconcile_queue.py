@@ -114,3 +114,29 @@ def test_a_failing_reconcile_does_not_stop_its_worker() -> None:
     finally:
         work.stop()
     assert ran == ["fine"]
+
+
+def test_a_spec_change_runs_while_every_worker_is_in_slow_status_work_and_runs_once() -> None:
+    release = threading.Event()
+    ran: list[str] = []
+
+    def run(obj: Mapping[str, Any], trigger: str) -> None:
+        if trigger == "child":
+            release.wait(5)  # status reconciles stuck behind a busy API server
+        ran.append(f"{obj['metadata']['name']}/{trigger}")
+
+    work = ReconcileQueue(2, run, spec_workers=1)
+    try:
+        for name in ("rolling-0", "rolling-1", "rolling-2"):
+            work.submit(body(name), "child", ReconcileQueue.STATUS)
+        time.sleep(0.1)
+        work.submit(body("edited"), "event", ReconcileQueue.SPEC)
+        deadline = time.monotonic() + 5
+        while "edited/event" not in ran and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ran == ["edited/event"]  # before any status reconcile finished
+        release_and_wait(release, ran, 4)
+        time.sleep(0.2)  # room for a second (wrong) run of the edit from the general queue
+    finally:
+        work.stop()
+    assert sorted(ran) == ["edited/event", "rolling-0/child", "rolling-1/child", "rolling-2/child"]

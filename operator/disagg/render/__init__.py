@@ -5,6 +5,8 @@ Never imports a Kubernetes client: `disagg render` prints exactly what reconcile
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import jinja2
@@ -21,21 +23,50 @@ from disagg.render.context import (
     pool_values,
     router_values,
 )
-from disagg.yamlio import load_all, yaml_flow
+from disagg.yamlio import load_all
 
 _env = jinja2.Environment(
     loader=jinja2.PackageLoader("disagg.render", "templates"),
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
     autoescape=False,
+    auto_reload=False,  # the templates ship with the package: no stat() of the file on every render
 )
-# Every value goes in as YAML in JSON syntax (yaml_flow), so no user string can break the document.
-_env.filters["j"] = yaml_flow
+# No value is ever written into the YAML text: `| j` leaves a placeholder there and the value aside,
+# and the parsed documents get the values back. No user string can break a document, and YAML parses
+# only the templates' skeleton (parsing the values too was most of a render's time: 1,000 new services
+# are 13,000 documents).
+_PLACEHOLDER = re.compile(r"__disagg_value_(\d+)__")
+
+
+@jinja2.pass_context
+def _set_aside(context: jinja2.runtime.Context, value: Any) -> str:
+    values: list[Any] = context["_values"]
+    values.append(value)
+    return f"__disagg_value_{len(values) - 1}__"
+
+
+_env.filters["j"] = _set_aside
+
+
+def _fill(node: Any, values: list[Any]) -> Any:
+    if isinstance(node, dict):
+        return {key: _fill(item, values) for key, item in node.items()}
+    if isinstance(node, list):
+        return [_fill(item, values) for item in node]
+    if isinstance(node, str) and "__disagg_value_" in node:
+        match = _PLACEHOLDER.fullmatch(node)
+        if match is None:
+            raise ValueError(f"a template put a value inside a string: {node!r}")
+        # through JSON, as the values always went: plain types, and a copy of its own for each use
+        return json.loads(json.dumps(values[int(match.group(1))]))
+    return node
 
 
 def _documents(template: str, **values: Any) -> list[dict[str, Any]]:
-    text = _env.get_template(template).render(**values)
-    return load_all(text)
+    aside: list[Any] = []
+    text = _env.get_template(template).render(_values=aside, **values)
+    return [_fill(doc, aside) for doc in load_all(text)]
 
 
 def _tidy(manifest: dict[str, Any]) -> dict[str, Any]:
