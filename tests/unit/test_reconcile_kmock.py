@@ -368,6 +368,27 @@ async def test_autoscaled_pool_replicas_belong_to_the_autoscaler(harness: Harnes
     assert harness.service()["status"]["decode"]["replicas"] == 5
 
 
+async def test_pools_starting_at_one_replica_are_created_without_a_scale_write_and_still_follow_the_autoscaler(
+    harness: Harness,
+) -> None:
+    service = example()
+    for role in ("prefill", "decode"):
+        service["spec"][role]["replicas"] = 1  # the API server's default
+    harness.api.put_object(ISVC, service)
+    _, found = await harness.reconcile()
+    assert applied(found, AUTOSCALER_FIELD_MANAGER) == set()  # 2 writes fewer per new service
+    _, again = await harness.reconcile()
+    assert [w.name for w in again if "deployments/" in w.name] == []  # and none later
+
+    await asyncio.to_thread(harness.kube.scale, NAMESPACE, f"{NAME}-decode", 3, AUTOSCALER_FIELD_MANAGER)
+    harness.edit({"decode": {"image": "vllm/vllm-openai:v0.33.0"}})  # an apply that omits replicas
+    _, edited = await harness.reconcile()
+    assert f"deployments/{NAME}-decode" in applied(edited)
+    live = harness.children()[f"deployments/{NAME}-decode"]
+    assert live["spec"]["replicas"] == 3
+    assert managers_of_replicas(live) == {AUTOSCALER_FIELD_MANAGER}
+
+
 async def test_turning_autoscaling_on_hands_replicas_over_without_a_reset(harness: Harness) -> None:
     manifest = example()
     del manifest["spec"]["decode"]["autoscaling"]

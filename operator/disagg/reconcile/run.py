@@ -43,6 +43,8 @@ from disagg.render.context import ROLE_LABEL, SERVICE_LABEL
 log = logging.getLogger(__name__)
 
 LEGACY_FINALIZER = "disagg.dev/finalizer"
+DEFAULT_REPLICAS = 1
+"""What the API server sets a Deployment's spec.replicas to when the manifest has none."""
 
 # (object, event type, reason, message)
 EventRecorder = Callable[[dict[str, Any], str, str, str], None]
@@ -175,6 +177,8 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
                 continue
             if not _owns_replicas(current, None):
                 replicas = int(manifest["metadata"]["annotations"]["disagg.dev/initial-replicas"])
+                if replicas == int(current.get("spec", {}).get("replicas", DEFAULT_REPLICAS)):
+                    continue  # already what it should start with (see create_scaled below)
             elif child_key(manifest) in to_apply:
                 replicas = int(current.get("spec", {}).get("replicas", 1))
             else:
@@ -202,7 +206,10 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     for manifest in plan.create_scaled:
         initial = int(manifest["metadata"]["annotations"]["disagg.dev/initial-replicas"])
         key = child_key(manifest)
-        if key in outcome.applied:
+        # The API server's default is the initial count already: no write. The field then has no
+        # manager at all, so no later apply resets it, and the autoscaler's first decision takes it
+        # (1,000 new services: 2,000 writes fewer).
+        if key in outcome.applied and initial != DEFAULT_REPLICAS:
             results[key] = ctx.kube.scale(namespace, manifest["metadata"]["name"], initial,
                                           AUTOSCALER_FIELD_MANAGER)
     for obj in plan.delete:
