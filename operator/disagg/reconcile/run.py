@@ -194,7 +194,8 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     for manifest in plan.apply:
         key = child_key(manifest)
         try:
-            results[key] = ctx.kube.apply(manifest)
+            # status reads only the Deployments back; of the rest it needs to know they exist
+            results[key] = ctx.kube.apply(manifest, read_back=manifest["kind"] == "Deployment")
         except ApiError as error:
             if not _refused(error):
                 raise
