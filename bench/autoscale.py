@@ -190,7 +190,7 @@ def print_table(entries: list[dict[str, Any]]) -> None:
     if hour_speed:
         print(f"speed: one-hour runs at most {max(hour_speed):.1f} s per simulated hour (target <= 10 s)")
     if day_walls:
-        print(f"speed: day-long runs at most {max(day_walls):.0f} s each, 20-min warm-up included "
+        print(f"speed: day-long runs at most {max(day_walls):.0f} s each, {WARMUP_S / 60:.0f}-min warm-up included "
               f"(target <= 240 s)")
 
 
