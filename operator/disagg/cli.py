@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen-host", default=os.environ.get("DISAGG_LISTEN_HOST", "0.0.0.0"))
     run.add_argument("--liveness-port", type=int, default=int(os.environ.get("DISAGG_LIVENESS_PORT", 8080)))
     run.add_argument("--metrics-port", type=int, default=int(os.environ.get("DISAGG_METRICS_PORT", 9100)))
-    run.add_argument("--workers", type=int, default=int(os.environ.get("DISAGG_WORKERS", 16)))
+    run.add_argument("--workers", type=int, default=int(os.environ.get("DISAGG_WORKERS", 16)),
+                     help="reconcile threads (default 16), plus a quarter as many for spec changes only")
     run.add_argument("--peering", default=os.environ.get("DISAGG_PEERING") or None,
                      help="kopf peering name: run several replicas, only one acts")
     run.add_argument("--priority", type=int, default=None,
