@@ -380,6 +380,14 @@ async def test_pools_starting_at_one_replica_are_created_without_a_scale_write_a
     _, again = await harness.reconcile()
     assert [w.name for w in again if "deployments/" in w.name] == []  # and none later
 
+    # `kubectl scale` of a field nobody owns records no owner (measured on the local cluster): kept
+    prefill = harness.children()[f"deployments/{NAME}-prefill"]
+    prefill["spec"]["replicas"] = 3
+    harness.api.put_object(DEPLOYMENTS, prefill)
+    _, held = await harness.reconcile()
+    assert [w.name for w in held if "deployments/" in w.name] == []
+    assert harness.children()[f"deployments/{NAME}-prefill"]["spec"]["replicas"] == 3
+
     await asyncio.to_thread(harness.kube.scale, NAMESPACE, f"{NAME}-decode", 3, AUTOSCALER_FIELD_MANAGER)
     harness.edit({"decode": {"image": "vllm/vllm-openai:v0.33.0"}})  # an apply that omits replicas
     _, edited = await harness.reconcile()

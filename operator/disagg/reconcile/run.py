@@ -176,9 +176,15 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
             if current is None or _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
                 continue
             if not _owns_replicas(current, None):
+                # Still the API server's default: never scaled since it was created, so it gets its
+                # initial count (unless that is the default too, see create_scaled below). Any other
+                # count was set by hand through the scale subresource, which records no owner for a
+                # field nobody owned: it stays, for the autoscaler to take over.
                 replicas = int(manifest["metadata"]["annotations"]["disagg.dev/initial-replicas"])
-                if replicas == int(current.get("spec", {}).get("replicas", DEFAULT_REPLICAS)):
-                    continue  # already what it should start with (see create_scaled below)
+                if int(current.get("spec", {}).get("replicas", DEFAULT_REPLICAS)) != DEFAULT_REPLICAS:
+                    continue
+                if replicas == DEFAULT_REPLICAS:
+                    continue
             elif child_key(manifest) in to_apply:
                 replicas = int(current.get("spec", {}).get("replicas", 1))
             else:
