@@ -570,3 +570,31 @@ def test_a_step_first_seen_in_a_partly_filled_interval_is_judged_by_the_level_th
     noisy, steady = ride(noisy=True), ride(noisy=False)
     assert noisy[0]["prefill"] > 2 and noisy[0]["decode"] > 2, noisy[0]
     assert noisy == steady, (noisy, steady)
+
+
+def test_decode_scaled_up_by_its_windows_takes_their_load_as_the_level_the_next_step_is_measured_from() -> None:
+    # A step to 3x that the rate windows show while the scrape intervals happen to stay quiet: decode goes
+    # up once, through its windows. When the intervals then show the new level (steadily, or noisily up
+    # to 1.3x of it: far more than twice the last 3 minutes' mean, not twice the level the windows show),
+    # nothing more happens. Without the windows' load as the new level, the first such interval read as
+    # a second step (seen in the e2e 4x step: decode 1 -> 2, then 2 -> 3 eight seconds later).
+    settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0, scale_down_window_s=600.0)
+    calm_state, calm_current = _calm_then(settings)
+
+    def ride(noisy: bool) -> list[int]:
+        state, current = calm_state, dict(calm_current)
+        history = []
+        for tick in range(30):
+            now = 400.0 + 2 * tick
+            window_rps = 8.0 + 16.0 * min(1.0, tick / 3)
+            swing = (1.3 if tick % 3 == 1 else 0.8) if noisy else 1.0
+            last_rps = 8.0 if tick < 4 else window_rps * swing
+            decisions, state = run(_both(window_rps, now, current, last_rps), current, state, now=now,
+                                   settings=settings)
+            current = {role: d.desired for role, d in decisions.items()}
+            history.append(current["decode"])
+        return history
+
+    noisy, steady = ride(noisy=True), ride(noisy=False)
+    assert sorted(set(steady)) == [2, 3], steady  # one decision up, through the windows
+    assert noisy == steady, (noisy, steady)

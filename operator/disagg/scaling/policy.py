@@ -307,6 +307,8 @@ class _Need:
     slo_guard: float = 1.0
     rate_samples: tuple[tuple[float, ...], ...] = ()
     step: tuple[float, float] | None = None
+    load: float | None = None
+    """Decode only: the newest generated tokens/s (the rate windows'), the level a scale-up is sized at."""
 
 
 def _horizon(spec: InferenceServiceSpec, settings: PolicySettings) -> float:
@@ -638,7 +640,7 @@ def _decode_need(
         f" {sizing.predicted_itl_s * 1000:.1f}ms <= {itl_target * 1000:.1f}ms"
     )
     return _Need(sizing.replicas, correction, 1.0, mean_prompt, mean_output, explanation,
-                 rate_samples=rate_samples, step=step)
+                 rate_samples=rate_samples, step=step, load=load_tokens)
 
 
 def _clamp(value: int, pool: PoolSpec) -> int:
@@ -732,6 +734,14 @@ def decide(
         recommendation[role] = _clamp(need.replicas, pool)
         explanations[role] = need.explanation
         ready_now = signals.ready_replicas if signals is not None else None
+        step_level = need.step
+        if (need.load is not None and step_level == memory.step and signals is not None
+                and recommendation[role] > current.get(role, pool.replicas)):
+            # Decode scaled up by its rate windows (a step that reached them before a scrape interval
+            # showed it as one): their load is the new level a further step is measured against, or
+            # the new level's noise reads as a second step (seen: 1 -> 2, then 2 -> 3 eight seconds
+            # later on a noisy interval). Prefill's replay already weighs the new level.
+            step_level = (signals.sampled_at, need.load)
         memories[role] = replace(
             memory,
             correction=need.correction,
@@ -740,7 +750,7 @@ def decide(
             queue_samples=need.queue_samples,
             slo_guard=need.slo_guard,
             rate_samples=need.rate_samples,
-            step=need.step,
+            step=step_level,
             ready=ready_now,
             ready_since=memory.ready_since if memory.ready == ready_now and memory.ready_since is not None
             else (signals.sampled_at if signals is not None else None),
