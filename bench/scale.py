@@ -37,6 +37,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python")
@@ -151,32 +152,18 @@ class Operator:
                 time.sleep(0.2)
         raise RuntimeError(f"operator did not become live; log: {self.log_path}")
 
-    def metric(self, name: str, **labels: str) -> float:
+    def _samples(self, name: str, labels: dict[str, str]) -> list[Any]:
+        """The operator's /metrics samples named `name` whose labels include `labels`."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if not line.startswith(name):
-                continue
-            head, _, value = line.rpartition(" ")
-            series, _, rest = head.partition("{")
-            if series != name:
-                continue
-            if all(f'{k}="{v}"' in rest for k, v in labels.items()):
-                total += float(value)
-        return total
+        return [sample for family in text_string_to_metric_families(text) for sample in family.samples
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())]
+
+    def metric(self, name: str, **labels: str) -> float:
+        return float(sum(sample.value for sample in self._samples(name, labels)))
 
     def histogram(self, name: str, **labels: str) -> dict[float, float]:
         """Cumulative bucket counts of one histogram series, by upper bound."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        buckets: dict[float, float] = {}
-        for line in text.splitlines():
-            if not line.startswith(name + "_bucket{"):
-                continue
-            head, _, value = line.rpartition(" ")
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                bound = head.split('le="', 1)[1].split('"', 1)[0]
-                buckets[float(bound)] = float(value)
-        return buckets
+        return {float(sample.labels["le"]): sample.value for sample in self._samples(f"{name}_bucket", labels)}
 
     def writes(self) -> float:
         return sum(self.metric("disagg_api_requests_total", method=m) for m in ("PATCH", "POST", "PUT", "DELETE"))

@@ -186,7 +186,7 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
                 if replicas == DEFAULT_REPLICAS:
                     continue
             elif child_key(manifest) in to_apply:
-                replicas = int(current.get("spec", {}).get("replicas", 1))
+                replicas = int(current.get("spec", {}).get("replicas", DEFAULT_REPLICAS))
             else:
                 continue
             scaled[child_key(manifest)] = ctx.kube.scale(

@@ -307,8 +307,6 @@ class _Need:
     slo_guard: float = 1.0
     rate_samples: tuple[tuple[float, ...], ...] = ()
     step: tuple[float, float] | None = None
-    load: float | None = None
-    """Decode only: the newest generated tokens/s (the rate windows'), the level a scale-up is sized at."""
 
 
 def _horizon(spec: InferenceServiceSpec, settings: PolicySettings) -> float:
@@ -533,7 +531,9 @@ def _decode_need(
     capacity: _Capacity,
     memory: PoolMemory,
     settings: PolicySettings,
+    current: int,
 ) -> _Need | str:
+    """`current`: the pool's replicas as the Deployment has them now."""
     signals = picture.decode
     assert signals is not None
     prefill = picture.prefill
@@ -631,6 +631,12 @@ def _decode_need(
             sizing, step = stepped, (signals.sampled_at, fast_tokens)
             step_note = (f" (a step to {fast_tokens:.0f} gen tok/s in the last scrape interval, sized for "
                          f"{sized_tokens:.0f})")
+    if step is memory.step and _clamp(sizing.replicas, spec.decode) > current:
+        # Up through the rate windows (a step that reached them before a scrape interval showed it as
+        # one): their load is the new level a further step is measured against, or the new level's
+        # noise reads as a second step (seen: 1 -> 2, then 2 -> 3 eight seconds later on a noisy
+        # interval). Prefill's replay already weighs the new level.
+        step = (signals.sampled_at, load_tokens)
     observed = f", ITL p{spec.slo.percentile:g} {signals.itl_s * 1000:.1f}ms" if signals.itl_s is not None else ""
     kv = f", KV {signals.kv_usage:.0%}" if signals.kv_usage is not None else ""
     explanation = (
@@ -640,7 +646,7 @@ def _decode_need(
         f" {sizing.predicted_itl_s * 1000:.1f}ms <= {itl_target * 1000:.1f}ms"
     )
     return _Need(sizing.replicas, correction, 1.0, mean_prompt, mean_output, explanation,
-                 rate_samples=rate_samples, step=step, load=load_tokens)
+                 rate_samples=rate_samples, step=step)
 
 
 def _clamp(value: int, pool: PoolSpec) -> int:
@@ -726,7 +732,7 @@ def decide(
             _prefill_need(picture, spec, capacity, capacities["decode"], memory, settings,
                           pool.autoscaling.max_replicas)
             if role == "prefill"
-            else _decode_need(picture, spec, capacity, memory, settings)
+            else _decode_need(picture, spec, capacity, memory, settings, current.get(role, pool.replicas))
         )
         if isinstance(need, str):
             unavailable[role] = need
@@ -734,14 +740,6 @@ def decide(
         recommendation[role] = _clamp(need.replicas, pool)
         explanations[role] = need.explanation
         ready_now = signals.ready_replicas if signals is not None else None
-        step_level = need.step
-        if (need.load is not None and step_level == memory.step and signals is not None
-                and recommendation[role] > current.get(role, pool.replicas)):
-            # Decode scaled up by its rate windows (a step that reached them before a scrape interval
-            # showed it as one): their load is the new level a further step is measured against, or
-            # the new level's noise reads as a second step (seen: 1 -> 2, then 2 -> 3 eight seconds
-            # later on a noisy interval). Prefill's replay already weighs the new level.
-            step_level = (signals.sampled_at, need.load)
         memories[role] = replace(
             memory,
             correction=need.correction,
@@ -750,7 +748,7 @@ def decide(
             queue_samples=need.queue_samples,
             slo_guard=need.slo_guard,
             rate_samples=need.rate_samples,
-            step=step_level,
+            step=need.step,
             ready=ready_now,
             ready_since=memory.ready_since if memory.ready == ready_now and memory.ready_since is not None
             else (signals.sampled_at if signals is not None else None),
