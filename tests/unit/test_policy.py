@@ -598,3 +598,40 @@ def test_decode_scaled_up_by_its_windows_takes_their_load_as_the_level_the_next_
     noisy, steady = ride(noisy=True), ride(noisy=False)
     assert sorted(set(steady)) == [2, 3], steady  # one decision up, through the windows
     assert noisy == steady, (noisy, steady)
+
+
+@pytest.mark.parametrize(
+    ("engine", "decode_own_ttft_s", "grows"),
+    [
+        ("vllm", 0.9, True),     # prefill's p90 is 0.4 s: decode's 0.9 s breaks the 1-s target
+        ("vllm", 0.5, False),    # within the 0.6 s prefill leaves
+        ("sglang", 0.9, False),  # SGLang's decode TTFT starts at the router: it holds the prefill too
+    ],
+)
+def test_decode_admission_guard_adds_replicas_while_decode_s_own_ttft_breaks_what_prefill_leaves(
+    engine: str, decode_own_ttft_s: float, grows: bool
+) -> None:
+    # Bursts fill decode's KV cache and requests wait for admission, which the mean load over the horizon
+    # does not show (the sequences fit on average): only decode's own TTFT does.
+    service = spec(engine={"kind": engine})
+    settings = replace(SETTINGS, signal_window_s=0.0)
+
+    def ticks(own_ttft_s: float, first: int, count: int, state: PolicyState, current: dict[str, int]):
+        for step in range(first, first + count):
+            now = 100.0 + 15 * step
+            pic = LoadPicture(prefill_signals(30_000, now, ready=current["prefill"], ttft_s=0.4),
+                              decode_signals(4_000, now, ready=current["decode"], ttft_s=own_ttft_s))
+            decisions, state = run(pic, current, state, now=now, service=service, settings=settings)
+            current = {role: d.desired for role, d in decisions.items()}
+        return decisions, state, current
+
+    _, _, calm = ticks(0.1, 0, 20, PolicyState(), {"prefill": 3, "decode": 3})
+    decisions, state, current = ticks(decode_own_ttft_s, 0, 20, PolicyState(), {"prefill": 3, "decode": 3})
+    guard = state.pool("decode").slo_guard
+    assert (current["decode"] > calm["decode"]) == grows, (current, calm)
+    assert (guard > 1.5) == grows, guard
+    if grows:
+        assert "admission guard" in decisions["decode"].reason
+        # decode keeps its TTFT again: the guard relaxes, slowly (a burst may come back)
+        _, state, _ = ticks(0.1, 20, 30, state, current)
+        assert 1.0 < state.pool("decode").slo_guard < guard

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from disagg.capacity import builtin_model
 from disagg.catalog.accelerators import DEFAULT_CATALOG
+from disagg.scaling.policy import LoadPicture
 from disagg.sim.baselines import find_static_best, run_static
 from disagg.sim.cli import simulate_main
 from disagg.sim.controllers import DisaggController
@@ -87,6 +89,41 @@ def test_kv_capacity_limits_decode_admission() -> None:
     one = run_static(SETUP, long, {"prefill": 8, "decode": 1})
     many = run_static(SETUP, long, {"prefill": 8, "decode": 6})
     assert np.median(one.ttft_s) > 5 * np.median(many.ttft_s)
+
+
+@dataclass
+class _Watcher:
+    """Holds its pools and keeps every picture it is shown."""
+
+    counts: dict[str, int]
+    name: str = "watcher"
+    interval_s: float = 15.0
+    pictures: list[LoadPicture] = field(default_factory=list)
+
+    def decide(self, now: float, picture: LoadPicture | None, current: dict[str, int]) -> dict[str, int]:
+        if picture is not None:
+            self.pictures.append(picture)
+        return dict(self.counts)
+
+
+def test_decode_reports_its_own_ttft_with_the_wait_for_admission() -> None:
+    # What a vLLM decode pod's TTFT histogram holds: from the prefill's hand-off to the first token, so a
+    # KV cache too small for the load shows there (and not in prefill's TTFT).
+    long = poisson(0.5, 300.0, prompt=60_000, output=500)
+    worst: dict[int, tuple[float, float]] = {}
+    for decode in (1, 6):
+        counts = {"prefill": 8, "decode": decode}
+        watcher = _Watcher(counts)
+        setup = replace(SETUP, prefill=replace(SETUP.prefill, initial_replicas=8),
+                        decode=replace(SETUP.decode, initial_replicas=decode))
+        simulate(setup, long, watcher)
+        decode_ttft = [p.decode.ttft_s for p in watcher.pictures if p.decode and p.decode.ttft_s is not None]
+        prefill_ttft = [p.prefill.ttft_s for p in watcher.pictures if p.prefill and p.prefill.ttft_s is not None]
+        worst[decode] = (max(decode_ttft), max(prefill_ttft))
+    # one replica: requests wait for a full KV cache; six: the hand-off of 60k tokens (~5 s) and a step
+    assert worst[1][0] > 5 * worst[6][0], worst
+    assert worst[6][0] < 10.0, worst
+    assert worst[1][1] == pytest.approx(worst[6][1], rel=0.05), worst  # prefill's TTFT holds none of it
 
 
 def test_startup_delay_and_our_policy_scale_up_on_a_step() -> None:

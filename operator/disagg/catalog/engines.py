@@ -47,6 +47,11 @@ class Engine:
     """Accelerator vendors the engine runs on."""
     connectors: frozenset[str]
     metrics: MetricNames
+    decode_ttft_from_handoff: bool
+    """Whether a decode engine's TTFT starts when prefill hands the request over (vLLM: the router
+    sends it to decode with the prefill's answer, so the histogram holds the KV hand-off, admission
+    and first step only) rather than when the router received it (SGLang: the router dispatches to
+    both pools at once, and decode's TTFT includes the prefill)."""
 
 
 VLLM_METRICS = MetricNames(
@@ -83,6 +88,7 @@ ENGINES: dict[str, Engine] = {
         vendors=frozenset({"nvidia", "amd", "aws", "google"}),
         connectors=frozenset({"nixl", "mooncake"}),
         metrics=VLLM_METRICS,
+        decode_ttft_from_handoff=True,
     ),
     "sglang": Engine(
         kind="sglang",
@@ -91,6 +97,7 @@ ENGINES: dict[str, Engine] = {
         vendors=frozenset({"nvidia", "amd"}),
         connectors=frozenset({"nixl", "mooncake"}),
         metrics=SGLANG_METRICS,
+        decode_ttft_from_handoff=False,
     ),
 }
 

@@ -63,6 +63,7 @@ from disagg.capacity.sizing import (
     size_prefill_attainment,
 )
 from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog
+from disagg.catalog.engines import ENGINES
 
 Role = Literal["prefill", "decode"]
 ROLE_NAMES: tuple[Role, Role] = ("prefill", "decode")
@@ -206,8 +207,9 @@ class PoolMemory:
     """Prefill only: (ready replicas, requests/s, mean prefill s, TTFT at the SLO percentile) of recent
     steady ticks, to which the effective load and the TTFT floor are fitted."""
     slo_guard: float = 1.0
-    """Prefill only: extra effective-load factor while the observed TTFT breaks the SLO more often than
-    the model expects (see `PolicySettings.slo_guard_step`)."""
+    """Prefill: extra effective-load factor while the observed TTFT breaks the SLO more often than the
+    model expects (see `PolicySettings.slo_guard_step`); decode: extra share of sequences planned for
+    while decode's own part of the TTFT (admission into a full KV cache) breaks it."""
     rate_samples: tuple[tuple[float, ...], ...] = ()
     """Prefill: (sample time, prompt tokens/s incl. backlog, requests/s) of recent ticks; decode: (sample
     time, generated tokens/s, sequences, mean prompt, mean output)."""
@@ -403,6 +405,20 @@ def fit_ttft_model(
     return best[1], best[2]
 
 
+def _prefill_budget(
+    spec: InferenceServiceSpec, prefill: _Capacity, decode: _Capacity, mean_prompt: float, settings: PolicySettings
+) -> float:
+    """What the prefill side may take of the TTFT target: the rest goes to the KV hand-off and the first
+    decode step, with a margin."""
+    handoff = kv_transfer_seconds(
+        prefill.model, mean_prompt,
+        kv_link_bytes_per_s(prefill.tensor_parallel, decode.tensor_parallel, settings.kv_over_rdma),
+        settings.efficiency,
+    )
+    ttft = spec.slo.ttft_ms / 1000.0
+    return max(ttft * settings.target_fraction - handoff - spec.slo.itl_ms / 1000.0, ttft * 0.25)
+
+
 def _prefill_need(
     picture: LoadPicture,
     spec: InferenceServiceSpec,
@@ -429,14 +445,7 @@ def _prefill_need(
     backlog = (signals.waiting_requests or 0.0) * mean_prompt / settings.backlog_drain_s
     eff = settings.efficiency
     slo = spec.slo
-    decode_tp = decode_capacity.tensor_parallel if decode_capacity else capacity.tensor_parallel
-    handoff = kv_transfer_seconds(
-        capacity.model, mean_prompt, kv_link_bytes_per_s(capacity.tensor_parallel, decode_tp, settings.kv_over_rdma),
-        eff,
-    )
-    # What the prefill side may take of the TTFT target: the rest goes to the KV hand-off and first step.
-    budget = slo.ttft_ms / 1000.0 * settings.target_fraction - handoff - slo.itl_ms / 1000.0
-    budget = max(budget, slo.ttft_ms / 1000.0 * 0.25)
+    budget = _prefill_budget(spec, capacity, decode_capacity or capacity, mean_prompt, settings)
 
     service = prefill_seconds(capacity.model, capacity.accelerator, capacity.tensor_parallel, mean_prompt, eff)
     service_correction = memory.service_correction
@@ -532,6 +541,7 @@ def _decode_need(
     memory: PoolMemory,
     settings: PolicySettings,
     current: int,
+    prefill_capacity: _Capacity | None,
 ) -> _Need | str:
     """`current`: the pool's replicas as the Deployment has them now."""
     signals = picture.decode
@@ -590,6 +600,27 @@ def _decode_need(
                 ratio = observed_itl / predicted
         correction = _update_correction(memory, ratio, settings)
 
+    # The admission guard: decode's share of the TTFT (KV hand-off, admission, first step) waits when
+    # bursts fill the KV cache, which the mean over the horizon hides (heavy prompts and a few output
+    # tokens each: a sequence stays under a second). A decode-side TTFT percentile over what prefill
+    # leaves of the target (its budget's remainder, or more while prefill is faster than its budget),
+    # while the pool had what was asked, grows the sequences planned for, as prefill's SLO guard grows
+    # its load.
+    guard = memory.slo_guard
+    own_ttft = signals.ttft_s if ENGINES[spec.engine.kind].decode_ttft_from_handoff else None
+    if own_ttft is not None and ready > 0 and _steady(memory, signals, settings):
+        ttft_target = spec.slo.ttft_ms / 1000.0
+        allowance = ttft_target - _prefill_budget(spec, prefill_capacity or capacity, capacity, mean_prompt,
+                                                  settings)
+        if prefill is not None and prefill.ttft_s is not None:
+            allowance = max(allowance, ttft_target - prefill.ttft_s)
+        asked = memory.recommendations[-1][1] if memory.recommendations else 0
+        low_guard, high_guard = settings.slo_guard_bounds
+        if own_ttft > allowance and ready >= asked:
+            guard = min(guard * (1.0 + settings.slo_guard_step), high_guard)
+        else:
+            guard = max(guard * (1.0 - settings.slo_guard_decay), low_guard)
+
     # Size for the mean load over the horizon the queue ahead of decode absorbs (request sizes vary a
     # lot from one rate window to the next when prompts are heavy-tailed).
     horizon = _horizon(spec, settings)
@@ -600,7 +631,7 @@ def _decode_need(
     sizing = size_decode(
         capacity.model, capacity.accelerator, capacity.tensor_parallel,
         generation_tokens_per_s=sum(x[1] for x in recent) / count,
-        concurrent_sequences=sum(x[2] for x in recent) / count,
+        concurrent_sequences=sum(x[2] for x in recent) / count * guard,
         mean_prompt_tokens=sum(x[3] for x in recent) / count, mean_output_tokens=sum(x[4] for x in recent) / count,
         itl_target_s=itl_target, correction=correction, headroom=settings.decode_headroom, eff=eff,
     )
@@ -623,7 +654,7 @@ def _decode_need(
         stay_s = min(sequences / generated, itl_target) if generated else 0.0
         stepped = size_decode(
             capacity.model, capacity.accelerator, capacity.tensor_parallel,
-            generation_tokens_per_s=sized_tokens, concurrent_sequences=max(sequences, stay_s * sized_tokens),
+            generation_tokens_per_s=sized_tokens, concurrent_sequences=max(sequences, stay_s * sized_tokens) * guard,
             mean_prompt_tokens=held_prompt, mean_output_tokens=mean_output,
             itl_target_s=itl_target, correction=correction, headroom=settings.decode_headroom, eff=eff,
         )
@@ -639,13 +670,16 @@ def _decode_need(
         step = (signals.sampled_at, load_tokens)
     observed = f", ITL p{spec.slo.percentile:g} {signals.itl_s * 1000:.1f}ms" if signals.itl_s is not None else ""
     kv = f", KV {signals.kv_usage:.0%}" if signals.kv_usage is not None else ""
+    if own_ttft is not None:
+        observed += f", own TTFT p{spec.slo.percentile:g} {own_ttft * 1000:.0f}ms"
+    guarded = f" x{guard:.2f} (admission guard)" if guard > 1.005 else ""
     explanation = (
-        f"{load_tokens:.0f} gen tok/s, {sequences:.0f} sequences{kv}{observed}; "
+        f"{load_tokens:.0f} gen tok/s, {sequences:.0f} sequences{guarded}{kv}{observed}; "
         f"{sizing.max_batch:.0f} seqs / {sizing.tokens_per_s_per_replica:.0f} tok/s per replica "
         f"(correction {correction:.2f}) -> {sizing.replicas}{step_note} for ITL"
         f" {sizing.predicted_itl_s * 1000:.1f}ms <= {itl_target * 1000:.1f}ms"
     )
-    return _Need(sizing.replicas, correction, 1.0, mean_prompt, mean_output, explanation,
+    return _Need(sizing.replicas, correction, 1.0, mean_prompt, mean_output, explanation, slo_guard=guard,
                  rate_samples=rate_samples, step=step)
 
 
@@ -732,7 +766,8 @@ def decide(
             _prefill_need(picture, spec, capacity, capacities["decode"], memory, settings,
                           pool.autoscaling.max_replicas)
             if role == "prefill"
-            else _decode_need(picture, spec, capacity, memory, settings, current.get(role, pool.replicas))
+            else _decode_need(picture, spec, capacity, memory, settings, current.get(role, pool.replicas),
+                              capacities["prefill"])
         )
         if isinstance(need, str):
             unavailable[role] = need

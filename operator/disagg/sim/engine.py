@@ -141,6 +141,10 @@ class _Snapshot:
     finished: int
     finished_output_tokens: float
     ttft_hist: FloatArray
+    """The prefill engines' TTFT (arrival to the prefill's token)."""
+    decode_ttft_hist: FloatArray
+    """The decode engines' TTFT (the prefill's end to the first decoded token: the KV hand-off, admission
+    and first step)."""
     itl_hist: FloatArray
     prefill_waiting: int
     prefill_running: int
@@ -281,6 +285,7 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         request_rate_last=(newest.admitted - last.admitted) / last_span,
         requests_last=float(newest.admitted - last.admitted),
         kv_usage=newest.kv_usage,
+        ttft_s=_quantile(newest.decode_ttft_hist - oldest.decode_ttft_hist, setup.percentile),
         itl_s=_quantile(newest.itl_hist - oldest.itl_hist, setup.percentile),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
@@ -439,6 +444,7 @@ def simulate(
     generated = 0.0
     finished_output = 0.0
     ttft_hist = np.zeros(BUCKETS.size)
+    decode_ttft_hist = np.zeros(BUCKETS.size)
     itl_hist = np.zeros(BUCKETS.size)
 
     end = workload.duration_s
@@ -557,6 +563,8 @@ def simulate(
             first = min(arrived, later) + decode.step_one(slot)
             first_token[request] = first
             ttft[request] = first - arrivals[request]
+            handed_at = arrivals[request] + engine_ttft[request]
+            decode_ttft_hist[min(int(np.searchsorted(BUCKETS, first - handed_at)), BUCKETS.size - 1)] += 1
 
         # Decode steps.
         active = np.flatnonzero(decode.batch > 0)
@@ -615,6 +623,7 @@ def simulate(
                     finished=counters["finished"],
                     finished_output_tokens=finished_output,
                     ttft_hist=ttft_hist.copy(),
+                    decode_ttft_hist=decode_ttft_hist.copy(),
                     itl_hist=itl_hist.copy(),
                     prefill_waiting=sum(len(r.queue) for r in prefill_replicas),
                     prefill_running=sum(len(r.batch) for r in prefill_replicas),
