@@ -205,19 +205,20 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         rows = {row["policy"]: row for row in entry["policies"]}
 
         def cell(name: str, rows: dict[str, Any] = rows) -> str:
-            row = rows[name]
-            return f"{row['slo_attainment']:.2%} / {row['accelerator_hours']['total']:.1f}"
+            row = rows.get(name)
+            return f"{row['slo_attainment']:.2%} / {row['accelerator_hours']['total']:.1f}" if row else "not run"
 
-        peers = [n for n in ("hpa", "dynamo-sla", "dynamo-load") if rows[n]["slo_attainment"] >= 0.99]
+        peers = [n for n in ("hpa", "dynamo-sla", "dynamo-load") if n in rows and rows[n]["slo_attainment"] >= 0.99]
         best_peer = min(peers, key=lambda n: rows[n]["accelerator_hours"]["total"]) if peers else None
         ratio = rows["disagg"]["accelerator_hours"]["total"] / rows["static-best"]["accelerator_hours"]["total"]
         kind = f"{entry['trace'].split('.')[0]} {entry['workload']}"
         if entry.get("diurnal"):
             kind += f" (diurnal {entry['diurnal']:g})"
         passed = "PASS" if "PASS" in verdict(entry) else "FAIL"
+        peers_run = "none" if any(n in rows for n in ("hpa", "dynamo-sla", "dynamo-load")) else "not run"
         lines.append(
             f"| {kind} | {entry['pair']} | {entry['ttft_ms'] / 1000:g} s | {cell('disagg')} | {cell('static-best')} "
-            f"| {f'{best_peer}: {cell(best_peer)}' if best_peer else 'none'} | {cell('oracle')} | {ratio:.2f}x "
+            f"| {f'{best_peer}: {cell(best_peer)}' if best_peer else peers_run} | {cell('oracle')} | {ratio:.3f}x "
             f"| {passed} |"
         )
     return "\n".join(lines)
