@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kmock
 import pytest
 import yaml
 from kmock_support import ApplyingEmulator, Write, writes
@@ -438,3 +439,37 @@ def test_example_is_the_one_the_counts_assume() -> None:
     spec = example()["spec"]
     assert (spec["prefill"]["replicas"], spec["decode"]["replicas"], spec["router"]["replicas"]) == (2, 2, 2)
     assert spec["prefill"]["autoscaling"] and spec["decode"]["autoscaling"]
+
+
+# --- pods are listed only when there are pods to explain a shortfall with ----------------------
+
+
+async def test_a_new_service_lists_no_pods_and_a_pool_short_of_pods_it_made_says_why(harness: Harness) -> None:
+    def pod_lists(mark: int) -> int:
+        return sum(1 for r in harness.api.requests_since(mark)
+                   if str(r.method.value).upper() == "GET" and r.url.path.endswith("/pods"))
+
+    mark = harness.api.mark()
+    await created(harness)
+    # nothing is ready yet, but the Deployments' controller has not made any pod to look at: a cold start
+    # of 1,000 services would list 3,000 empty selections
+    assert pod_lists(mark) == 0
+    assert condition(harness.service()["status"], "PrefillReady")["status"] == "False"
+
+    # the controller made the prefill pod; the scheduler cannot place it
+    obj = harness.api.objects[kmock.resource(DEPLOYMENTS), NAMESPACE, f"{NAME}-prefill"]
+    obj.patch({"status": {"observedGeneration": obj.raw["metadata"]["generation"], "replicas": 1,
+                          "readyReplicas": 0, "updatedReplicas": 1}})
+    labels = obj.raw["spec"]["template"]["metadata"]["labels"]
+    harness.api.put_object("v1/pods", {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{NAME}-prefill-abc", "namespace": NAMESPACE, "labels": labels},
+        "status": {"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
+    })
+    mark = harness.api.mark()
+    await harness.reconcile()
+    assert pod_lists(mark) == 1  # the prefill pool's; decode and router still have no pods
+    prefill = condition(harness.service()["status"], "PrefillReady")
+    assert (prefill["reason"], prefill["message"].split(":")[0]) == ("Unschedulable", "1 of 2 pods cannot be scheduled")

@@ -269,7 +269,12 @@ def _observe(
         deployments[role] = deployment
         desired, ready, _, _ = deployment_counts(deployment)
         troubles[role] = None
-        if deployment is not None and ready < desired:
+        # pods to explain a shortfall with exist only once the Deployment's controller made them (a
+        # new service's first reconcile would list 3 empty selections: 3,000 requests for 1,000)
+        pods_made = deployment is not None and int((deployment.get("status") or {}).get("replicas", 0)) > 0
+        if deployment is not None and ready < desired and not pods_made:
+            troubles[role] = _previous_trouble(old_status, role)
+        elif deployment is not None and ready < desired:
             previous = _previous_trouble(old_status, role)
             last = ctx._pods_checked.get((namespace, f"{name}-{role}"), 0.0)
             if time.monotonic() - last >= ctx.pod_check_interval_s:
