@@ -14,6 +14,7 @@ from disagg.scaling.policy import (
     LoadPicture,
     PolicySettings,
     PolicyState,
+    PoolDecision,
     PoolSignals,
     decide,
 )
@@ -142,6 +143,25 @@ def test_hysteresis_ignores_small_scale_downs() -> None:
     decisions, _ = run(picture(100_000, 20_000), {"prefill": 12, "decode": 9}, settings=settings)
     assert decisions["prefill"].desired == 12  # needs ~10-11: within 20 %
     assert "hysteresis" in decisions["prefill"].reason
+
+
+@pytest.mark.parametrize(("current", "expected"), [(11, 10), (20, 19), (21, 21), (40, 40)])
+def test_default_hysteresis_lets_pools_up_to_20_shed_a_single_replica(current: int, expected: int) -> None:
+    # A window asking for one replica fewer: pools of up to 20 follow it (a 10 % hysteresis, rounded up,
+    # held an 11-replica pool at 11 all hour); larger ones wait for a step of 5 %.
+    settings = replace(SETTINGS, scale_down_window_s=0.0)
+
+    def prefill(load: float, hysteresis: float) -> PoolDecision:
+        decisions, _ = run(_prefill_only(load, 100.0, current, None), {"prefill": current, "decode": 4},
+                           settings=replace(settings, hysteresis=hysteresis))
+        return decisions["prefill"]
+
+    load = 1_000.0
+    while prefill(load, 0.0).desired < current - 1:  # the lightest load the pool needs current - 1 for
+        load *= 1.01
+    assert prefill(load, 0.0).desired == current - 1
+    held = prefill(load, SETTINGS.hysteresis)
+    assert held.desired == expected, held.reason
 
 
 @pytest.mark.parametrize(
