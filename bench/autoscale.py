@@ -138,6 +138,15 @@ def _run(job: tuple[str, str, str, float, str | None, str | None, str, float]) -
     }
 
 
+PEERS = ("hpa", "dynamo-sla", "dynamo-load")
+"""The peers' policies (static-best and oracle are references, not peers)."""
+
+
+def peers_at_99(rows: dict[str, Any]) -> list[str]:
+    """The peers run on this workload that reach 99 % attainment."""
+    return [n for n in PEERS if n in rows and rows[n]["slo_attainment"] >= 0.99]
+
+
 def verdict(entry: dict[str, Any]) -> str:
     """Issue 4's targets for one workload, checked."""
     rows = {row["policy"]: row for row in entry["policies"]}
@@ -159,7 +168,7 @@ def verdict(entry: dict[str, Any]) -> str:
         notes.append(f"{'PASS' if ok and not dominated else 'FAIL'} hour: {ours['slo_attainment']:.2%}, "
                      f"{ratio:.2f}x static-best hours (target >=99 %, <=1.10x)")
     else:
-        peers = [n for n in ("hpa", "dynamo-sla", "dynamo-load") if n in rows and rows[n]["slo_attainment"] >= 0.99]
+        peers = peers_at_99(rows)
         cheaper_than_peers = all(ours_hours < rows[n]["accelerator_hours"]["total"] for n in peers)
         ok = ours["slo_attainment"] >= 0.99 and ratio <= 0.7 and cheaper_than_peers
         notes.append(f"{'PASS' if ok and not dominated else 'FAIL'} day: {ours['slo_attainment']:.2%}, "
@@ -208,14 +217,14 @@ def markdown(entries: list[dict[str, Any]]) -> str:
             row = rows.get(name)
             return f"{row['slo_attainment']:.2%} / {row['accelerator_hours']['total']:.1f}" if row else "not run"
 
-        peers = [n for n in ("hpa", "dynamo-sla", "dynamo-load") if n in rows and rows[n]["slo_attainment"] >= 0.99]
+        peers = peers_at_99(rows)
         best_peer = min(peers, key=lambda n: rows[n]["accelerator_hours"]["total"]) if peers else None
         ratio = rows["disagg"]["accelerator_hours"]["total"] / rows["static-best"]["accelerator_hours"]["total"]
         kind = f"{entry['trace'].split('.')[0]} {entry['workload']}"
         if entry.get("diurnal"):
             kind += f" (diurnal {entry['diurnal']:g})"
         passed = "PASS" if "PASS" in verdict(entry) else "FAIL"
-        peers_run = "none" if any(n in rows for n in ("hpa", "dynamo-sla", "dynamo-load")) else "not run"
+        peers_run = "none" if any(n in rows for n in PEERS) else "not run"
         lines.append(
             f"| {kind} | {entry['pair']} | {entry['ttft_ms'] / 1000:g} s | {cell('disagg')} | {cell('static-best')} "
             f"| {f'{best_peer}: {cell(best_peer)}' if best_peer else peers_run} | {cell('oracle')} | {ratio:.3f}x "

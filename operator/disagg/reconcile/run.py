@@ -269,20 +269,17 @@ def _observe(
         deployments[role] = deployment
         desired, ready, _, _ = deployment_counts(deployment)
         troubles[role] = None
-        # pods to explain a shortfall with exist only once the Deployment's controller made them (a
-        # new service's first reconcile would list 3 empty selections: 3,000 requests for 1,000)
-        pods_made = deployment is not None and int((deployment.get("status") or {}).get("replicas", 0)) > 0
-        if deployment is not None and ready < desired and not pods_made:
-            troubles[role] = _previous_trouble(old_status, role)
-        elif deployment is not None and ready < desired:
-            previous = _previous_trouble(old_status, role)
+        if deployment is not None and ready < desired:
+            # pods to explain the shortfall with exist only once the Deployment's controller made them (a
+            # new service's first reconcile would list 3 empty selections: 3,000 requests for 1,000)
+            pods_made = int((deployment.get("status") or {}).get("replicas", 0)) > 0
             last = ctx._pods_checked.get((namespace, f"{name}-{role}"), 0.0)
-            if time.monotonic() - last >= ctx.pod_check_interval_s:
+            if pods_made and time.monotonic() - last >= ctx.pod_check_interval_s:
                 ctx._pods_checked[(namespace, f"{name}-{role}")] = time.monotonic()
                 pods = ctx.kube.list(POD, namespace, f"{SERVICE_LABEL}={name},{ROLE_LABEL}={role}", cached=True)
                 troubles[role] = pod_trouble(pods)
             else:
-                troubles[role] = previous  # checked moments ago: keep what it said
+                troubles[role] = _previous_trouble(old_status, role)  # none made, or checked moments ago
         else:
             ctx._pods_checked.pop((namespace, f"{name}-{role}"), None)
     kv_present = all(("v1", "Service", f"{name}-{role}-kv") in children for role in ROLES)

@@ -408,6 +408,17 @@ def fit_ttft_model(
     return best[1], best[2]
 
 
+def _next_guard(guard: float, broken: bool, memory: PoolMemory, ready: int, settings: PolicySettings) -> float:
+    """A guard after one steady tick: up by `slo_guard_step` when the SLO was broken while the pool had
+    what the policy last asked for (a pool still short of it breaks the SLO without the model being
+    wrong), else back by `slo_guard_decay`; within `slo_guard_bounds`."""
+    low, high = settings.slo_guard_bounds
+    asked = memory.recommendations[-1][1] if memory.recommendations else 0
+    if broken and ready >= asked:
+        return min(guard * (1.0 + settings.slo_guard_step), high)
+    return max(guard * (1.0 - settings.slo_guard_decay), low)
+
+
 def _prefill_budget(
     spec: InferenceServiceSpec, prefill: _Capacity, decode: _Capacity, mean_prompt: float, settings: PolicySettings
 ) -> float:
@@ -473,16 +484,10 @@ def _prefill_need(
     # The SLO guard: the model is a model; a TTFT percentile above the target itself is the SLO broken.
     slo_guard = memory.slo_guard
     if steady and signals.ttft_s is not None:
-        low_guard, high_guard = settings.slo_guard_bounds
         # Broken with requests queueing (a window over only for a prompt longer than the target allows is
-        # not: more replicas would not have helped) while the pool had what the policy last asked for (a
-        # pool still short of it breaks the SLO without the model being wrong).
-        asked = memory.recommendations[-1][1] if memory.recommendations else 0
-        if (signals.ttft_s > slo.ttft_ms / 1000.0 and (signals.waiting_requests or 0.0) >= 1.0
-                and ready >= asked):
-            slo_guard = min(slo_guard * (1.0 + settings.slo_guard_step), high_guard)
-        else:
-            slo_guard = max(slo_guard * (1.0 - settings.slo_guard_decay), low_guard)
+        # not: more replicas would not have helped).
+        broken = signals.ttft_s > slo.ttft_ms / 1000.0 and (signals.waiting_requests or 0.0) >= 1.0
+        slo_guard = _next_guard(slo_guard, broken, memory, ready, settings)
     # A floor at the budget leaves nothing to size queueing against: keep a quarter of it for queueing.
     floor = min(max(floor, service), budget - 0.25 * (budget - service))
 
@@ -607,8 +612,7 @@ def _decode_need(
     # bursts fill the KV cache, which the mean over the horizon hides (heavy prompts and a few output
     # tokens each: a sequence stays under a second). A decode-side TTFT percentile over what prefill
     # leaves of the target (its budget's remainder, or more while prefill is faster than its budget),
-    # while the pool had what was asked, grows the sequences planned for, as prefill's SLO guard grows
-    # its load.
+    # grows the sequences planned for, as prefill's SLO guard grows its load.
     guard = memory.slo_guard
     own_ttft = signals.ttft_s if ENGINES[spec.engine.kind].decode_ttft_from_handoff else None
     if own_ttft is not None and ready > 0 and _steady(memory, signals, settings):
@@ -617,12 +621,7 @@ def _decode_need(
                                                   settings)
         if prefill is not None and prefill.ttft_s is not None:
             allowance = max(allowance, ttft_target - prefill.ttft_s)
-        asked = memory.recommendations[-1][1] if memory.recommendations else 0
-        low_guard, high_guard = settings.slo_guard_bounds
-        if own_ttft > allowance and ready >= asked:
-            guard = min(guard * (1.0 + settings.slo_guard_step), high_guard)
-        else:
-            guard = max(guard * (1.0 - settings.slo_guard_decay), low_guard)
+        guard = _next_guard(guard, own_ttft > allowance, memory, ready, settings)
 
     # Size for the mean load over the horizon the queue ahead of decode absorbs (request sizes vary a
     # lot from one rate window to the next when prompts are heavy-tailed).

@@ -225,6 +225,11 @@ class SimResult:
         }
 
 
+def _bucket(seconds: float) -> int:
+    """The BUCKETS index an observation falls in (the last bucket is open)."""
+    return min(int(np.searchsorted(BUCKETS, seconds)), BUCKETS.size - 1)
+
+
 def _quantile(hist: FloatArray, percentile: float) -> float | None:
     """histogram_quantile over BUCKETS (upper bounds; the last bucket is open)."""
     total = float(hist.sum())
@@ -465,7 +470,7 @@ def simulate(
         for request in replica.batch:
             prefill_busy += service[request]
             engine_ttft[request] = done_at - arrivals[request]
-            ttft_hist[min(int(np.searchsorted(BUCKETS, engine_ttft[request])), BUCKETS.size - 1)] += 1
+            ttft_hist[_bucket(engine_ttft[request])] += 1
             prompt_tokens_done += prompt[request]
             counters["prefill_done"] += 1
             heapq.heappush(decode_inbox, (done_at + transfer[request], request))
@@ -563,8 +568,7 @@ def simulate(
             first = min(arrived, later) + decode.step_one(slot)
             first_token[request] = first
             ttft[request] = first - arrivals[request]
-            handed_at = arrivals[request] + engine_ttft[request]
-            decode_ttft_hist[min(int(np.searchsorted(BUCKETS, first - handed_at)), BUCKETS.size - 1)] += 1
+            decode_ttft_hist[_bucket(first - arrivals[request] - engine_ttft[request])] += 1
 
         # Decode steps.
         active = np.flatnonzero(decode.batch > 0)
