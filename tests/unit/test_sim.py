@@ -12,7 +12,7 @@ import pytest
 from disagg.capacity import builtin_model
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.scaling.policy import LoadPicture
-from disagg.sim.baselines import find_static_best, run_static
+from disagg.sim.baselines import StaticController, find_static_best, run_static
 from disagg.sim.cli import simulate_main
 from disagg.sim.controllers import DisaggController
 from disagg.sim.engine import PoolSetup, SimSetup, simulate
@@ -92,18 +92,16 @@ def test_kv_capacity_limits_decode_admission() -> None:
 
 
 @dataclass
-class _Watcher:
-    """Holds its pools and keeps every picture it is shown."""
+class _Watcher(StaticController):
+    """A constant allocation that keeps every picture it is shown, every 15 s."""
 
-    counts: dict[str, int]
-    name: str = "watcher"
     interval_s: float = 15.0
     pictures: list[LoadPicture] = field(default_factory=list)
 
     def decide(self, now: float, picture: LoadPicture | None, current: dict[str, int]) -> dict[str, int]:
         if picture is not None:
             self.pictures.append(picture)
-        return dict(self.counts)
+        return super().decide(now, picture, current)
 
 
 def test_decode_reports_its_own_ttft_with_the_wait_for_admission() -> None:
