@@ -44,7 +44,7 @@ CHILDREN = {
     f"rolebindings/{NAME}-router",
     f"deployments/{NAME}-router",
     f"services/{NAME}",
-    f"services/{NAME}-router",
+    f"services/{NAME}-metrics",
     f"deployments/{NAME}-prefill",
     f"deployments/{NAME}-decode",
     f"services/{NAME}-prefill-kv",
@@ -256,13 +256,13 @@ async def test_removed_field_is_removed_from_the_child(harness: Harness) -> None
 
 async def test_hand_edit_of_a_child_is_repaired(harness: Harness) -> None:
     await created(harness)
-    harness.api.objects[SERVICES, NAMESPACE, f"{NAME}-router"].patch(
+    harness.api.objects[SERVICES, NAMESPACE, f"{NAME}-metrics"].patch(
         {"metadata": {"labels": {"app.kubernetes.io/part-of": "something-else"}}}
     )
 
     _, found = await harness.reconcile()
 
-    assert [(w.method, w.name) for w in found] == [("PATCH", f"services/{NAME}-router")]
+    assert [(w.method, w.name) for w in found] == [("PATCH", f"services/{NAME}-metrics")]
 
 
 # --- (d) pruning --------------------------------------------------------------------------------
@@ -300,6 +300,22 @@ async def test_child_no_longer_desired_is_deleted_and_others_left_alone(harness:
 
     _, again = await harness.reconcile()
     assert again == []
+
+
+async def test_metrics_service_of_an_earlier_version_is_replaced_by_a_headless_one(harness: Harness) -> None:
+    # Earlier versions served the router's metrics from `<name>-router` with a cluster IP (immutable,
+    # so it cannot become headless in place); upgrading must not leave it behind.
+    uid = await created(harness)
+    earlier = stale_service(f"{NAME}-router", uid)
+    earlier["spec"] = {"type": "ClusterIP", "clusterIP": "10.96.0.10", "ports": [{"name": "metrics", "port": 9000}]}
+    harness.api.put_object(SERVICES, earlier)
+
+    _, found = await harness.reconcile()
+
+    assert [(w.method, w.name) for w in found] == [("DELETE", f"services/{NAME}-router")]
+    metrics = harness.api.get_object(SERVICES, NAMESPACE, f"{NAME}-metrics")
+    assert metrics is not None and metrics["spec"]["clusterIP"] == "None"
+    assert [p["name"] for p in metrics["spec"]["ports"]] == ["metrics"]
 
 
 # --- (e) invalid edit ---------------------------------------------------------------------------

@@ -319,6 +319,9 @@ class Router:
     args: list[str]
     port: int
     metrics_port: int
+    metrics_service: str
+    """Headless Service `<name>-metrics` (was `<name>-router` with a cluster IP: the reconcile of a
+    service made before deletes that one as no longer desired)."""
 
 
 def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
@@ -357,4 +360,5 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         args=args,
         port=spec.router.port,
         metrics_port=ROUTER_METRICS_PORT,
+        metrics_service=f"{owner.name}-metrics",
     )
