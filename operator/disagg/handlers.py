@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import kopf
@@ -141,6 +142,11 @@ def spec_workers(settings: OperatorSettings) -> int:
     return max(1, settings.workers // 4)
 
 
+def apply_threads(settings: OperatorSettings) -> int:
+    """Threads applying the children of the services being reconciled, concurrently."""
+    return 2 * settings.workers
+
+
 class NoDiffBase(kopf.DiffBaseStorage):
     """kopf computes a diff base (a deep copy of the body) on every watch event, for create/update
     handlers; this operator has none (raw events and indexes only), and those copies were ~15 % of its
@@ -183,8 +189,8 @@ def make_api_client(settings: OperatorSettings) -> k8s.ApiClient:
         k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=settings.kubeconfig, client_configuration=configuration
         )
-    # one connection per worker thread, so reconciles never queue for a socket
-    configuration.connection_pool_maxsize = settings.workers + spec_workers(settings) + 4
+    # one connection per thread, so reconciles and their applies never queue for a socket
+    configuration.connection_pool_maxsize = settings.workers + spec_workers(settings) + apply_threads(settings) + 4
     return k8s.ApiClient(configuration)
 
 
@@ -293,6 +299,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             ),
             catalog=catalog,
             record_event=record_from_thread,
+            applier=ThreadPoolExecutor(apply_threads(disagg_settings), thread_name_prefix="disagg-apply"),
         )
         source = None
         if disagg_settings.prometheus_url:
@@ -433,6 +440,8 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     @kopf.on.cleanup(registry=registry)
     def stop_reconciles(**_: Any) -> None:
         reconcile_queue.stop()
+        if "reconciler" in state and state["reconciler"].applier is not None:
+            state["reconciler"].applier.shutdown(wait=False, cancel_futures=True)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def on_service_event(body: kopf.Body, type: str | None, **kwargs: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,12 @@ class Harness:
     api: ApplyingEmulator
     kube: Kube
     events: list[Event] = field(default_factory=list)
+    applier: Executor | None = None
 
     @property
     def reconciler(self) -> Reconciler:
-        return Reconciler(kube=self.kube, catalog=CATALOG, record_event=self._record, clock=lambda: NOW)
+        return Reconciler(kube=self.kube, catalog=CATALOG, record_event=self._record, clock=lambda: NOW,
+                          applier=self.applier)
 
     def _record(self, obj: dict[str, Any], event_type: str, reason: str, message: str) -> None:
         self.events.append((event_type, reason, message))
@@ -150,6 +153,24 @@ async def created(harness: Harness, manifest: dict[str, Any] | None = None) -> s
 
 
 # --- (a) create ---------------------------------------------------------------------------------
+
+
+async def test_children_applied_concurrently_rbac_first(harness: Harness) -> None:
+    # The operator applies a service's children from a thread pool: every child once all the same,
+    # and the router's ServiceAccount exists before any Deployment (or its first pods are refused).
+    harness.api.put_object(ISVC, example())
+    with ThreadPoolExecutor(8) as pool:
+        harness.applier = pool
+        outcome, found = await harness.reconcile()
+
+    ours = [w for w in found if w.field_manager == FIELD_MANAGER]
+    assert sorted(w.name for w in ours) == sorted(CHILDREN)  # once each
+    assert sorted(name for _, _, name in outcome.applied) == sorted(c.split("/")[1] for c in CHILDREN)
+    order = [w.name.split("/")[0] for w in ours]
+    rbac = [i for i, plural in enumerate(order) if plural in ("serviceaccounts", "roles", "rolebindings")]
+    assert len(rbac) == 3 and max(rbac) < order.index("deployments")
+    assert set(harness.children()) == CHILDREN
+    assert harness.service()["status"]["observedGeneration"] == 1
 
 
 async def test_create_applies_every_child_with_an_owner_reference(harness: Harness) -> None:
