@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -285,28 +287,42 @@ def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str
     return [seen[s] - sent[s] if s in seen else float("inf") for s in sent]
 
 
-def apiserver_apply_ceiling(namespace: str, objects: int, threads: int = 16) -> dict[str, float]:
-    """Server-side applies per second the API server takes from one client with `threads` connections,
-    of small objects (ServiceAccounts with a 2 KiB annotation: no controller reacts to them), on the
-    same machine with nothing else running: the ceiling of any operator that
-    applies its children one by one, measured before the benchmark starts."""
+def apply_rate(make: Callable[[int], dict[str, Any]], objects: int, threads: int = 16) -> dict[str, float]:
+    """Server-side applies per second of `objects` manifests from one client with `threads` connections."""
     from disagg.kube.client import Kube
 
     api = k8s.ApiClient()
     api.configuration.connection_pool_maxsize = threads
     kube = Kube(api)
-
-    def apply(i: int) -> None:
-        kube.apply({"apiVersion": "v1", "kind": "ServiceAccount",
-                    "metadata": {"name": f"ceiling-{i}", "namespace": namespace,
-                                 "labels": {"app.kubernetes.io/name": "ceiling"},
-                                 "annotations": {"bench/payload": "x" * 2048}}})
-
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        list(pool.map(apply, range(objects)))
+        list(pool.map(lambda i: kube.apply(make(i)), range(objects)))
     seconds = time.monotonic() - started
     return {"objects": objects, "seconds": round(seconds, 1), "applies_per_s": round(objects / seconds, 1)}
+
+
+def apiserver_apply_ceiling(namespace: str, objects: int) -> dict[str, float]:
+    """Server-side applies per second the API server takes from one client, of small objects
+    (ServiceAccounts with a 2 KiB annotation: no controller reacts to them), on the same machine with
+    nothing else running: the ceiling of any operator, measured before the benchmark starts."""
+    return apply_rate(lambda i: {"apiVersion": "v1", "kind": "ServiceAccount",
+                                 "metadata": {"name": f"ceiling-{i}", "namespace": namespace,
+                                              "labels": {"app.kubernetes.io/name": "ceiling"},
+                                              "annotations": {"bench/payload": "x" * 2048}}}, objects)
+
+
+def service_apply_rates(namespace: str, objects: int) -> dict[str, float]:
+    """Services applied per second with a cluster IP and headless: the API server allocates cluster
+    IPs one at a time, which bounds how fast any operator can create services that have one."""
+
+    def service(i: int, headless: bool) -> dict[str, Any]:
+        spec: dict[str, Any] = {"selector": {"bench": str(i)}, "ports": [{"name": "http", "port": 80}]}
+        spec.update({"clusterIP": "None"} if headless else {"type": "ClusterIP"})
+        return {"apiVersion": "v1", "kind": "Service", "spec": spec,
+                "metadata": {"name": f"ceiling-{'headless' if headless else 'ip'}-{i}", "namespace": namespace}}
+
+    return {f"{label}_per_s": apply_rate(functools.partial(service, headless=headless), objects)["applies_per_s"]
+            for label, headless in (("cluster_ip", False), ("headless", True))}
 
 
 def running_flags(cluster_dir: Path, component: str, prefixes: tuple[str, ...]) -> str:
@@ -385,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     if ceiling:
         log(f"API server alone: {ceiling['applies_per_s']} server-side applies/s "
             f"({ceiling['objects']} ServiceAccounts)")
+        ceiling.update(service_apply_rates(ceiling_ns, 300))
+        log(f"API server alone: Services with a cluster IP {ceiling['cluster_ip_per_s']}/s, "
+            f"headless {ceiling['headless_per_s']}/s")
     subprocess.run(["kubectl", "delete", "namespace", ceiling_ns, "--wait=false"], capture_output=True)
 
     demo = cluster_dir / "pids" / "extra-operator.pid"
@@ -490,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"  -> {CHILDREN_PER_SERVICE * args.n} child applies take (s)",
          round(CHILDREN_PER_SERVICE * args.n / ceiling["applies_per_s"], 1) if ceiling else None,
          "(lower bound of the work)"),
+        ("  Services with a cluster IP: applies/s", (ceiling or {}).get("cluster_ip_per_s"), "(allocated in turn)"),
+        ("  headless Services: applies/s", (ceiling or {}).get("headless_per_s"), ""),
         ("event-to-apply p50 (s)", result.get("event_to_apply", {}).get("p50_s"), ""),
         ("event-to-apply p99 (s)", result.get("event_to_apply_p99_s"), f"<= {TARGETS['event_to_apply_p99_s']}"),
         ("API writes, total", result.get("writes_total"), ""),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -155,10 +156,22 @@ async def created(harness: Harness, manifest: dict[str, Any] | None = None) -> s
 # --- (a) create ---------------------------------------------------------------------------------
 
 
-async def test_children_applied_concurrently_rbac_first(harness: Harness) -> None:
+async def test_children_applied_concurrently_after_their_prerequisites(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The operator applies a service's children from a thread pool: every child once all the same,
-    # and the router's ServiceAccount exists before any Deployment (or its first pods are refused).
+    # but the router's Role before its RoleBinding (the API server resolves the Role to check the
+    # grant: 404 otherwise) and its ServiceAccount before any Deployment (or the pods are refused).
+    # The two are made slow to answer, so a RoleBinding or Deployment sent alongside them would win.
     harness.api.put_object(ISVC, example())
+    apply = harness.kube.apply
+
+    def slow_prerequisites(manifest: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        if manifest["kind"] in ("ServiceAccount", "Role"):
+            time.sleep(0.05)
+        return apply(manifest, **kwargs)
+
+    monkeypatch.setattr(harness.kube, "apply", slow_prerequisites)
     with ThreadPoolExecutor(8) as pool:
         harness.applier = pool
         outcome, found = await harness.reconcile()
@@ -167,8 +180,8 @@ async def test_children_applied_concurrently_rbac_first(harness: Harness) -> Non
     assert sorted(w.name for w in ours) == sorted(CHILDREN)  # once each
     assert sorted(name for _, _, name in outcome.applied) == sorted(c.split("/")[1] for c in CHILDREN)
     order = [w.name.split("/")[0] for w in ours]
-    rbac = [i for i, plural in enumerate(order) if plural in ("serviceaccounts", "roles", "rolebindings")]
-    assert len(rbac) == 3 and max(rbac) < order.index("deployments")
+    first = [i for i, plural in enumerate(order) if plural in ("serviceaccounts", "roles")]
+    assert len(first) == 2 and max(first) < min(order.index("rolebindings"), order.index("deployments"))
     assert set(harness.children()) == CHILDREN
     assert harness.service()["status"]["observedGeneration"] == 1
 

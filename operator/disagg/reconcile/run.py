@@ -248,14 +248,16 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     return outcome
 
 
-RBAC_KINDS = frozenset({"ServiceAccount", "Role", "RoleBinding"})
-"""Applied before the other children: a Deployment whose ServiceAccount does not exist yet has its
-pods refused, and the ReplicaSet controller retries them with a growing delay."""
+APPLIED_FIRST = frozenset({"ServiceAccount", "Role"})
+"""Kinds applied before the other children: the API server resolves a RoleBinding's Role to check
+that the operator may grant it (404 while the Role does not exist), and refuses the pods of a
+Deployment whose ServiceAccount does not exist yet (the ReplicaSet controller then retries them with
+a growing delay)."""
 
 
 def _apply_children(ctx: Reconciler, manifests: list[dict[str, Any]]) -> list[dict[str, Any] | ApiError]:
     """Server-side applies each manifest; the answers (the object, or the error) in the same order.
-    With `ctx.applier`, the RBAC objects go first, together, then all the others together."""
+    With `ctx.applier`, the `APPLIED_FIRST` kinds go first, together, then all the others together."""
 
     def apply(manifest: dict[str, Any]) -> dict[str, Any] | ApiError:
         try:
@@ -268,7 +270,7 @@ def _apply_children(ctx: Reconciler, manifests: list[dict[str, Any]]) -> list[di
         return [apply(m) for m in manifests]
     answers: dict[int, dict[str, Any] | ApiError] = {}
     for first in (True, False):
-        batch = [i for i, m in enumerate(manifests) if (m["kind"] in RBAC_KINDS) == first]
+        batch = [i for i, m in enumerate(manifests) if (m["kind"] in APPLIED_FIRST) == first]
         answers.update(zip(batch, ctx.applier.map(apply, [manifests[i] for i in batch]), strict=True))
     return [answers[i] for i in range(len(manifests))]
 
