@@ -147,6 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         namespaces=tuple(args.namespace or ()),
         accelerator_catalog=args.accelerator_catalog,
         resync_seconds=args.resync_seconds,
+        status_delay_s=args.status_delay_seconds,
         listen_host=args.listen_host,
         liveness_port=args.liveness_port,
         metrics_port=args.metrics_port,
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accelerator-catalog", default=os.environ.get("DISAGG_ACCELERATOR_CATALOG"),
                      help="YAML file with accelerator entries to add or override")
     run.add_argument("--resync-seconds", type=float, default=float(os.environ.get("DISAGG_RESYNC_SECONDS", 300)))
+    run.add_argument("--status-delay-seconds", type=float,
+                     default=float(os.environ.get("DISAGG_STATUS_DELAY_SECONDS", 1.0)),
+                     help="status-only work (child events, resync) waits this long, folding the triggers meanwhile")
     run.add_argument("--listen-host", default=os.environ.get("DISAGG_LISTEN_HOST", "0.0.0.0"))
     run.add_argument("--liveness-port", type=int, default=int(os.environ.get("DISAGG_LIVENESS_PORT", 8080)))
     run.add_argument("--metrics-port", type=int, default=int(os.environ.get("DISAGG_METRICS_PORT", 9100)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import heapq
 import itertools
 import logging
 import queue
@@ -59,12 +60,19 @@ class ReconcileQueue:
     best priority (a burst of child events costs two reconciles, not fifty); the reconcile reads the
     newest version of the service from the index when it runs. `spec_workers` more threads take spec
     changes only: with every other worker in a slow status reconcile (an API server busy with a mass
-    rollout), an edit would otherwise wait for one of them to finish."""
+    rollout), an edit would otherwise wait for one of them to finish. Status-only work enters the
+    queue `status_delay_s` after its first trigger: a rollout's many Deployment events fold into a
+    reconcile or two, and the threads an edit needs are not busy with the same status over and over."""
 
     SPEC, STATUS = 0, 1
 
-    def __init__(self, workers: int, run: Callable[[Mapping[str, Any], str], None], spec_workers: int = 0) -> None:
+    def __init__(self, workers: int, run: Callable[[Mapping[str, Any], str], None], spec_workers: int = 0,
+                 status_delay_s: float = 0.0) -> None:
         self._run = run
+        self._status_delay_s = status_delay_s
+        self._delayed: list[tuple[float, int, tuple[str, str], Mapping[str, Any], str]] = []
+        """Status-only entries (a heap by due time), already counted as waiting in `_queued`."""
+        self._due = threading.Condition()
         self._queue: queue.PriorityQueue[tuple[int, int, tuple[str, str], Mapping[str, Any], str]] = (
             queue.PriorityQueue())
         self._spec_queue: queue.PriorityQueue[tuple[int, int, tuple[str, str], Mapping[str, Any], str]] = (
@@ -83,6 +91,9 @@ class ReconcileQueue:
                                           daemon=True) for i in range(workers)]
         self._threads += [threading.Thread(target=self._work, args=(self._spec_queue,), daemon=True,
                                            name=f"disagg-reconcile-spec-{i}") for i in range(spec_workers)]
+        if status_delay_s > 0:
+            self._threads.append(threading.Thread(target=self._release_delayed, name="disagg-reconcile-delay",
+                                                  daemon=True))
         for thread in self._threads:
             thread.start()
 
@@ -101,17 +112,36 @@ class ReconcileQueue:
                 return
             self._queued[key] = priority
         entry = (priority, next(self._order), key, body, trigger)
+        if priority == self.STATUS and self._status_delay_s > 0:
+            with self._due:
+                heapq.heappush(self._delayed, (time.monotonic() + self._status_delay_s, *entry[1:]))
+                self._due.notify()
+            return
         self._queue.put(entry)
         if priority == self.SPEC and self._spec_workers:
             self._spec_queue.put(entry)
 
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._delayed)
+
+    def _release_delayed(self) -> None:
+        """Moves status-only entries into the queue when due (a spec change that came meanwhile has
+        taken their place in `_queued`: the workers then skip them)."""
+        while True:
+            with self._due:
+                while not self._stopped and (not self._delayed or self._delayed[0][0] > time.monotonic()):
+                    self._due.wait(self._delayed[0][0] - time.monotonic() if self._delayed else None)
+                if self._stopped:
+                    return
+                _, order, key, body, trigger = heapq.heappop(self._delayed)
+            self._queue.put((self.STATUS, order, key, body, trigger))
 
     def stop(self) -> None:
         with self._guard:
             self._stopped = True
-        for _ in self._threads:
+        with self._due:
+            self._due.notify()
+        for _ in self._threads:  # (one more than needed with the delay thread: harmless)
             self._queue.put((-1, next(self._order), ("", ""), {}, "stop"))
             self._spec_queue.put((-1, next(self._order), ("", ""), {}, "stop"))
 
@@ -432,7 +462,8 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
 
     # Handlers only update the caches and hand the reconcile to this pool: kopf's per-object workers
     # (and the index updates behind them) are never held up by a reconcile in progress.
-    reconcile_queue = ReconcileQueue(settings.workers, reconcile, spec_workers=spec_workers(settings))
+    reconcile_queue = ReconcileQueue(settings.workers, reconcile, spec_workers=spec_workers(settings),
+                                     status_delay_s=settings.status_delay_s)
 
     def submit(body: Mapping[str, Any], trigger: str, priority: int = ReconcileQueue.STATUS) -> None:
         reconcile_queue.submit(body, trigger, priority)

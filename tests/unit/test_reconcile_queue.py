@@ -140,3 +140,28 @@ def test_a_spec_change_runs_while_every_worker_is_in_slow_status_work_and_runs_o
     finally:
         work.stop()
     assert sorted(ran) == ["edited/event", "rolling-0/child", "rolling-1/child", "rolling-2/child"]
+
+
+def test_status_work_waits_for_its_delay_folding_triggers_but_a_spec_change_does_not_wait() -> None:
+    ran: list[tuple[str, str, float]] = []
+    started = time.monotonic()
+
+    def run(obj: Mapping[str, Any], trigger: str) -> None:
+        ran.append((obj["metadata"]["name"], trigger, time.monotonic() - started))
+
+    work = ReconcileQueue(2, run, status_delay_s=0.5)
+    try:
+        for _ in range(10):  # a rollout's Deployment events for one service, within 0.2 s
+            work.submit(body("rolling"), "child", ReconcileQueue.STATUS)
+            time.sleep(0.02)
+        work.submit(body("settled"), "child", ReconcileQueue.STATUS)
+        work.submit(body("settled"), "event", ReconcileQueue.SPEC)  # an edit while its status work waits
+        deadline = time.monotonic() + 5
+        while len(ran) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.7)  # the edited service's delayed status entry comes due meanwhile
+    finally:
+        work.stop()
+    assert [(name, trigger) for name, trigger, _ in ran] == [("settled", "event"), ("rolling", "child")]
+    assert ran[0][2] < 0.45  # the edit did not wait for the delay
+    assert 0.5 <= ran[1][2] < 1.0  # the rollout's ten triggers: one reconcile, after the delay
