@@ -91,11 +91,10 @@ class ReconcileQueue:
                                           daemon=True) for i in range(workers)]
         self._threads += [threading.Thread(target=self._work, args=(self._spec_queue,), daemon=True,
                                            name=f"disagg-reconcile-spec-{i}") for i in range(spec_workers)]
-        if status_delay_s > 0:
-            self._threads.append(threading.Thread(target=self._release_delayed, name="disagg-reconcile-delay",
-                                                  daemon=True))
         for thread in self._threads:
             thread.start()
+        if status_delay_s > 0:
+            threading.Thread(target=self._release_delayed, name="disagg-reconcile-delay", daemon=True).start()
 
     def submit(self, body: Mapping[str, Any], trigger: str, priority: int) -> None:
         meta = body.get("metadata", {})
@@ -141,7 +140,7 @@ class ReconcileQueue:
             self._stopped = True
         with self._due:
             self._due.notify()
-        for _ in self._threads:  # (one more than needed with the delay thread: harmless)
+        for _ in self._threads:
             self._queue.put((-1, next(self._order), ("", ""), {}, "stop"))
             self._spec_queue.put((-1, next(self._order), ("", ""), {}, "stop"))
 
@@ -286,6 +285,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     index = Index()
     threads: list[AutoscalerThread] = []
     kopf_context: list[contextvars.Context] = []
+    applier = ThreadPoolExecutor(apply_threads(settings), thread_name_prefix="disagg-apply")  # threads start lazily
 
     def record_from_thread(obj: dict[str, Any], event_type: str, reason: str, message: str) -> None:
         """kopf posts Events only from its own context (its handlers); the autoscaler's thread borrows
@@ -329,7 +329,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             ),
             catalog=catalog,
             record_event=record_from_thread,
-            applier=ThreadPoolExecutor(apply_threads(disagg_settings), thread_name_prefix="disagg-apply"),
+            applier=applier,
         )
         source = None
         if disagg_settings.prometheus_url:
@@ -471,8 +471,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     @kopf.on.cleanup(registry=registry)
     def stop_reconciles(**_: Any) -> None:
         reconcile_queue.stop()
-        if "reconciler" in state and state["reconciler"].applier is not None:
-            state["reconciler"].applier.shutdown(wait=False, cancel_futures=True)
+        applier.shutdown(wait=False, cancel_futures=True)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def on_service_event(body: kopf.Body, type: str | None, **kwargs: Any) -> None:

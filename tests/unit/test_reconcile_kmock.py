@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -165,11 +166,19 @@ async def test_children_applied_concurrently_after_their_prerequisites(
     # The two are made slow to answer, so a RoleBinding or Deployment sent alongside them would win.
     harness.api.put_object(ISVC, example())
     apply = harness.kube.apply
+    in_flight, most = [0], [0]
+    counting = threading.Lock()
 
     def slow_prerequisites(manifest: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        if manifest["kind"] in ("ServiceAccount", "Role"):
-            time.sleep(0.05)
-        return apply(manifest, **kwargs)
+        with counting:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.05 if manifest["kind"] in ("ServiceAccount", "Role") else 0.01)
+        try:
+            return apply(manifest, **kwargs)
+        finally:
+            with counting:
+                in_flight[0] -= 1
 
     monkeypatch.setattr(harness.kube, "apply", slow_prerequisites)
     with ThreadPoolExecutor(8) as pool:
@@ -182,6 +191,7 @@ async def test_children_applied_concurrently_after_their_prerequisites(
     order = [w.name.split("/")[0] for w in ours]
     first = [i for i, plural in enumerate(order) if plural in ("serviceaccounts", "roles")]
     assert len(first) == 2 and max(first) < min(order.index("rolebindings"), order.index("deployments"))
+    assert most[0] > 1  # the applies of a group overlapped
     assert set(harness.children()) == CHILDREN
     assert harness.service()["status"]["observedGeneration"] == 1
 

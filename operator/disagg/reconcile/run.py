@@ -68,8 +68,8 @@ class Reconciler:
     pod_check_interval_s: float = 10.0
     """How often (at most) a not-ready pool's pods are listed to explain why."""
     applier: Executor | None = None
-    """Threads that apply the children of one service concurrently (None: one after another). One
-    Service with a cluster IP takes ~0.3 s to create (the API server allocates the IPs one at a
+    """Threads that apply the children of one service concurrently (None: one after another). A
+    Service with a cluster IP can take ~0.3 s to create (the API server allocates the IPs one at a
     time); applied in turn, a new service's 13 children waited for it."""
     _pods_checked: dict[tuple[str, str], float] = field(default_factory=dict)
     _desired: dict[str, tuple[int, bytes]] = field(default_factory=dict)
@@ -257,7 +257,7 @@ a growing delay)."""
 
 def _apply_children(ctx: Reconciler, manifests: list[dict[str, Any]]) -> list[dict[str, Any] | ApiError]:
     """Server-side applies each manifest; the answers (the object, or the error) in the same order.
-    With `ctx.applier`, the `APPLIED_FIRST` kinds go first, together, then all the others together."""
+    The `APPLIED_FIRST` kinds go first, then all the others: each group at once on `ctx.applier`."""
 
     def apply(manifest: dict[str, Any]) -> dict[str, Any] | ApiError:
         try:
@@ -266,12 +266,11 @@ def _apply_children(ctx: Reconciler, manifests: list[dict[str, Any]]) -> list[di
         except ApiError as error:
             return error
 
-    if ctx.applier is None or len(manifests) < 2:
-        return [apply(m) for m in manifests]
+    each = ctx.applier.map if ctx.applier is not None else map
     answers: dict[int, dict[str, Any] | ApiError] = {}
     for first in (True, False):
-        batch = [i for i, m in enumerate(manifests) if (m["kind"] in APPLIED_FIRST) == first]
-        answers.update(zip(batch, ctx.applier.map(apply, [manifests[i] for i in batch]), strict=True))
+        group = [i for i, m in enumerate(manifests) if (m["kind"] in APPLIED_FIRST) == first]
+        answers.update(zip(group, each(apply, [manifests[i] for i in group]), strict=True))
     return [answers[i] for i in range(len(manifests))]
 
 
