@@ -308,7 +308,10 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
         # kopf logs "Handler ... succeeded" for every watch event: ~30,000 lines for 1,000 new services
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         settings.execution.max_workers = disagg_settings.workers
-        settings.batching.worker_limit = disagg_settings.workers * 4
+        # No limit on kopf's per-object workers: a worker indexes its object, then waits until every
+        # object of every indexed kind is indexed; with a limit below the objects of one kind in the
+        # initial listing, the rest never get a worker and the operator hangs at start-up (kopf#1243).
+        settings.batching.worker_limit = None
         settings.batching.batch_window = 0.1
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330

@@ -16,6 +16,7 @@ free accelerators of another type on those nodes.
 In order (the API server restart goes last: it disturbs everyone using the cluster):
 1. SIGKILL in the middle of a large reconcile (N_KILL services created at once), restart: converges with
    exactly the expected children, no duplicates, no orphans, every pool at its expected size, all Ready.
+   Restarted (SIGTERM) over N_MANY settled services: it takes them all up, writes nothing, applies an edit.
 2. Hand edits of children (a Deployment's image, a Service's labels, replicas of a fixed pool) are reverted
    within the resync period; an autoscaled pool scaled by hand is held at that count (no Prometheus:
    the policy holds the current count clamped into min/max) and clamped back when outside the bounds.
@@ -97,6 +98,8 @@ BENCH_LABEL = "disagg.dev/bench"
 """test_cluster_smoke ignores nodes with this label (bench/scale.py adds its nodes with it too)."""
 FAULT_NODES = {"nvidia-h100": 5, "nvidia-h200": 5, "nvidia-b200": 2}
 N_KILL = 24
+N_MANY = 40
+"""More InferenceServices (and 3x as many Deployments) than kopf ran workers before (4 x 8)."""
 PEER_LIFETIME_S = 15.0
 N_GENERATED = 510
 KNOWN_REASONS = {
@@ -452,6 +455,39 @@ def test_sigkill_mid_large_reconcile_converges_without_duplicates_or_orphans(
     assert not orphan_pods, f"pods owned by no ReplicaSet of ours: {orphan_pods}"
     for name, svc in live.items():
         assert (svc.get("status") or {}).get("observedGeneration") == svc["metadata"]["generation"], name
+    no_crash(second)
+
+
+def test_restart_with_many_objects_of_a_kind_takes_up_every_service_and_writes_nothing(
+    env: FaultEnv, ns: str, operators: Operators
+) -> None:
+    """An operator (re)started where one kind has more objects than it runs workers: kopf with a worker
+    limit hung for good at start-up (each object's worker waits until all are indexed; kopf#1243)."""
+    services = [service(f"many-{i:02d}", ns, pool(env, "nvidia-h100", replicas=0),
+                        pool(env, "nvidia-h200", replicas=0)) for i in range(N_MANY)]
+    first = operators.start(ns, name="first")
+    diag = operators.diagnostics()
+    env.kubectl("apply", "-f", "-", input=dump(services))
+
+    def settled() -> bool:
+        live = {s["metadata"]["name"]: s for s in env.cluster.services(ns)}
+        waiting = sorted(n for n in live if (condition(live[n], "RouterReady") or {}).get("status") != "True"
+                         or (condition(live[n], "PrefillReady") or {}).get("reason") != "ScaledToZero")
+        assert len(live) == N_MANY and not waiting, f"{len(waiting)} services not settled, e.g. {waiting[:3]}"
+        return True
+
+    wait_until(settled, 120, f"{N_MANY} services with a ready router and pools scaled to zero", diag, interval=1.0)
+    deployments = len(env.cluster.apps.list_namespaced_deployment(ns, label_selector=MANAGED_BY_SELECTOR).items)
+    assert deployments == 3 * N_MANY
+    first.stop()
+
+    second = operators.start(ns, name="second")
+    wait_until(lambda: second.reconciles() >= N_MANY, 60,
+               f"the restarted operator to reconcile the {N_MANY} services it found", diag, interval=0.5)
+    assert writes(second) == 0, f"restart over an unchanged fleet wrote: {second.request_counts()}\n{second.log_tail()}"
+    env.kubectl("patch", PLURAL, "many-00", "-n", ns, "--type=merge", "-p", '{"spec":{"router":{"replicas":2}}}')
+    wait_until(lambda: deployment(env, ns, "many-00-router").spec.replicas == 2, 30,
+               "the edit made after the restart to reach the router's Deployment", diag, interval=0.25)
     no_crash(second)
 
 
