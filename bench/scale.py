@@ -9,7 +9,9 @@ ServiceAccount:
 - event-to-apply latency: spec changes at a steady rate, each stamped with its time in an engine env
   var, until the pool's Deployment carries the stamp (p50/p99);
 - API write requests in total and during an idle period (the operator's own counter);
-- operator CPU seconds and peak RSS; Prometheus queries per autoscaling tick.
+- operator CPU seconds and peak RSS; Prometheus queries per autoscaling tick;
+- a restart (SIGTERM, a new process) over the N settled services: time until the new process has
+  reconciled each of them, its writes meanwhile (an unchanged fleet: none) and its peak RSS.
 Prints a table next to the targets and writes JSON (bench/results/scale.json).
 
     .venv/bin/python bench/scale.py                 # N=1000 (about 10 minutes)
@@ -126,10 +128,10 @@ def _node(name: str, labels: dict[str, str], extended: dict[str, str], taint: st
 class Operator:
     """The operator process under its ServiceAccount, with its metrics endpoint."""
 
-    def __init__(self, cluster_dir: Path, namespaces: list[str], prometheus: str) -> None:
+    def __init__(self, cluster_dir: Path, namespaces: list[str], prometheus: str, name: str = "operator") -> None:
         self.metrics_port = free_port()
         self.liveness_port = free_port()
-        self.log_path = cluster_dir / "bench-operator.log"
+        self.log_path = cluster_dir / f"bench-{name}.log"
         kubeconfig = cluster_dir / "bench-operator.kubeconfig"
         cluster("sa-kubeconfig", "--namespace", "disagg-system", "--service-account", "disagg-operator",
                 "--out", str(kubeconfig))
@@ -493,6 +495,20 @@ def main(argv: list[str] | None = None) -> int:
         result["writes_total"] = operator.writes()
         result["operator_cpu_s"] = round(operator.cpu_seconds(), 1)
         result["peak_rss_mib"] = round(operator.peak_rss_mib(), 1)
+
+        log("restart: SIGTERM, then a new operator process over the settled services")
+        operator.stop()
+        operator = Operator(cluster_dir, namespaces, "http://127.0.0.1:9090", name="operator-restarted")
+        took_up_s = None
+        while time.monotonic() - operator.started < 600:
+            if operator.metric("disagg_reconciles_total") >= args.n:
+                took_up_s = time.monotonic() - operator.started
+                break
+            time.sleep(0.5)
+        result["restart"] = {"took_up_s": round(took_up_s, 1) if took_up_s else None,
+                             "writes": operator.writes(), "peak_rss_mib": round(operator.peak_rss_mib(), 1)}
+        log(f"restarted operator reconciled all {args.n} in {result['restart']['took_up_s']} s, "
+            f"{result['restart']['writes']:.0f} writes")
     finally:
         operator.stop()
         if not args.keep:
@@ -518,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         ("operator CPU (s)", result.get("operator_cpu_s"), ""),
         ("operator peak RSS (MiB)", result.get("peak_rss_mib"), f"<= {TARGETS['peak_rss_mib']:.0f}"),
         ("Prometheus queries per tick", result.get("prometheus_queries_per_tick"), "independent of N"),
+        ("restart: all N reconciled (s)", result.get("restart", {}).get("took_up_s"), "(from process start)"),
+        ("restart: API writes", result.get("restart", {}).get("writes"), "0"),
+        ("restart: peak RSS (MiB)", result.get("restart", {}).get("peak_rss_mib"),
+         f"<= {TARGETS['peak_rss_mib']:.0f}"),
     ]
     print(f"\nscale benchmark, N = {args.n} InferenceServices\n")
     print(f"| {'measure':36} | {'value':>10} | target |")

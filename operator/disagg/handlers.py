@@ -311,8 +311,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
         # No limit on kopf's per-object workers: a worker indexes its object, then waits until every
         # object of every indexed kind is indexed; with a limit below the objects of one kind in the
         # initial listing, the rest never get a worker and the operator hangs at start-up (kopf#1243).
-        settings.batching.worker_limit = None
-        settings.batching.batch_window = 0.1
+        settings.queueing.worker_limit = None
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.watching.connect_timeout = 10
