@@ -464,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "p50_s": round(percentile(finite, 50), 3),
                                     "p99_s": round(percentile(latencies, 99), 3)}
         result["event_to_apply_p99_s"] = result["event_to_apply"]["p99_s"]
+        log(f"event-to-apply p50 {result['event_to_apply']['p50_s']} s, p99 {result['event_to_apply_p99_s']} s")
         # the operator's own share: from the watch event reaching it to the reconcile starting and to the
         # children applied (bucket upper bounds), the rest is the API server's watch and the bench's
         for stage, before in spec_before.items():

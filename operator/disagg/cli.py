@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="YAML file with accelerator entries to add or override")
     run.add_argument("--resync-seconds", type=float, default=float(os.environ.get("DISAGG_RESYNC_SECONDS", 300)))
     run.add_argument("--status-delay-seconds", type=float,
-                     default=float(os.environ.get("DISAGG_STATUS_DELAY_SECONDS", 1.0)),
+                     default=float(os.environ.get("DISAGG_STATUS_DELAY_SECONDS", 3.0)),
                      help="status-only work (child events, resync) waits this long, folding the triggers meanwhile")
     run.add_argument("--listen-host", default=os.environ.get("DISAGG_LISTEN_HOST", "0.0.0.0"))
     run.add_argument("--liveness-port", type=int, default=int(os.environ.get("DISAGG_LIVENESS_PORT", 8080)))

@@ -259,6 +259,30 @@ def slim_child(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
     return slim
 
 
+def shed_watched_body(body: kopf.Body, kind: Kind) -> None:
+    """Drops what nothing reads any more from the watch event kopf holds for a child, once indexed.
+
+    At start-up kopf keeps every listed object's event in its worker until all objects of all indexed
+    kinds are indexed: a restart over 1,000 services held ~14,000 whole objects at once (peak RSS
+    ~520 MiB against ~230 steady). After the index has its slim copy, the event only still serves the
+    Deployment handler (`pool_counts`) and kopf's bookkeeping (metadata without managedFields). kopf
+    hands the indexer a view of that very dict; should a kopf version pass a copy, this frees nothing
+    and changes nothing."""
+    raw = getattr(body, "_src", None)
+    if not isinstance(raw, dict):
+        return
+    meta = raw.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+    if kind.kind == "Deployment":
+        spec = raw.get("spec")
+        if isinstance(spec, dict):
+            raw["spec"] = {k: spec[k] for k in ("replicas",) if k in spec}
+        return
+    for key in ("spec", "rules", "roleRef", "subjects", "status"):
+        raw.pop(key, None)
+
+
 def children_from(indexes: dict[Kind, Any], namespace: str, service: str) -> dict[ChildKey, dict[str, Any]]:
     """A service's children from the kopf indexes (read from a worker thread while the loop writes)."""
     for _ in range(5):
@@ -447,7 +471,9 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             if not service:
                 return None
             # packed: 13,000 children as dicts took ~100 MiB at 1,000 services, packed ~15 MiB
-            return {(meta.get("namespace", ""), service): pack(slim_child(body, kind))}
+            packed = pack(slim_child(body, kind))
+            shed_watched_body(body, kind)
+            return {(meta.get("namespace", ""), service): packed}
 
         kopf.index(group, version, kind.plural, id=child_index_id(kind), registry=registry,
                    labels={"app.kubernetes.io/managed-by": "disagg"})(index_child)

@@ -15,7 +15,7 @@ class OperatorSettings:
     """A YAML file of accelerator entries merged over the built-in catalogue."""
     resync_seconds: float = 300.0
     """Periodic full reconcile of every service (level-triggered safety net)."""
-    status_delay_s: float = 1.0
+    status_delay_s: float = 3.0
     """Status-only reconciles (child events, resync) start this long after their first trigger;
     the triggers meanwhile fold into them (spec changes never wait)."""
     listen_host: str = "0.0.0.0"
