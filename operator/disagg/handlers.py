@@ -1,8 +1,9 @@
 """Thin kopf adapters: turn watch events and timers into calls of the one reconcile function.
 
-InferenceServices are handled with raw watch events (`on.event`) and a resync timer instead of
+InferenceServices are handled with raw watch events (`on.event`) and a resync thread instead of
 kopf's create/update handlers: reconcile is level-triggered, so it needs no diff base, and kopf then
-keeps no state annotations on the objects - a steady operator writes nothing at all.
+keeps no state annotations on the objects - a steady operator writes nothing at all. The children are
+watched by the operator's own list-and-watch threads (`ChildCache`), not by kopf.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from disagg import GROUP, PLURAL, VERSION
 from disagg.catalog.accelerators import load_catalog
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, ApiError, Kind, Kube
 from disagg.kube.peering import PeeringCheck
+from disagg.kube.watch import KindWatch
 from disagg.metrics import OperatorMetrics
 from disagg.reconcile import ChildKey, child_key, pack, unpack
 from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index, pool_counts, resource_version
 from disagg.reconcile.run import Reconciler, reconcile_service
-from disagg.render.context import SERVICE_LABEL
+from disagg.render.context import MANAGED_BY, SERVICE_LABEL
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
 from disagg.scaling.signals import QuerySet
@@ -178,7 +180,7 @@ def apply_threads(settings: OperatorSettings) -> int:
 
 class NoDiffBase(kopf.DiffBaseStorage):
     """kopf computes a diff base (a deep copy of the body) on every watch event, for create/update
-    handlers; this operator has none (raw events and indexes only), and those copies were ~15 % of its
+    handlers; this operator has none (raw events only), and those copies were ~15 % of its
     CPU while 1,000 services were created."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
@@ -210,7 +212,7 @@ class NoProgress(kopf.ProgressStorage):
         return essence
 
 
-def make_api_client(settings: OperatorSettings) -> k8s.ApiClient:
+def make_api_client(settings: OperatorSettings, connections: int | None = None) -> k8s.ApiClient:
     configuration = k8s.Configuration()
     try:
         k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
@@ -219,7 +221,8 @@ def make_api_client(settings: OperatorSettings) -> k8s.ApiClient:
             config_file=settings.kubeconfig, client_configuration=configuration
         )
     # one connection per thread, so reconciles and their applies never queue for a socket
-    configuration.connection_pool_maxsize = settings.workers + spec_workers(settings) + apply_threads(settings) + 4
+    configuration.connection_pool_maxsize = connections or (
+        settings.workers + spec_workers(settings) + apply_threads(settings) + 4)
     return k8s.ApiClient(configuration)
 
 
@@ -229,10 +232,6 @@ def _event_recorder(obj: dict[str, Any], event_type: str, reason: str, message: 
         kopf.warn(target, reason=reason, message=message)
     else:
         kopf.info(target, reason=reason, message=message)
-
-
-def child_index_id(kind: Kind) -> str:
-    return f"disagg_children_{kind.plural}"
 
 
 def slim_child(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
@@ -259,44 +258,91 @@ def slim_child(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
     return slim
 
 
-def shed_watched_body(body: kopf.Body, kind: Kind) -> None:
-    """Drops what nothing reads any more from the watch event kopf holds for a child, once indexed.
+class ChildCache:
+    """Every service's children, slim and packed, as the operator's own list-and-watch threads
+    (`disagg.kube.watch.KindWatch`, one per kind and namespace) last saw them; reconcile diffs against
+    it and reads nothing from the API server. `synced` is set once every scope has been listed."""
 
-    At start-up kopf keeps every listed object's event in its worker until all objects of all indexed
-    kinds are indexed: a restart over 1,000 services held ~14,000 whole objects at once (peak RSS
-    ~520 MiB against ~230 steady). After the index has its slim copy, the event only still serves the
-    Deployment handler (`pool_counts`) and kopf's bookkeeping (metadata without managedFields). kopf
-    hands the indexer a view of that very dict; should a kopf version pass a copy, this frees nothing
-    and changes nothing."""
-    raw = getattr(body, "_src", None)
-    if not isinstance(raw, dict):
-        return
-    meta = raw.get("metadata")
-    if isinstance(meta, dict):
-        meta.pop("managedFields", None)
-    if kind.kind == "Deployment":
-        spec = raw.get("spec")
-        if isinstance(spec, dict):
-            raw["spec"] = {k: spec[k] for k in ("replicas",) if k in spec}
-        return
-    for key in ("spec", "rules", "roleRef", "subjects", "status"):
-        raw.pop(key, None)
+    def __init__(self, scopes: int, on_deployment: Callable[[str, dict[str, Any]], None]) -> None:
+        self._guard = threading.Lock()
+        self._by_service: dict[tuple[str, str], dict[ChildKey, bytes]] = {}
+        self._where: dict[tuple[str, str, str], tuple[tuple[str, str], ChildKey]] = {}
+        """(plural, namespace, name) -> (the service's key, the child's key)."""
+        self._unlisted = scopes
+        self._listed_scopes: set[tuple[str, str | None]] = set()
+        self._listing: dict[tuple[str, str | None], set[tuple[str, str, str]]] = {}
+        """Scopes whose listing is under way: what its pages had so far."""
+        self.synced = threading.Event()
+        self.on_deployment = on_deployment
+        """Called with (LISTED | RELISTED | ADDED | MODIFIED | DELETED, the Deployment) after the cache
+        has it."""
+        if scopes == 0:
+            self.synced.set()
 
+    def _drop(self, where: tuple[str, str, str]) -> None:
+        found = self._where.pop(where, None)
+        if found is not None:
+            service, key = found
+            children = self._by_service.get(service)
+            if children is not None:
+                children.pop(key, None)
+                if not children:
+                    del self._by_service[service]
 
-def children_from(indexes: dict[Kind, Any], namespace: str, service: str) -> dict[ChildKey, dict[str, Any]]:
-    """A service's children from the kopf indexes (read from a worker thread while the loop writes)."""
-    for _ in range(5):
-        try:
-            children: dict[ChildKey, dict[str, Any]] = {}
-            for store_index in indexes.values():
-                store = store_index.get((namespace, service)) if (namespace, service) in store_index else None
-                for packed in list(store or ()):
-                    child = unpack(packed)
-                    children[child_key(child)] = child
-            return children
-        except RuntimeError:  # changed size during iteration: read again
-            continue
-    raise RuntimeError(f"children of {namespace}/{service} kept changing while being read")
+    def _put(self, kind: Kind, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata", {})
+        where = (kind.plural, meta.get("namespace", ""), meta.get("name", ""))
+        self._drop(where)
+        service = (meta.get("labels") or {}).get(SERVICE_LABEL)
+        if not service:
+            return
+        owner = (meta.get("namespace", ""), service)
+        child = slim_child(obj, kind)
+        key = child_key(child)
+        # packed: 13,000 children as dicts took ~100 MiB at 1,000 services, packed ~15 MiB
+        self._by_service.setdefault(owner, {})[key] = pack(child)
+        self._where[where] = (owner, key)
+
+    def listed(self, kind: Kind, namespace: str | None, items: list[dict[str, Any]], last: bool) -> None:
+        """One page of a scope's listing (kept page by page: a listing of thousands is never held
+        whole); after the last, what the listing did not have is gone."""
+        scope = (kind.plural, namespace)
+        with self._guard:
+            seen = self._listing.setdefault(scope, set())
+            for obj in items:
+                meta = obj.get("metadata", {})
+                seen.add((kind.plural, meta.get("namespace", ""), meta.get("name", "")))
+                self._put(kind, obj)
+            first = scope not in self._listed_scopes
+            if last:
+                del self._listing[scope]
+                stale = [w for w in self._where
+                         if w[0] == kind.plural and (namespace is None or w[1] == namespace) and w not in seen]
+                for where in stale:
+                    self._drop(where)
+                self._listed_scopes.add(scope)
+                if first:
+                    self._unlisted -= 1
+                    if self._unlisted == 0:
+                        self.synced.set()
+        if kind.kind == "Deployment":
+            for obj in items:
+                self.on_deployment("LISTED" if first else "RELISTED", obj)
+
+    def changed(self, kind: Kind, event: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata", {})
+        with self._guard:
+            if event == "DELETED":
+                self._drop((kind.plural, meta.get("namespace", ""), meta.get("name", "")))
+            else:
+                self._put(kind, obj)
+        if kind.kind == "Deployment":
+            self.on_deployment(event, obj)
+
+    def children(self, namespace: str, service: str) -> dict[ChildKey, dict[str, Any]]:
+        with self._guard:
+            packed = list((self._by_service.get((namespace, service)) or {}).items())
+        return {key: unpack(value) for key, value in packed}
 
 
 def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf.OperatorRegistry:
@@ -305,7 +351,6 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     locks = ServiceLocks()
     catalog = load_catalog(settings.accelerator_catalog)
     state: dict[str, Reconciler] = {}
-    caches: dict[str, dict[Kind, Any]] = {}
     index = Index()
     threads: list[AutoscalerThread] = []
     kopf_context: list[contextvars.Context] = []
@@ -332,9 +377,9 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
         # kopf logs "Handler ... succeeded" for every watch event: ~30,000 lines for 1,000 new services
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         settings.execution.max_workers = disagg_settings.workers
-        # No limit on kopf's per-object workers: a worker indexes its object, then waits until every
-        # object of every indexed kind is indexed; with a limit below the objects of one kind in the
-        # initial listing, the rest never get a worker and the operator hangs at start-up (kopf#1243).
+        # No limit on kopf's per-object workers (it watches only the services, whose handlers just
+        # queue work). Should kopf indexes ever come back: with a limit below the objects of one kind,
+        # kopf's start-up hangs for good (each object's worker waits for all to be indexed; kopf#1243).
         settings.queueing.worker_limit = None
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
@@ -423,6 +468,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
         reconciler = state["reconciler"]
         started = time.monotonic()
         pending = spec_seen.get((namespace, name))
+        children.synced.wait()  # diffing against a cache still listing would re-apply what exists
         with locks(namespace, name):
             # Act on the newest version known: an event's body goes stale while it waits for the lock
             # (another reconcile may have written status meanwhile); a child event carries none.
@@ -460,36 +506,12 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
                      if 0 < len(outcome.applied) < 4 else "",
                      len(outcome.deleted), "written" if outcome.status_written else "same")
 
-    # Children are cached by kopf indexes (kopf runs no handler before every index has its initial
-    # listing), so a reconcile reads nothing from the API server: it diffs against the cache.
-    def register_child_index(kind: Kind) -> None:
-        group, _, version = kind.api_version.rpartition("/")
-
-        async def index_child(body: kopf.Body, **_: Any) -> dict[tuple[str, str], bytes] | None:
-            meta = body.get("metadata", {})
-            service = (meta.get("labels") or {}).get(SERVICE_LABEL)
-            if not service:
-                return None
-            # packed: 13,000 children as dicts took ~100 MiB at 1,000 services, packed ~15 MiB
-            packed = pack(slim_child(body, kind))
-            shed_watched_body(body, kind)
-            return {(meta.get("namespace", ""), service): packed}
-
-        kopf.index(group, version, kind.plural, id=child_index_id(kind), registry=registry,
-                   labels={"app.kubernetes.io/managed-by": "disagg"})(index_child)
-
-    for kind in CHILD_KINDS:
-        register_child_index(kind)
-
-    def remember_indexes(kwargs: dict[str, Any]) -> None:
+    def remember_context() -> None:
         if not kopf_context:  # a handler's context: lets other threads post Events through kopf
             kopf_context.append(contextvars.copy_context())
-        if "indexes" not in caches:
-            caches["indexes"] = {kind: kwargs[child_index_id(kind)] for kind in CHILD_KINDS}
-            state["reconciler"].live_children = lambda ns, svc: children_from(caches["indexes"], ns, svc)
 
     # Handlers only update the caches and hand the reconcile to this pool: kopf's per-object workers
-    # (and the index updates behind them) are never held up by a reconcile in progress.
+    # are never held up by a reconcile in progress.
     reconcile_queue = ReconcileQueue(settings.workers, reconcile, spec_workers=spec_workers(settings),
                                      status_delay_s=settings.status_delay_s)
 
@@ -503,7 +525,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def on_service_event(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
-        remember_indexes(kwargs)
+        remember_context()
         meta = body.get("metadata", {})
         key = (meta.get("namespace", ""), meta.get("name", ""))
         if type == "DELETED":
@@ -542,21 +564,38 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     def stop_resync(**_: Any) -> None:
         resync_stop.set()
 
-    @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": "disagg"},
-                   registry=registry)
-    async def on_child_event(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
-        remember_indexes(kwargs)
+    def on_deployment(event: str, body: dict[str, Any]) -> None:
         # status follows the pools: a Deployment changing readiness re-reconciles its service
         meta = body.get("metadata", {})
         key = (meta.get("namespace", ""), meta.get("name", ""))
-        if type == "DELETED":
+        if event == "DELETED":
             index.deployments.pop(key, None)
         else:
             index.deployments[key] = pool_counts(body)
-        if type is None:
-            return  # the initial listing: the services' own listing reconciles them already
+        if event == "LISTED":
+            return  # the first listing: the services' own listing reconciles them already
         service = (meta.get("labels") or {}).get(SERVICE_LABEL)
         if service:
             submit({"metadata": {"namespace": meta.get("namespace"), "name": service}}, "child")
+
+    scopes: list[str | None] = list(settings.namespaces) or [None]
+    children = ChildCache(len(scopes) * len(CHILD_KINDS), on_deployment)
+    watches: list[KindWatch] = []
+
+    @kopf.on.startup(registry=registry)
+    def start_child_watches(**_: Any) -> None:
+        kube = Kube(make_api_client(disagg_settings, connections=len(scopes) * len(CHILD_KINDS) + 2))
+        state["reconciler"].live_children = children.children
+        for namespace in scopes:
+            for kind in CHILD_KINDS:
+                watch = KindWatch(kube, kind, namespace, f"app.kubernetes.io/managed-by={MANAGED_BY}",
+                                  children.listed, children.changed)
+                watch.start()
+                watches.append(watch)
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_child_watches(**_: Any) -> None:
+        for watch in watches:
+            watch.stop.set()
 
     return registry

@@ -113,6 +113,29 @@ class Kube:
             raise ApiError(int(response.status), str(message), method, path)
         return json.loads(data) if data and decode else None
 
+    def open_stream(self, path: str, query: list[tuple[str, str]], read_timeout_s: float) -> Any:
+        """A GET whose body is read as it comes (a watch): the urllib3 response, status checked."""
+        if self.on_request is not None:
+            self.on_request("WATCH")
+        method_, url, headers, payload, post = self.api.param_serialize(
+            "GET", path, query_params=query, header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self.api.rest_client.request(  # type: ignore[no-untyped-call]
+                method_, url, headers=headers, body=payload, post_params=post, _request_timeout=(10.0, read_timeout_s))
+        except (k8s.ApiException, urllib3.exceptions.HTTPError) as error:
+            raise ApiError(0, f"no answer from the API server: {error}", "WATCH", path) from None
+        raw = response.response
+        if not 200 <= raw.status < 300:
+            data = raw.read()
+            raw.release_conn()
+            message = raw.reason or ""
+            with contextlib.suppress(ValueError, AttributeError):
+                message = json.loads(data or b"{}").get("message", message)
+            raise ApiError(int(raw.status), str(message), "WATCH", path)
+        return raw
+
     # --- reads ----------------------------------------------------------------------------------
 
     def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:

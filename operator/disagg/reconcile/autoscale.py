@@ -3,7 +3,7 @@
 Each tick runs the same fixed set of PromQL queries whatever the number of services, decides every
 autoscaled pool with the pure policy (`disagg.scaling.policy.decide`, the code the simulator
 benchmarks), and actuates through its own field manager on the pools' `replicas` only. It reads
-services and Deployments from in-memory indexes that the watch handlers keep, so a tick makes no API
+services and Deployments from in-memory indexes that the watches keep, so a tick makes no API
 reads; it writes only when a pool changes or its status does.
 """
 

@@ -1,0 +1,130 @@
+"""List-then-watch of one kind in one namespace (or all), on a thread: the operator's own informer.
+
+kopf's indexes would do this, but kopf runs no handler before every listed object of every indexed kind
+went through its own worker, holding each object's whole event meanwhile: a restart over 1,000
+services held ~14,000 objects at once (peak RSS ~440-520 MiB against ~220 steady), and with a worker
+limit below the objects of one kind it never started at all (kopf#1243). Here a listing arrives in
+pages of `PAGE` objects, each handed to the callback and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from disagg.kube.client import ApiError, Kind, Kube
+
+log = logging.getLogger(__name__)
+
+PAGE = 500
+WATCH_TIMEOUT_S = 290
+"""The API server ends a watch after this long; the next one starts from the last resourceVersion."""
+
+Listed = Callable[[Kind, str | None, list[dict[str, Any]], bool], None]
+"""(kind, namespace or None for all, one page of a listing, whether it was the last): a listing's pages
+together are the scope's complete set, replacing the last one's."""
+Changed = Callable[[Kind, str, dict[str, Any]], None]
+"""(kind, ADDED | MODIFIED | DELETED, object)."""
+
+
+class Gone(Exception):
+    """The resourceVersion to watch from is too old (410): list again."""
+
+
+class KindWatch:
+    """Keeps one kind's objects matching `label_selector` flowing to `listed`/`changed` until stopped:
+    a paged list, then watches from its resourceVersion (bookmarks keep that current); a 410 or an
+    error that lost the position lists again. Every other error waits (up to 10 s) and resumes."""
+
+    def __init__(self, kube: Kube, kind: Kind, namespace: str | None, label_selector: str,
+                 listed: Listed, changed: Changed) -> None:
+        self.kube, self.kind, self.namespace = kube, kind, namespace
+        self.label_selector = label_selector
+        self.listed, self.changed = listed, changed
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"disagg-watch-{kind.plural}-{namespace or 'all'}")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _collection(self) -> str:
+        if self.namespace is not None:
+            return self.kind.collection(self.namespace)
+        prefix = "/api/v1" if self.kind.api_version == "v1" else f"/apis/{self.kind.api_version}"
+        return f"{prefix}/{self.kind.plural}"
+
+    def _run(self) -> None:
+        version: str | None = None
+        backoff = 0.5
+        while not self.stop.is_set():
+            try:
+                if version is None:
+                    version = self._list()
+                version = self._watch(version)
+                backoff = 0.5
+            except Gone:
+                version = None
+            except Exception as error:  # the API server restarting, a dropped connection: wait, resume
+                if self.stop.is_set():
+                    return
+                log.info("watch of %s in %s interrupted (%s); resuming in %.1fs", self.kind.plural,
+                         self.namespace or "all namespaces", error, backoff)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _list(self) -> str:
+        token = ""
+        while True:
+            query = [("labelSelector", self.label_selector), ("limit", str(PAGE))]
+            if token:
+                query.append(("continue", token))
+            try:
+                page = self.kube.request("GET", self._collection(), query=query)
+            except ApiError as error:
+                if error.status == 410:  # the continue token expired: start over (the pages so far
+                    token = ""           # count again; what they had and the rest lacks is dropped)
+                    continue
+                raise
+            items = page.get("items", [])
+            for item in items:
+                item.setdefault("apiVersion", self.kind.api_version)
+                item.setdefault("kind", self.kind.kind)
+            token = (page.get("metadata") or {}).get("continue") or ""
+            self.listed(self.kind, self.namespace, items, not token)
+            if not token:
+                return str((page.get("metadata") or {}).get("resourceVersion") or "")
+
+    def _watch(self, version: str) -> str:
+        query = [("labelSelector", self.label_selector), ("watch", "true"), ("resourceVersion", version),
+                 ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(WATCH_TIMEOUT_S))]
+        for event in self._events(query):
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                if obj.get("code") == 410:
+                    raise Gone()
+                raise ApiError(int(obj.get("code") or 0), str(obj.get("message")), "WATCH", self._collection())
+            version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+            if kind in ("ADDED", "MODIFIED", "DELETED"):
+                obj.setdefault("apiVersion", self.kind.api_version)
+                obj.setdefault("kind", self.kind.kind)
+                self.changed(self.kind, kind, obj)
+            if self.stop.is_set():
+                break
+        return version
+
+    def _events(self, query: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+        response = self.kube.open_stream(self._collection(), query, read_timeout_s=WATCH_TIMEOUT_S + 30)
+        try:
+            pending = b""
+            for chunk in response.stream(65536, decode_content=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            response.release_conn()
