@@ -19,7 +19,9 @@ from disagg.kube.client import ApiError, Kind, Kube
 
 log = logging.getLogger(__name__)
 
-PAGE = 500
+PAGE = 100
+"""Objects per list request: with pages of 500 (seven kinds listing at once at start-up) a restart over
+1,000 services peaked at 315 MiB, with 100 at 219 MiB."""
 WATCH_TIMEOUT_S = 290
 """The API server ends a watch after this long; the next one starts from the last resourceVersion."""
 
