@@ -268,7 +268,7 @@ class ChildCache:
         self._by_service: dict[tuple[str, str], dict[ChildKey, bytes]] = {}
         self._where: dict[tuple[str, str, str], tuple[tuple[str, str], ChildKey]] = {}
         """(plural, namespace, name) -> (the service's key, the child's key)."""
-        self._unlisted = scopes
+        self._scopes = scopes
         self._listed_scopes: set[tuple[str, str | None]] = set()
         self._listing: dict[tuple[str, str | None], set[tuple[str, str, str]]] = {}
         """Scopes whose listing is under way: what its pages had so far."""
@@ -276,8 +276,6 @@ class ChildCache:
         self.on_deployment = on_deployment
         """Called with (LISTED | RELISTED | ADDED | MODIFIED | DELETED, the Deployment) after the cache
         has it."""
-        if scopes == 0:
-            self.synced.set()
 
     def _drop(self, where: tuple[str, str, str]) -> None:
         found = self._where.pop(where, None)
@@ -321,10 +319,8 @@ class ChildCache:
                 for where in stale:
                     self._drop(where)
                 self._listed_scopes.add(scope)
-                if first:
-                    self._unlisted -= 1
-                    if self._unlisted == 0:
-                        self.synced.set()
+                if len(self._listed_scopes) == self._scopes:
+                    self.synced.set()
         if kind.kind == "Deployment":
             for obj in items:
                 self.on_deployment("LISTED" if first else "RELISTED", obj)
@@ -426,6 +422,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             record_event=record_from_thread,
             index=index,
             lock_for=locks,
+            ready=lambda: children.synced.is_set(),
             on_scale=lambda role, direction: metrics.scaling_decisions.labels(role=role, direction=direction).inc(),
         )
         if disagg_settings.peering is not None:

@@ -184,6 +184,20 @@ def test_a_burst_scales_each_pool_in_one_step_through_the_autoscaler_field_manag
     assert status["decode"]["lastScale"]["from"] == 2 and status["decode"]["lastScale"]["reason"]
 
 
+def test_nothing_is_read_or_written_until_the_watch_caches_are_listed(prometheus: FakePrometheus) -> None:
+    # a service whose pools are not in the (still listing) Deployment cache would read as not created:
+    # the autoscaler waits instead of acting or writing a status on that partial picture
+    kube = FakeKube()
+    listed = [False]
+    scaler, _ = autoscaler(services(1), PrometheusSource(url=prometheus.url), kube)
+    scaler.ready = lambda: listed[0]
+    scaler.tick()
+    assert prometheus.queries == [] and kube.scaled == [] and kube.status == []
+    listed[0] = True
+    scaler.tick()
+    assert prometheus.queries and kube.status  # the same tick once listed: queries, and a status
+
+
 @pytest.mark.parametrize(
     ("q", "buckets", "expected"),
     [

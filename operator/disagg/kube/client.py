@@ -33,9 +33,10 @@ class Kind:
     kind: str
     plural: str
 
-    def collection(self, namespace: str) -> str:
+    def collection(self, namespace: str | None) -> str:
+        """The kind's objects in `namespace`, or in every namespace (None)."""
         prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        return f"{prefix}/namespaces/{namespace}/{self.plural}"
+        return f"{prefix}/namespaces/{namespace}/{self.plural}" if namespace is not None else f"{prefix}/{self.plural}"
 
     def path(self, namespace: str, name: str) -> str:
         return f"{self.collection(namespace)}/{name}"
@@ -63,6 +64,14 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         super().__init__(f"{method} {path}: {status} {message}")
+
+
+def _refusal(status: int, reason: str | None, data: bytes | None, method: str, path: str) -> ApiError:
+    """An API server's non-2xx answer as an ApiError with its own message where the body has one."""
+    message = reason or ""
+    with contextlib.suppress(ValueError, AttributeError):
+        message = json.loads(data or b"{}").get("message", message)
+    return ApiError(int(status), str(message), method, path)
 
 
 def kind_of(manifest: dict[str, Any]) -> Kind:
@@ -107,10 +116,7 @@ class Kube:
         except (k8s.ApiException, urllib3.exceptions.HTTPError) as error:
             raise ApiError(0, f"no answer from the API server: {error}", method, path) from None
         if not 200 <= response.status < 300:
-            message = response.reason or ""
-            with contextlib.suppress(ValueError, AttributeError):
-                message = json.loads(data or b"{}").get("message", message)
-            raise ApiError(int(response.status), str(message), method, path)
+            raise _refusal(response.status, response.reason, data, method, path)
         return json.loads(data) if data and decode else None
 
     def open_stream(self, path: str, query: list[tuple[str, str]], read_timeout_s: float) -> Any:
@@ -130,10 +136,7 @@ class Kube:
         if not 200 <= raw.status < 300:
             data = raw.read()
             raw.release_conn()
-            message = raw.reason or ""
-            with contextlib.suppress(ValueError, AttributeError):
-                message = json.loads(data or b"{}").get("message", message)
-            raise ApiError(int(raw.status), str(message), "WATCH", path)
+            raise _refusal(raw.status, raw.reason, data, "WATCH", path)
         return raw
 
     # --- reads ----------------------------------------------------------------------------------

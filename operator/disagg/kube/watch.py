@@ -44,6 +44,7 @@ class KindWatch:
     def __init__(self, kube: Kube, kind: Kind, namespace: str | None, label_selector: str,
                  listed: Listed, changed: Changed) -> None:
         self.kube, self.kind, self.namespace = kube, kind, namespace
+        self.path = kind.collection(namespace)
         self.label_selector = label_selector
         self.listed, self.changed = listed, changed
         self.stop = threading.Event()
@@ -52,12 +53,6 @@ class KindWatch:
 
     def start(self) -> None:
         self.thread.start()
-
-    def _collection(self) -> str:
-        if self.namespace is not None:
-            return self.kind.collection(self.namespace)
-        prefix = "/api/v1" if self.kind.api_version == "v1" else f"/apis/{self.kind.api_version}"
-        return f"{prefix}/{self.kind.plural}"
 
     def _run(self) -> None:
         version: str | None = None
@@ -85,7 +80,7 @@ class KindWatch:
             if token:
                 query.append(("continue", token))
             try:
-                page = self.kube.request("GET", self._collection(), query=query)
+                page = self.kube.request("GET", self.path, query=query)
             except ApiError as error:
                 if error.status == 410:  # the continue token expired: start over (the pages so far
                     token = ""           # count again; what they had and the rest lacks is dropped)
@@ -108,7 +103,7 @@ class KindWatch:
             if kind == "ERROR":
                 if obj.get("code") == 410:
                     raise Gone()
-                raise ApiError(int(obj.get("code") or 0), str(obj.get("message")), "WATCH", self._collection())
+                raise ApiError(int(obj.get("code") or 0), str(obj.get("message")), "WATCH", self.path)
             version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
             if kind in ("ADDED", "MODIFIED", "DELETED"):
                 obj.setdefault("apiVersion", self.kind.api_version)
@@ -119,7 +114,7 @@ class KindWatch:
         return version
 
     def _events(self, query: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
-        response = self.kube.open_stream(self._collection(), query, read_timeout_s=WATCH_TIMEOUT_S + 30)
+        response = self.kube.open_stream(self.path, query, read_timeout_s=WATCH_TIMEOUT_S + 30)
         try:
             pending = b""
             for chunk in response.stream(65536, decode_content=True):

@@ -100,6 +100,9 @@ class Autoscaler:
     clock: Callable[[], float] = time.time
     is_active: Callable[[], bool] = lambda: True
     """False while another operator of the peering group is the active one."""
+    ready: Callable[[], bool] = lambda: True
+    """False until the watch caches have their first listing: a pool missing from a partial cache
+    would read as not created yet."""
     states: dict[ServiceKey, PolicyState] = field(default_factory=dict)
     _actuated: dict[tuple[str, str], int] = field(default_factory=dict)
     _failing: set[ServiceKey] = field(default_factory=set)
@@ -120,7 +123,7 @@ class Autoscaler:
     def tick(self) -> TickReport:
         """One round: query, decide every autoscaled pool, actuate, record."""
         report = TickReport()
-        if not self.is_active():
+        if not self.ready() or not self.is_active():
             return report
         services = self._autoscaled()
         live = {key for key, _, _ in services}
