@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -240,3 +241,17 @@ def test_the_last_scrape_interval_rate_reaches_the_policy_from_its_own_irate_que
     assert signals is not None
     assert (signals.request_rate, signals.request_rate_last, signals.requests_last) == (4.0, 16.0, 32.0)
     assert "idelta(" in queries["requests_last"]
+
+
+def test_the_ttft_histogram_reaches_the_policy_whole_for_the_error_budget() -> None:
+    # Prometheus returns the buckets unordered, `le` as text and +Inf spelled out
+    labels = {"namespace": "ns", "disagg_service": "svc-0", "disagg_role": "prefill"}
+    buckets = [("+Inf", "10"), ("0.5", "6"), ("2.5", "9.5"), ("1", "8")]
+    observations = Observations.from_results({
+        "sampled_at": [{"metric": labels, "value": [NOW, str(NOW)]}],
+        "ttft_buckets": [{"metric": labels | {"le": le}, "value": [NOW, rate]} for le, rate in buckets],
+    })
+    signals = observations.pool(("ns", "svc-0", "prefill"), ready_replicas=2, percentile=90)
+    assert signals is not None
+    assert signals.ttft_buckets == ((0.5, 6.0), (1.0, 8.0), (2.5, 9.5), (math.inf, 10.0))
+    assert signals.ttft_s == pytest.approx(2.0)  # the same buckets give the percentile (rank 9 of 10)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +19,7 @@ from disagg.scaling.policy import (
     PoolDecision,
     PoolSignals,
     decide,
+    share_above,
 )
 
 SETTINGS = PolicySettings()
@@ -655,3 +658,66 @@ def test_decode_admission_guard_adds_replicas_while_decode_s_own_ttft_breaks_wha
         # decode keeps its TTFT again: the guard relaxes, slowly (a burst may come back)
         _, state, _ = ticks(0.1, 20, 30, state, current)
         assert 1.0 < state.pool("decode").slo_guard < guard
+
+
+# The error budget: the SLO's allowance is over time, not per replay window.
+def test_share_above_reads_a_histogram_as_histogram_quantile_does() -> None:
+    buckets = ((0.5, 50.0), (1.0, 90.0), (2.0, 99.0), (math.inf, 100.0))
+    assert share_above(1.0, buckets) == pytest.approx(0.10)
+    assert share_above(1.5, buckets) == pytest.approx(0.055)  # half of the (1, 2] bucket's 9 lie above
+    assert share_above(0.25, buckets) == pytest.approx(0.75)
+    assert share_above(5.0, buckets) == pytest.approx(0.01)  # past the last finite bound: the open bucket
+    assert share_above(1.0, ()) is None
+    assert share_above(1.0, ((1.0, 0.0), (math.inf, 0.0))) is None
+
+
+def _ttft_histogram(rate: float, over_share: float, target_s: float = 1.0) -> tuple[tuple[float, float], ...]:
+    """A TTFT histogram (requests/s per cumulative bucket): `over_share` of `rate` beyond twice the target,
+    the rest within half of it."""
+    within = rate * (1 - over_share)
+    return ((target_s / 4, within / 2), (target_s / 2, within), (target_s, within), (2 * target_s, within),
+            (math.inf, rate))
+
+
+def _budget_run(service: InferenceServiceSpec, prefill_over: float, decode_over: float, ticks: int,
+                tokens_per_s: float = 50_000.0) -> tuple[int, str]:
+    """`ticks` ticks at a steady load whose TTFT histograms put the given shares over the target; the last
+    tick's prefill recommendation (before the scale-down window) and reason."""
+    state, decisions = PolicyState(), {}
+    rate = tokens_per_s / 2000
+    for tick in range(ticks):
+        now = 100.0 + 15.0 * tick
+        pic = LoadPicture(
+            prefill_signals(tokens_per_s, now, ready=8, ttft_s=0.6,
+                            ttft_buckets=_ttft_histogram(rate, prefill_over)),
+            decode_signals(9000, now, ready=4, ttft_s=0.05, ttft_buckets=_ttft_histogram(rate, decode_over)),
+        )
+        decisions, state = run(pic, {"prefill": 8, "decode": 4}, state, now=now, service=service)
+    reason = decisions["prefill"].reason
+    recommended = re.search(r"-> (\d+) for", reason)
+    assert recommended is not None, reason
+    return int(recommended.group(1)), reason
+
+
+def test_an_error_budget_left_unspent_lets_prefill_plan_for_more_misses() -> None:
+    # p90 SLO: 10 % may miss; the replay aims at half of that until the engines' histograms have shown,
+    # over enough requests, that far fewer missed
+    kept, kept_reason = _budget_run(spec(), prefill_over=0.0, decode_over=0.0, ticks=12)
+    spent, spent_reason = _budget_run(spec(), prefill_over=0.06, decode_over=0.0, ticks=12)
+    assert "error budget: 0.00% over the target" in kept_reason and "allowed 20.00%" in kept_reason
+    assert "error budget" not in spent_reason and "allowed 5.00%" in spent_reason
+    assert kept < spent
+
+
+def test_the_error_budget_waits_for_enough_requests() -> None:
+    # 25 requests/s x 30-s windows: 750 a tick, fewer than budget_min_requests after two ticks
+    _, early = _budget_run(spec(), prefill_over=0.0, decode_over=0.0, ticks=2)
+    assert "error budget" not in early and "allowed 5.00%" in early
+
+
+@pytest.mark.parametrize(("engine", "gains"), [("vllm", True), ("sglang", False)])
+def test_the_error_budget_counts_misses_where_the_engine_measures_the_whole_ttft(engine: str, gains: bool) -> None:
+    # prefill's histogram is clean, decode's shows misses: SGLang's decode TTFT runs from the router (the
+    # user's TTFT), vLLM's from the hand-off (decode's own part, counted through its percentile instead)
+    _, reason = _budget_run(spec(engine={"kind": engine}), prefill_over=0.0, decode_over=0.3, ticks=12)
+    assert ("error budget" in reason) is gains

@@ -247,6 +247,14 @@ def _quantile(hist: FloatArray, percentile: float) -> float | None:
     return lower + (upper - lower) * min(max(share, 0.0), 1.0)
 
 
+def _buckets(hist: FloatArray, span: float) -> tuple[tuple[float, float], ...]:
+    """A BUCKETS histogram's counts over `span` seconds as Prometheus' `rate` of its cumulative buckets:
+    (upper bound, per second), the last one open."""
+    cumulative = np.cumsum(hist) / span
+    pairs = zip(BUCKETS[:-1].tolist(), cumulative[:-1].tolist(), strict=True)
+    return (*pairs, (math.inf, float(cumulative[-1])))
+
+
 def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPicture | None:
     """The signals a controller reading Prometheus at `now` gets."""
     visible = [s for s in snapshots if s.time <= now - setup.scrape_delay_s + 1e-9]
@@ -276,6 +284,7 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         request_rate_last=(newest.arrivals - last.arrivals) / last_span,
         requests_last=float(newest.arrivals - last.arrivals),
         ttft_s=_quantile(newest.ttft_hist - oldest.ttft_hist, setup.percentile),
+        ttft_buckets=_buckets(newest.ttft_hist - oldest.ttft_hist, span),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
         prefill_time_s=(newest.prefill_busy_s - oldest.prefill_busy_s) / done if done > 0 else None,
@@ -291,6 +300,7 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         requests_last=float(newest.admitted - last.admitted),
         kv_usage=newest.kv_usage,
         ttft_s=_quantile(newest.decode_ttft_hist - oldest.decode_ttft_hist, setup.percentile),
+        ttft_buckets=_buckets(newest.decode_ttft_hist - oldest.decode_ttft_hist, span),
         itl_s=_quantile(newest.itl_hist - oldest.itl_hist, setup.percentile),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
