@@ -11,7 +11,7 @@ import pytest
 
 from disagg.capacity import builtin_model
 from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg.scaling.policy import LoadPicture
+from disagg.scaling.policy import LoadPicture, share_above
 from disagg.sim.baselines import StaticController, find_static_best, run_static
 from disagg.sim.cli import simulate_main
 from disagg.sim.controllers import DisaggController
@@ -122,6 +122,24 @@ def test_decode_reports_its_own_ttft_with_the_wait_for_admission() -> None:
     assert worst[1][0] > 5 * worst[6][0], worst
     assert worst[6][0] < 10.0, worst
     assert worst[1][1] == pytest.approx(worst[6][1], rel=0.05), worst  # prefill's TTFT holds none of it
+
+
+def test_the_ttft_histograms_the_policy_sees_count_the_requests_over_the_target() -> None:
+    # what the error budget reads: the rate window's TTFT histogram, as requests per second per bucket
+    load = poisson(12.0, 300.0, seed=4)
+    shares: dict[int, list[float]] = {}
+    for prefill in (1, 4):
+        watcher = _Watcher({"prefill": prefill, "decode": 2})
+        setup = replace(SETUP, prefill=replace(SETUP.prefill, initial_replicas=prefill))
+        simulate(setup, load, watcher)
+        late = [p.prefill for p in watcher.pictures[-10:] if p.prefill is not None and p.prefill.ttft_buckets]
+        assert late
+        if prefill == 4:  # keeping up: the first tokens come as fast as the requests (12/s)
+            assert all(pool.ttft_buckets[-1][1] == pytest.approx(12.0, rel=0.35) for pool in late)
+        shares[prefill] = [share_above(SETUP.ttft_s, pool.ttft_buckets) or 0.0 for pool in late]
+    # one replica for ~2 replicas' load: the queue grows and nearly every request is late; four: none
+    assert min(shares[1]) > 0.9, shares
+    assert max(shares[4]) < 0.01, shares
 
 
 def test_startup_delay_and_our_policy_scale_up_on_a_step() -> None:
