@@ -710,7 +710,8 @@ def test_an_error_budget_left_unspent_lets_prefill_plan_for_more_misses() -> Non
 
 
 def test_the_error_budget_waits_for_enough_requests() -> None:
-    # 25 requests/s x 30-s windows: 750 a tick, fewer than budget_min_requests after two ticks
+    # 25 requests/s: 750 on the first tick (a 30-s window), 375 on each after (15 s): fewer than
+    # budget_min_requests after two ticks
     _, early = _budget_run(spec(), prefill_over=0.0, decode_over=0.0, ticks=2)
     assert "error budget" not in early and "allowed 5.00%" in early
 

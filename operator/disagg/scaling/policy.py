@@ -501,14 +501,16 @@ def _count_budget(
     settings: PolicySettings,
 ) -> tuple[float, float, float] | None:
     """The error budget after this tick: (sample time, requests, requests over the TTFT target), each an
-    exponentially weighted sum with a time constant of `budget_window_s` (the rate windows of
-    consecutive ticks overlap: every request counts about equally often)."""
+    exponentially weighted sum with a time constant of `budget_window_s`. A tick adds the requests of
+    the time since the last one it counted (at most a rate window), at the share its window shows."""
     signals = picture.prefill
     assert signals is not None
     observed = _over_target(picture, spec)
     if observed is None or (budget is not None and signals.sampled_at <= budget[0]):
         return budget
-    requests = observed[0] * settings.signal_window_s
+    since = settings.signal_window_s if budget is None else min(signals.sampled_at - budget[0],
+                                                                 settings.signal_window_s)
+    requests = observed[0] * since
     over = requests * min(max(observed[1], 0.0), 1.0)
     if budget is None:
         return signals.sampled_at, requests, over
