@@ -722,3 +722,19 @@ def test_the_error_budget_counts_misses_where_the_engine_measures_the_whole_ttft
     # user's TTFT), vLLM's from the hand-off (decode's own part, counted through its percentile instead)
     _, reason = _budget_run(spec(engine={"kind": engine}), prefill_over=0.0, decode_over=0.3, ticks=12)
     assert ("error budget" in reason) is gains
+
+
+def test_decode_with_a_tight_ttft_is_sized_on_two_ticks_not_one_scrape_of_its_gauge() -> None:
+    # 1-s TTFT: four budgets are 3 s, shorter than a rate window; one scrape of running sequences that
+    # doubles for a tick (a burst of long outputs) is one draw, not the level: the last two ticks count
+    def tick(now: float, running: float) -> LoadPicture:
+        return LoadPicture(prefill_signals(20_000, now, ready=2),
+                           replace(decode_signals(2000, now, ready=3), running_requests=running))
+
+    def second_tick(settings: PolicySettings) -> int:
+        _, state = run(tick(100.0, 150.0), {"prefill": 2, "decode": 3}, settings=settings)
+        decisions, _ = run(tick(115.0, 300.0), {"prefill": 2, "decode": 3}, state, now=115.0, settings=settings)
+        return decisions["decode"].desired
+
+    assert second_tick(SETTINGS) == 4  # (150 + 300) / 2 sequences at ~73 per H200
+    assert second_tick(replace(SETTINGS, min_horizon_ticks=1)) == 5  # 300 alone
