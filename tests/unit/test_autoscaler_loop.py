@@ -176,6 +176,9 @@ def test_a_burst_scales_each_pool_in_one_step_through_the_autoscaler_field_manag
     assert set(scaled) == {"svc-0-prefill", "svc-0-decode"}, report.decisions
     assert all(manager == AUTOSCALER_FIELD_MANAGER for _, manager in scaled.values())
     assert scaled["svc-0-prefill"][0] > 2 and scaled["svc-0-decode"][0] > 2
+    # the tick reports each scale with the reason it logs (the numbers behind it)
+    reasons = {deployment: reason for _, deployment, _, _, reason in report.scaled}
+    assert reasons["svc-0-decode"].startswith("decode: ") and "sequences" in reasons["svc-0-decode"]
     # a second tick with the same picture does not write again
     kube.scaled.clear()
     again = scaler.tick()

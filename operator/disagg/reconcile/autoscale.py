@@ -82,8 +82,8 @@ class TickReport:
 
     queried: bool = False
     decisions: dict[ServiceKey, dict[str, PoolDecision]] = field(default_factory=dict)
-    scaled: list[tuple[str, str, int, int]] = field(default_factory=list)
-    """(namespace, Deployment, from, to)."""
+    scaled: list[tuple[str, str, int, int, str]] = field(default_factory=list)
+    """(namespace, Deployment, from, to, the decision's reason)."""
     metrics_problem: str | None = None
 
 
@@ -209,7 +209,9 @@ class Autoscaler:
                 if self._actuated.get((namespace, deployment)) != decision.desired:
                     self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER)
                     self._actuated[(namespace, deployment)] = decision.desired
-                    report.scaled.append((namespace, deployment, decision.current, decision.desired))
+                    report.scaled.append(
+                        (namespace, deployment, decision.current, decision.desired, decision.reason)
+                    )
                     direction = "up" if decision.desired > decision.current else "down"
                     self.on_scale(role, direction)
                     self.record_event(
@@ -280,8 +282,9 @@ class AutoscalerThread:
                 report = self.autoscaler.tick()
                 if self.on_tick is not None:
                     self.on_tick(report.queried)
-                for namespace, deployment, before, after in report.scaled:
-                    log.info("scaled %s/%s %d -> %d", namespace, deployment, before, after)
+                for namespace, deployment, before, after, reason in report.scaled:
+                    # the reason too: the Event that carries it goes when its service does
+                    log.info("scaled %s/%s %d -> %d: %s", namespace, deployment, before, after, reason)
             except Exception:
                 log.exception("autoscaler tick failed")
             self._stop.wait(max(0.0, self.tick_s - (time.monotonic() - started)))
