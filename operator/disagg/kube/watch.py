@@ -86,10 +86,7 @@ class KindWatch:
                     token = ""           # count again; what they had and the rest lacks is dropped)
                     continue
                 raise
-            items = page.get("items", [])
-            for item in items:
-                item.setdefault("apiVersion", self.kind.api_version)
-                item.setdefault("kind", self.kind.kind)
+            items = [self._typed(item) for item in page.get("items", [])]
             token = (page.get("metadata") or {}).get("continue") or ""
             self.listed(self.kind, self.namespace, items, not token)
             if not token:
@@ -106,12 +103,16 @@ class KindWatch:
                 raise ApiError(int(obj.get("code") or 0), str(obj.get("message")), "WATCH", self.path)
             version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
             if kind in ("ADDED", "MODIFIED", "DELETED"):
-                obj.setdefault("apiVersion", self.kind.api_version)
-                obj.setdefault("kind", self.kind.kind)
-                self.changed(self.kind, kind, obj)
+                self.changed(self.kind, kind, self._typed(obj))
             if self.stop.is_set():
                 break
         return version
+
+    def _typed(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """The object with its apiVersion and kind (a list's items come without them)."""
+        obj.setdefault("apiVersion", self.kind.api_version)
+        obj.setdefault("kind", self.kind.kind)
+        return obj
 
     def _events(self, query: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
         response = self.kube.open_stream(self.path, query, read_timeout_s=WATCH_TIMEOUT_S + 30)

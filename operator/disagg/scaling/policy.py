@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
 from disagg.capacity.models import ModelConfigError, ModelShape, builtin_model, from_architecture
@@ -218,6 +218,16 @@ class PolicySettings:
     """Whether KV hand-offs run over RDMA (else TCP) when predicting the TTFT budget."""
 
 
+class ErrorBudget(NamedTuple):
+    """Prefill's error budget: exponentially weighted counts (time constant `budget_window_s`)."""
+
+    sampled_at: float
+    """The sample the counts last took in."""
+    requests: float
+    over: float
+    """Of those, the requests over the TTFT target."""
+
+
 @dataclass(frozen=True)
 class PoolMemory:
     """What the policy remembers about one pool between ticks."""
@@ -251,8 +261,8 @@ class PoolMemory:
     ready: int | None = None
     """Ready replicas at the last tick, and since when (sample time) that count holds."""
     ready_since: float | None = None
-    error_budget: tuple[float, float, float] | None = None
-    """Prefill only: the error budget's (sample time, requests, requests over the TTFT target)."""
+    error_budget: ErrorBudget | None = None
+    """Prefill only: requests, and those over the TTFT target, lately."""
 
 
 @dataclass(frozen=True)
@@ -343,7 +353,7 @@ class _Need:
     slo_guard: float = 1.0
     rate_samples: tuple[tuple[float, ...], ...] = ()
     step: tuple[float, float] | None = None
-    error_budget: tuple[float, float, float] | None = None
+    error_budget: ErrorBudget | None = None
 
 
 def _horizon(spec: InferenceServiceSpec, settings: PolicySettings) -> float:
@@ -504,34 +514,30 @@ def _over_target(picture: LoadPicture, spec: InferenceServiceSpec) -> tuple[floa
 
 
 def _count_budget(
-    budget: tuple[float, float, float] | None, picture: LoadPicture, spec: InferenceServiceSpec,
-    settings: PolicySettings,
-) -> tuple[float, float, float] | None:
-    """The error budget after this tick: (sample time, requests, requests over the TTFT target), each an
-    exponentially weighted sum with a time constant of `budget_window_s`. A tick adds the requests of
-    the time since the last one it counted (at most a rate window), at the share its window shows."""
+    budget: ErrorBudget | None, picture: LoadPicture, spec: InferenceServiceSpec, settings: PolicySettings,
+) -> ErrorBudget | None:
+    """The error budget after this tick. A tick adds the requests of the time since the last one it
+    counted (at most a rate window), at the share over the target its window shows."""
     signals = picture.prefill
     assert signals is not None
     observed = _over_target(picture, spec)
-    if observed is None or (budget is not None and signals.sampled_at <= budget[0]):
+    if observed is None or (budget is not None and signals.sampled_at <= budget.sampled_at):
         return budget
-    since = settings.signal_window_s if budget is None else min(signals.sampled_at - budget[0],
-                                                                 settings.signal_window_s)
+    if budget is None:
+        budget, since = ErrorBudget(signals.sampled_at, 0.0, 0.0), settings.signal_window_s
+    else:
+        since = min(signals.sampled_at - budget.sampled_at, settings.signal_window_s)
     requests = observed[0] * since
     over = requests * min(max(observed[1], 0.0), 1.0)
-    if budget is None:
-        return signals.sampled_at, requests, over
-    kept = math.exp(-(signals.sampled_at - budget[0]) / settings.budget_window_s)
-    return signals.sampled_at, budget[1] * kept + requests, budget[2] * kept + over
+    kept = math.exp(-(signals.sampled_at - budget.sampled_at) / settings.budget_window_s)
+    return ErrorBudget(signals.sampled_at, budget.requests * kept + requests, budget.over * kept + over)
 
 
-def _budget_gain(
-    budget: tuple[float, float, float] | None, slo_allows: float, settings: PolicySettings
-) -> tuple[float, str]:
+def _budget_gain(budget: ErrorBudget | None, slo_allows: float, settings: PolicySettings) -> tuple[float, str]:
     """How far the replay's allowance grows for the error budget left unspent, and a note saying why."""
-    if budget is None or budget[1] < settings.budget_min_requests or slo_allows <= 0:
+    if budget is None or budget.requests < settings.budget_min_requests or slo_allows <= 0:
         return 1.0, ""
-    share = budget[2] / budget[1]
+    share = budget.over / budget.requests
     spend = settings.budget_spend * slo_allows
     gain = min(settings.max_budget_gain, spend / share) if share > 0 else settings.max_budget_gain
     if gain <= 1.0:

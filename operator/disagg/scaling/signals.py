@@ -188,7 +188,7 @@ class Observations:
             return self.scalars.get(name, {}).get(key)
 
         q = percentile / 100.0
-        ttft_buckets = self.buckets.get("ttft_buckets", {}).get(key, [])
+        ttft_buckets = sorted(self.buckets.get("ttft_buckets", {}).get(key, []))
         request_rate = get("request_rate")
         prompt_tps = get("prompt_tps")
         generation_tps = get("generation_tps")
@@ -219,7 +219,7 @@ class Observations:
             requests_last=get("requests_last"),
             kv_usage=kv_usage,
             ttft_s=histogram_quantile(q, ttft_buckets),
-            ttft_buckets=tuple(sorted(ttft_buckets)),
+            ttft_buckets=tuple(ttft_buckets),
             itl_s=histogram_quantile(q, self.buckets.get("itl_buckets", {}).get(key, [])),
             mean_prompt_tokens=mean_prompt,
             mean_output_tokens=mean_output,

@@ -273,6 +273,8 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
     finished = newest.finished - oldest.finished
     prompt = newest.prompt_tokens - oldest.prompt_tokens
     mean_prompt = prompt / done if done > 0 else None
+    ttft_hist = newest.ttft_hist - oldest.ttft_hist
+    decode_ttft_hist = newest.decode_ttft_hist - oldest.decode_ttft_hist
     mean_output = (newest.finished_output_tokens - oldest.finished_output_tokens) / finished if finished else None
     prefill = PoolSignals(
         ready_replicas=newest.prefill_ready,
@@ -283,8 +285,8 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         request_rate=(newest.arrivals - oldest.arrivals) / span,
         request_rate_last=(newest.arrivals - last.arrivals) / last_span,
         requests_last=float(newest.arrivals - last.arrivals),
-        ttft_s=_quantile(newest.ttft_hist - oldest.ttft_hist, setup.percentile),
-        ttft_buckets=_buckets(newest.ttft_hist - oldest.ttft_hist, span),
+        ttft_s=_quantile(ttft_hist, setup.percentile),
+        ttft_buckets=_buckets(ttft_hist, span),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
         prefill_time_s=(newest.prefill_busy_s - oldest.prefill_busy_s) / done if done > 0 else None,
@@ -299,8 +301,8 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         request_rate_last=(newest.admitted - last.admitted) / last_span,
         requests_last=float(newest.admitted - last.admitted),
         kv_usage=newest.kv_usage,
-        ttft_s=_quantile(newest.decode_ttft_hist - oldest.decode_ttft_hist, setup.percentile),
-        ttft_buckets=_buckets(newest.decode_ttft_hist - oldest.decode_ttft_hist, span),
+        ttft_s=_quantile(decode_ttft_hist, setup.percentile),
+        ttft_buckets=_buckets(decode_ttft_hist, span),
         itl_s=_quantile(newest.itl_hist - oldest.itl_hist, setup.percentile),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
