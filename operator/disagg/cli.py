@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from disagg import KIND
+from disagg.settings import OperatorSettings
 from disagg.yamlio import dump_all, load_all
 
 
@@ -124,7 +125,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from disagg.handlers import build_registry
     from disagg.metrics import OperatorMetrics
-    from disagg.settings import OperatorSettings
 
     if not args.all_namespaces and not args.namespace:
         raise SystemExit("error: give --all-namespaces or at least one --namespace")
@@ -226,14 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prometheus-token-file", default=os.environ.get("DISAGG_PROMETHEUS_TOKEN_FILE") or None)
     run.add_argument("--prometheus-ca-file", default=os.environ.get("DISAGG_PROMETHEUS_CA_FILE") or None)
     run.add_argument("--prometheus-timeout", type=float, default=float(os.environ.get("DISAGG_PROMETHEUS_TIMEOUT", 5)))
-    run.add_argument("--autoscale-tick", type=float, default=float(os.environ.get("DISAGG_AUTOSCALE_TICK", 5)),
+    defaults = OperatorSettings()
+    run.add_argument("--autoscale-tick", type=float,
+                     default=float(os.environ.get("DISAGG_AUTOSCALE_TICK", defaults.autoscale_tick_s)),
                      help="seconds between autoscaling decisions")
     run.add_argument("--scale-down-window", type=float,
-                     default=float(os.environ.get("DISAGG_SCALE_DOWN_WINDOW", 600)),
+                     default=float(os.environ.get("DISAGG_SCALE_DOWN_WINDOW", defaults.scale_down_window_s)),
                      help="seconds of lower recommendations before a pool scales down")
-    run.add_argument("--metrics-staleness", type=float, default=float(os.environ.get("DISAGG_METRICS_STALENESS", 60)),
+    run.add_argument("--metrics-staleness", type=float,
+                     default=float(os.environ.get("DISAGG_METRICS_STALENESS", defaults.metrics_staleness_s)),
                      help="signals older than this many seconds count as missing (hold replicas)")
-    run.add_argument("--prometheus-rate-window", default=os.environ.get("DISAGG_PROMETHEUS_RATE_WINDOW", "30s"),
+    run.add_argument("--prometheus-rate-window",
+                     default=os.environ.get("DISAGG_PROMETHEUS_RATE_WINDOW", defaults.prometheus_rate_window),
                      help="rate() window of the PromQL queries (a few scrape intervals)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
