@@ -39,7 +39,8 @@ class OperatorSettings:
     # The autoscaling defaults are the policy settings bench/autoscale.py measures (PolicySettings, with a
     # 15-s scrape of the engines): the policy's smoothing is tuned to them. A 5-s tick measured worse, not
     # better (Azure code hour on h100-h200: 98.90 % attainment; Azure conversation 1.32x the
-    # accelerator-hours); tests/unit/test_settings.py keeps the flags, the chart and the policy in step.
+    # accelerator-hours), and so did a 5-s scrape (Azure code: 2.36x; docs/capacity-and-simulation.md,
+    # "Scrape interval"); tests/unit/test_settings.py keeps the flags, the chart and the policy in step.
     autoscale_tick_s: float = 15.0
     scale_down_window_s: float = 1200.0
     """A pool scales down only to the highest count recommended within this window."""
