@@ -25,7 +25,7 @@ For each step and pool:
   0.1 s, to the watch event).
 Target: p99 <= scrape interval + tick + 2 s. Prints a table and writes JSON (bench/results/reaction.json).
 
-    .venv/bin/python bench/reaction.py                       # 12 steps, tick 2 s, rate window 6 s
+    .venv/bin/python bench/reaction.py                       # 12 steps, tick 2 s, rate window 8 s
     .venv/bin/python bench/reaction.py --tick 1 --rate-window 4s --out /tmp/reaction-fast.json
     .venv/bin/python bench/reaction.py --scrape-interval 1 --out bench/results/reaction-scrape1s.json
 """
@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrape-interval", type=float, default=SCRAPE_INTERVAL_S,
                         help="seconds between scrapes of the engines (default: the cluster Prometheus' 2; others "
                              "through the fleet's per-target __scrape_interval__)")
-    parser.add_argument("--rate-window", default=rig_lib.RATE_WINDOW, help="--prometheus-rate-window (default 6s)")
+    parser.add_argument("--rate-window", default=rig_lib.RATE_WINDOW,
+                        help=f"--prometheus-rate-window (default {rig_lib.RATE_WINDOW})")
     parser.add_argument("--settle-min", type=float, default=45.0, help="seconds of steady load before any step")
     parser.add_argument("--settle-quiet", type=float, default=20.0, help="seconds without a change = settled")
     parser.add_argument("--hold", type=float, default=15.0,
@@ -406,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True)
     waves = math.ceil(args.steps / args.per_wave)
     flags = rig_lib.operator_flags(tick_s=args.tick, rate_window=args.rate_window,
-                                   scale_down_window_s=120.0, staleness_s=15.0)
+                                   scale_down_window_s=120.0, staleness_s=15.0,
+                                   scrape_interval_s=args.scrape_interval)
     config: dict[str, Any] = {
         "tick_s": args.tick, "rate_window": args.rate_window, "scrape_interval_s": args.scrape_interval,
         "operator_flags": list(flags), "steps": args.steps, "services_per_wave": args.per_wave,

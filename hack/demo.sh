@@ -30,6 +30,7 @@ fi
 KUBECONFIG="$CLUSTER_DIR/operator.kubeconfig" nohup .venv/bin/disagg run --all-namespaces \
   --listen-host 127.0.0.1 --liveness-port 18080 --metrics-port 19100 \
   --prometheus-url http://127.0.0.1:9090 --autoscale-tick 5 --scale-down-window 120 \
+  --scrape-interval 2 --prometheus-rate-window 32s \
   >"$CLUSTER_DIR/operator.log" 2>&1 &
 echo $! >"$CLUSTER_DIR/pids/extra-operator.pid"
 for _ in $(seq 60); do curl -sf http://127.0.0.1:18080/healthz >/dev/null && break; sleep 0.5; done

@@ -131,9 +131,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from disagg.scaling.signals import prometheus_duration_seconds
 
     try:
-        prometheus_duration_seconds(args.prometheus_rate_window)
+        window_s = prometheus_duration_seconds(args.prometheus_rate_window)
     except ValueError as error:
         raise SystemExit(f"error: --prometheus-rate-window: {error}") from None
+    if args.scrape_interval <= 0 or window_s < 2 * args.scrape_interval:
+        raise SystemExit(f"error: --prometheus-rate-window {args.prometheus_rate_window} must hold at least two "
+                         f"--scrape-interval ({args.scrape_interval:g}s) intervals: Prometheus rates span the "
+                         "samples inside the window")
     import random
 
     # each replica needs its own priority: kopf pauses every peer that sees an equal or higher one
@@ -162,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         scale_down_window_s=args.scale_down_window,
         metrics_staleness_s=args.metrics_staleness,
         prometheus_rate_window=args.prometheus_rate_window,
+        scrape_interval_s=args.scrape_interval,
     )
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -238,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="signals older than this many seconds count as missing (hold replicas)")
     run.add_argument("--prometheus-rate-window",
                      default=os.environ.get("DISAGG_PROMETHEUS_RATE_WINDOW", defaults.prometheus_rate_window),
-                     help="rate() window of the PromQL queries (a few scrape intervals)")
+                     help="rate() window of the PromQL queries: the span the policy averages over plus one "
+                          "scrape interval")
+    run.add_argument("--scrape-interval", type=float,
+                     default=float(os.environ.get("DISAGG_SCRAPE_INTERVAL", defaults.scrape_interval_s)),
+                     help="seconds between Prometheus' scrapes of the engine pods")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 

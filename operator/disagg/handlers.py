@@ -417,7 +417,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
                 scale_down_window_s=disagg_settings.scale_down_window_s,
                 staleness_s=disagg_settings.metrics_staleness_s,
                 # latency right after the pool size changed mixes two sizes for one rate window
-                signal_window_s=QuerySet(window=disagg_settings.prometheus_rate_window).window_seconds,
+                signal_window_s=disagg_settings.signal_window_s,
             ),
             record_event=record_from_thread,
             index=index,

@@ -37,7 +37,8 @@ class OperatorSettings:
     prometheus_ca_file: str | None = None
     prometheus_timeout_s: float = 5.0
     # The autoscaling defaults are the policy settings bench/autoscale.py measures (PolicySettings, with a
-    # 15-s scrape of the engines): the policy's smoothing is tuned to them. A 5-s tick measured worse, not
+    # 15-s scrape of the engines and rates over the 30 s between a window's first and last sample): the
+    # policy's smoothing is tuned to them. A 5-s tick measured worse, not
     # better (Azure code hour on h100-h200: 98.90 % attainment; Azure conversation 1.32x the
     # accelerator-hours), and so did a 5-s scrape (Azure code: 2.36x; docs/capacity-and-simulation.md,
     # "Scrape interval"); tests/unit/test_settings.py keeps the flags, the chart and the policy in step.
@@ -46,5 +47,17 @@ class OperatorSettings:
     """A pool scales down only to the highest count recommended within this window."""
     metrics_staleness_s: float = 90.0
     """Signals older than this count as missing: the autoscaler holds."""
-    prometheus_rate_window: str = "30s"
+    prometheus_rate_window: str = "45s"
+    """rate() window of the operator's PromQL. Prometheus takes the samples inside it, so its rates span
+    the window less one scrape interval: 45 s at a 15-s scrape hold three samples 30 s apart (with 30 s
+    they would span 15 s: the Azure code hour fell from 99.14 % to 96.6 % in the simulation)."""
+    scrape_interval_s: float = 15.0
+    """How often Prometheus scrapes the engines (the chart's PodMonitor uses the same value)."""
+
+    @property
+    def signal_window_s(self) -> float:
+        """The span the rate window's samples cover: what the policy's signals average over."""
+        from disagg.scaling.signals import prometheus_duration_seconds
+
+        return prometheus_duration_seconds(self.prometheus_rate_window) - self.scrape_interval_s
     extra: dict[str, str] = field(default_factory=dict)

@@ -86,8 +86,8 @@ SERVICE = "llama-70b"
 ROLES = ("prefill", "decode")
 
 TICK_S = 2.0
-RATE_WINDOW = "6s"
-"""Three scrape intervals: every window holds two or three samples of each pod."""
+RATE_WINDOW = "8s"
+"""Four scrape intervals: every window holds four samples of each pod, whose rates span 6 s."""
 SCALE_DOWN_WINDOW_S = 45.0
 STALENESS_S = 15.0
 SCRAPE_INTERVAL_S = 2.0
@@ -97,11 +97,13 @@ STEP_FACTOR = 4.0
 
 def operator_flags(tick_s: float = TICK_S, rate_window: str = RATE_WINDOW,
                    scale_down_window_s: float = SCALE_DOWN_WINDOW_S, staleness_s: float = STALENESS_S,
-                   prometheus_url: str = "http://127.0.0.1:9090") -> tuple[str, ...]:
+                   prometheus_url: str = "http://127.0.0.1:9090",
+                   scrape_interval_s: float = SCRAPE_INTERVAL_S) -> tuple[str, ...]:
     return (
         "--prometheus-url", prometheus_url,
         "--autoscale-tick", f"{tick_s:g}",
         "--prometheus-rate-window", rate_window,
+        "--scrape-interval", f"{scrape_interval_s:g}",
         "--scale-down-window", f"{scale_down_window_s:g}",
         "--metrics-staleness", f"{staleness_s:g}",
         "--prometheus-timeout", "2",

@@ -184,7 +184,7 @@ def test_args_from_values(tmp_path: Path) -> None:
     values = {
         "operator": {"resyncSeconds": 120, "workers": 4, "verbose": True, "extraArgs": ["--metrics-staleness=45"]},
         "autoscaling": {"tickSeconds": 2.5, "scaleDownWindowSeconds": 900, "metricsStalenessSeconds": 30,
-                        "rateWindow": "1m"},
+                        "rateWindow": "1m", "scrapeIntervalSeconds": 20},
         "prometheus": {"url": "https://prom.monitoring.svc:9091", "timeoutSeconds": 3,
                        "tokenSecret": {"name": "prom-token"}, "caConfigMap": {"name": "prom-ca"}},
         "acceleratorCatalog": {"accelerators": {"my-gpu": {"resourceName": "example.com/gpu"}}},
@@ -196,6 +196,7 @@ def test_args_from_values(tmp_path: Path) -> None:
     assert (args.autoscale_tick, args.scale_down_window) == (2.5, 900)
     assert args.metrics_staleness == 45, "extraArgs come last and win"
     assert args.prometheus_rate_window == "1m"
+    assert args.scrape_interval == 20
     assert (args.prometheus_url, args.prometheus_timeout) == ("https://prom.monitoring.svc:9091", 3)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in container(docs)["volumeMounts"]}
@@ -302,6 +303,15 @@ def test_pod_monitor_gives_engine_metrics_the_operator_labels() -> None:
     assert set(relabel.values()) >= {label.strip() for label in BY.split(",")}
     scoped = one(render("--set", "podMonitor.enabled=true", *NAMESPACED), "PodMonitor")
     assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_pod_monitor_scrapes_at_the_interval_the_operator_is_told() -> None:
+    # The operator's rates span the rate window less one scrape interval: the PodMonitor and the
+    # --scrape-interval flag come from one value, so they cannot disagree.
+    docs = render("--set", "podMonitor.enabled=true", "--set", "autoscaling.scrapeIntervalSeconds=10")
+    (endpoint,) = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert endpoint["interval"] == "10s"
+    assert parsed_args(docs).scrape_interval == 10
 
 
 def test_engine_pods_match_the_pod_monitor() -> None:

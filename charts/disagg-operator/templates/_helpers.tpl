@@ -131,6 +131,7 @@ three parts so the namespaced mode can put each where it belongs.
 - {{ printf "--scale-down-window=%v" (.Values.autoscaling.scaleDownWindowSeconds) | quote }}
 - {{ printf "--metrics-staleness=%v" (.Values.autoscaling.metricsStalenessSeconds) | quote }}
 - {{ printf "--prometheus-rate-window=%v" (.Values.autoscaling.rateWindow) | quote }}
+- {{ printf "--scrape-interval=%v" (.Values.autoscaling.scrapeIntervalSeconds) | quote }}
 {{- if .Values.peering.enabled }}
 - {{ printf "--peering=%v" (include "disagg-operator.peeringName" .) | quote }}
 {{- end }}
