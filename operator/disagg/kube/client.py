@@ -41,6 +41,12 @@ class Kind:
     def path(self, namespace: str, name: str) -> str:
         return f"{self.collection(namespace)}/{name}"
 
+    @property
+    def resource(self) -> str:
+        """The kind as RBAC names it: plural.group (plural alone for the core group)."""
+        group = self.api_version.rpartition("/")[0]
+        return f"{self.plural}.{group}" if group else self.plural
+
 
 # Every kind a service's children can have; pruning looks at all of them.
 CHILD_KINDS: tuple[Kind, ...] = (

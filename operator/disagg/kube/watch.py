@@ -57,19 +57,31 @@ class KindWatch:
     def _run(self) -> None:
         version: str | None = None
         backoff = 0.5
+        refused = ""  # the last refusal warned about: one WARNING per refusal, not one every 10 s
         while not self.stop.is_set():
             try:
                 if version is None:
                     version = self._list()
                 version = self._watch(version)
                 backoff = 0.5
+                refused = ""
             except Gone:
                 version = None
             except Exception as error:  # the API server restarting, a dropped connection: wait, resume
                 if self.stop.is_set():
                     return
-                log.info("watch of %s in %s interrupted (%s); resuming in %.1fs", self.kind.plural,
-                         self.namespace or "all namespaces", error, backoff)
+                scope = self.namespace or "all namespaces"
+                if isinstance(error, ApiError) and error.status in (401, 403):
+                    # Not transient: a Role without list/watch on a child kind leaves every reconcile in
+                    # the scope waiting for its first listing; say which permission is missing.
+                    if str(error) != refused:
+                        refused = str(error)
+                        log.warning("cannot list and watch %s in %s (%s): the operator's RBAC must allow list and "
+                                    "watch on them (the chart's role does); reconciles there wait until it can; "
+                                    "retrying every %.0fs", self.kind.resource, scope, error, 10.0)
+                else:
+                    log.info("watch of %s in %s interrupted (%s); resuming in %.1fs", self.kind.plural, scope,
+                             error, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
 
