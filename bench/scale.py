@@ -137,7 +137,9 @@ class Operator:
                 "--out", str(kubeconfig))
         args = [str(REPO / ".venv" / "bin" / "disagg"), "run", "--listen-host", "127.0.0.1",
                 "--liveness-port", str(self.liveness_port), "--metrics-port", str(self.metrics_port),
-                "--prometheus-url", prometheus, "--resync-seconds", "600"]
+                "--prometheus-url", prometheus, "--resync-seconds", "600",
+                # the local Prometheus scrapes every 2 s (hack/cluster.py); rates over 30 s as by default
+                "--scrape-interval", "2", "--prometheus-rate-window", "32s"]
         for ns in namespaces:
             args += ["-n", ns]
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}

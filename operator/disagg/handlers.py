@@ -421,6 +421,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             ),
             record_event=record_from_thread,
             index=index,
+            scrape_interval_s=disagg_settings.scrape_interval_s,
             lock_for=locks,
             ready=lambda: children.synced.is_set(),
             on_scale=lambda role, direction: metrics.scaling_decisions.labels(role=role, direction=direction).inc(),

@@ -258,3 +258,30 @@ def test_the_ttft_histogram_reaches_the_policy_whole_for_the_error_budget() -> N
     assert signals is not None
     assert signals.ttft_buckets == ((0.5, 6.0), (1.0, 8.0), (2.5, 9.5), (math.inf, 10.0))
     assert signals.ttft_s == pytest.approx(2.0)  # the same buckets give the percentile (rank 9 of 10)
+
+
+@pytest.mark.parametrize(("told", "interval", "warned"), [(15.0, 15.0, False), (15.0, 30.0, True), (15.0, 5.0, True)])
+def test_engines_scraped_at_another_interval_than_the_operator_was_told_get_one_warning(
+    prometheus: FakePrometheus, told: float, interval: float, warned: bool
+) -> None:
+    # irate and idelta of the same counter: 6 requests/s, and the count of the last interval between two
+    # scrapes, whose ratio is that interval. Told 15 s, a 30-s scrape leaves a 45s window one or two
+    # samples; after three ticks in a row (not one missed scrape) the service gets one Warning saying what
+    # to set, and no more while it lasts.
+    answers = prometheus.answers
+    answers["sampled_at"] = [sample("svc-0", r, NOW - 2) for r in ("prefill", "decode")]
+    answers["request_rate_last"] = [sample("svc-0", r, 6.0) for r in ("prefill", "decode")]
+    answers["requests_last"] = [sample("svc-0", r, 6.0 * interval) for r in ("prefill", "decode")]
+    scaler, events = autoscaler(services(1), PrometheusSource(url=prometheus.url), FakeKube())
+    scaler.scrape_interval_s = told
+    for _ in range(2):
+        scaler.tick()
+        assert not [e for e in events if e[1] == "ScrapeIntervalMismatch"]
+    for _ in range(3):
+        scaler.tick()
+    mismatch = [message for kind, reason, message in events if reason == "ScrapeIntervalMismatch"]
+    assert len(mismatch) == (1 if warned else 0), mismatch
+    if warned:
+        window = scaler.settings.signal_window_s + interval
+        assert f"scraped every {interval:g}s, not every 15s" in mismatch[0]
+        assert f"--scrape-interval {interval:g} and --prometheus-rate-window {window:g}s" in mismatch[0]

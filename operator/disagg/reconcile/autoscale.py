@@ -25,11 +25,14 @@ from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, ApiError, Kube
 from disagg.reconcile.status import Cond, merge_conditions
-from disagg.scaling.policy import PolicySettings, PolicyState, PoolDecision, decide
+from disagg.scaling.policy import LoadPicture, PolicySettings, PolicyState, PoolDecision, decide
 from disagg.scaling.prometheus import PrometheusSource, PrometheusUnavailable
 from disagg.scaling.signals import Observations
 
 log = logging.getLogger(__name__)
+
+MISSCRAPED_TICKS = 3
+"""Ticks in a row whose engines' scrape interval is off `--scrape-interval` before the Warning."""
 
 ServiceKey = tuple[str, str]
 EventRecorder = Callable[[dict[str, Any], str, str, str], None]
@@ -103,9 +106,15 @@ class Autoscaler:
     ready: Callable[[], bool] = lambda: True
     """False until the watch caches have their first listing: a pool missing from a partial cache
     would read as not created yet."""
+    scrape_interval_s: float | None = None
+    """How often the engines are scraped as the operator was told (`--scrape-interval`): the rate window
+    spans one interval less. A service whose engines are scraped at another interval gets a Warning."""
     states: dict[ServiceKey, PolicyState] = field(default_factory=dict)
     _actuated: dict[tuple[str, str], int] = field(default_factory=dict)
     _failing: set[ServiceKey] = field(default_factory=set)
+    _misscraped: dict[ServiceKey, int] = field(default_factory=dict)
+    """Services whose engines were scraped at another interval than `scrape_interval_s`: for how many
+    ticks in a row (a missed scrape doubles one interval; three ticks are a setting, and warned once)."""
 
     def _autoscaled(self) -> list[tuple[ServiceKey, dict[str, Any], InferenceServiceSpec]]:
         found = []
@@ -166,11 +175,38 @@ class Autoscaler:
             self._failing.discard(key)
             self.states[key] = state
             report.decisions[key] = decisions
+            self._check_scrape_interval(key, body, picture)
             try:
                 self._act(body, spec, decisions, report, now)
             except ApiError as error:
                 log.warning("autoscaling %s/%s: %s", namespace, name, error)
         return report
+
+    def _check_scrape_interval(self, key: ServiceKey, body: dict[str, Any], picture: LoadPicture | None) -> None:
+        """Warn (once while it lasts) when the engines' last scrape interval, as Prometheus' irate and
+        idelta of the same counter tell it, is far from `--scrape-interval`: the rate window then holds
+        other spans than the policy was tuned on, or too few samples for any rate."""
+        told = self.scrape_interval_s
+        seen = None
+        for signals in (picture.prefill, picture.decode) if picture is not None else ():
+            if signals is not None and signals.requests_last and signals.request_rate_last:
+                seen = signals.requests_last / signals.request_rate_last
+                break
+        if told is None or seen is None:
+            return
+        if told / 1.5 <= seen <= told * 1.5:
+            self._misscraped.pop(key, None)
+            return
+        ticks = self._misscraped[key] = self._misscraped.get(key, 0) + 1
+        if ticks != MISSCRAPED_TICKS:
+            return
+        window = self.settings.signal_window_s + seen
+        message = (f"the engines are scraped every {seen:.3g}s, not every {told:g}s as --scrape-interval says: "
+                   f"the rates span other windows than the policy assumes (or hold too few samples); set "
+                   f"--scrape-interval {seen:.3g} and --prometheus-rate-window {window:.0f}s (chart: "
+                   "autoscaling.scrapeIntervalSeconds and autoscaling.rateWindow)")
+        log.warning("autoscaling %s/%s: %s", key[0], key[1], message)
+        self.record_event(body, "Warning", "ScrapeIntervalMismatch", message)
 
     def _act(
         self,
