@@ -134,7 +134,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         window_s = prometheus_duration_seconds(args.prometheus_rate_window)
     except ValueError as error:
         raise SystemExit(f"error: --prometheus-rate-window: {error}") from None
-    if args.scrape_interval <= 0 or window_s < 2 * args.scrape_interval:
+    if args.scrape_interval <= 0:
+        raise SystemExit(f"error: --scrape-interval {args.scrape_interval:g}: give the seconds between scrapes")
+    if window_s < 2 * args.scrape_interval:
         raise SystemExit(f"error: --prometheus-rate-window {args.prometheus_rate_window} must hold at least two "
                          f"--scrape-interval ({args.scrape_interval:g}s) intervals: Prometheus rates span the "
                          "samples inside the window")

@@ -38,10 +38,10 @@ class OperatorSettings:
     prometheus_timeout_s: float = 5.0
     # The autoscaling defaults are the policy settings bench/autoscale.py measures (PolicySettings, with a
     # 15-s scrape of the engines and rates over the 30 s between a window's first and last sample): the
-    # policy's smoothing is tuned to them. A 5-s tick measured worse, not
-    # better (Azure code hour on h100-h200: 98.90 % attainment; Azure conversation 1.32x the
-    # accelerator-hours), and so did a 5-s scrape (Azure code: 2.36x; docs/capacity-and-simulation.md,
-    # "Scrape interval"); tests/unit/test_settings.py keeps the flags, the chart and the policy in step.
+    # policy's smoothing is tuned to them. A 5-s tick measured worse, not better (Azure code hour on
+    # h100-h200: 98.90 % attainment; Azure conversation 1.32x the accelerator-hours), and so did a 5-s
+    # scrape (Azure code: 2.36x; docs/capacity-and-simulation.md, "Scrape interval").
+    # tests/unit/test_settings.py keeps the flags, the chart and the policy in step.
     autoscale_tick_s: float = 15.0
     scale_down_window_s: float = 1200.0
     """A pool scales down only to the highest count recommended within this window."""
@@ -53,6 +53,7 @@ class OperatorSettings:
     they would span 15 s: the Azure code hour fell from 99.14 % to 96.6 % in the simulation)."""
     scrape_interval_s: float = 15.0
     """How often Prometheus scrapes the engines (the chart's PodMonitor uses the same value)."""
+    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def signal_window_s(self) -> float:
@@ -60,4 +61,3 @@ class OperatorSettings:
         from disagg.scaling.signals import prometheus_duration_seconds
 
         return prometheus_duration_seconds(self.prometheus_rate_window) - self.scrape_interval_s
-    extra: dict[str, str] = field(default_factory=dict)

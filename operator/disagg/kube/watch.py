@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 PAGE = 100
 """Objects per list request: with pages of 500 (seven kinds listing at once at start-up) a restart over
 1,000 services peaked at 315 MiB, with 100 at 219 MiB."""
+RETRY_MAX_S = 10.0
+"""An interrupted watch resumes after 0.5 s, doubling up to this."""
 WATCH_TIMEOUT_S = 290
 """The API server ends a watch after this long; the next one starts from the last resourceVersion."""
 
@@ -78,12 +80,12 @@ class KindWatch:
                         refused = str(error)
                         log.warning("cannot list and watch %s in %s (%s): the operator's RBAC must allow list and "
                                     "watch on them (the chart's role does); reconciles there wait until it can; "
-                                    "retrying every %.0fs", self.kind.resource, scope, error, 10.0)
+                                    "retrying every %.0fs", self.kind.resource, scope, error, RETRY_MAX_S)
                 else:
                     log.info("watch of %s in %s interrupted (%s); resuming in %.1fs", self.kind.plural, scope,
                              error, backoff)
                 self.stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, RETRY_MAX_S)
 
     def _list(self) -> str:
         token = ""

@@ -187,12 +187,11 @@ class Autoscaler:
         idelta of the same counter tell it, is far from `--scrape-interval`: the rate window then holds
         other spans than the policy was tuned on, or too few samples for any rate."""
         told = self.scrape_interval_s
-        seen = None
-        for signals in (picture.prefill, picture.decode) if picture is not None else ():
-            if signals is not None and signals.requests_last and signals.request_rate_last:
-                seen = signals.requests_last / signals.request_rate_last
-                break
-        if told is None or seen is None:
+        if told is None or picture is None:
+            return
+        seen = next((s.requests_last / s.request_rate_last for s in (picture.prefill, picture.decode)
+                     if s is not None and s.requests_last and s.request_rate_last), None)
+        if seen is None:
             return
         if told / 1.5 <= seen <= told * 1.5:
             self._misscraped.pop(key, None)
