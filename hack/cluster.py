@@ -825,6 +825,34 @@ class Cluster:
             f"{tail(self.p.log('kube-controller-manager'))}"
         )
 
+    def warm_pod_ips(self, node: str, timeout: float = 60.0) -> None:
+        """Run one pod through kwok before any other. kwok v0.8.0 creates its pod IP pool on first use
+        with a load-then-store (pod_controller.go, ipPool): pods given IPs at the same moment on a fresh
+        kwok can each create a pool and get the same address (seen: a service's prefill and decode pods
+        both 127.100.0.1, so the engine fleet could serve only one). Once the pool exists, allocation is
+        serialised."""
+        from kubernetes import client as kclient
+
+        api: Any = kclient.CoreV1Api(self.api_client())
+        name = "kwok-ip-pool-warmup"
+        body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+                "spec": {"nodeName": node, "containers": [{"name": "warmup", "image": "kwok-warmup"}]}}
+        try:
+            api.create_namespaced_pod("default", body)
+        except kclient.ApiException as e:
+            if e.status != 409:
+                raise
+        t0 = time.monotonic()
+        try:
+            while not (api.read_namespaced_pod(name, "default").status.pod_ip or ""):
+                if time.monotonic() - t0 > timeout:
+                    raise ClusterError(f"pod default/{name} on {node} got no IP from kwok within {timeout:.0f}s; "
+                                       f"kwok log:\n{tail(self.p.log('kwok'))}")
+                time.sleep(0.2)
+        finally:
+            with contextlib.suppress(kclient.ApiException):
+                api.delete_namespaced_pod(name, "default", grace_period_seconds=0)
+
     def wait_default_sa(self, timeout: float = 120.0) -> None:
         from kubernetes import client as kclient
 
@@ -1133,6 +1161,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             names = c.ensure_nodes()
             c.wait_nodes_ready(names)
             c.wait_default_sa()
+            c.warm_pod_ips(next((n for n in names if n.startswith("cpu-")), names[0]))
             stop_system_prometheus_if_conflicting(root)
             c.start("prometheus")
             log(
