@@ -35,18 +35,20 @@ SLOPE = 10.0
 """The probe counter grows by this much per second."""
 
 
-def _samples(prometheus_url: str, selector: str, window: str, at: float) -> list[tuple[float, float]]:
-    query = urllib.parse.urlencode({"query": f"{selector}[{window}]", "time": f"{at:.3f}"})
+def _query(prometheus_url: str, promql: str, at: float) -> list[dict[str, Any]]:
+    query = urllib.parse.urlencode({"query": promql, "time": f"{at:.3f}"})
     with urllib.request.urlopen(f"{prometheus_url}/api/v1/query?{query}", timeout=10) as resp:
         result: list[dict[str, Any]] = json.loads(resp.read())["data"]["result"]
+    return result
+
+
+def _samples(prometheus_url: str, selector: str, window: str, at: float) -> list[tuple[float, float]]:
+    result = _query(prometheus_url, f"{selector}[{window}]", at)
     return [(float(t), float(v)) for t, v in result[0]["values"]] if result else []
 
 
 def _rate(prometheus_url: str, selector: str, window: str, at: float) -> float:
-    query = urllib.parse.urlencode({"query": f"rate({selector}[{window}])", "time": f"{at:.3f}"})
-    with urllib.request.urlopen(f"{prometheus_url}/api/v1/query?{query}", timeout=10) as resp:
-        result: list[dict[str, Any]] = json.loads(resp.read())["data"]["result"]
-    return float(result[0]["value"][1])
+    return float(_query(prometheus_url, f"rate({selector}[{window}])", at)[0]["value"][1])
 
 
 def test_the_default_rate_window_averages_over_the_span_the_benchmark_simulates(cluster: LocalCluster) -> None:

@@ -285,3 +285,23 @@ def test_engines_scraped_at_another_interval_than_the_operator_was_told_get_one_
         window = scaler.settings.signal_window_s + interval
         assert f"scraped every {interval:g}s, not every 15s" in mismatch[0]
         assert f"--scrape-interval {interval:g} and --prometheus-rate-window {window:g}s" in mismatch[0]
+
+
+def test_a_service_deleted_and_created_again_is_warned_again(prometheus: FakePrometheus) -> None:
+    # Its count of mismatched ticks goes with it: the new service, scraped at the same wrong interval,
+    # gets its own Warning after three ticks.
+    answers = prometheus.answers
+    answers["sampled_at"] = [sample("svc-0", r, NOW - 2) for r in ("prefill", "decode")]
+    answers["request_rate_last"] = [sample("svc-0", r, 6.0) for r in ("prefill", "decode")]
+    answers["requests_last"] = [sample("svc-0", r, 6.0 * 30) for r in ("prefill", "decode")]
+    index = services(1)
+    scaler, events = autoscaler(index, PrometheusSource(url=prometheus.url), FakeKube())
+    scaler.scrape_interval_s = 15.0
+    for _ in range(4):
+        scaler.tick()
+    body = index.services.pop(("ns", "svc-0"))
+    scaler.tick()
+    index.services[("ns", "svc-0")] = body
+    for _ in range(3):
+        scaler.tick()
+    assert sum(1 for _, reason, _ in events if reason == "ScrapeIntervalMismatch") == 2

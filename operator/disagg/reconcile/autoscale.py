@@ -138,6 +138,8 @@ class Autoscaler:
         live = {key for key, _, _ in services}
         for gone in [key for key in self.states if key not in live]:
             del self.states[gone]
+        for gone in [key for key in self._misscraped if key not in live]:
+            del self._misscraped[gone]
         if not services:
             return report
         observations: Observations | None = None
@@ -189,8 +191,8 @@ class Autoscaler:
         told = self.scrape_interval_s
         if told is None or picture is None:
             return
-        seen = next((s.requests_last / s.request_rate_last for s in (picture.prefill, picture.decode)
-                     if s is not None and s.requests_last and s.request_rate_last), None)
+        seen = next((s.last_interval_s for s in (picture.prefill, picture.decode)
+                     if s is not None and s.last_interval_s is not None), None)
         if seen is None:
             return
         if told / 1.5 <= seen <= told * 1.5:

@@ -108,6 +108,15 @@ class PoolSignals:
     """Mean time a request spends in prefill compute, without queueing (vLLM:
     `vllm:request_prefill_time_seconds` sum / count); optional, sharpens the prefill correction."""
 
+    @property
+    def last_interval_s(self) -> float | None:
+        """The last scrape interval's length: its request count over its rate (`idelta` / `irate` of one
+        counter); None without requests in it."""
+        rate, count = self.request_rate_last, self.requests_last
+        if rate is None or count is None or rate <= 0 or count <= 0:
+            return None
+        return count / rate
+
 
 @dataclass(frozen=True)
 class LoadPicture:
@@ -377,14 +386,11 @@ def _step_rate(
     signals: PoolSignals | None, baseline_rps: float, settings: PolicySettings
 ) -> tuple[float, float] | None:
     """The last scrape interval's requests/s, and the upper end of what its count says (what a step is
-    sized for), when they are more than Poisson noise around `baseline_rps` (its count n over its length
-    n / rate), else None."""
-    if signals is None or signals.request_rate_last is None or signals.requests_last is None:
+    sized for), when they are more than Poisson noise around `baseline_rps` over the interval, else None."""
+    if signals is None or (length := signals.last_interval_s) is None:
         return None
-    rate, count = signals.request_rate_last, signals.requests_last
-    if rate <= 0 or count <= 0:
-        return None
-    expected = max(baseline_rps, 0.0) * count / rate
+    rate, count = signals.request_rate_last or 0.0, signals.requests_last or 0.0  # both > 0 with a length
+    expected = max(baseline_rps, 0.0) * length
     if count < expected + settings.step_noise_z * math.sqrt(max(expected, 1.0)):
         return None
     # One interval is a small sample of the new level: size for its upper end (a pool scaled up too far
