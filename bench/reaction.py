@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
 import test_autoscaling as rig_lib  # noqa: E402  (the e2e rig, reused)
-from operator_support import OperatorProcess, dump, remove_finalizers, wait_until  # noqa: E402
+from operator_support import OperatorProcess, dump, isolate, remove_finalizers, wait_until  # noqa: E402
 
 from disagg.scaling.signals import QuerySet  # noqa: E402
 
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet: rig_lib.FleetProcess | None = None
         watches: list[rig_lib.ReplicaWatch] = []
         try:
-            rig_lib.isolate(r, namespace)
+            isolate(r.kubectl, r.session, namespace)
             operator.start().wait_healthy(timeout=30)
             probe = rig_lib.autoscaled_service(namespace)
             workload = rig_lib.Workload.for_service(probe)

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from kubernetes import client as kclient
 from kubernetes import config as kconfig
+from operator_support import sa_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_PY = REPO / "hack" / "cluster.py"
@@ -58,18 +59,7 @@ class LocalCluster:
         return self.run("up", timeout=None)
 
     def sa_kubeconfig(self, namespace: str, service_account: str, out: Path, duration: int = 7200) -> Path:
-        self.run(
-            "sa-kubeconfig",
-            "--namespace",
-            namespace,
-            "--service-account",
-            service_account,
-            "--out",
-            str(out),
-            "--duration",
-            str(duration),
-        )
-        return out
+        return sa_kubeconfig(namespace, service_account, out, duration)
 
     def prometheus_stop(self) -> None:
         self.run("prometheus-stop")

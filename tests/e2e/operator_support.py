@@ -12,8 +12,10 @@ ServiceAccount token is not recognisable this way and would still interfere.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,8 +23,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -548,3 +550,146 @@ def remove_finalizers(cluster: Cluster, namespace: str) -> None:
             except kclient.ApiException as e:
                 if e.status != 404:
                     raise
+
+
+# ----------------------------------------------------------------------------------------------------
+# a test session: the operator's identity, the isolation policy, the namespaces it covers
+
+
+def new_session() -> str:
+    """A session id for names and label values; a letter first (an all-digit or 1e5-like id reaches
+    kubectl as a YAML number)."""
+    return "s" + secrets.token_hex(3)
+
+
+def install_crd(kubectl: Kubectl) -> None:
+    """The InferenceService CRD as `disagg crd` prints it, applied and Established."""
+    crd = disagg_cli("crd")
+    assert crd.returncode == 0, crd.stderr
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=crd.stdout)
+    kubectl("wait", "--for=condition=Established", "crd/inferenceservices.disagg.dev", "--timeout=60s", timeout=90)
+
+
+def sa_kubeconfig(namespace: str, service_account: str, out: Path, duration: int = 7200) -> Path:
+    """A kubeconfig with a TokenRequest token of a ServiceAccount (`hack/cluster.py sa-kubeconfig`)."""
+    proc = subprocess.run(
+        [sys.executable, str(CLUSTER_PY), "sa-kubeconfig", "--namespace", namespace, "--service-account",
+         service_account, "--out", str(out), "--duration", str(duration)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, f"sa-kubeconfig failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
+@dataclass(frozen=True)
+class E2ESession:
+    """One test session's share of the cluster: its operator identity (a namespace with the
+    ServiceAccount `disagg-operator`, bound to the shipped RBAC rules under session-specific names, and
+    a TokenRequest kubeconfig), whose admission policy lets only identities from that namespace write in
+    the namespaces `isolate` covers."""
+
+    session: str
+    kubectl: Kubectl
+    cluster: Cluster
+    operator_namespace: str
+    operator_kubeconfig: Path
+    rbac_name: str
+    workdir: Path
+
+    def sa_user(self, service_account: str = "disagg-operator") -> str:
+        return f"system:serviceaccount:{self.operator_namespace}:{service_account}"
+
+    def extended(self, cls: type[S], **more: Any) -> S:
+        """This session as a subclass with more fields."""
+        return cls(**{f.name: getattr(self, f.name) for f in fields(E2ESession)}, **more)
+
+
+S = TypeVar("S", bound=E2ESession)
+
+
+@contextlib.contextmanager
+def operator_session(kubectl: Kubectl, cluster: Cluster, workdir: Path, label: str) -> Iterator[E2ESession]:
+    """CRD installed, the session's operator identity and isolation policy; removed afterwards with
+    everything else carrying the session's label (ClusterRoles and their bindings, PersistentVolumes)."""
+    session = new_session()
+    namespace, rbac_name = f"disagg-{label}-{session}", f"disagg-operator-{label}-{session}"
+    install_crd(kubectl)
+    try:
+        kubectl("create", "namespace", namespace)
+        rbac = disagg_cli("rbac", "--namespace", namespace, "--service-account", "disagg-operator")
+        assert rbac.returncode == 0, rbac.stderr
+        docs = renamed_rbac(list(yaml.safe_load_all(rbac.stdout)), rbac_name)
+        for doc in docs:
+            doc["metadata"].setdefault("labels", {})[SESSION_LABEL] = session
+        kubectl("apply", "--server-side", "-f", "-", input=dump(docs))
+        kubeconfig = sa_kubeconfig(namespace, "disagg-operator", workdir / "operator.kubeconfig")
+        kubectl("apply", "--server-side", "-f", "-", input=dump(isolation_policy(session, namespace)))
+        yield E2ESession(session, kubectl, cluster, namespace, kubeconfig, rbac_name, workdir)
+    finally:
+        selector = f"{SESSION_LABEL}={session}"
+        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy,clusterrolebinding,clusterrole",
+                "-l", selector, "--wait=false", check=False)
+        kubectl("delete", "persistentvolume", "-l", selector, "--wait=false", check=False)
+        kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def isolate(kubectl: Kubectl, session: str, namespace: str) -> None:
+    """Puts a namespace under the session's admission policy and waits until it is enforced there (a
+    write by another operator's identity is refused)."""
+    kubectl("label", "namespace", namespace, f"{SESSION_LABEL}={session}", "--overwrite")
+
+    def denied() -> bool:
+        probe = kubectl(
+            "-n", namespace, "create", "service", "clusterip", "isolation-probe", "--tcp=80", "--dry-run=server",
+            "--as=system:serviceaccount:some-other-operator:disagg-operator", "--as-group=system:masters",
+            check=False,
+        )
+        return probe.returncode != 0 and "ValidatingAdmissionPolicy" in probe.stderr
+
+    wait_until(denied, 20, f"the isolation policy to cover namespace {namespace}",
+               lambda: kubectl.text("get", "validatingadmissionpolicy", "-o", "yaml"))
+
+
+@dataclass
+class Operators:
+    """The operator processes of one test; stopped (and their namespaces freed of finalizers) afterwards."""
+
+    session: E2ESession
+    test_name: str
+    resync: float
+    started: list[OperatorProcess] = field(default_factory=list)
+
+    def start(self, *namespaces: str, name: str = "operator", kubeconfig: Path | None = None,
+              resync: float | None = None, flags: tuple[str, ...] = ()) -> OperatorProcess:
+        log = self.session.workdir / f"{self.test_name}-{name}.log"
+        op = OperatorProcess(name, tuple(namespaces), kubeconfig or self.session.operator_kubeconfig, log,
+                             self.resync if resync is None else resync, extra_args=flags)
+        self.started.append(op.start())
+        op.wait_healthy(timeout=30)
+        return op
+
+    def namespaces(self) -> list[str]:
+        return sorted({n for op in self.started for n in op.namespaces})
+
+    def diagnostics(self, extra: Callable[[], str] | None = None) -> Callable[[], str]:
+        def text() -> str:
+            out = diagnose(self.session.kubectl, self.namespaces(), self.started)
+            return out + ("\n" + extra() if extra is not None else "")
+
+        return text
+
+    def stop_all(self) -> None:
+        for op in self.started:
+            op.stop()
+        for namespace in self.namespaces():
+            remove_finalizers(self.session.cluster, namespace)
+
+
+@contextlib.contextmanager
+def operators_of(session: E2ESession, test_name: str, resync: float) -> Iterator[Operators]:
+    """Operators of one test (a pytest node name is made a file name for their logs)."""
+    ops = Operators(session, re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name), resync)
+    try:
+        yield ops
+    finally:
+        ops.stop_all()

@@ -47,27 +47,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import yaml
 from kubernetes import client as kclient
 from kubernetes import watch as kwatch
 from operator_support import (
     EXAMPLES,
-    SESSION_LABEL,
     Cluster,
+    E2ESession,
     Kubectl,
     OperatorProcess,
     bin_dir,
     condition,
     diagnose,
-    disagg_cli,
     dump,
     free_port,
     in_namespace,
     is_ready,
-    isolation_policy,
+    isolate,
     load_docs,
+    operator_session,
     remove_finalizers,
-    renamed_rbac,
     wait_until,
 )
 
@@ -149,15 +147,9 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class Rig:
-    session: str
-    kubectl: Kubectl
-    cluster: Cluster
-    operator_namespace: str
-    operator_kubeconfig: Path
+class Rig(E2ESession):
     admin_kubeconfig: Path
     engines_file: Path
-    workdir: Path
 
 
 @contextlib.contextmanager
@@ -165,51 +157,9 @@ def rig(admin_kubeconfig: Path, engines_file: Path, api: kclient.ApiClient, work
         label: str = "autoscale-e2e") -> Iterator[Rig]:
     """CRD, an operator identity with the shipped rules (session-specific names) and the isolation policy;
     all removed afterwards."""
-    # a letter first: a label value like "1e5432" reaches kubectl as a YAML number
-    session = "s" + secrets.token_hex(3)
     kubectl = Kubectl(bin_dir() / "kubectl", admin_kubeconfig)
-    operator_ns = f"disagg-{label}-{session}"
-    crd = disagg_cli("crd")
-    assert crd.returncode == 0, crd.stderr
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=crd.stdout)
-    kubectl("wait", "--for=condition=Established", "crd/inferenceservices.disagg.dev", "--timeout=60s", timeout=90)
-    try:
-        kubectl("create", "namespace", operator_ns)
-        rbac = disagg_cli("rbac", "--namespace", operator_ns, "--service-account", "disagg-operator")
-        assert rbac.returncode == 0, rbac.stderr
-        docs = renamed_rbac(list(yaml.safe_load_all(rbac.stdout)), f"disagg-operator-{label}-{session}")
-        for doc in docs:
-            doc["metadata"].setdefault("labels", {})[SESSION_LABEL] = session
-        kubectl("apply", "--server-side", "-f", "-", input=dump(docs))
-        out = workdir / "operator.kubeconfig"
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "hack" / "cluster.py"), "sa-kubeconfig", "--namespace", operator_ns,
-             "--service-account", "disagg-operator", "--out", str(out), "--duration", "7200"],
-            capture_output=True, text=True, timeout=120, check=False,
-        )
-        assert proc.returncode == 0, f"sa-kubeconfig failed:\n{proc.stdout}\n{proc.stderr}"
-        kubectl("apply", "--server-side", "-f", "-", input=dump(isolation_policy(session, operator_ns)))
-        yield Rig(session, kubectl, Cluster(api), operator_ns, out, admin_kubeconfig, engines_file, workdir)
-    finally:
-        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy,clusterrolebinding,clusterrole",
-                "-l", f"{SESSION_LABEL}={session}", "--wait=false", check=False)
-        kubectl("delete", "namespace", operator_ns, "--wait=false", check=False)
-
-
-def isolate(rig: Rig, namespace: str) -> None:
-    """Puts a namespace under the session's admission policy and waits until it is enforced there."""
-    rig.kubectl("label", "namespace", namespace, f"{SESSION_LABEL}={rig.session}", "--overwrite")
-
-    def denied() -> bool:
-        probe = rig.kubectl(
-            "-n", namespace, "create", "service", "clusterip", "isolation-probe", "--tcp=80", "--dry-run=server",
-            "--as=system:serviceaccount:some-other-operator:disagg-operator", "--as-group=system:masters",
-            check=False,
-        )
-        return probe.returncode != 0 and "ValidatingAdmissionPolicy" in probe.stderr
-
-    wait_until(denied, 20, f"the isolation policy to cover namespace {namespace}",
-               lambda: rig.kubectl.text("get", "validatingadmissionpolicy", "-o", "yaml"))
+    with operator_session(kubectl, Cluster(api), workdir, label) as session:
+        yield session.extended(Rig, admin_kubeconfig=admin_kubeconfig, engines_file=engines_file)
 
 
 def autoscaled_service(namespace: str, max_prefill: int = 8, max_decode: int = 16) -> dict[str, Any]:
@@ -540,7 +490,7 @@ def scenario(cluster: LocalCluster, autoscale_rig: Rig) -> Iterator[Scenario]:
                                  extra_args=operator_flags()),
                  Workload.for_service(manifest))
     try:
-        isolate(r, namespace)
+        isolate(r.kubectl, r.session, namespace)
         s.operator.start().wait_healthy(timeout=30)
         r.kubectl("apply", "-f", "-", input=dump([manifest]))
 

@@ -42,16 +42,14 @@ import concurrent.futures
 import copy
 import json
 import re
-import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from kubernetes import client as kclient
@@ -61,22 +59,21 @@ from operator_support import (
     PLURAL,
     ROLE_LABEL,
     SERVICE_LABEL,
-    SESSION_LABEL,
     VERSION,
     Cluster,
+    E2ESession,
     Kubectl,
     OperatorProcess,
+    Operators,
     bin_dir,
     condition,
-    diagnose,
-    disagg_cli,
     dump,
     expected_replicas,
     is_ready,
-    isolation_policy,
+    isolate,
     key,
-    remove_finalizers,
-    renamed_rbac,
+    operator_session,
+    operators_of,
     wait_until,
 )
 
@@ -113,13 +110,7 @@ KNOWN_REASONS = {
 
 
 @dataclass(frozen=True)
-class FaultEnv:
-    session: str
-    kubectl: Kubectl
-    cluster: Cluster
-    operator_namespace: str
-    operator_kubeconfig: Path
-    workdir: Path
+class FaultEnv(E2ESession):
     nodes: dict[str, list[str]]
     """Accelerator type -> this module's nodes of that type."""
 
@@ -151,121 +142,57 @@ def node_ready(node: Any) -> bool:
 def env(
     cluster: LocalCluster, kube_api: kclient.ApiClient, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FaultEnv]:
-    session = "s" + secrets.token_hex(3)  # a letter first: all-digit or 1e5-like ids parse as YAML numbers
     kubectl = Kubectl(bin_dir() / "kubectl", cluster.kubeconfig)
     workdir = tmp_path_factory.mktemp("faults-e2e")
-    operator_ns = f"disagg-faults-{session}"
-    rbac_name = f"disagg-operator-faults-{session}"
     api = Cluster(kube_api)
-    crd = disagg_cli("crd")
-    assert crd.returncode == 0, crd.stderr
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=crd.stdout)
     crds = kubectl("get", "crd", "-o", "name").stdout.split()
     if not {"customresourcedefinition.apiextensions.k8s.io/kopfpeerings.kopf.dev",
             "customresourcedefinition.apiextensions.k8s.io/clusterkopfpeerings.kopf.dev"} <= set(crds):
         kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
-    kubectl("wait", "--for=condition=Established", "crd/inferenceservices.disagg.dev", "crd/kopfpeerings.kopf.dev",
-            "--timeout=60s", timeout=90)
-    nodes: dict[str, list[str]] = {}
+    kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s", timeout=90)
     for node in api.core.list_node(label_selector=f"{BENCH_LABEL}=faults").items:
         # left by a run that could not clean up (killed): an hour is longer than any run
         if time.time() - node.metadata.creation_timestamp.timestamp() > 3600:
             kubectl("delete", "node", node.metadata.name, "--wait=false", check=False)
-    try:
-        kubectl("create", "namespace", operator_ns)
-        rbac = disagg_cli("rbac", "--namespace", operator_ns, "--service-account", "disagg-operator")
-        assert rbac.returncode == 0, rbac.stderr
-        docs = renamed_rbac(list(yaml.safe_load_all(rbac.stdout)), rbac_name)
-        for doc in docs:
-            doc["metadata"].setdefault("labels", {})[SESSION_LABEL] = session
-        kubectl("apply", "--server-side", "-f", "-", input=dump(docs))
-        kubeconfig = cluster.sa_kubeconfig(operator_ns, "disagg-operator", workdir / "operator.kubeconfig")
-        kubectl("apply", "--server-side", "-f", "-", input=dump(isolation_policy(session, operator_ns)))
-        for acc_type, count in FAULT_NODES.items():
-            accelerator = DEFAULT_CATALOG[acc_type]
-            selector = ",".join(f"{k}={v}" for k, v in accelerator.node_labels.items())
-            templates = [n for n in api.core.list_node(label_selector=selector).items
-                         if BENCH_LABEL not in (n.metadata.labels or {})
-                         and accelerator.resource_name in (n.status.allocatable or {})]
-            assert templates, f"no {acc_type} node in the cluster to copy"
-            nodes[acc_type] = [f"fault-{session}-{acc_type}-{i}" for i in range(count)]
-            for name in nodes[acc_type]:
-                api.core.create_node(fault_node(templates[0], name, session))
+    with operator_session(kubectl, api, workdir, "faults") as base:
+        session = base.session
+        nodes: dict[str, list[str]] = {}
+        try:
+            for acc_type, count in FAULT_NODES.items():
+                accelerator = DEFAULT_CATALOG[acc_type]
+                selector = ",".join(f"{k}={v}" for k, v in accelerator.node_labels.items())
+                templates = [n for n in api.core.list_node(label_selector=selector).items
+                             if BENCH_LABEL not in (n.metadata.labels or {})
+                             and accelerator.resource_name in (n.status.allocatable or {})]
+                assert templates, f"no {acc_type} node in the cluster to copy"
+                nodes[acc_type] = [f"fault-{session}-{acc_type}-{i}" for i in range(count)]
+                for name in nodes[acc_type]:
+                    api.core.create_node(fault_node(templates[0], name, session))
 
-        def all_ready() -> bool:
-            listed = api.core.list_node(label_selector=f"{POOL_LABEL}={session}").items
-            assert sum(map(node_ready, listed)) == sum(FAULT_NODES.values()), [
-                (n.metadata.name, node_ready(n)) for n in listed]
-            return True
+            def all_ready() -> bool:
+                listed = api.core.list_node(label_selector=f"{POOL_LABEL}={session}").items
+                assert sum(map(node_ready, listed)) == sum(FAULT_NODES.values()), [
+                    (n.metadata.name, node_ready(n)) for n in listed]
+                return True
 
-        wait_until(all_ready, 60, "this module's kwok nodes to be Ready",
-                   lambda: kubectl.text("get", "nodes", "-l", f"{POOL_LABEL}={session}"))
-        yield FaultEnv(session, kubectl, api, operator_ns, kubeconfig, workdir, nodes)
-    finally:
-        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy,clusterrolebinding,clusterrole",
-                "-l", f"{SESSION_LABEL}={session}", "--wait=false", check=False)
-        kubectl("delete", "nodes", "-l", f"{POOL_LABEL}={session}", "--wait=false", check=False)
-        kubectl("delete", "namespace", operator_ns, "--wait=false", check=False)
+            wait_until(all_ready, 60, "this module's kwok nodes to be Ready",
+                       lambda: kubectl.text("get", "nodes", "-l", f"{POOL_LABEL}={session}"))
+            yield base.extended(FaultEnv, nodes=nodes)
+        finally:
+            kubectl("delete", "nodes", "-l", f"{POOL_LABEL}={session}", "--wait=false", check=False)
 
 
 @pytest.fixture
 def ns(env: FaultEnv, e2e_namespace: str) -> str:
     """The test's namespace, under this module's isolation policy (checked before it is used)."""
-    env.kubectl("label", "namespace", e2e_namespace, f"{SESSION_LABEL}={env.session}")
-
-    def denied() -> bool:
-        probe = env.kubectl(
-            "-n", e2e_namespace, "create", "service", "clusterip", "isolation-probe", "--tcp=80",
-            "--dry-run=server", "--as=system:serviceaccount:some-other-operator:disagg-operator",
-            "--as-group=system:masters", check=False,
-        )
-        return probe.returncode != 0 and "ValidatingAdmissionPolicy" in probe.stderr
-
-    wait_until(denied, 20, f"the isolation policy to cover namespace {e2e_namespace}",
-               lambda: env.kubectl.text("get", "validatingadmissionpolicy", "-o", "yaml"))
+    isolate(env.kubectl, env.session, e2e_namespace)
     return e2e_namespace
-
-
-@dataclass
-class Operators:
-    """The operator processes of one test; stopped (and their namespaces freed) afterwards."""
-
-    env: FaultEnv
-    test_name: str
-    started: list[OperatorProcess] = field(default_factory=list)
-
-    def start(self, namespace: str, name: str = "operator", resync: float = RESYNC_S,
-              flags: tuple[str, ...] = ()) -> OperatorProcess:
-        log = self.env.workdir / f"{self.test_name}-{name}.log"
-        op = OperatorProcess(name, (namespace,), self.env.operator_kubeconfig, log, resync, extra_args=flags)
-        self.started.append(op.start())
-        op.wait_healthy(timeout=30)
-        return op
-
-    def namespaces(self) -> list[str]:
-        return sorted({n for op in self.started for n in op.namespaces})
-
-    def diagnostics(self, extra: Callable[[], str] | None = None) -> Callable[[], str]:
-        def text() -> str:
-            out = diagnose(self.env.kubectl, self.namespaces(), self.started)
-            return out + ("\n" + extra() if extra is not None else "")
-
-        return text
-
-    def stop_all(self) -> None:
-        for op in self.started:
-            op.stop()
-        for namespace in self.namespaces():
-            remove_finalizers(self.env.cluster, namespace)
 
 
 @pytest.fixture
 def operators(env: FaultEnv, ns: str, request: pytest.FixtureRequest) -> Iterator[Operators]:
-    ops = Operators(env, re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name))
-    try:
+    with operators_of(env, request.node.name, RESYNC_S) as ops:
         yield ops
-    finally:
-        ops.stop_all()
 
 
 # ----------------------------------------------------------------------------------------------------

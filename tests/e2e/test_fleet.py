@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -27,24 +26,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import yaml
 from kubernetes import client as kclient
 from operator_support import (
     EXAMPLES,
-    SESSION_LABEL,
     Cluster,
+    E2ESession,
     Kubectl,
     OperatorProcess,
     bin_dir,
     diagnose,
-    disagg_cli,
     dump,
     free_port,
     in_namespace,
-    isolation_policy,
+    isolate,
     load_docs,
+    operator_session,
     remove_finalizers,
-    renamed_rbac,
     wait_until,
 )
 
@@ -63,14 +60,7 @@ requests/s vary by ~4 % (one sigma); the mean of three overlapping windows is ab
 VISIBLE_WITHIN_S = 15.0
 
 
-@dataclass(frozen=True)
-class FleetEnv:
-    session: str
-    kubectl: Kubectl
-    cluster: Cluster
-    operator_namespace: str
-    operator_kubeconfig: Path
-    workdir: Path
+FleetEnv = E2ESession
 
 
 @pytest.fixture(scope="module")
@@ -78,29 +68,9 @@ def fleet_env(
     cluster: LocalCluster, kube_api: kclient.ApiClient, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FleetEnv]:
     """CRD, an operator identity with the shipped rules (own names), and the isolation policy."""
-    session = "s" + secrets.token_hex(3)  # a letter first: all-digit or 1e5-like ids parse as YAML numbers
     kubectl = Kubectl(bin_dir() / "kubectl", cluster.kubeconfig)
-    workdir = tmp_path_factory.mktemp("fleet-e2e")
-    operator_ns = f"disagg-fleet-e2e-{session}"
-    crd = disagg_cli("crd")
-    assert crd.returncode == 0, crd.stderr
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=crd.stdout)
-    kubectl("wait", "--for=condition=Established", "crd/inferenceservices.disagg.dev", "--timeout=60s", timeout=90)
-    kubectl("create", "namespace", operator_ns)
-    rbac = disagg_cli("rbac", "--namespace", operator_ns, "--service-account", "disagg-operator")
-    assert rbac.returncode == 0, rbac.stderr
-    docs = renamed_rbac(list(yaml.safe_load_all(rbac.stdout)), f"disagg-operator-fleet-e2e-{session}")
-    for doc in docs:
-        doc["metadata"].setdefault("labels", {})[SESSION_LABEL] = session
-    kubectl("apply", "--server-side", "-f", "-", input=dump(docs))
-    kubeconfig = cluster.sa_kubeconfig(operator_ns, "disagg-operator", workdir / "operator.kubeconfig")
-    kubectl("apply", "--server-side", "-f", "-", input=dump(isolation_policy(session, operator_ns)))
-    try:
-        yield FleetEnv(session, kubectl, Cluster(kube_api), operator_ns, kubeconfig, workdir)
-    finally:
-        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy,clusterrolebinding,clusterrole",
-                "-l", f"{SESSION_LABEL}={session}", "--wait=false", check=False)
-        kubectl("delete", "namespace", operator_ns, "--wait=false", check=False)
+    with operator_session(kubectl, Cluster(kube_api), tmp_path_factory.mktemp("fleet-e2e"), "fleet-e2e") as session:
+        yield session
 
 
 @dataclass
@@ -193,7 +163,7 @@ def test_fleet_metrics_reach_prometheus_and_follow_the_offered_load(
     env, ns = fleet_env, e2e_namespace
     # an earlier test may have stopped and restarted Prometheus: make sure every component is up
     cluster.up()
-    env.kubectl("label", "namespace", ns, f"{SESSION_LABEL}={env.session}")
+    isolate(env.kubectl, env.session, ns)
     operator = OperatorProcess("operator", (ns,), env.operator_kubeconfig, env.workdir / "operator.log", 5.0).start()
     fleet: Fleet | None = None
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import copy
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,20 +28,21 @@ from operator_support import (
     SESSION_LABEL,
     WRITE_METHODS,
     Cluster,
+    E2ESession,
     Kubectl,
-    OperatorProcess,
+    Operators,
     bin_dir,
     condition,
-    diagnose,
     disagg_cli,
     dump,
     expected_replicas,
     in_namespace,
     is_ready,
-    isolation_policy,
+    isolate,
     key,
     load_docs,
-    remove_finalizers,
+    operator_session,
+    operators_of,
     renamed_rbac,
     storage_for,
     wait_until,
@@ -67,111 +66,31 @@ ACCELERATOR_RESOURCES = {entry.resource_name for entry in DEFAULT_CATALOG.accele
 # fixtures
 
 
-@dataclass(frozen=True)
-class Env:
-    """This session's share of the cluster."""
-
-    session: str
-    kubectl: Kubectl
-    cluster: Cluster
-    operator_namespace: str
-    operator_kubeconfig: Path
-    rbac_name: str
-    workdir: Path
-
-    def sa_user(self, service_account: str = "disagg-operator") -> str:
-        return f"system:serviceaccount:{self.operator_namespace}:{service_account}"
+Env = E2ESession
 
 
 @pytest.fixture(scope="session")
 def env(cluster: LocalCluster, kube_api: kclient.ApiClient, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """CRD installed; an operator identity with the shipped RBAC rules and a TokenRequest kubeconfig;
     the admission policy that isolates this session's namespaces."""
-    session = "s" + secrets.token_hex(3)  # a letter first: all-digit or 1e5-like ids parse as YAML numbers
     kubectl = Kubectl(bin_dir() / "kubectl", cluster.kubeconfig)
     workdir = tmp_path_factory.mktemp("operator-e2e")
-    operator_ns = f"disagg-e2e-{session}"
-    rbac_name = f"disagg-operator-e2e-{session}"
-
-    crd = disagg_cli("crd")
-    assert crd.returncode == 0, crd.stderr
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=crd.stdout)
-    kubectl("wait", "--for=condition=Established", "crd/inferenceservices.disagg.dev", "--timeout=60s", timeout=90)
-    try:
-        kubectl("create", "namespace", operator_ns)
-        rbac = disagg_cli("rbac", "--namespace", operator_ns, "--service-account", "disagg-operator")
-        assert rbac.returncode == 0, rbac.stderr
-        docs = renamed_rbac(list(yaml.safe_load_all(rbac.stdout)), rbac_name)
-        for doc in docs:
-            doc["metadata"].setdefault("labels", {})[SESSION_LABEL] = session
-        kubectl("apply", "--server-side", "-f", "-", input=dump(docs))
-        kubeconfig = cluster.sa_kubeconfig(operator_ns, "disagg-operator", workdir / "operator.kubeconfig")
-        kubectl("apply", "--server-side", "-f", "-", input=dump(isolation_policy(session, operator_ns)))
-        yield Env(session, kubectl, Cluster(kube_api), operator_ns, kubeconfig, rbac_name, workdir)
-    finally:
-        selector = f"{SESSION_LABEL}={session}"
-        kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy,clusterrolebinding,clusterrole",
-                "-l", selector, "--wait=false", check=False)
-        kubectl("delete", "persistentvolume", "-l", selector, "--wait=false", check=False)
-        kubectl("delete", "namespace", operator_ns, "--wait=false", check=False)
+    with operator_session(kubectl, Cluster(kube_api), workdir, "e2e") as session:
+        yield session
 
 
 @pytest.fixture
 def ns(env: Env, e2e_namespace: str) -> str:
     """The test's namespace, under this session's isolation policy (checked before it is used)."""
-    env.kubectl("label", "namespace", e2e_namespace, f"{SESSION_LABEL}={env.session}")
-
-    def denied() -> bool:
-        probe = env.kubectl(
-            "-n", e2e_namespace, "create", "service", "clusterip", "isolation-probe", "--tcp=80",
-            "--dry-run=server", "--as=system:serviceaccount:some-other-operator:disagg-operator",
-            "--as-group=system:masters", check=False,
-        )
-        return probe.returncode != 0 and "ValidatingAdmissionPolicy" in probe.stderr
-
-    wait_until(denied, 20, f"the isolation policy to cover namespace {e2e_namespace}",
-               lambda: env.kubectl.text("get", "validatingadmissionpolicy", "-o", "yaml"))
+    isolate(env.kubectl, env.session, e2e_namespace)
     return e2e_namespace
-
-
-@dataclass
-class Operators:
-    """Starts operator processes for a test; stops them (and frees their namespaces) afterwards."""
-
-    env: Env
-    test_name: str
-    started: list[OperatorProcess] = field(default_factory=list)
-
-    def start(
-        self, *namespaces: str, name: str = "operator", kubeconfig: Path | None = None, resync: float = RESYNC_S
-    ) -> OperatorProcess:
-        log = self.env.workdir / f"{self.test_name}-{name}.log"
-        op = OperatorProcess(name, tuple(namespaces), kubeconfig or self.env.operator_kubeconfig, log, resync)
-        self.started.append(op.start())
-        op.wait_healthy(timeout=30)
-        return op
-
-    def namespaces(self) -> list[str]:
-        return sorted({n for op in self.started for n in op.namespaces})
-
-    def diagnostics(self) -> Callable[[], str]:
-        return lambda: diagnose(self.env.kubectl, self.namespaces(), self.started)
-
-    def stop_all(self) -> None:
-        for op in self.started:
-            op.stop()
-        for namespace in self.namespaces():
-            remove_finalizers(self.env.cluster, namespace)
 
 
 @pytest.fixture
 def operators(env: Env, ns: str, request: pytest.FixtureRequest) -> Iterator[Operators]:
     """Operators of the test (stopped before its namespace is deleted)."""
-    ops = Operators(env, re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name))
-    try:
+    with operators_of(env, request.node.name, RESYNC_S) as ops:
         yield ops
-    finally:
-        ops.stop_all()
 
 
 # ----------------------------------------------------------------------------------------------------
