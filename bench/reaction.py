@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 for watch in watches:
                     settled = rig_lib.settle(r.cluster, namespace, watch, load_on, args.settle_min, args.settle_quiet,
                                              args.settle_min + 120, diagnostics, service=watch.service,
-                                             window_s=0.0)  # a pool settled elsewhere is logged, not awaited
+                                             window_s=0.0)  # above 1/1 is logged below, not waited out
                     if settled != {"prefill": 1, "decode": 1}:
                         log(f"wave {wave}: {watch.service} settled at {settled}")
                 log(f"wave {wave}: {count} services settled {time.time() - load_on:.0f}s after the steady load")

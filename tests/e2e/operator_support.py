@@ -1,5 +1,6 @@
-"""Helpers for tests/e2e/test_operator.py: the real operator as a subprocess, kubectl, bounded waits that
-fail with diagnostics, listing a service's children, and storage some examples need.
+"""Helpers for the e2e tests: the real operator as a subprocess, kubectl, bounded waits that fail with
+diagnostics, listing a service's children, storage some examples need, and a test session's operator
+identity and isolation (`operator_session`, `isolate`).
 
 Isolation from other operators on the shared cluster (e.g. the one `make demo` leaves running with
 `--all-namespaces`): every test namespace carries the label `disagg.dev/e2e-session=<id>`, and a
@@ -556,12 +557,6 @@ def remove_finalizers(cluster: Cluster, namespace: str) -> None:
 # a test session: the operator's identity, the isolation policy, the namespaces it covers
 
 
-def new_session() -> str:
-    """A session id for names and label values; a letter first (an all-digit or 1e5-like id reaches
-    kubectl as a YAML number)."""
-    return "s" + secrets.token_hex(3)
-
-
 def install_crd(kubectl: Kubectl) -> None:
     """The InferenceService CRD as `disagg crd` prints it, applied and Established."""
     crd = disagg_cli("crd")
@@ -611,7 +606,7 @@ S = TypeVar("S", bound=E2ESession)
 def operator_session(kubectl: Kubectl, cluster: Cluster, workdir: Path, label: str) -> Iterator[E2ESession]:
     """CRD installed, the session's operator identity and isolation policy; removed afterwards with
     everything else carrying the session's label (ClusterRoles and their bindings, PersistentVolumes)."""
-    session = new_session()
+    session = "s" + secrets.token_hex(3)  # a letter first: an all-digit or 1e5-like id is a YAML number
     namespace, rbac_name = f"disagg-{label}-{session}", f"disagg-operator-{label}-{session}"
     install_crd(kubectl)
     try:

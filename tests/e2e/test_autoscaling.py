@@ -390,9 +390,10 @@ def settle(
     pool's last scale-up is still inside the scale-down window `window_s` (a pool it raised is not
     settled before the window has let it come back down). Returns the settled replicas per pool.
 
-    (The simulated engines' fleet shares two cores with the control plane: when its ticker is starved it
-    runs up to 2 s of arrivals at once, and a scrape interval holding that clump can read as a step up
-    when the load has just started. The policy answers a step; the window takes it back.)"""
+    (Seen once in three local runs: 12 s after the steady load started, one 2-s scrape interval held
+    about 32 requests where 12 were expected, and the policy sized decode for it as a step. Most likely the
+    simulated fleet, starved on two cores, ran up to 2 s of its arrivals at once; not proven. The window
+    takes such a step back.)"""
 
     def settled() -> dict[str, int] | None:
         now = time.time()

@@ -155,31 +155,36 @@ def env(
         if time.time() - node.metadata.creation_timestamp.timestamp() > 3600:
             kubectl("delete", "node", node.metadata.name, "--wait=false", check=False)
     with operator_session(kubectl, api, workdir, "faults") as base:
-        session = base.session
-        nodes: dict[str, list[str]] = {}
         try:
-            for acc_type, count in FAULT_NODES.items():
-                accelerator = DEFAULT_CATALOG[acc_type]
-                selector = ",".join(f"{k}={v}" for k, v in accelerator.node_labels.items())
-                templates = [n for n in api.core.list_node(label_selector=selector).items
-                             if BENCH_LABEL not in (n.metadata.labels or {})
-                             and accelerator.resource_name in (n.status.allocatable or {})]
-                assert templates, f"no {acc_type} node in the cluster to copy"
-                nodes[acc_type] = [f"fault-{session}-{acc_type}-{i}" for i in range(count)]
-                for name in nodes[acc_type]:
-                    api.core.create_node(fault_node(templates[0], name, session))
-
-            def all_ready() -> bool:
-                listed = api.core.list_node(label_selector=f"{POOL_LABEL}={session}").items
-                assert sum(map(node_ready, listed)) == sum(FAULT_NODES.values()), [
-                    (n.metadata.name, node_ready(n)) for n in listed]
-                return True
-
-            wait_until(all_ready, 60, "this module's kwok nodes to be Ready",
-                       lambda: kubectl.text("get", "nodes", "-l", f"{POOL_LABEL}={session}"))
-            yield base.extended(FaultEnv, nodes=nodes)
+            yield base.extended(FaultEnv, nodes=add_fault_nodes(api, kubectl, base.session))
         finally:
-            kubectl("delete", "nodes", "-l", f"{POOL_LABEL}={session}", "--wait=false", check=False)
+            kubectl("delete", "nodes", "-l", f"{POOL_LABEL}={base.session}", "--wait=false", check=False)
+
+
+def add_fault_nodes(api: Cluster, kubectl: Kubectl, session: str) -> dict[str, list[str]]:
+    """FAULT_NODES copies of the cluster's accelerator nodes, selectable and tainted as this module's;
+    returns their names per accelerator type once all are Ready."""
+    nodes: dict[str, list[str]] = {}
+    for acc_type, count in FAULT_NODES.items():
+        accelerator = DEFAULT_CATALOG[acc_type]
+        selector = ",".join(f"{k}={v}" for k, v in accelerator.node_labels.items())
+        templates = [n for n in api.core.list_node(label_selector=selector).items
+                     if BENCH_LABEL not in (n.metadata.labels or {})
+                     and accelerator.resource_name in (n.status.allocatable or {})]
+        assert templates, f"no {acc_type} node in the cluster to copy"
+        nodes[acc_type] = [f"fault-{session}-{acc_type}-{i}" for i in range(count)]
+        for name in nodes[acc_type]:
+            api.core.create_node(fault_node(templates[0], name, session))
+
+    def all_ready() -> bool:
+        listed = api.core.list_node(label_selector=f"{POOL_LABEL}={session}").items
+        assert sum(map(node_ready, listed)) == sum(FAULT_NODES.values()), [
+            (n.metadata.name, node_ready(n)) for n in listed]
+        return True
+
+    wait_until(all_ready, 60, "this module's kwok nodes to be Ready",
+               lambda: kubectl.text("get", "nodes", "-l", f"{POOL_LABEL}={session}"))
+    return nodes
 
 
 @pytest.fixture
