@@ -64,7 +64,7 @@ if [[ -f $CLUSTER_DIR/pids/extra-fleet.pid ]] && kill -0 "$(cat "$CLUSTER_DIR/pi
   old=$(cat "$CLUSTER_DIR/pids/extra-fleet.pid"); kill "$old"
   for _ in $(seq 50); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
 fi
-nohup .venv/bin/disagg fleet -n serving --control-port 18090 --default-load 1x \
+nohup .venv/bin/disagg-lab fleet -n serving --control-port 18090 --default-load 1x \
   >"$CLUSTER_DIR/fleet.log" 2>&1 &
 echo $! >"$CLUSTER_DIR/pids/extra-fleet.pid"
 for _ in $(seq 60); do curl -sf http://127.0.0.1:18090/healthz >/dev/null && break; sleep 0.5; done

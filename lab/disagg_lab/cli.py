@@ -118,7 +118,13 @@ def fleet_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"fleet": fleet_main}
+def routers_main(argv: list[str]) -> int:
+    from disagg_lab.routers import routers_main as main_
+
+    return main_(argv)
+
+
+COMMANDS = {"fleet": fleet_main, "routers": routers_main}
 
 
 def main(argv: list[str] | None = None) -> int:

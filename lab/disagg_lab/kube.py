@@ -138,10 +138,13 @@ class Watcher(threading.Thread):
     """
 
     def __init__(self, kind: Literal["pods", "services"], namespace: str | None, make_client: Callable[[], Any],
-                 post: Callable[[Event], None], stop: threading.Event, window_s: int = 60) -> None:
+                 post: Callable[[Event], None], stop: threading.Event, window_s: int = 60,
+                 selector: str = POD_SELECTOR, convert: Callable[[Any], Any] | None = None) -> None:
         super().__init__(name=f"watch-{kind}-{namespace or 'all'}", daemon=True)
         self.kind: Literal["pods", "services"] = kind
         self.namespace = namespace
+        self.selector = selector
+        self.convert = convert
         self.make_client = make_client
         self.post = post
         self.stop_event = stop
@@ -153,14 +156,16 @@ class Watcher(threading.Thread):
         if self.kind == "pods":
             core = kclient.CoreV1Api(client)
             if self.namespace is None:
-                return core.list_pod_for_all_namespaces, (), {"label_selector": POD_SELECTOR}
-            return core.list_namespaced_pod, (self.namespace,), {"label_selector": POD_SELECTOR}
+                return core.list_pod_for_all_namespaces, (), {"label_selector": self.selector}
+            return core.list_namespaced_pod, (self.namespace,), {"label_selector": self.selector}
         custom = kclient.CustomObjectsApi(client)
         if self.namespace is None:
             return custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL), {}
         return custom.list_namespaced_custom_object, (GROUP, VERSION, self.namespace, PLURAL), {}
 
     def _convert(self, obj: Any) -> Any:
+        if self.convert is not None:
+            return self.convert(obj)
         if self.kind == "pods":
             return pod_observation(obj)
         return service_observation(obj)

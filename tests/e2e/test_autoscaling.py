@@ -192,7 +192,7 @@ class FleetProcess:
         port = free_port()
         log_path = rig.workdir / f"fleet-{namespace}.log"
         cmd = [
-            sys.executable, "-m", "disagg.sim.fleet", "--namespace", namespace,
+            sys.executable, "-m", "disagg_lab.cli", "fleet", "--namespace", namespace,
             "--kubeconfig", str(rig.admin_kubeconfig), "--control-port", str(port),
             "--targets-file", str(rig.engines_file), "--seed", str(seed), "--default-load", default_load,
         ]

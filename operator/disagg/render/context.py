@@ -319,6 +319,11 @@ class Router:
     args: list[str]
     port: int
     metrics_port: int
+    readiness_path: str
+    """Ready when the router can serve: it has a healthy worker of each role (both routers' /readiness)."""
+    liveness_path: str
+    """Alive while the process answers (vllm-router /liveness, sglang-router /health): a worker going
+    down must not restart the router nor take it out of its Service."""
     metrics_service: str
     """Headless Service `<name>-metrics` (was `<name>-router` with a cluster IP: the reconcile of a
     service made before deletes that one as no longer desired)."""
@@ -339,17 +344,19 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         "--service-discovery-port", str(spec.engine.port),
         "--service-discovery-namespace", namespace,
         "--prometheus-port", str(ROUTER_METRICS_PORT),
+        # explicit for both (vllm-router's default is 127.0.0.1, sglang-router's all interfaces)
+        "--prometheus-host", "0.0.0.0",
     ]
     if spec.engine.kind == "vllm":
         command = ["vllm-router"]
-        # vllm-router serves its metrics on 127.0.0.1 unless told otherwise
-        args = ["--vllm-pd-disaggregation", "--kv-connector", spec.kv_transfer.connector, *common,
-                "--prometheus-host", "0.0.0.0"]
+        args = ["--vllm-pd-disaggregation", "--kv-connector", spec.kv_transfer.connector, *common]
         app = "vllm-router"
+        liveness = "/liveness"
     else:
         command = ["python3", "-m", "sglang_router.launch_router"]
         args = ["--pd-disaggregation", *common]
         app = "sglang-router"
+        liveness = "/health"
     return Router(
         name=f"{owner.name}-router",
         replicas=spec.router.replicas,
@@ -360,5 +367,7 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         args=args,
         port=spec.router.port,
         metrics_port=ROUTER_METRICS_PORT,
+        readiness_path="/readiness",
+        liveness_path=liveness,
         metrics_service=f"{owner.name}-metrics",
     )

@@ -444,6 +444,28 @@ class DecodePool:
         self.next_done[slot] = self.heaps[slot][0][0]
         return self.step_one(slot)
 
+    def abort(self, slot: int, request: int) -> None:
+        """Ends a running sequence early (its client went away), freeing its KV reservation."""
+        heap = self.heaps[slot]
+        kept = [entry for entry in heap if entry[1] != request]
+        for target, _, prompt, output in (entry for entry in heap if entry[1] == request):
+            self.batch[slot] -= 1
+            self.sum_prompt[slot] -= prompt
+            self.sum_start[slot] -= target - output
+            self.reserved[slot] -= prompt + output
+        heapq.heapify(kept)
+        self.heaps[slot] = kept
+        self.next_done[slot] = kept[0][0] if kept else np.inf
+        if not kept:
+            self.batch[slot] = self.sum_prompt[slot] = self.sum_start[slot] = self.reserved[slot] = 0.0
+
+    def release(self, slot: int) -> None:
+        """The replica is gone: its slot is free for the next `add`."""
+        self.state[slot] = self.FREE
+        self.heaps[slot] = []
+        self.batch[slot] = self.sum_prompt[slot] = self.sum_start[slot] = self.reserved[slot] = 0.0
+        self.next_done[slot] = np.inf
+
     def weights(self, batch: FloatArray) -> FloatArray:
         cost = self.cost
         if cost.active_share >= 1.0:
