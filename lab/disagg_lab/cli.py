@@ -124,7 +124,13 @@ def routers_main(argv: list[str]) -> int:
     return main_(argv)
 
 
-COMMANDS = {"fleet": fleet_main, "routers": routers_main}
+def load_main(argv: list[str]) -> int:
+    from disagg_lab.load import load_main as main_
+
+    return main_(argv)
+
+
+COMMANDS = {"fleet": fleet_main, "routers": routers_main, "load": load_main}
 
 
 def main(argv: list[str] | None = None) -> int:
