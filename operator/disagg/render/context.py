@@ -329,6 +329,11 @@ class Router:
     service made before deletes that one as no longer desired)."""
 
 
+ROUTER_HEALTH_CHECK_INTERVAL_S = 5
+ROUTER_HEALTH_CHECK_TIMEOUT_S = 2
+ROUTER_HEALTH_FAILURE_THRESHOLD = 2
+
+
 def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
     engine = ENGINES[spec.engine.kind]
     namespace = owner.namespace or "default"
@@ -346,6 +351,11 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         "--prometheus-port", str(ROUTER_METRICS_PORT),
         # explicit for both (vllm-router's default is 127.0.0.1, sglang-router's all interfaces)
         "--prometheus-host", "0.0.0.0",
+        # a worker that stops answering leaves the rotation within ~10 s (the routers' defaults, a check
+        # every 60 s and 3 failures, keep sending it every other request for up to 3 minutes)
+        "--health-check-interval-secs", str(ROUTER_HEALTH_CHECK_INTERVAL_S),
+        "--health-check-timeout-secs", str(ROUTER_HEALTH_CHECK_TIMEOUT_S),
+        "--health-failure-threshold", str(ROUTER_HEALTH_FAILURE_THRESHOLD),
     ]
     if spec.engine.kind == "vllm":
         command = ["vllm-router"]
