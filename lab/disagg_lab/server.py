@@ -317,7 +317,10 @@ class FleetServer:
         return self.by_address.get((str(sockname[0]), int(sockname[1])))
 
     @staticmethod
-    def _gone() -> web.Response:
+    def _gone(request: web.Request) -> web.Response:
+        """A kept-alive connection to a pod no longer served: dropped, as the engine's process is gone."""
+        if request.transport is not None:
+            request.transport.close()
         return web.json_response({"error": {"message": "no engine here any more", "code": 404}}, status=404)
 
     @staticmethod
@@ -327,25 +330,25 @@ class FleetServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         pod = self._pod_of(request)
         if pod is None:
-            return self._gone()
+            return self._gone(request)
         return web.Response(body=pod.metrics_page().encode(), headers={"Content-Type": EXPOSITION_CONTENT_TYPE})
 
     async def _health(self, request: web.Request) -> web.Response:
         pod = self._pod_of(request)
         if pod is None:
-            return self._gone()
+            return self._gone(request)
         return web.Response(status=503 if pod.fault == "unhealthy" else 200)
 
     async def _version(self, request: web.Request) -> web.Response:
         pod = self._pod_of(request)
         if pod is None:
-            return self._gone()
+            return self._gone(request)
         return web.json_response({"version": ENGINE_VERSIONS[pod.engine.config.kind]})
 
     async def _models(self, request: web.Request) -> web.Response:
         pod = self._pod_of(request)
         if pod is None:
-            return self._gone()
+            return self._gone(request)
         name = pod.service.spec.model.name
         return web.json_response({"object": "list", "data": [{
             "id": name, "object": "model", "created": int(self.started_wall), "owned_by": pod.engine.config.kind,
@@ -355,7 +358,7 @@ class FleetServer:
     async def _model_info(self, request: web.Request) -> web.Response:
         pod = self._pod_of(request)
         if pod is None:
-            return self._gone()
+            return self._gone(request)
         name = pod.service.spec.model.name
         return web.json_response({"model_path": self.model_path(name), "tokenizer_path": self.model_path(name),
                                   "is_generation": True,
@@ -365,7 +368,7 @@ class FleetServer:
     async def _server_info(self, request: web.Request) -> web.Response:
         pod = self._pod_of(request)
         if pod is None:
-            return self._gone()
+            return self._gone(request)
         engine = pod.engine
         name = pod.service.spec.model.name
         info: dict[str, Any] = {
@@ -383,7 +386,7 @@ class FleetServer:
     async def _get_load(self, request: web.Request) -> web.Response:
         pod = self._pod_of(request)
         if pod is None:
-            return self._gone()
+            return self._gone(request)
         running, waiting, usage = pod.engine.gauges()
         return web.json_response([{"dp_rank": 0, "num_reqs": running + waiting, "num_waiting_reqs": waiting,
                                    "num_tokens": int(usage * pod.engine.config.kv_capacity_tokens)}])
@@ -400,7 +403,7 @@ class FleetServer:
     async def _generation(self, request: web.Request, api: Api) -> web.StreamResponse:
         pod = self._pod_of(request)
         if pod is None:
-            return self._gone()
+            return self._gone(request)
         kind = pod.engine.config.kind
         if pod.fault == "unhealthy":
             return self._error(kind, 503, "the engine is unhealthy")
