@@ -114,7 +114,8 @@ def start_fleet(cluster: LocalCluster, namespace: str, workdir: Path) -> Fleet:
     port = free_port()
     log_path = workdir / "fleet.log"
     cmd = [
-        sys.executable, "-m", "disagg_lab.cli", "fleet", "--namespace", namespace, "--kubeconfig", str(cluster.kubeconfig),
+        sys.executable, "-m", "disagg_lab.cli", "fleet", "--namespace", namespace,
+        "--kubeconfig", str(cluster.kubeconfig),
         "--control-port", str(port), "--targets-file", str(cluster.engines_file), "--seed", "7",
         "--load", f"{namespace}/{SERVICE}={RPS_BEFORE:g}",
         "--prompt-tokens", str(PROMPT_TOKENS), "--output-tokens", str(OUTPUT_TOKENS),
