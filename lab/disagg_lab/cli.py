@@ -28,6 +28,8 @@ def _logging(verbose: bool, name: str) -> None:
     if not verbose:
         for noisy in ("aiohttp", "kubernetes", "httpx", "httpx2", "openai"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # sglang-router first tries each worker over gRPC: aiohttp logs the HTTP/2 preface it refuses as an error
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
 
 def fleet_parser() -> argparse.ArgumentParser:
