@@ -1,8 +1,8 @@
 """A fine time-step simulation of a disaggregated service: prefill and decode pools, router, metrics, scaler.
 
 The engine model is two classes, `PrefillReplica` and `DecodePool`, with every cost from the roofline
-(`disagg.capacity.roofline`); the local cluster's simulated engines (the development package
-`disagg_lab`) step the same two classes live, behind real HTTP and real routers.
+(`disagg.capacity.roofline`); the local cluster's simulated engines (the development package in lab/,
+not shipped) step the same two classes live, behind real HTTP and real routers.
 
 What is simulated (each replica from the roofline capacity model with the engine's true efficiency):
 - Router: each arriving request goes to the ready prefill replica with the least outstanding work.
