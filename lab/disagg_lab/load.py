@@ -466,3 +466,67 @@ def iter_results(path: Path) -> Iterator[dict[str, Any]]:
 
 def finite(values: list[float | None]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
+
+
+class BackgroundLoad:
+    """Poisson requests at a rate that can change while they run (a thread with its own event loop), for
+    tests and the demo; bounded in time and count."""
+
+    def __init__(self, endpoints: ServiceEndpoints, *, prompt_tokens: int, output_tokens: int, rate: float,
+                 max_s: float = 1800.0, max_requests: int = 50_000, seed: int = 0, api: str = "completions") -> None:
+        self.endpoints = endpoints
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+        self.rate = rate
+        self.max_s = max_s
+        self.max_requests = max_requests
+        self.rng = random.Random(seed)
+        self.api = api
+        self.results: list[Result] = []
+        self.changes: list[tuple[float, float]] = [(time.time(), rate)]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set_rate(self, rate: float) -> float:
+        """The new rate from now on; when it was set (unix time)."""
+        self.rate = rate
+        at = time.time()
+        self.changes.append((at, rate))
+        return at
+
+    def start(self) -> BackgroundLoad:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True, name="background-load")
+        self._thread.start()
+        return self
+
+    async def _run(self) -> None:
+        client = LoadClient(self.endpoints, api=self.api, timeout_s=60.0)
+        client.results = self.results
+        tasks: set[asyncio.Task[Result]] = set()
+        started = time.monotonic()
+        sent = 0
+        try:
+            while not self._stop.is_set() and time.monotonic() - started < self.max_s and sent < self.max_requests:
+                rate = self.rate
+                if rate <= 0:
+                    await asyncio.sleep(0.1)
+                    continue
+                await asyncio.sleep(min(self.rng.expovariate(rate), 1.0))
+                if self._stop.is_set():
+                    break
+                task = asyncio.create_task(client.one(sent, self.prompt_tokens, self.output_tokens))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                sent += 1
+            if tasks:
+                await asyncio.wait(tasks, timeout=70.0)
+        finally:
+            await client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=90)
+
+    def since(self, at: float) -> list[Result]:
+        return [r for r in list(self.results) if r.sent_at >= at]

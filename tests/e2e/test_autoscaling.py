@@ -1,19 +1,24 @@
-"""e2e: the operator's autoscaler on the local cluster, driven by the real Prometheus scraping the simulated
-engine fleet (`python -m disagg.sim.fleet`).
+"""e2e: the operator's autoscaler on the local cluster, driven by real traffic: a real OpenAI client sends
+requests to the service's endpoint, the real router sends them to the simulated engines
+(`disagg-lab fleet`), and the real Prometheus scrapes the engines' metrics.
 
-A namespace of this module holds an examples/01-like InferenceService (vLLM, prefill on H100, decode on
-H200, both pools autoscaled from one replica), its own operator process (the shipped RBAC under
-session-specific names, a TokenRequest kubeconfig, namespaced, `--prometheus-url` and short autoscaling
-settings: see `operator_flags`) and its own fleet (own control port). The session's admission policy
-(operator_support.isolation_policy) keeps any other operator on the cluster from writing there.
+A namespace of this module holds an examples/01-like InferenceService (vLLM, prefill on H100 TP2, decode
+on H100 TP2 with a 25 ms ITL target, both pools autoscaled from one replica: see `traffic_service`), its
+own operator process (the shipped RBAC under session-specific names, a TokenRequest kubeconfig,
+namespaced, `--prometheus-url` and short autoscaling settings: see `operator_flags`), its own engines and
+the real vllm-router of its router pod (`disagg-lab routers`), and a background client
+(`disagg_lab.load.BackgroundLoad`: the openai package, Poisson arrivals, through the Service's ready
+endpoints). The session's admission policy (operator_support.isolation_policy) keeps any other operator
+on the cluster from writing there.
 
-The workload is chosen so that the step's need is unambiguous (see `Workload`): a steady load one replica
-per pool serves comfortably, then 4x that, which needs exactly two replicas in each pool for any plausible
-state of the policy's online corrections. The tests run in order on the same service:
+The traffic is chosen so that the step's need is unambiguous (see `Traffic`): a steady rate one replica per
+pool serves comfortably, then 4x that, 1.3x what one replica of either pool holds within the SLO by the
+capacity model, which two replicas of each hold. The step is the client's rate change (its own clock).
+The tests run in order on the same service:
 
 (a) from the settled steady load, the 4x step: both pools scale up in one decision each (one `Scaled`
     Event per pool, straight to the count the pool then keeps; `status.<pool>.lastScale` has from/to);
-    the reaction time from the step (the fleet's `applied_at_unix`) to each Deployment's new
+    the reaction time from the step (when the client changed its rate) to each Deployment's new
     `spec.replicas` (seen by a watch) is measured and printed;
 (b) back to the steady load: no pool scales down before the stabilisation window has passed since its
     last recommendation of the higher count, which comes no sooner than its scale-up (the step was sized
@@ -24,7 +29,7 @@ state of the policy's online corrections. The tests run in order on the same ser
     Prometheus is shared with other tests: it is restarted in a `finally`.
 
 The rig (identity and isolation, the fleet process, the Deployment watch, settling) is also what
-bench/reaction.py runs on.
+bench/reaction.py runs on (with load injected into the fleet: `Workload`, `autoscaled_service`).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from operator_support import (
     Cluster,
     E2ESession,
     Kubectl,
+    LabProcesses,
     OperatorProcess,
     bin_dir,
     condition,
@@ -66,6 +72,7 @@ from operator_support import (
     load_docs,
     operator_session,
     remove_finalizers,
+    routers_ready,
     wait_until,
 )
 
@@ -73,6 +80,8 @@ from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.capacity.models import from_architecture
 from disagg.capacity.roofline import DEFAULT_EFFICIENCY, prefill_seconds
 from disagg.catalog.accelerators import DEFAULT_CATALOG
+from disagg_lab.load import BackgroundLoad, ServiceEndpoints
+from disagg_lab.offered import base_load
 
 if TYPE_CHECKING:
     from conftest import LocalCluster
@@ -140,6 +149,40 @@ class Workload:
                                   DEFAULT_EFFICIENCY)
         step = overload / service
         return cls(base.prompt_tokens, base.output_tokens, round(step, 2), round(step / factor, 2))
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """The real client's load: 2048-token prompts, 64-token answers (256 generated tokens/s at the step, light
+    for the client, the router and the engines on 2 cores). On `traffic_service` one prefill replica holds
+    ~3.0 requests/s within the 1-s TTFT target and one decode replica ~3.0 within the 25-ms ITL target (the
+    capacity model, as `disagg_lab.offered.base_load` sizes them); the step is 1.3x the smaller, the steady
+    rate a quarter of the step."""
+
+    prompt_tokens: int = 2048
+    output_tokens: int = 64
+    step_rps: float = 0.0
+    steady_rps: float = 0.0
+
+    @classmethod
+    def for_service(cls, manifest: dict[str, Any], factor: float = STEP_FACTOR, overload: float = 1.3) -> Traffic:
+        spec = InferenceServiceSpec.model_validate(manifest["spec"])
+        base = cls()
+        capacity = base_load(spec, DEFAULT_CATALOG, prompt_tokens=base.prompt_tokens,
+                             output_tokens=base.output_tokens, share=1.0)
+        step = overload * min(capacity.prefill_capacity_rps, capacity.decode_capacity_rps)
+        return cls(base.prompt_tokens, base.output_tokens, round(step, 2), round(step / factor, 2))
+
+
+def traffic_service(namespace: str, max_prefill: int = 8, max_decode: int = 16) -> dict[str, Any]:
+    """examples/01 with decode on H100 TP2 and SLO 1000 ms / 25 ms, so that a few requests/s of real traffic
+    load one replica of each pool; both pools autoscaled from one replica; one router."""
+    service = autoscaled_service(namespace, max_prefill, max_decode)
+    spec = service["spec"]
+    spec["slo"] = {"ttftMs": 1000, "itlMs": 25, "percentile": 90}
+    spec["decode"]["accelerator"] = {"type": "nvidia-h100", "count": 2}
+    spec["decode"]["parallelism"] = {"tensor": 2}
+    return service
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -431,14 +474,16 @@ def first_changes(watch: ReplicaWatch, since: float) -> dict[str, tuple[float, i
 
 @dataclass
 class Scenario:
-    """One autoscaled service with its own operator and fleet, settled at the steady load."""
+    """One autoscaled service with its own operator, engines, router and client, settled at the steady load."""
 
     cluster: LocalCluster
     rig: Rig
     namespace: str
     operator: OperatorProcess
-    workload: Workload
-    fleet: FleetProcess | None = None
+    workload: Traffic
+    lab: LabProcesses | None = None
+    traffic: BackgroundLoad | None = None
+    endpoints: ServiceEndpoints | None = None
     watch: ReplicaWatch | None = None
     settled: dict[str, int] = field(default_factory=dict)
     step_at: float = 0.0
@@ -449,9 +494,13 @@ class Scenario:
         return self.rig.cluster.service(self.namespace, SERVICE)
 
     def load(self, rps: float) -> float:
-        """Sets the offered load; returns when the fleet applied it (unix seconds)."""
-        assert self.fleet is not None
-        return float(self.fleet.put_load(self.namespace, SERVICE, {"rps": rps})["applied_at_unix"])
+        """Sets the client's rate; returns when it changed (unix seconds)."""
+        assert self.traffic is not None
+        return self.traffic.set_rate(rps)
+
+    def failed_since(self, at: float) -> list[dict[str, Any]]:
+        assert self.traffic is not None
+        return [r.record() for r in self.traffic.since(at) if not r.ok]
 
     def current(self) -> dict[str, int | None]:
         assert self.watch is not None
@@ -459,8 +508,8 @@ class Scenario:
 
     def diagnostics(self) -> str:
         parts = [diagnose(self.rig.kubectl, [self.namespace], [self.operator])]
-        if self.fleet is not None:
-            parts.append(self.fleet.log_tail())
+        if self.lab is not None:
+            parts.append(self.lab.log_tail())
         if self.watch is not None:
             parts.append(self.watch.describe(self.step_at))
         try:
@@ -494,11 +543,11 @@ def scenario(cluster: LocalCluster, autoscale_rig: Rig) -> Iterator[Scenario]:
     namespace = f"e2e-autoscaling-{secrets.token_hex(3)}"
     r.kubectl("create", "namespace", namespace)
     r.kubectl("label", "namespace", namespace, "e2e=true")
-    manifest = autoscaled_service(namespace)
+    manifest = traffic_service(namespace)
     s = Scenario(cluster, r, namespace,
                  OperatorProcess("autoscaler", (namespace,), r.operator_kubeconfig, r.workdir / "operator.log", 30.0,
                                  extra_args=operator_flags()),
-                 Workload.for_service(manifest))
+                 Traffic.for_service(manifest))
     try:
         isolate(r.kubectl, r.session, namespace)
         s.operator.start().wait_healthy(timeout=30)
@@ -513,10 +562,20 @@ def scenario(cluster: LocalCluster, autoscale_rig: Rig) -> Iterator[Scenario]:
 
         wait_until(ready_at_one, 90, f"{SERVICE} Ready with one replica per pool", s.diagnostics)
         s.watch = ReplicaWatch(r.cluster.api, namespace, SERVICE).start()
-        s.fleet = FleetProcess.start(r, namespace, f"{s.workload.steady_rps:g}",
-                                     prompt_tokens=s.workload.prompt_tokens, output_tokens=s.workload.output_tokens)
-        wait_until(lambda: s.fleet is not None and s.fleet.served(namespace, SERVICE) == {"prefill": 1, "decode": 1},
-                   30, "the fleet to serve both pools' pods", s.diagnostics)
+        s.lab = LabProcesses(namespace, r.workdir, r.admin_kubeconfig, targets_file=r.engines_file).start()
+
+        def serving() -> bool:
+            assert s.lab is not None
+            served = sorted(p["role"] for p in s.lab.pods(SERVICE))
+            assert served == ["decode", "prefill"], f"the fleet serves {served}"
+            routers = r.cluster.pods(namespace, f"disagg.dev/service={SERVICE},disagg.dev/role=router")
+            assert routers_ready(routers), "the router is not started and Ready yet"
+            return True
+
+        wait_until(serving, 120, "the engines served and the router started and probed", s.diagnostics)
+        s.endpoints = ServiceEndpoints(lambda: r.cluster.api, namespace, SERVICE).start()
+        s.traffic = BackgroundLoad(s.endpoints, prompt_tokens=s.workload.prompt_tokens,
+                                   output_tokens=s.workload.output_tokens, rate=s.workload.steady_rps, seed=7).start()
         load_on = time.time()
         s.settled = settle(r.cluster, namespace, s.watch, load_on, SETTLE_MIN_S, SETTLE_QUIET_S,
                            SETTLE_MIN_S + SCALE_DOWN_WINDOW_S + 60,
@@ -529,8 +588,14 @@ def scenario(cluster: LocalCluster, autoscale_rig: Rig) -> Iterator[Scenario]:
     finally:
         if s.watch is not None:
             s.watch.stop()
-        if s.fleet is not None:
-            s.fleet.stop()
+        if s.traffic is not None:
+            s.traffic.stop()
+            done = s.traffic.results
+            print(f"autoscaling e2e: the client sent {len(done)} requests, {sum(1 for x in done if not x.ok)} failed")
+        if s.endpoints is not None:
+            s.endpoints.stop()
+        if s.lab is not None:
+            s.lab.stop()
         s.operator.stop()
         remove_finalizers(r.cluster, namespace)
         r.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
@@ -557,6 +622,8 @@ def test_a_4x_step_scales_each_pool_once_straight_to_its_need(scenario: Scenario
           + f" (tick {TICK_S:g}s, rate window {RATE_WINDOW}, scrape {SCRAPE_INTERVAL_S:g}s)")
     for role in ROLES:
         assert first[role][1] > before[role], f"{role} did not scale up: {first[role]}\n{s.diagnostics()}"
+    failed = s.failed_since(s.step_at)
+    assert not failed, f"{len(failed)} of the client's requests failed after the step: {failed[:3]}"
     s.results["scaled_to"] = {role: first[role][1] for role in ROLES}
     s.results["reaction_s"] = reaction
     time.sleep(max(0.0, max(at for at, _ in first.values()) + HOLD_CHECK_S - time.time()))

@@ -21,16 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,18 +35,19 @@ from operator_support import (
     Cluster,
     E2ESession,
     Kubectl,
+    LabProcesses,
     OperatorProcess,
     bin_dir,
     condition,
     diagnose,
     dump,
-    free_port,
     in_namespace,
     is_ready,
     isolate,
     load_docs,
     operator_session,
     remove_finalizers,
+    routers_ready,
     wait_until,
 )
 
@@ -93,73 +88,11 @@ def manifest(namespace: str, name: str) -> dict[str, Any]:
 
 
 @dataclass
-class Lab:
-    """The processes of the lab for one namespace."""
-
-    namespace: str
-    workdir: Path
-    kubeconfig: Path
-    control_port: int = field(default_factory=free_port)
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start(self) -> Lab:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        commands = {
-            "fleet": ["fleet", "-n", self.namespace, "--kubeconfig", str(self.kubeconfig), "--control-port",
-                      str(self.control_port), "--targets-file", "none",
-                      "--traces-dir", str(REPO.parent / "shared" / "traces")],
-            "routers": ["routers", "-n", self.namespace, "--kubeconfig", str(self.kubeconfig), "--state-dir",
-                        str(self.workdir / "routers")],
-        }
-        for name, args in commands.items():
-            with (self.workdir / f"{name}.log").open("ab") as log:
-                self.processes[name] = subprocess.Popen([sys.executable, "-m", "disagg_lab.cli", *args], stdout=log,
-                                                        stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                                        start_new_session=True)
-        return self
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.control_port}{path}", timeout=5) as resp:
-            return json.loads(resp.read())
-
-    def put(self, path: str, body: dict[str, Any]) -> Any:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.control_port}{path}", data=json.dumps(body).encode(),
-                                         method="PUT", headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            return json.loads(resp.read())
-
-    def pods(self, service: str) -> list[dict[str, Any]]:
-        return [p for p in self.get("/state")["pods"] if p["service"] == service]
-
-    def log_tail(self, lines: int = 30) -> str:
-        parts = []
-        for name in self.processes:
-            try:
-                text = (self.workdir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
-            except OSError:
-                text = []
-            parts.append(f"--- {name} log, last {len(text)} lines ---\n" + "\n".join(text))
-        return "\n".join(parts)
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-
-
-@dataclass
 class DataPath:
     session: E2ESession
     namespace: str
     operator: OperatorProcess
-    lab: Lab
+    lab: LabProcesses
     api: kclient.ApiClient
 
     def diagnostics(self) -> str:
@@ -170,13 +103,6 @@ class DataPath:
 
     def endpoints(self, service: str) -> ServiceEndpoints:
         return ServiceEndpoints(lambda: self.api, self.namespace, service)
-
-
-def routers_ready(pods: list[Any]) -> bool:
-    """Ready as the lab's prober set it (the container started by the lab, not kwok's instant Ready)."""
-    return bool(pods) and all(
-        any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-        and p.status.container_statuses and p.status.container_statuses[0].started for p in pods)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +116,7 @@ def datapath(cluster: LocalCluster, kube_api: kclient.ApiClient,
         kubectl("label", "namespace", namespace, "e2e=true")
         operator = OperatorProcess("operator", (namespace,), session.operator_kubeconfig, workdir / "operator.log",
                                    30.0)
-        lab = Lab(namespace, workdir, cluster.kubeconfig)
+        lab = LabProcesses(namespace, workdir, cluster.kubeconfig)
         env = DataPath(session, namespace, operator, lab, kube_api)
         try:
             isolate(kubectl, session.session, namespace)
