@@ -257,6 +257,21 @@ class LabProcesses:
                 self.processes[name] = subprocess.Popen([sys.executable, "-m", "disagg_lab.cli", *args], stdout=log,
                                                         stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                                         start_new_session=True)
+
+        def control_api() -> bool:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise AssertionError(f"disagg-lab {name} exited with {process.returncode}\n{self.log_tail()}")
+            try:
+                return bool(self.get("/healthz")["ok"])
+            except (OSError, urllib.error.URLError):
+                return False
+
+        try:
+            wait_until(control_api, 30, "the fleet's control API", self.log_tail)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def get(self, path: str) -> Any:

@@ -153,19 +153,19 @@ class Workload:
 
 @dataclass(frozen=True)
 class Traffic:
-    """The real client's load: 2048-token prompts, 64-token answers (256 generated tokens/s at the step, light
-    for the client, the router and the engines on 2 cores). On `traffic_service` one prefill replica holds
-    ~3.0 requests/s within the 1-s TTFT target and one decode replica ~3.0 within the 25-ms ITL target (the
-    capacity model, as `disagg_lab.offered.base_load` sizes them); the step is 1.3x the smaller, the steady
-    rate a quarter of the step."""
+    """The real client's load: 1024-token prompts, 64-token answers. On `traffic_service` one prefill replica
+    holds ~3.8 requests/s within the 1-s TTFT target and one decode replica ~4.0 (its KV cache holds ~8
+    sequences: the capacity model, as `disagg_lab.offered.base_load` sizes both); the step is 1.5x the
+    smaller (~6 requests/s, ~370 streamed tokens/s: light for the client, the router and the engines on 2
+    cores), the steady rate a quarter of the step."""
 
-    prompt_tokens: int = 2048
+    prompt_tokens: int = 1024
     output_tokens: int = 64
     step_rps: float = 0.0
     steady_rps: float = 0.0
 
     @classmethod
-    def for_service(cls, manifest: dict[str, Any], factor: float = STEP_FACTOR, overload: float = 1.3) -> Traffic:
+    def for_service(cls, manifest: dict[str, Any], factor: float = STEP_FACTOR, overload: float = 1.5) -> Traffic:
         spec = InferenceServiceSpec.model_validate(manifest["spec"])
         base = cls()
         capacity = base_load(spec, DEFAULT_CATALOG, prompt_tokens=base.prompt_tokens,
@@ -175,13 +175,17 @@ class Traffic:
 
 
 def traffic_service(namespace: str, max_prefill: int = 8, max_decode: int = 16) -> dict[str, Any]:
-    """examples/01 with decode on H100 TP2 and SLO 1000 ms / 25 ms, so that a few requests/s of real traffic
-    load one replica of each pool; both pools autoscaled from one replica; one router."""
+    """examples/01 serving a 32.8B-parameter model in BF16 (Qwen3-32B's shape) on one H100 per worker with SLO
+    1000 ms / 40 ms: its decode is bound by its KV cache (~9k tokens), so a few requests/s of real traffic
+    load one replica of each pool. Both pools autoscaled from one replica; one router."""
     service = autoscaled_service(namespace, max_prefill, max_decode)
     spec = service["spec"]
-    spec["slo"] = {"ttftMs": 1000, "itlMs": 25, "percentile": 90}
-    spec["decode"]["accelerator"] = {"type": "nvidia-h100", "count": 2}
-    spec["decode"]["parallelism"] = {"tensor": 2}
+    spec["model"] = {"name": "Qwen/Qwen3-32B", "uri": "hf://Qwen/Qwen3-32B",
+                     "architecture": {"parameters": 32.8e9, "layers": 64, "kvHeads": 8, "headDim": 128}}
+    spec["slo"] = {"ttftMs": 1000, "itlMs": 40, "percentile": 90}
+    for role in ROLES:
+        spec[role]["accelerator"] = {"type": "nvidia-h100", "count": 1}
+        spec[role]["parallelism"] = {"tensor": 1}
     return service
 
 
