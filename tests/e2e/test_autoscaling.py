@@ -537,6 +537,7 @@ SETTLE_MIN_S = 45.0
 """The steady load runs at least this long before the step (decode sequences live ~13 s, the policy's
 fits want a few dozen ticks)."""
 SETTLE_QUIET_S = 20.0
+QUIET_AFTER_STEP_S = 12.0
 OUTAGE_S = 20.0
 
 
@@ -644,6 +645,17 @@ def test_a_4x_step_in_the_clients_rate_scales_both_pools(scenario: Scenario) -> 
     for role in ROLES:
         last = pool_status(svc, role).get("lastScale") or {}
         assert last.get("reason") and last.get("time") and int(last.get("to", 0)) > before[role], last
+
+    def quiet() -> dict[str, int] | None:
+        assert s.watch is not None
+        now = time.time()
+        for role in ROLES:
+            at, _ = s.watch.history(role)[-1]
+            assert now - at >= QUIET_AFTER_STEP_S, f"{role} changed {now - at:.0f}s ago"
+        return {role: s.watch.history(role)[-1][1] for role in ROLES}
+
+    # the next test starts from pools that stopped moving under the step's load
+    s.results["scaled_to"] = wait_until(quiet, 90, "the pools to stop moving under the step", s.diagnostics)
 
 
 def test_b_scale_down_only_after_the_stabilisation_window(scenario: Scenario) -> None:
