@@ -24,8 +24,9 @@ The tests run in order on the same service:
     last recommendation of the higher count, which comes no sooner than its scale-up (the step was sized
     for the upper end of its first interval; during (a)'s 25-s hold the replay may ask for less) and no
     later than the step down; then decode does.
-(c) Prometheus stopped, and the 4x step offered meanwhile: the replicas hold, `ScalingActive=False` with
-    reason `MetricsUnavailable`; Prometheus started again: `ScalingActive=True` and the step is acted on.
+(c) Prometheus stopped, and a change of load offered meanwhile (the 4x step when decode is back at one
+    replica, else no load at all): the replicas hold, `ScalingActive=False` with reason
+    `MetricsUnavailable`; Prometheus started again: `ScalingActive=True` and the change is acted on.
     Prometheus is shared with other tests: it is restarted in a `finally`.
 
 The rig (identity and isolation, the fleet process, the Deployment watch, settling) is also what
@@ -713,7 +714,10 @@ def test_c_prometheus_down_holds_and_says_so_then_scaling_resumes(scenario: Scen
         stopped = True
         cluster.prometheus_stop()
         outage_at = time.time()
-        s.step_at = s.load(s.workload.step_rps)
+        # the change offered during the outage: the 4x step from one decode replica; from more (real traffic
+        # can leave decode above one after (b)), no load at all, which takes decode down once metrics return
+        down = low["decode"] > 1
+        s.step_at = s.load(0.0 if down else s.workload.step_rps)
 
         def unavailable() -> dict[str, Any] | None:
             cond = scaling_active()
@@ -753,9 +757,11 @@ def test_c_prometheus_down_holds_and_says_so_then_scaling_resumes(scenario: Scen
         assert "decode" in changes, f"changes since Prometheus is back: {changes}"
         return changes
 
-    up = wait_until(resumed, 45, "the step offered during the outage to be acted on", s.diagnostics)
+    up = wait_until(resumed, SCALE_DOWN_WINDOW_S + 30 if down else 45,
+                    "the load offered during the outage to be acted on", s.diagnostics)
     for role, (_, replicas) in up.items():
-        assert replicas > low[role], f"{role}: {low[role]} -> {replicas} after the restart"
+        assert (replicas < low[role]) if down else (replicas > low[role]), (
+            f"{role}: {low[role]} -> {replicas} after the restart")
     print(f"autoscaling e2e: Prometheus down {held_for:.0f}s: replicas held at {low}, ScalingActive=False "
           "MetricsUnavailable; back: " + ", ".join(
               f"{role} {low[role]} -> {n} {at - restarted_at:.1f}s after the restart" for role, (at, n) in up.items()))
