@@ -132,16 +132,23 @@ def load_main(argv: list[str]) -> int:
     return main_(argv)
 
 
-COMMANDS = {"fleet": fleet_main, "routers": routers_main, "load": load_main}
+def ask_main(argv: list[str]) -> int:
+    from disagg_lab.load import ask_main as main_
+
+    return main_(argv)
+
+
+COMMANDS = {"fleet": fleet_main, "routers": routers_main, "load": load_main, "ask": ask_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: disagg-lab {fleet,routers,load} ...\n\n"
+        print("usage: disagg-lab {fleet,routers,load,ask} ...\n\n"
               "  fleet    simulated engines for the Ready prefill/decode pods (disagg-lab fleet --help)\n"
               "  routers  the real router binaries for the Ready router pods (disagg-lab routers --help)\n"
-              "  load     real OpenAI requests to a service's endpoint (disagg-lab load --help)",
+              "  load     real OpenAI requests to a service's endpoint (disagg-lab load --help)\n"
+              "  ask      one streamed chat answer from a service's endpoint (disagg-lab ask --help)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])

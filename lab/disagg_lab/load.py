@@ -530,3 +530,54 @@ class BackgroundLoad:
 
     def since(self, at: float) -> list[Result]:
         return [r for r in list(self.results) if r.sent_at >= at]
+
+
+def ask_main(argv: list[str]) -> int:
+    """`disagg-lab ask`: one streamed chat answer through the service's endpoint, printed as it comes."""
+    parser = argparse.ArgumentParser(prog="disagg-lab ask",
+                                     description="Stream one chat answer from an InferenceService's endpoint.")
+    parser.add_argument("-n", "--namespace", required=True)
+    parser.add_argument("service")
+    parser.add_argument("prompt", nargs="+")
+    parser.add_argument("--kubeconfig", default=None)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    args = parser.parse_args(argv)
+    for noisy in ("httpx", "httpx2", "openai", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    endpoints = ServiceEndpoints(lambda: admin_client(args.kubeconfig), args.namespace, args.service).start()
+
+    async def go() -> int:
+        client = LoadClient(endpoints, api="chat")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first: float | None = None
+        tokens = 0
+        try:
+            model = await client.model_name()
+            request = client.client.chat.completions.with_streaming_response.create(
+                model=model, messages=[{"role": "user", "content": " ".join(args.prompt)}],
+                max_tokens=max(1, args.max_tokens), stream=True)
+            async with request as response:
+                headers = response.headers
+                async for chunk in await response.parse():
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            first = first if first is not None else loop.time()
+                            tokens += 1
+                            print(choice.delta.content, end="", flush=True)
+            elapsed = loop.time() - started
+            itl = (loop.time() - first) / max(tokens - 1, 1) if first is not None else 0.0
+            print(f"\n[{model}: {tokens} tokens, first after {((first or started) - started) * 1000:.0f} ms, then one "
+                  f"every {itl * 1000:.1f} ms, {elapsed:.2f} s in all; prefill {headers.get(PREFILL_POD_HEADER, '?')}"
+                  f" -> decode {headers.get(DECODE_POD_HEADER, '?')}, KV {headers.get(KV_HEADER, '?')}]")
+            return 0
+        except (openai.APIError, httpx.HTTPError, OSError) as error:
+            print(f"\nerror: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        endpoints.stop()
