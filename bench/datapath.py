@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import secrets
 import signal
 import subprocess
@@ -132,18 +133,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def router_pids(rig: Rig) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                if rig.namespace in cmdline or "vllm::router" in cmdline:
-                    environ = (proc / "environ").read_bytes()
-                    if rig.namespace.encode() in environ:
-                        pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
+    """The router processes disagg-lab routers started (from its log), still running."""
+    text = (rig.workdir / "routers.log").read_text(errors="replace")
+    pids = {int(m) for m in re.findall(rf"{rig.namespace}/\S+: started \S+ \(pid (\d+)\)", text)}
+    return sorted(pid for pid in pids if Path(f"/proc/{pid}").exists())
 
 
 async def one(http: httpx.AsyncClient, model: str, prompt: int, output: int, router: str | None,
@@ -197,8 +190,9 @@ async def overhead(rig: Rig, count: int, rate: float) -> dict[str, Any]:
             out.setdefault(path, {"ttft": [], "total": []})
             out[path]["ttft"] += ttft
             out[path]["total"] += total
-    result: dict[str, Any] = {path: {"requests": len(v["ttft"]), "ttft_ms": {"p50": pct(v["ttft"], 50), "p99": pct(v["ttft"], 99)},
-                     "total_ms": {"p50": pct(v["total"], 50), "p99": pct(v["total"], 99)}} for path, v in out.items()}
+    result: dict[str, Any] = {
+        path: {"requests": len(v["ttft"]), "ttft_ms": {"p50": pct(v["ttft"], 50), "p99": pct(v["ttft"], 99)},
+               "total_ms": {"p50": pct(v["total"], 50), "p99": pct(v["total"], 99)}} for path, v in out.items()}
     result["added_ms"] = {q: round((result["router"]["ttft_ms"][q] or 0) - (result["direct"]["ttft_ms"][q] or 0), 1)
                           for q in ("p50", "p99")}
     return result
@@ -266,29 +260,35 @@ async def fault_run(rig: Rig, kind: str, seconds: float = 40.0, rate: float = 4.
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "datapath.json"))
-    parser.add_argument("--rates", default="10,20,40,80")
+    parser.add_argument("--rates", default="20,80,160,320,640")
     parser.add_argument("--step-seconds", type=float, default=15.0)
+    parser.add_argument("--only", choices=("overhead", "throughput", "faults"), action="append", default=[],
+                        help="run only these parts (repeatable); the others are kept from --out")
     args = parser.parse_args()
+    parts = set(args.only or ("overhead", "throughput", "faults"))
     workdir = Path(sh("mktemp", "-d", "/tmp/bench-datapath-XXXX").strip())
-    report: dict[str, Any] = {"benchmark": "datapath", "when_unix": time.time(),
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    report: dict[str, Any] = {**previous, "benchmark": "datapath", "when_unix": time.time(),
                               "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
                               "router": "vllm-router 0.1.17", "example": "examples/01-vllm-nixl-llama70b.yaml"}
     rig = Rig(workdir, routers=1, prefill=2, decode=2)
     try:
         rig.up()
-        print("router overhead (512+32 tokens, 2 requests/s, 60 requests per path):", flush=True)
-        report["overhead"] = asyncio.run(overhead(rig, 120, 2.0))
-        print(json.dumps(report["overhead"]), flush=True)
-        print("router throughput (16+4 tokens):", flush=True)
-        report["throughput"] = asyncio.run(throughput(rig, [float(x) for x in args.rates.split(",")],
-                                                      args.step_seconds))
-        held = [s["completed_rps"] for s in report["throughput"]
-                if s["errors"] == 0 and (s["ttft_ms"]["p99"] or 1e9) < 1000.0]
-        report["router_holds_rps"] = max(held) if held else None
+        if "overhead" in parts:
+            print("router overhead (512+32 tokens, 2 requests/s, 60 requests per path):", flush=True)
+            report["overhead"] = asyncio.run(overhead(rig, 120, 2.0))
+            print(json.dumps(report["overhead"]), flush=True)
+        if "throughput" in parts:
+            print("router throughput (16+4 tokens):", flush=True)
+            report["throughput"] = asyncio.run(throughput(rig, [float(x) for x in args.rates.split(",")],
+                                                          args.step_seconds))
+            held = [s["completed_rps"] for s in report["throughput"]
+                    if s["errors"] == 0 and (s["ttft_ms"]["p99"] or 1e9) < 1000.0]
+            report["router_holds_rps"] = max(held) if held else None
     finally:
         rig.down()
     faults = []
-    for kind in ("decode engine down", "prefill engine down", "router pod deleted"):
+    for kind in ("decode engine down", "prefill engine down", "router pod deleted") if "faults" in parts else ():
         rig = Rig(workdir, routers=2, prefill=2, decode=2)
         try:
             rig.up()
@@ -296,7 +296,8 @@ def main() -> int:
             print(f"fault: {faults[-1]}", flush=True)
         finally:
             rig.down()
-    report["faults"] = faults
+    if faults:
+        report["faults"] = faults
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
