@@ -222,6 +222,7 @@ async def throughput(rig: Rig, rates: list[float], seconds: float) -> list[dict[
                    "fleet": cpu_seconds(fleet_pid) - before["fleet"], "client": time.process_time() - before["client"]}
             steps.append({"offered_rps": rate, "completed_rps": round(len(ok) / elapsed, 1), "requests": len(results),
                           "errors": len(results) - len(ok),
+                          "error_kinds": sorted({str(r[2]) for r in results if r[2] is not None}),
                           "ttft_ms": {"p50": pct([r[0] for r in ok if r[0] is not None], 50),
                                       "p99": pct([r[0] for r in ok if r[0] is not None], 99)},
                           "cpu_share": {k: round(v / elapsed, 2) for k, v in cpu.items()}})

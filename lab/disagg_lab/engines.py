@@ -590,7 +590,7 @@ class ServiceSim:
         stats = engine.stats
         generated = 0
         for request in engine.running.values():
-            first_index = max(1, math.floor(clock0 - request.start_clock) + 1)
+            first_index = max(1, math.floor(clock0 - request.start_clock + 1e-9) + 1)
             last_index = min(request.output, math.floor(clock1 - request.start_clock + 1e-9))
             if last_index < first_index:
                 continue
