@@ -642,11 +642,6 @@ def test_a_4x_step_in_the_clients_rate_scales_both_pools(scenario: Scenario) -> 
         mine = [e for e in events if e["role"] == role]
         assert mine and mine[0]["message"].startswith(f"{role} {before[role]} -> {first[role][1]}:"), (
             f"{role}: Scaled Events since the step {mine}\n{s.diagnostics()}")
-    svc = s.service()
-    for role in ROLES:
-        last = pool_status(svc, role).get("lastScale") or {}
-        assert last.get("reason") and last.get("time") and int(last.get("to", 0)) > before[role], last
-
     def quiet() -> dict[str, int] | None:
         assert s.watch is not None
         now = time.time()
@@ -657,6 +652,10 @@ def test_a_4x_step_in_the_clients_rate_scales_both_pools(scenario: Scenario) -> 
 
     # the next test starts from pools that stopped moving under the step's load
     s.results["scaled_to"] = wait_until(quiet, 90, "the pools to stop moving under the step", s.diagnostics)
+    svc = s.service()  # status is written after the Deployment: read once the pools are quiet
+    for role in ROLES:
+        last = pool_status(svc, role).get("lastScale") or {}
+        assert last.get("reason") and last.get("time") and int(last.get("to", 0)) > before[role], last
 
 
 def test_b_scale_down_only_after_the_stabilisation_window(scenario: Scenario) -> None:
