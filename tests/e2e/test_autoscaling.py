@@ -228,7 +228,7 @@ def autoscaled_service(namespace: str, max_prefill: int = 8, max_decode: int = 1
 
 @dataclass
 class FleetProcess:
-    """One `python -m disagg.sim.fleet -n NS` process with its own control port."""
+    """One `disagg-lab fleet -n NS` process with its own control port (injected load: bench/reaction.py)."""
 
     proc: subprocess.Popen[bytes]
     control: str

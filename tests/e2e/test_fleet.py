@@ -1,4 +1,4 @@
-"""e2e: the simulated engine fleet (`python -m disagg.sim.fleet`) on the local cluster, scraped by the real
+"""e2e: the simulated engine fleet (`disagg-lab fleet`, with load injected through its control API) on the local cluster, scraped by the real
 Prometheus through the file_sd targets file.
 
 An operator of this test (the shipped RBAC rules under session-specific names, a TokenRequest kubeconfig,
@@ -75,7 +75,7 @@ def fleet_env(
 
 @dataclass
 class Fleet:
-    """One `python -m disagg.sim.fleet` process."""
+    """One `disagg-lab fleet` process."""
 
     proc: subprocess.Popen[bytes]
     control: str
