@@ -1,5 +1,5 @@
-"""e2e: the simulated engine fleet (`disagg-lab fleet`, with load injected through its control API) on the local cluster, scraped by the real
-Prometheus through the file_sd targets file.
+"""e2e: the simulated engine fleet (`disagg-lab fleet`, with load injected through its control API)
+on the local cluster, scraped by the real Prometheus through the file_sd targets file.
 
 An operator of this test (the shipped RBAC rules under session-specific names, a TokenRequest kubeconfig,
 and the session's admission policy from operator_support, so that another operator on the cluster cannot
