@@ -14,13 +14,17 @@ client is the `openai` package, reaching each service through its ready endpoint
 (c)     one of vllm-a's two decode engines goes down under load: both routers stay Ready throughout, the
         errors are bounded and stop (the routers drop the worker after their health checks);
 (d)     a router pod of sglang-a is deleted under load: the Service is back to two ready endpoints within
-        a measured time (the ReplicaSet's new pod, started and probed), the errors are counted.
+        a measured time (the ReplicaSet's new pod, started and probed), the errors are counted;
+(e)     a router process that exits is restarted (the pod's restartCount 1) and Ready again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -291,3 +295,27 @@ def test_d_a_deleted_router_pod_is_replaced_and_its_endpoint_returns(datapath: D
           f"{len(failed)} of {len(got)} requests failed")
     assert back is not None and back <= 30.0, f"endpoints after the delete: {history}\n{env.diagnostics()}"
     assert len(failed) <= 5, [r.record() for r in failed][:5]
+
+
+def test_e_an_exited_router_is_restarted(datapath: DataPath) -> None:
+    env = datapath
+    (pod, *_) = env.routers("vllm-b")
+    name = pod.metadata.name
+    log = (env.lab.workdir / "routers.log").read_text()
+    pids = re.findall(rf"{env.namespace}/{name}: started \S+ \(pid (\d+)\)", log)
+    assert pids, f"no start of {name} in the supervisor's log\n{env.lab.log_tail()}"
+    killed_at = time.time()
+    os.kill(int(pids[-1]), signal.SIGKILL)  # the router process the lab started for this test's pod
+
+    def restarted() -> bool:
+        (now,) = [p for p in env.routers("vllm-b") if p.metadata.name == name]
+        status = now.status.container_statuses[0]
+        assert status.restart_count == 1, f"restartCount {status.restart_count}"
+        assert routers_ready([now]), "not Ready again yet"
+        return True
+
+    wait_until(restarted, 60, f"{name} restarted and Ready", env.diagnostics, interval=0.5)
+    print(f"datapath e2e: a router process killed: restarted and Ready again after {time.time() - killed_at:.1f} s")
+    results = asyncio.run(_load(env, "vllm-b", Schedule(steps=((0.0, 2.0),), prompt_tokens=PROMPT_TOKENS,
+                                                          output_tokens=OUTPUT_TOKENS), 4.0, 31))
+    assert results and all(r.ok for r in results), [r.record() for r in results if not r.ok]
