@@ -106,6 +106,14 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
                 ))
                 continue
             vendors[role] = accelerator.vendor
+            if accelerator.plan_only:
+                errors.append(FieldError(
+                    f"{field}.accelerator.type",
+                    f"{acc.type} is planner-only: no Kubernetes device plugin exposes it (a plugin would expose "
+                    f"{accelerator.resource_name}); use `disagg plan` to size it, or name a resource a plugin on "
+                    "your cluster exposes with accelerator.resourceName",
+                ))
+                continue
             if acc.count > accelerator.per_node:
                 errors.append(FieldError(
                     f"{field}.accelerator.count",
