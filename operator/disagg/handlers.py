@@ -26,11 +26,12 @@ from kubernetes import config as k8s_config
 
 from disagg import GROUP, PLURAL, VERSION
 from disagg.catalog.accelerators import load_catalog
-from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, ApiError, Kind, Kube
+from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, LEADER_WORKER_SET, ApiError, Kind, Kube
+from disagg.kube.discovery import OptionalKind
 from disagg.kube.peering import PeeringCheck
 from disagg.kube.watch import KindWatch
 from disagg.metrics import OperatorMetrics
-from disagg.reconcile import ChildKey, child_key, pack, unpack
+from disagg.reconcile import POOL_KINDS, ChildKey, child_key, pack, unpack
 from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index, pool_counts, resource_version
 from disagg.reconcile.run import Reconciler, reconcile_service
 from disagg.render.context import MANAGED_BY, SERVICE_LABEL
@@ -253,7 +254,7 @@ def slim_child(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
     for key in ("spec", "rules", "roleRef", "subjects"):
         if key in body:
             slim[key] = copy.deepcopy(body[key])
-    if kind.kind == "Deployment" and "status" in body:
+    if kind.kind in POOL_KINDS and "status" in body:
         slim["status"] = copy.deepcopy(body["status"])
     return slim
 
@@ -319,9 +320,9 @@ class ChildCache:
                 for where in stale:
                     self._drop(where)
                 self._listed_scopes.add(scope)
-                if len(self._listed_scopes) == self._scopes:
+                if len(self._listed_scopes) >= self._scopes:
                     self.synced.set()
-        if kind.kind == "Deployment":
+        if kind.kind in POOL_KINDS:
             for obj in items:
                 self.on_deployment("LISTED" if first else "RELISTED", obj)
 
@@ -332,13 +333,32 @@ class ChildCache:
                 self._drop((kind.plural, meta.get("namespace", ""), meta.get("name", "")))
             else:
                 self._put(kind, obj)
-        if kind.kind == "Deployment":
+        if kind.kind in POOL_KINDS:
             self.on_deployment(event, obj)
+
+    def expect(self, scopes: int) -> None:
+        """Count more scopes before `synced` (kinds found at start-up)."""
+        with self._guard:
+            self._scopes += scopes
+
+    def has_listed(self, kind: Kind, scopes: list[str | None]) -> bool:
+        """Whether every scope of `kind` has been listed once (its objects are all in the cache)."""
+        with self._guard:
+            return all((kind.plural, scope) in self._listed_scopes for scope in scopes)
 
     def children(self, namespace: str, service: str) -> dict[ChildKey, dict[str, Any]]:
         with self._guard:
             packed = list((self._by_service.get((namespace, service)) or {}).items())
         return {key: unpack(value) for key, value in packed}
+
+
+def kube_serves(kube: Kube, kind: Kind) -> bool:
+    """Discovery at start-up; an answer other than yes or no counts as no (found later, then)."""
+    try:
+        return kube.serves(kind)
+    except ApiError as error:
+        log.warning("discovery of %s failed: %s", kind.resource, error)
+        return False
 
 
 def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf.OperatorRegistry:
@@ -582,14 +602,27 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
 
     @kopf.on.startup(registry=registry)
     def start_child_watches(**_: Any) -> None:
-        kube = Kube(make_api_client(disagg_settings, connections=len(scopes) * len(CHILD_KINDS) + 2))
-        state["reconciler"].live_children = children.children
-        for namespace in scopes:
-            for kind in CHILD_KINDS:
+        kube = Kube(make_api_client(disagg_settings, connections=len(scopes) * (len(CHILD_KINDS) + 1) + 2))
+        reconciler = state["reconciler"]
+        reconciler.live_children = children.children
+
+        def watch_kind(kind: Kind) -> None:
+            for namespace in scopes:
                 watch = KindWatch(kube, kind, namespace, f"app.kubernetes.io/managed-by={MANAGED_BY}",
                                   children.listed, children.changed)
                 watch.start()
                 watches.append(watch)
+
+        # LeaderWorkerSets only where their CRD is served (found now or by a later reconcile that needs
+        # them); found now, the first reconciles wait for their listing too
+        lws = OptionalKind(kube, LEADER_WORKER_SET, lambda: watch_kind(LEADER_WORKER_SET))
+        reconciler.lws_available = lws.available
+        reconciler.lws_listed = lambda: children.has_listed(LEADER_WORKER_SET, scopes)
+        if kube_serves(kube, LEADER_WORKER_SET):
+            children.expect(len(scopes))
+            lws.available()
+        for kind in CHILD_KINDS:
+            watch_kind(kind)
 
     @kopf.on.cleanup(registry=registry)
     def stop_child_watches(**_: Any) -> None:

@@ -66,6 +66,10 @@ class ModelArchitecture(CRDModel):
     """Data type the weights are served in."""
     kv_dtype: KVDtype = "bf16"
     """Data type of the KV cache; prefill and decode must agree on it."""
+    attention_heads: int | None = Field(default=None, ge=1, le=4096)
+    """Number of query attention heads; tensor parallelism must divide it (checked when given)."""
+    experts: int | None = Field(default=None, ge=1, le=100_000)
+    """Routed experts per MoE layer; expert parallelism must divide them (checked when given)."""
 
 
 class ModelSpec(CRDModel):
@@ -214,10 +218,22 @@ class AcceleratorRequest(CRDModel):
 
 
 class Parallelism(CRDModel):
-    """How one engine instance spreads over its accelerators."""
+    """How one engine instance spreads over its accelerators: tensor x pipeline x data accelerators,
+    over several nodes when that is more than one pod's `accelerator.count`."""
 
     tensor: int = Field(default=1, ge=1, le=64)
-    """Tensor-parallel size."""
+    """Tensor-parallel size (inside one node)."""
+    pipeline: int = Field(default=1, ge=1, le=64)
+    """Pipeline-parallel size: stages of layers, one or more per node."""
+    data: int = Field(default=1, ge=1, le=1024)
+    """Data-parallel attention ranks of one engine instance (vLLM --data-parallel-size, SGLang --dp-size)."""
+    expert: bool = False
+    """Expert parallelism over all the worker's accelerators (mixture-of-experts models)."""
+
+    @property
+    def accelerators(self) -> int:
+        """Accelerators of one worker: tensor x pipeline x data."""
+        return self.tensor * self.pipeline * self.data
 
 
 class Toleration(CRDModel):
@@ -263,15 +279,21 @@ class Autoscaling(CRDModel):
         return [self.cel_rules[0]["message"]] if self.min_replicas > self.max_replicas else []
 
 
+_WORLD = "(self.parallelism.tensor * self.parallelism.pipeline * self.parallelism.data)"
+
+
 class PoolSpec(CRDModel):
     """One pool of engine workers (prefill or decode)."""
 
     replicas: int = Field(default=1, ge=0, le=1000)
     """Worker replicas; with autoscaling, only the initial count."""
     accelerator: AcceleratorRequest
-    """Accelerators per worker."""
+    """Accelerators per pod (per node of a worker)."""
     parallelism: Parallelism = Field(default_factory=Parallelism)
     """Parallelism of one worker."""
+    nodes: int | None = Field(default=None, ge=1, le=64)
+    """Nodes (pods) one worker spans; derived when omitted: parallelism's tensor x pipeline x data over
+    accelerator.count. A worker over several nodes is a LeaderWorkerSet group (leader plus workers)."""
     image: str | None = Field(default=None, max_length=512)
     """Engine image for this pool only (cross-vendor pools need vendor-specific builds)."""
     extra_args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=64)
@@ -292,10 +314,59 @@ class PoolSpec(CRDModel):
             "rule": "self.parallelism.tensor <= self.accelerator.count",
             "message": "parallelism.tensor must not exceed accelerator.count (accelerators per worker)",
         },
+        {
+            "rule": "!has(self.nodes) || (self.nodes == 1 ? " + _WORLD + " <= self.accelerator.count : "
+            + _WORLD + " == self.accelerator.count * self.nodes)",
+            "message": "parallelism tensor x pipeline x data must equal accelerator.count x nodes (at most "
+            "accelerator.count with nodes 1)",
+        },
+        {
+            "rule": _WORLD + " <= self.accelerator.count || " + _WORLD + " % self.accelerator.count == 0",
+            "message": "parallelism tensor x pipeline x data must fill whole nodes: at most accelerator.count, "
+            "or a multiple of it",
+        },
     )
 
+    @property
+    def worker_nodes(self) -> int:
+        """Nodes one worker spans: `nodes`, or the parallelism's accelerators over accelerator.count."""
+        if self.nodes is not None:
+            return self.nodes
+        return max(1, -(-self.parallelism.accelerators // self.accelerator.count))
+
+    @property
+    def worker_accelerators(self) -> int:
+        """Accelerators one worker holds (what acceleratorBudget counts per replica)."""
+        return self.accelerator.count * self.worker_nodes
+
+    @property
+    def multi_node(self) -> bool:
+        return self.worker_nodes > 1
+
     def cross_field_errors(self) -> list[str]:
-        return [self.cel_rules[0]["message"]] if self.parallelism.tensor > self.accelerator.count else []
+        errors = []
+        world, count = self.parallelism.accelerators, self.accelerator.count
+        if self.parallelism.tensor > count:
+            errors.append(self.cel_rules[0]["message"])
+        if self.nodes is not None and (world > count if self.nodes == 1 else world != count * self.nodes):
+            errors.append(self.cel_rules[1]["message"])
+        if world > count and world % count:
+            errors.append(self.cel_rules[2]["message"])
+        return errors
+
+
+class TopologySpec(CRDModel):
+    """Placement by network domain: the nodes that share a value of one node label (an EFA leaf, an
+    NVLink domain, a GKE sub-block) reach each other fastest."""
+
+    key: str | None = Field(default=None, max_length=316, pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9_.-]+$")
+    """Node label naming a network domain; default: the first topology label the accelerator catalogue
+    names for the pool's accelerator type (e.g. topology.k8s.aws/network-node-layer-3)."""
+    packing: Literal["Required", "Preferred"] = "Required"
+    """The pods of one multi-node worker in one domain: always (Required) or when possible (Preferred)."""
+    pairing: Literal["Required", "Preferred"] | None = None
+    """Each decode worker in a domain that holds a prefill worker of the service (KV hand-offs stay
+    inside the domain); omit for no pairing."""
 
 
 class InferenceServiceSpec(CRDModel):
@@ -319,6 +390,8 @@ class InferenceServiceSpec(CRDModel):
     """The prefill pool (compute-bound; sets TTFT)."""
     decode: PoolSpec
     """The decode pool (memory-bandwidth-bound; sets ITL)."""
+    topology: TopologySpec | None = None
+    """Network-topology placement of multi-node workers and of decode next to prefill."""
 
     cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
         {

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from disagg.api.layout import layout_errors
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import CROSS_VENDOR_CONNECTORS, ENGINES
@@ -118,7 +119,7 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
                 errors.append(FieldError(
                     f"{field}.accelerator.count",
                     f"{acc.count} exceeds the {accelerator.per_node} accelerators a {acc.type} node has; "
-                    "a worker must fit on one node",
+                    "a pod must fit on one node (a worker spans nodes through parallelism and nodes)",
                 ))
             if accelerator.vendor not in engine.vendors:
                 errors.append(FieldError(
@@ -132,6 +133,8 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
                     f"no default {spec.engine.kind} image for {accelerator.vendor} accelerators; "
                     f"set {role}.image (or engine.image) to a {accelerator.vendor} build of {spec.engine.kind}",
                 ))
+        entry = catalog.get(acc.type) if acc.type is not None else None
+        errors.extend(layout_errors(role, pool, spec, entry))
         if pool.parallelism.tensor & (pool.parallelism.tensor - 1):
             errors.append(FieldError(
                 f"{field}.parallelism.tensor",
@@ -147,11 +150,11 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
                     f"model.architecture.kvHeads ({heads})",
                 ))
         if pool.autoscaling is not None and spec.accelerator_budget is not None:
-            floor = pool.autoscaling.min_replicas * acc.count
+            floor = pool.autoscaling.min_replicas * pool.worker_accelerators
             if floor > spec.accelerator_budget:
                 errors.append(FieldError(
                     f"{field}.autoscaling.minReplicas",
-                    f"{pool.autoscaling.min_replicas} replicas x {acc.count} accelerators exceed "
+                    f"{pool.autoscaling.min_replicas} replicas x {pool.worker_accelerators} accelerators exceed "
                     f"acceleratorBudget {spec.accelerator_budget}",
                 ))
         for index, arg in enumerate(pool.extra_args):
@@ -163,14 +166,15 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
     if budget is not None and fixed and not any(e.field.endswith(".autoscaling.minReplicas") for e in errors):
         # the autoscaler shares the budget out over what the fixed pools leave: they must fit in it
         need = sum(
-            pool.accelerator.count * (pool.replicas if pool.autoscaling is None else pool.autoscaling.min_replicas)
+            pool.worker_accelerators * (pool.replicas if pool.autoscaling is None else pool.autoscaling.min_replicas)
             for pool in (getattr(spec, role) for role in ROLES)
         )
         if need > budget:
             errors.append(FieldError(
                 "spec.acceleratorBudget",
                 f"{budget} is less than the {need} accelerators the pools hold at least (a fixed pool its "
-                "replicas x accelerator.count, an autoscaled one minReplicas x accelerator.count)",
+                "replicas x accelerator.count, an autoscaled one minReplicas x accelerator.count; times the nodes "
+                "of a worker that spans several)",
             ))
     if spec.engine.kind == "vllm" and spec.kv_transfer.connector == "mooncake":
         # vllm-router 0.1.17 asks a prefill's Mooncake bootstrap server for its engine id only for

@@ -58,7 +58,13 @@ CHILD_KINDS: tuple[Kind, ...] = (
     Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
     Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
 )
-KINDS_BY_NAME = {(k.api_version, k.kind): k for k in CHILD_KINDS}
+DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
+LEADER_WORKER_SET = Kind("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets")
+"""Pools whose workers span nodes (sigs.k8s.io/lws): a child kind only where its CRD is served, so it
+is not in CHILD_KINDS (a watch or list of it fails on clusters without it)."""
+SCALED_KINDS = {DEPLOYMENT.kind: DEPLOYMENT, LEADER_WORKER_SET.kind: LEADER_WORKER_SET}
+"""The pool kinds, whose spec.replicas the autoscaler owns."""
+KINDS_BY_NAME = {(k.api_version, k.kind): k for k in (*CHILD_KINDS, LEADER_WORKER_SET)}
 INFERENCE_SERVICE = Kind(f"{GROUP}/{VERSION}", "InferenceService", PLURAL)
 POD = Kind("v1", "Pod", "pods")
 
@@ -208,12 +214,25 @@ class Kube:
         )
         return result
 
-    def scale(self, namespace: str, name: str, replicas: int, field_manager: str) -> dict[str, Any]:
-        """Sets a Deployment's replicas under `field_manager` (server-side apply of that one field)."""
+    def scale(
+        self, namespace: str, name: str, replicas: int, field_manager: str, kind: Kind = DEPLOYMENT
+    ) -> dict[str, Any]:
+        """Sets a pool's replicas (a Deployment's, or a LeaderWorkerSet's groups) under `field_manager`
+        (server-side apply of that one field)."""
         manifest = {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
+            "apiVersion": kind.api_version,
+            "kind": kind.kind,
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"replicas": replicas},
         }
         return self.apply(manifest, field_manager=field_manager)
+
+    def serves(self, kind: Kind) -> bool:
+        """Whether the API server serves `kind` (discovery of its group version); False on a 404."""
+        try:
+            result = self.request("GET", f"/apis/{kind.api_version}")
+        except ApiError as error:
+            if error.status == 404:
+                return False
+            raise
+        return any(r.get("name") == kind.plural for r in (result or {}).get("resources", []))

@@ -13,6 +13,8 @@ from disagg import GROUP
 from disagg.reconcile.diff import contains
 
 APPLIED_HASH_ANNOTATION = f"{GROUP}/applied-hash"
+POOL_KINDS = frozenset({"Deployment", "LeaderWorkerSet"})
+"""Kinds a pool is (one-node workers, multi-node worker groups); the autoscaler owns their replicas."""
 
 ChildKey = tuple[str, str, str]  # (apiVersion, kind, name)
 
@@ -63,7 +65,7 @@ def plan_children(
     for manifest in desired:
         current = live.get(child_key(manifest))
         if current is None:
-            if manifest["kind"] == "Deployment" and "replicas" not in manifest["spec"]:
+            if manifest["kind"] in POOL_KINDS and "replicas" not in manifest["spec"]:
                 plan.create_scaled.append(manifest)
             plan.apply.append(manifest)
         elif contains(manifest, current):

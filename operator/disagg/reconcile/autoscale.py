@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, ApiError, Kube
+from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, LEADER_WORKER_SET, ApiError, Kube
 from disagg.reconcile.status import Cond, merge_conditions
 from disagg.scaling.policy import LoadPicture, PolicySettings, PolicyState, PoolDecision, decide
 from disagg.scaling.prometheus import PrometheusSource, PrometheusUnavailable
@@ -244,7 +244,11 @@ class Autoscaler:
             exists = (namespace, deployment) in self.index.deployments
             if decision.changed and decision.desired != decision.current and exists:
                 if self._actuated.get((namespace, deployment)) != decision.desired:
-                    self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER)
+                    if getattr(spec, role).multi_node:  # by whole LeaderWorkerSet groups
+                        self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER,
+                                        LEADER_WORKER_SET)
+                    else:
+                        self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER)
                     self._actuated[(namespace, deployment)] = decision.desired
                     report.scaled.append(
                         (namespace, deployment, decision.current, decision.desired, decision.reason)

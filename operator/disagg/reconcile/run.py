@@ -21,12 +21,13 @@ from disagg.kube.client import (
     AUTOSCALER_FIELD_MANAGER,
     CHILD_KINDS,
     INFERENCE_SERVICE,
+    LEADER_WORKER_SET,
     POD,
     ApiError,
     Kube,
     kind_of,
 )
-from disagg.reconcile import ChildKey, child_key, pack, plan_children, stamp, unpack
+from disagg.reconcile import POOL_KINDS, ChildKey, child_key, pack, plan_children, stamp, unpack
 from disagg.reconcile.status import (
     Cond,
     PodTrouble,
@@ -44,6 +45,7 @@ from disagg.render.context import ROLE_LABEL, SERVICE_LABEL
 log = logging.getLogger(__name__)
 
 LEGACY_FINALIZER = "disagg.dev/finalizer"
+LWS_UNAVAILABLE = "LeaderWorkerSetUnavailable"
 DEFAULT_REPLICAS = 1
 """What the API server sets a Deployment's spec.replicas to when the manifest has none."""
 
@@ -67,6 +69,11 @@ class Reconciler:
     """Where the children come from: a watch cache if given, else LIST requests."""
     pod_check_interval_s: float = 10.0
     """How often (at most) a not-ready pool's pods are listed to explain why."""
+    lws_available: Callable[[], bool] = lambda: False
+    """Whether the API server serves LeaderWorkerSets (their CRD is installed): multi-node pools need them
+    (the operator asks discovery; without an answer, a cluster without them is assumed)."""
+    lws_listed: Callable[[], bool] = lambda: True
+    """Whether the children cache holds the LeaderWorkerSets already (their watch has listed)."""
     applier: Executor | None = None
     """Threads that apply the children of one service concurrently (None: one after another). A
     Service with a cluster IP can take ~0.3 s to create (the API server allocates the IPs one at a
@@ -110,9 +117,11 @@ def selector_for(name: str) -> str:
     return f"{SERVICE_LABEL}={name},app.kubernetes.io/managed-by=disagg"
 
 
-def live_children(kube: Kube, namespace: str, name: str) -> dict[ChildKey, dict[str, Any]]:
+def live_children(
+    kube: Kube, namespace: str, name: str, with_lws: bool = False
+) -> dict[ChildKey, dict[str, Any]]:
     children: dict[ChildKey, dict[str, Any]] = {}
-    for kind in CHILD_KINDS:
+    for kind in (*CHILD_KINDS, LEADER_WORKER_SET) if with_lws else CHILD_KINDS:
         for item in kube.list(kind, namespace, selector_for(name)):
             children[child_key(item)] = item
     return children
@@ -165,7 +174,27 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
                 ctx.record_event(body, "Warning", "InvalidSpec", str(error))
         return outcome
 
-    live = (ctx.live_children or partial(live_children, ctx.kube))(namespace, name)
+    multi_node = [role for role in ROLES if getattr(spec, role).multi_node]
+    if multi_node and not ctx.lws_available():
+        # Nothing is created or changed: only the status says what the cluster lacks.
+        message = (f"the {' and '.join(multi_node)} workers span several nodes, which needs LeaderWorkerSets "
+                   "(leaderworkerset.x-k8s.io/v1), and this cluster does not serve them: install the "
+                   "LeaderWorkerSet controller (sigs.k8s.io/lws) or set the pools' parallelism to fit one node")
+        outcome.invalid = message
+        conditions = merge_conditions(old_status.get("conditions", []),
+                                      [Cond("Ready", "False", LWS_UNAVAILABLE, message)], generation, now)
+        new_status = {**old_status, "conditions": conditions, "observedGeneration": generation}
+        if _status_differs(old_status, new_status):
+            outcome.status_object = ctx.kube.patch_status(namespace, name, new_status)
+            outcome.status_written = True
+            if _ready_reason(old_status) != (LWS_UNAVAILABLE, message):
+                ctx.record_event(body, "Warning", LWS_UNAVAILABLE, message)
+        return outcome
+    if multi_node and not ctx.lws_listed():
+        return outcome  # the LeaderWorkerSet watch is still listing: a later reconcile sees them
+
+    lister = ctx.live_children or partial(live_children, ctx.kube, with_lws=ctx.lws_available())
+    live = lister(namespace, name)
     desired = ctx.desired_children(Owner(name, namespace, uid), generation, spec)
     plan = plan_children(desired, live, uid)
 
@@ -176,7 +205,7 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     to_apply = {child_key(m) for m in plan.apply}
     scaled: dict[ChildKey, dict[str, Any]] = {}
     for manifest in desired:
-        if manifest["kind"] == "Deployment" and "replicas" not in manifest["spec"]:
+        if manifest["kind"] in POOL_KINDS and "replicas" not in manifest["spec"]:
             current = live.get(child_key(manifest))
             if current is None or _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
                 continue
@@ -194,8 +223,7 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
                 replicas = int(current.get("spec", {}).get("replicas", DEFAULT_REPLICAS))
             else:
                 continue
-            scaled[child_key(manifest)] = ctx.kube.scale(
-                namespace, manifest["metadata"]["name"], replicas, AUTOSCALER_FIELD_MANAGER)
+            scaled[child_key(manifest)] = _scale(ctx.kube, manifest, replicas)
 
     results: dict[ChildKey, dict[str, Any]] = {child_key(obj): obj for obj in plan.unchanged}
     results.update((k, v) for k, v in scaled.items() if k in results)
@@ -220,8 +248,7 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
         # manager at all, so no later apply resets it, and the autoscaler's first decision takes it
         # (1,000 new services: 2,000 writes fewer).
         if key in outcome.applied and initial != DEFAULT_REPLICAS:
-            results[key] = ctx.kube.scale(namespace, manifest["metadata"]["name"], initial,
-                                          AUTOSCALER_FIELD_MANAGER)
+            results[key] = _scale(ctx.kube, manifest, initial)
     for obj in plan.delete:
         kind = kind_of(obj)
         ctx.kube.delete(kind, namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
@@ -248,6 +275,14 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     return outcome
 
 
+def _scale(kube: Kube, manifest: dict[str, Any], replicas: int) -> dict[str, Any]:
+    """A pool's replicas under the autoscaler's field manager (a LeaderWorkerSet's: whole groups)."""
+    meta = manifest["metadata"]
+    if manifest["kind"] == LEADER_WORKER_SET.kind:
+        return kube.scale(meta["namespace"], meta["name"], replicas, AUTOSCALER_FIELD_MANAGER, LEADER_WORKER_SET)
+    return kube.scale(meta["namespace"], meta["name"], replicas, AUTOSCALER_FIELD_MANAGER)
+
+
 APPLIED_FIRST = frozenset({"ServiceAccount", "Role"})
 """Kinds applied before the other children: the API server resolves a RoleBinding's Role to check
 that the operator may grant it (404 while the Role does not exist), and refuses the pods of a
@@ -262,7 +297,7 @@ def _apply_children(ctx: Reconciler, manifests: list[dict[str, Any]]) -> list[di
     def apply(manifest: dict[str, Any]) -> dict[str, Any] | ApiError:
         try:
             # status reads only the Deployments back; of the rest it needs to know they exist
-            return ctx.kube.apply(manifest, read_back=manifest["kind"] == "Deployment")
+            return ctx.kube.apply(manifest, read_back=manifest["kind"] in POOL_KINDS)
         except ApiError as error:
             return error
 
@@ -295,6 +330,8 @@ def _observe(
     troubles: dict[str, PodTrouble | None] = {}
     for role in (*ROLES, "router"):
         deployment = children.get(("apps/v1", "Deployment", f"{name}-{role}"))
+        if role in ROLES and getattr(spec, role).multi_node:
+            deployment = children.get((LEADER_WORKER_SET.api_version, LEADER_WORKER_SET.kind, f"{name}-{role}"))
         deployments[role] = deployment
         desired, ready, _, _ = deployment_counts(deployment)
         troubles[role] = None

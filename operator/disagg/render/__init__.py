@@ -89,7 +89,7 @@ def render_children(
     docs += _documents("router.yaml.j2", router=router, **common)
     for role in ROLES:
         docs += _documents(
-            "pool-deployment.yaml.j2",
+            "pool-deployment.yaml.j2" if pools[role].group is None else "pool-leaderworkerset.yaml.j2",
             pool=pools[role],
             port=spec.engine.port,
             startup_period=STARTUP_PERIOD_S,

@@ -13,6 +13,7 @@ from disagg import GROUP, KIND, VERSION
 from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port, vllm_kv_transfer_config
+from disagg.render import multinode
 
 MANAGED_BY = "disagg"
 SERVICE_LABEL = f"{GROUP}/service"
@@ -116,6 +117,8 @@ class Pool:
     annotations: dict[str, str]
     capabilities: list[str]
     termination_grace_s: int
+    group: multinode.Group | None = None
+    """A worker over several nodes: the LeaderWorkerSet group's leader and workers (None: a Deployment)."""
 
 
 def _resources(pool: PoolSpec, resource_name: str, spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -155,6 +158,7 @@ def _engine_command(
             "--port", str(engine.port),
             "--served-model-name", spec.model.name,
             "--tensor-parallel-size", str(pool.parallelism.tensor),
+            *multinode.vllm_parallel_args(pool),
         ]
         if spec.model.revision:
             args += ["--revision", spec.model.revision]
@@ -185,12 +189,14 @@ def _engine_command(
                 ]
     else:
         command = ["python3", "-m", "sglang.launch_server"]
+        sglang_tp, sglang_parallel = multinode.sglang_parallel_args(pool)
         args = [
             "--model-path", source.argument,
             "--served-model-name", spec.model.name,
             "--host", "0.0.0.0",
             "--port", str(engine.port),
-            "--tp-size", str(pool.parallelism.tensor),
+            "--tp-size", str(sglang_tp),
+            *sglang_parallel,
             "--enable-metrics",
             "--disaggregation-mode", role,
             "--disaggregation-transfer-backend", kv.connector,
@@ -238,6 +244,7 @@ def pool_values(
     engine = ENGINES[spec.engine.kind]
     acc = pool.accelerator
     node_selector: dict[str, str] = {}
+    accelerator = None
     if acc.type is not None:
         accelerator = catalog[acc.type]
         resource_name = accelerator.resource_name
@@ -256,6 +263,7 @@ def pool_values(
     # bootstrap servers); SGLang's decode side opens no listening KV port of its own.
     kv_ports = [] if spec.engine.kind == "sglang" and role == "decode" else [port_kv]
     command, args, env = _engine_command(spec, role, source, port_kv)
+    group = multinode.group(spec, pool, command, args, env) if pool.multi_node else None
     ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
     ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]
     volumes = [*source.volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
@@ -296,13 +304,14 @@ def pool_values(
         resources=_resources(pool, resource_name, spec),
         node_selector=dict(sorted(node_selector.items())),
         tolerations=tolerations,
-        affinity=pool.affinity,
+        affinity=multinode.placement(owner.name, role, spec, pool, accelerator, pool.affinity),
         volumes=volumes,
         mounts=mounts,
         annotations=annotations,
         capabilities=["IPC_LOCK"] if spec.kv_transfer.rdma is not None else [],
         # decode holds live sequences: give in-flight requests time to finish before the kill
         termination_grace_s=120 if role == "decode" else 30,
+        group=group,
     )
 
 
@@ -329,6 +338,11 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
     namespace = owner.namespace or "default"
     prefill_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=prefill"]
     decode_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=decode"]
+    # a multi-node worker serves HTTP on its leader only: the router discovers leaders
+    if spec.prefill.multi_node:
+        prefill_selector.append(f"{multinode.WORKER_INDEX_LABEL}=0")
+    if spec.decode.multi_node:
+        decode_selector.append(f"{multinode.WORKER_INDEX_LABEL}=0")
     common = [
         "--host", "0.0.0.0",
         "--port", str(spec.router.port),
