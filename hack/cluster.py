@@ -102,7 +102,8 @@ NODE_POOLS: dict[str, int] = {
     "nvidia-h100": 4, "nvidia-h200": 8, "nvidia-b200": 2, "amd-mi300x": 2, "aws-trainium2": 2,
 }
 # network domains: consecutive nodes of a type share the value of the type's first topology label
-# (e.g. topology.k8s.aws/network-node-layer-3), DOMAIN_SIZE nodes each, as EFA leaf switches group them
+# (e.g. topology.k8s.aws/network-node-layer-3), DOMAIN_SIZE nodes of each type per domain, as an EFA
+# leaf switch connects instances of several types
 DOMAIN_SIZE = 2
 # InfiniBand HCAs as the RDMA shared device plugin advertises them, on the NVIDIA nodes (KV over RDMA)
 RDMA_RESOURCE, RDMA_PER_NODE = "rdma/ib", "16"
@@ -1159,7 +1160,7 @@ def node_manifests() -> list[dict[str, Any]]:
             domain = i // DOMAIN_SIZE
             node_labels = dict(labels)
             if domain_label:
-                node_labels[domain_label] = f"{type_name}-nn-{domain}"
+                node_labels[domain_label] = f"nn-{domain}"  # shared across types: prefill pairs with decode
             nodes.append(
                 _node(
                     f"{type_name}-{i}",

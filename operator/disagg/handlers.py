@@ -352,15 +352,6 @@ class ChildCache:
         return {key: unpack(value) for key, value in packed}
 
 
-def kube_serves(kube: Kube, kind: Kind) -> bool:
-    """Discovery at start-up; an answer other than yes or no counts as no (found later, then)."""
-    try:
-        return kube.serves(kind)
-    except ApiError as error:
-        log.warning("discovery of %s failed: %s", kind.resource, error)
-        return False
-
-
 def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf.OperatorRegistry:
     """All handlers of the operator, bound to its settings (no module-level state)."""
     registry = kopf.OperatorRegistry()
@@ -615,12 +606,13 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
 
         # LeaderWorkerSets only where their CRD is served (found now or by a later reconcile that needs
         # them); found now, the first reconciles wait for their listing too
-        lws = OptionalKind(kube, LEADER_WORKER_SET, lambda: watch_kind(LEADER_WORKER_SET))
+        lws = OptionalKind(kube, LEADER_WORKER_SET, scopes, lambda: watch_kind(LEADER_WORKER_SET))
         reconciler.lws_available = lws.available
+        reconciler.lws_reason = lambda: lws.reason
         reconciler.lws_listed = lambda: children.has_listed(LEADER_WORKER_SET, scopes)
-        if kube_serves(kube, LEADER_WORKER_SET):
-            children.expect(len(scopes))
-            lws.available()
+        children.expect(len(scopes))
+        if not lws.available():
+            children.expect(-len(scopes))  # not watched (yet): the first reconciles do not wait for it
         for kind in CHILD_KINDS:
             watch_kind(kind)
 

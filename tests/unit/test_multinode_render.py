@@ -200,3 +200,17 @@ def test_the_autoscaler_counts_a_group_s_accelerators_against_the_budget() -> No
                           PolicySettings(), DEFAULT_CATALOG)
     assert decisions["decode"].desired == 2
     assert "budget 40" in decisions["decode"].reason
+
+
+def test_the_simulated_engines_serve_a_group_s_leader_only() -> None:
+    from kubernetes import client as kclient
+
+    from disagg.sim.fleet import pod_observation
+
+    def pod(index: str) -> kclient.V1Pod:
+        labels = {"disagg.dev/role": "decode", "disagg.dev/service": "svc", WORKER_INDEX: index}
+        return kclient.V1Pod(metadata=kclient.V1ObjectMeta(uid=index, namespace="ns", name=f"p{index}", labels=labels),
+                             status=kclient.V1PodStatus(phase="Running", pod_ip=f"127.100.0.{int(index) + 1}"))
+
+    assert pod_observation(pod("0")) is not None
+    assert pod_observation(pod("1")) is None

@@ -227,6 +227,16 @@ class Kube:
         }
         return self.apply(manifest, field_manager=field_manager)
 
+    def may(self, verb: str, kind: Kind, namespace: str | None) -> bool:
+        """Whether this client's identity may `verb` objects of `kind` (a SelfSubjectAccessReview)."""
+        group = kind.api_version.rpartition("/")[0]
+        attributes = {"group": group, "resource": kind.plural, "verb": verb, "namespace": namespace or ""}
+        result = self.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", body={
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attributes},
+        })
+        return bool(((result or {}).get("status") or {}).get("allowed"))
+
     def serves(self, kind: Kind) -> bool:
         """Whether the API server serves `kind` (discovery of its group version); False on a 404."""
         try:

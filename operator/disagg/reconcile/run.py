@@ -72,6 +72,8 @@ class Reconciler:
     lws_available: Callable[[], bool] = lambda: False
     """Whether the API server serves LeaderWorkerSets (their CRD is installed): multi-node pools need them
     (the operator asks discovery; without an answer, a cluster without them is assumed)."""
+    lws_reason: Callable[[], str] = lambda: "the API server does not serve them"
+    """Why LeaderWorkerSets cannot be used, and what would fix it."""
     lws_listed: Callable[[], bool] = lambda: True
     """Whether the children cache holds the LeaderWorkerSets already (their watch has listed)."""
     applier: Executor | None = None
@@ -178,8 +180,8 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     if multi_node and not ctx.lws_available():
         # Nothing is created or changed: only the status says what the cluster lacks.
         message = (f"the {' and '.join(multi_node)} workers span several nodes, which needs LeaderWorkerSets "
-                   "(leaderworkerset.x-k8s.io/v1), and this cluster does not serve them: install the "
-                   "LeaderWorkerSet controller (sigs.k8s.io/lws) or set the pools' parallelism to fit one node")
+                   f"(leaderworkerset.x-k8s.io/v1), and {ctx.lws_reason()}; or make each worker fit one node "
+                   "(parallelism and nodes)")
         outcome.invalid = message
         conditions = merge_conditions(old_status.get("conditions", []),
                                       [Cond("Ready", "False", LWS_UNAVAILABLE, message)], generation, now)
