@@ -135,3 +135,23 @@ def test_a_pool_cannot_request_a_planner_only_accelerator() -> None:
     [error] = [e for e in caught.value.errors if e.field.startswith("spec.decode")]
     assert error.field == "spec.decode.accelerator.type"
     assert "planner-only" in error.message and "cerebras.net/wse3" in error.message
+
+
+def test_an_emitted_multi_node_plan_is_a_valid_service_and_planner_only_ones_are_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import yaml
+
+    from disagg.api.validate import validate_service
+
+    argv = ["--model", "deepseek-v3", "--rate", "10", "--isl", "32000", "--osl", "1000", "--ttft-ms", "3000",
+            "--prefill-accelerators", "nvidia-h200", "--decode-accelerators", "nvidia-h200", "--emit-manifest"]
+    assert plan_main(argv) == 0
+    body = yaml.safe_load(capsys.readouterr().out)
+    spec = validate_service(body, DEFAULT_CATALOG)
+    assert spec.decode.worker_nodes == 2 and spec.decode.parallelism.expert
+    assert spec.model.architecture is not None and spec.model.architecture.experts == 256
+    argv = ["--rate", "10", "--isl", "2000", "--osl", "300", "--itl-ms", "5", "--prefill-accelerators",
+            "aws-trainium3", "--decode-accelerators", "cerebras-wse3", "--emit-manifest"]
+    assert plan_main(argv) == 2
+    assert "planner-only" in capsys.readouterr().err

@@ -302,5 +302,7 @@ def to_architecture(shape: ModelShape) -> ModelArchitecture:
             "kvLoraRank": shape.kv_lora_rank,
             "weightDtype": weight,
             "kvDtype": shape.kv_dtype,
+            "attentionHeads": shape.attention_heads,
+            "experts": shape.experts or None,
         }
     )

@@ -117,10 +117,31 @@ def plan_to_dict(result: Plan) -> dict[str, Any]:
     return body
 
 
+def _pool(option: PhasePlan) -> dict[str, Any]:
+    """One pool of the emitted InferenceService; a multi-node worker's parallelism spans its nodes."""
+    layout = option.layout
+    if layout is None:
+        count, parallelism = option.tensor_parallel, {"tensor": option.tensor_parallel}
+    else:
+        count = layout.per_node
+        parallelism = {"tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data,
+                       "expert": layout.expert}
+    return {
+        "replicas": option.replicas,
+        "accelerator": {"type": option.accelerator.name, "count": count},
+        "parallelism": parallelism,
+        "autoscaling": {"minReplicas": 1, "maxReplicas": max(2, option.replicas * 4)},
+    }
+
+
 def manifest(result: Plan, name: str, namespace: str) -> dict[str, Any]:
     """A ready InferenceService for the plan, validated by the API model."""
     model = result.model
     hf_name = model.hf_name or model.name
+    for option in (result.prefill, result.decode):
+        if option.accelerator.plan_only:
+            raise PlanError(f"{option.accelerator.name} is planner-only (no Kubernetes device plugin exposes it): "
+                            "no InferenceService can request it")
     spec = {
         "model": {
             "name": hf_name,
@@ -129,18 +150,8 @@ def manifest(result: Plan, name: str, namespace: str) -> dict[str, Any]:
         },
         "slo": {"ttftMs": round(result.slo.ttft_s * 1000), "itlMs": round(result.slo.itl_s * 1000),
                 "percentile": result.slo.percentile},
-        "prefill": {
-            "replicas": result.prefill.replicas,
-            "accelerator": {"type": result.prefill.accelerator.name, "count": result.prefill.tensor_parallel},
-            "parallelism": {"tensor": result.prefill.tensor_parallel},
-            "autoscaling": {"minReplicas": 1, "maxReplicas": max(2, result.prefill.replicas * 4)},
-        },
-        "decode": {
-            "replicas": result.decode.replicas,
-            "accelerator": {"type": result.decode.accelerator.name, "count": result.decode.tensor_parallel},
-            "parallelism": {"tensor": result.decode.tensor_parallel},
-            "autoscaling": {"minReplicas": 1, "maxReplicas": max(2, result.decode.replicas * 4)},
-        },
+        "prefill": _pool(result.prefill),
+        "decode": _pool(result.decode),
     }
     validated = InferenceServiceSpec.model_validate(spec)
     return {
@@ -268,7 +279,11 @@ def plan_main(argv: list[str]) -> int:
         return 2
     if args.emit_manifest:
         name = args.name or model.name.split("/")[-1].lower().replace(".", "-").replace("_", "-")
-        print(dump_yaml(manifest(result, name, args.namespace)), end="")
+        try:
+            print(dump_yaml(manifest(result, name, args.namespace)), end="")
+        except PlanError as error:
+            print(f"disagg plan: {error}", file=sys.stderr)
+            return 2
         return 0
     if args.output == "json":
         print(json.dumps(plan_to_dict(result), indent=2))
