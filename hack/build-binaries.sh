@@ -118,6 +118,14 @@ build_lws() {
     step "lws $LWS_VERSION: go install failed ($(tail -1 "$l/install.log")); building from \$DISAGG_LWS_SOURCE"
     CURRENT_STEP="lws $LWS_VERSION: source tree"
     if [[ -z ${DISAGG_LWS_SOURCE:-} ]]; then
+      # the README's `make test` without .ci/run: the workplace's copy, where it is
+      for shared in ../shared ../../shared /work/shared; do
+        if [[ -f $shared/vendor/lws-$LWS_VERSION/go.mod ]]; then
+          DISAGG_LWS_SOURCE=$(cd "$shared/vendor/lws-$LWS_VERSION" && pwd); break
+        fi
+      done
+    fi
+    if [[ -z ${DISAGG_LWS_SOURCE:-} ]]; then
       echo "DISAGG_LWS_SOURCE is not set: name a copy of the sigs.k8s.io/lws $LWS_VERSION source tree" \
            "(go.mod, cmd/, pkg/, api/, config/); .ci/run sets it when ../shared/vendor/lws-$LWS_VERSION exists" >&2
       false
