@@ -18,6 +18,29 @@ Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
 KVDtype = Literal["bf16", "fp16", "fp8"]
 Port = Annotated[int, Field(ge=1024, le=65535)]
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Children that are not Deployments, PDBs or router RBAC are named `<name>--<part>` (disagg.render):
+# a service's name may not hold the separator, so no two services' children can share a name.
+CHILD_SEPARATOR = "--"
+# the longest child name is `<name>--prefill-kv`, a Service: a DNS-1035 label of at most 63 characters
+MAX_NAME_LENGTH = 63 - len(CHILD_SEPARATOR + "prefill-kv")
+NAME_RULES: tuple[dict[str, str], ...] = (
+    {
+        "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name may have at most {MAX_NAME_LENGTH} characters, so that every child's name "
+        "(the longest is <name>--prefill-kv) is a valid Service name",
+    },
+    {
+        "rule": f"!self.metadata.name.contains('{CHILD_SEPARATOR}')",
+        "message": f"metadata.name may not contain '{CHILD_SEPARATOR}': children are named "
+        f"<name>{CHILD_SEPARATOR}<part>, and a name holding it could take another service's child's name",
+    },
+    {
+        "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+        "message": "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a "
+        "letter), as the names of its Services are",
+    },
+)
+"""CEL rules on the InferenceService's own name, at the root of the CRD's schema."""
 # a Kubernetes resource quantity: 100m, 0.5, 16, 128Gi, 1e3, 500M
 QUANTITY = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg import GROUP, KIND, VERSION
-from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
+from disagg.api.v1alpha1 import CHILD_SEPARATOR, InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port, vllm_kv_transfer_config
 
@@ -21,6 +21,11 @@ INITIAL_REPLICAS_ANNOTATION = f"{GROUP}/initial-replicas"
 MODEL_DIR = "/models"
 CACHE_DIR = "/model-cache"
 KV_DISK_DIR = "/kv-cache"
+# A child that is not a Deployment, a PDB or the router's RBAC is named `<name>--<part>`: an
+# InferenceService's name may not contain "--" (a CEL rule on metadata.name), so no service's
+# children can take another's name (`a` and `a-metrics` once both rendered Service/a-metrics).
+# Deployments, PDBs and the router's RBAC objects keep `<name>-<role>`: one word after the last dash,
+# which no other service of the same kind can produce (and renaming a Deployment restarts its pods).
 # Startup can take tens of minutes for large models (weights download, compilation, CUDA graphs).
 STARTUP_FAILURE_THRESHOLD = 240
 STARTUP_PERIOD_S = 10
@@ -45,6 +50,16 @@ class Owner:
             "controller": True,
             "blockOwnerDeletion": True,
         }]
+
+
+def part_name(service: str, part: str) -> str:
+    """The name of a child of `service` that is not its endpoint, a Deployment, a PDB or router RBAC."""
+    return f"{service}{CHILD_SEPARATOR}{part}"
+
+
+def kv_service_name(service: str, role: str) -> str:
+    """The headless KV-transfer Service of one pool."""
+    return part_name(service, f"{role}-kv")
 
 
 def labels(owner: Owner, role: str, app: str) -> dict[str, str]:
@@ -97,6 +112,7 @@ class Pool:
 
     role: Role
     name: str
+    kv_service: str
     replicas: int | None
     initial_replicas: int
     labels: dict[str, str]
@@ -283,6 +299,7 @@ def pool_values(
     return Pool(
         role=role,
         name=f"{owner.name}-{role}",
+        kv_service=kv_service_name(owner.name, role),
         replicas=None if autoscaled else pool.replicas,
         initial_replicas=initial,
         labels=labels(owner, role, spec.engine.kind),
@@ -320,8 +337,8 @@ class Router:
     port: int
     metrics_port: int
     metrics_service: str
-    """Headless Service `<name>-metrics` (was `<name>-router` with a cluster IP: the reconcile of a
-    service made before deletes that one as no longer desired)."""
+    """Headless Service `<name>--metrics` (was `<name>-metrics`, and before that `<name>-router` with a
+    cluster IP: the reconcile of a service made before creates the new one and deletes the old)."""
 
 
 def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
@@ -360,5 +377,5 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         args=args,
         port=spec.router.port,
         metrics_port=ROUTER_METRICS_PORT,
-        metrics_service=f"{owner.name}-metrics",
+        metrics_service=part_name(owner.name, "metrics"),
     )
