@@ -37,11 +37,12 @@ from disagg.reconcile.status import (
     endpoint,
     invalid_conditions,
     merge_conditions,
+    pod_security_condition,
     pod_trouble,
     pool_status,
 )
 from disagg.render import Owner, render_children
-from disagg.render.context import ROLE_LABEL, SERVICE_LABEL, kv_service_name
+from disagg.render.context import RDMA_POD_SECURITY, ROLE_LABEL, SERVICE_LABEL, kv_service_name
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,7 @@ def _observe(
     kv_present = all(("v1", "Service", kv_service_name(name, role)) in children for role in ROLES)
     conditions = merge_conditions(
         old_status.get("conditions", []),
-        compute_conditions(deployments, troubles, kv_present),
+        [*compute_conditions(deployments, troubles, kv_present), pod_security_condition(spec, RDMA_POD_SECURITY)],
         meta.get("generation"),
         now,
     )
@@ -444,7 +445,8 @@ def _announce_transitions(ctx: Reconciler, body: dict[str, Any], old: dict[str, 
     for cond in new.get("conditions", []):
         if before.get(cond["type"]) == (cond["status"], cond["reason"]):
             continue
-        if cond["type"] != "Ready" and cond["reason"] != "Unschedulable":
+        if cond["type"] != "Ready" and cond["reason"] != "Unschedulable" and (
+                cond["type"], cond["status"]) != ("PodSecurity", "False"):
             continue
         kind = "Normal" if cond["status"] == "True" else "Warning"
         if cond["reason"] in ("NotCreated", "NoReplicasReady", "RollingOut", "NoPeers") and cond["type"] == "Ready":

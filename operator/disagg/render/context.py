@@ -20,6 +20,18 @@ ROLE_LABEL = f"{GROUP}/role"
 INITIAL_REPLICAS_ANNOTATION = f"{GROUP}/initial-replicas"
 MODEL_DIR = "/models"
 CACHE_DIR = "/model-cache"
+ENGINE_HOME = "/home/engine"
+# The engines run as this uid (vLLM's images ship it as the user `vllm`; SGLang's have no user of that
+# uid, so HOME and USER come from the environment): HOME is a writable emptyDir, where HF, vLLM, Triton,
+# Inductor and FlashInfer keep their caches, and USER lets Python's getpass name a uid /etc/passwd lacks.
+ENGINE_UID = 2000
+POD_SECURITY_ANNOTATION = f"{GROUP}/pod-security"
+RDMA_POD_SECURITY = (
+    "privileged: kvTransfer.rdma pins KV buffers for the NIC, which needs CAP_IPC_LOCK; Kubernetes grants an "
+    "added capability only to root (no ambient capabilities), so these engine pods run as uid 0 with "
+    "IPC_LOCK added and every other capability dropped. They fail Pod Security baseline (IPC_LOCK) and "
+    "restricted (root): a namespace enforcing either refuses them."
+)
 KV_DISK_DIR = "/kv-cache"
 # A child that is not a Deployment, a PDB or the router's RBAC is named `<name>--<part>`: an
 # InferenceService's name may not contain "--" (a CEL rule on metadata.name), so no service's
@@ -130,7 +142,10 @@ class Pool:
     volumes: list[dict[str, Any]]
     mounts: list[dict[str, Any]]
     annotations: dict[str, str]
-    capabilities: list[str]
+    pod_security_context: dict[str, Any]
+    security_context: dict[str, Any]
+    pod_security: str
+    """The Pod Security level the pods meet and why (an annotation: the rendered object's comment)."""
     termination_grace_s: int
 
 
@@ -160,6 +175,8 @@ def _engine_command(
     env: list[dict[str, Any]] = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "HF_HOME", "value": CACHE_DIR},
+        {"name": "HOME", "value": ENGINE_HOME},
+        {"name": "USER", "value": "engine"},
     ]
     kv = spec.kv_transfer
     tiers = spec.kv_cache
@@ -274,8 +291,8 @@ def pool_values(
     command, args, env = _engine_command(spec, role, source, port_kv)
     ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
     ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]
-    volumes = [*source.volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    mounts = [*source.mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes = [*source.volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "home", "emptyDir": {}}]
+    mounts = [*source.mounts, {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "home", "mountPath": ENGINE_HOME}]
     tiers = spec.kv_cache
     if tiers is not None and tiers.disk is not None:
         if tiers.disk.storage_class_name:
@@ -317,10 +334,32 @@ def pool_values(
         volumes=volumes,
         mounts=mounts,
         annotations=annotations,
-        capabilities=["IPC_LOCK"] if spec.kv_transfer.rdma is not None else [],
+        **_pod_security(spec),
         # decode holds live sequences: give in-flight requests time to finish before the kill
         termination_grace_s=120 if role == "decode" else 30,
     )
+
+
+def _pod_security(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """Pod Security `restricted` (non-root, no capability, no privilege escalation, RuntimeDefault
+    seccomp), except what RDMA needs (see RDMA_POD_SECURITY)."""
+    seccomp = {"type": "RuntimeDefault"}
+    if spec.kv_transfer.rdma is not None:
+        return {
+            "pod_security_context": {"runAsUser": 0, "seccompProfile": seccomp},
+            "security_context": {"allowPrivilegeEscalation": False,
+                                 "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}},
+            "pod_security": RDMA_POD_SECURITY,
+        }
+    return {
+        # fsGroup: the KV disk of a storage class is writable; OnRootMismatch: a volume already right is
+        # not walked again on every start
+        "pod_security_context": {"runAsNonRoot": True, "runAsUser": ENGINE_UID, "runAsGroup": ENGINE_UID,
+                                 "fsGroup": ENGINE_UID, "fsGroupChangePolicy": "OnRootMismatch",
+                                 "seccompProfile": seccomp},
+        "security_context": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "pod_security": "restricted",
+    }
 
 
 @dataclass(frozen=True)
