@@ -33,7 +33,8 @@ from disagg.metrics import OperatorMetrics
 from disagg.reconcile import ChildKey, child_key, pack, unpack
 from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index, pool_counts, resource_version
 from disagg.reconcile.run import CONFLICT_RETRY_S, Reconciler, reconcile_service
-from disagg.render.context import MANAGED_BY, SERVICE_LABEL
+from disagg.render import parse_scrapers
+from disagg.render.context import DEFAULT_METRICS_SCRAPERS, MANAGED_BY, SERVICE_LABEL
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
 from disagg.scaling.signals import QuerySet
@@ -352,6 +353,8 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     registry = kopf.OperatorRegistry()
     locks = ServiceLocks()
     catalog = load_catalog(settings.accelerator_catalog)
+    scrapers = DEFAULT_METRICS_SCRAPERS if settings.metrics_scrapers is None else parse_scrapers(
+        settings.metrics_scrapers)
     state: dict[str, Reconciler] = {}
     index = Index()
     threads: list[AutoscalerThread] = []
@@ -403,6 +406,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             catalog=catalog,
             record_event=record_from_thread,
             applier=applier,
+            metrics_scrapers=scrapers,
         )
         source = None
         if disagg_settings.prometheus_url:

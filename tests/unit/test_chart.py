@@ -427,3 +427,20 @@ def test_default_values_satisfy_the_schema() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) <= set(schema["properties"]), "every top-level value is in the schema"
     assert schema["additionalProperties"] is False
+
+
+# ----------------------------------------------------------------------------------------------------
+# the engines' NetworkPolicy
+
+
+def test_metrics_scrapers_default_is_the_operators_and_values_override_it(tmp_path: Path) -> None:
+    from disagg.render import parse_scrapers
+    from disagg.render.context import DEFAULT_METRICS_SCRAPERS
+
+    assert parse_scrapers(parsed_args(render()).metrics_scrapers) == DEFAULT_METRICS_SCRAPERS
+    values = {"networkPolicy": {"metricsScrapers": [{"namespaceSelector": {"matchLabels": {"team": "obs"}}}]}}
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    peers = parse_scrapers(parsed_args(render("--values", str(tmp_path / "values.yaml"))).metrics_scrapers)
+    assert [p.manifest() for p in peers] == values["networkPolicy"]["metricsScrapers"]
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump({"networkPolicy": {"metricsScrapers": []}}))
+    assert parse_scrapers(parsed_args(render("--values", str(tmp_path / "none.yaml"))).metrics_scrapers) == ()

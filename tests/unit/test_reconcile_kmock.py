@@ -54,7 +54,7 @@ CHILDREN = {
     f"services/{NAME}--decode-kv",
     f"poddisruptionbudgets/{NAME}-prefill",
     f"poddisruptionbudgets/{NAME}-decode",
-    f"networkpolicies/{NAME}-kv",
+    f"networkpolicies/{NAME}-engines",
 }
 CHILD_RESOURCES = (
     "v1/serviceaccounts",

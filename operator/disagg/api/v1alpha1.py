@@ -7,6 +7,7 @@ next to the model they guard; rules that need the accelerator catalogue live in 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -321,6 +322,109 @@ class PoolSpec(CRDModel):
         return [self.cel_rules[0]["message"]] if self.parallelism.tensor > self.accelerator.count else []
 
 
+# label keys (an optional DNS-subdomain prefix and a name) and values, as the API server checks them
+LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+             r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=LABEL_KEY)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+
+
+class LabelSelectorRequirement(CRDModel):
+    """One expression of a label selector."""
+
+    key: LabelKey
+    """The label key."""
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    """In, NotIn, Exists or DoesNotExist."""
+    values: list[LabelValue] = Field(default_factory=list, max_length=64)
+    """Values for In and NotIn (at least one); none for Exists and DoesNotExist."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+            "message": "values: In and NotIn need at least one value, Exists and DoesNotExist take none",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        if (self.operator in ("In", "NotIn")) != bool(self.values):
+            return [self.cel_rules[0]["message"]]
+        return []
+
+
+class LabelSelector(CRDModel):
+    """A Kubernetes label selector; empty selects everything."""
+
+    match_labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=32)
+    """Labels that must all be present with these values."""
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32)
+    """Expressions that must all hold."""
+
+    # a CRD schema cannot constrain map keys (no propertyNames): a CEL rule checks them
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "!has(self.matchLabels) || self.matchLabels.all(k, size(k) <= 317 && k.matches('"
+            + LABEL_KEY.replace("\\", "\\\\") + "'))",
+            "message": "matchLabels: every key must be a label key (an optional DNS-subdomain prefix and '/', "
+            "then at most 63 characters of letters, digits, '-', '_' and '.', starting and ending alphanumeric)",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        if any(len(k) > 317 or not re.match(LABEL_KEY, k) for k in self.match_labels):
+            return [self.cel_rules[0]["message"]]
+        return []
+
+
+class IPBlock(CRDModel):
+    """A CIDR range (e.g. a scraper outside the cluster)."""
+
+    cidr: str = Field(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F:.]+/[0-9]{1,3}$")
+    """The range, e.g. 10.0.0.0/8."""
+    except_: list[Annotated[str, Field(max_length=64, pattern=r"^[0-9a-fA-F:.]+/[0-9]{1,3}$")]] = Field(
+        default_factory=list, alias="except", max_length=32)
+    """Ranges inside `cidr` to leave out."""
+
+
+class NetworkPolicyPeer(CRDModel):
+    """Where traffic may come from, as a Kubernetes NetworkPolicy peer: pods (in the service's namespace,
+    or with `namespaceSelector` in the namespaces it selects; both set: both must match), or an ipBlock."""
+
+    pod_selector: LabelSelector | None = None
+    """Pods by label."""
+    namespace_selector: LabelSelector | None = None
+    """Namespaces by label (`{}`: every namespace)."""
+    ip_block: IPBlock | None = None
+    """A CIDR range, instead of the selectors."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "has(self.ipBlock) != (has(self.podSelector) || has(self.namespaceSelector))",
+            "message": "a peer is either ipBlock or podSelector/namespaceSelector",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        if (self.ip_block is not None) == (self.pod_selector is not None or self.namespace_selector is not None):
+            return [self.cel_rules[0]["message"]]
+        return []
+
+    def manifest(self) -> dict[str, Any]:
+        """The peer as a NetworkPolicy takes it (empty lists and maps left out, as the API server does)."""
+        peer = self.model_dump(by_alias=True, exclude_none=True)
+        return {key: {k: v for k, v in value.items() if v} for key, value in peer.items()}
+
+
+class NetworkPolicySpec(CRDModel):
+    """Who may reach the engines' HTTP port besides this service's router."""
+
+    metrics_scrapers: list[NetworkPolicyPeer] | None = Field(default=None, max_length=16)
+    """The pods that scrape the engines' /metrics; they reach the whole HTTP port (the OpenAI API too).
+    Unset: the operator's default (`disagg run --metrics-scrapers`; the chart's
+    networkPolicy.metricsScrapers). Empty: no scraper."""
+
+
 class InferenceServiceSpec(CRDModel):
     """A model served by disaggregated prefill and decode pools."""
 
@@ -336,6 +440,8 @@ class InferenceServiceSpec(CRDModel):
     """The request router and the service's endpoint."""
     slo: SLOSpec = Field(default_factory=SLOSpec)
     """Latency targets."""
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
+    """Who may reach the engines (the router, the KV peers and the metrics scrapers)."""
     accelerator_budget: int | None = Field(default=None, ge=1, le=100_000)
     """Most accelerators both pools may hold together; the autoscaler stays within it."""
     prefill: PoolSpec

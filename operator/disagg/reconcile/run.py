@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec, NetworkPolicyPeer
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.kube.client import (
@@ -42,7 +42,13 @@ from disagg.reconcile.status import (
     pool_status,
 )
 from disagg.render import Owner, render_children
-from disagg.render.context import RDMA_POD_SECURITY, ROLE_LABEL, SERVICE_LABEL, kv_service_name
+from disagg.render.context import (
+    DEFAULT_METRICS_SCRAPERS,
+    RDMA_POD_SECURITY,
+    ROLE_LABEL,
+    SERVICE_LABEL,
+    kv_service_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,8 @@ class Reconciler:
     """Where the children come from: a watch cache if given, else LIST requests."""
     pod_check_interval_s: float = 10.0
     """How often (at most) a not-ready pool's pods are listed to explain why."""
+    metrics_scrapers: tuple[NetworkPolicyPeer, ...] = DEFAULT_METRICS_SCRAPERS
+    """Who may scrape the engines of a service whose spec names no one (`--metrics-scrapers`)."""
     applier: Executor | None = None
     """Threads that apply the children of one service concurrently (None: one after another). A
     Service with a cluster IP can take ~0.3 s to create (the API server allocates the IPs one at a
@@ -88,7 +96,7 @@ class Reconciler:
         if cached is not None and generation is not None and cached[0] == generation:
             children: list[dict[str, Any]] = unpack(cached[1])
             return children
-        desired = [stamp(m) for m in render_children(owner, spec, self.catalog)]
+        desired = [stamp(m) for m in render_children(owner, spec, self.catalog, self.metrics_scrapers)]
         if owner.uid and generation is not None:
             self._desired[owner.uid] = (generation, pack(desired))
         return desired

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg import GROUP, KIND, VERSION
-from disagg.api.v1alpha1 import CHILD_SEPARATOR, InferenceServiceSpec, PoolSpec
+from disagg.api.v1alpha1 import CHILD_SEPARATOR, InferenceServiceSpec, NetworkPolicyPeer, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port, vllm_kv_transfer_config
 
@@ -38,6 +38,15 @@ KV_DISK_DIR = "/kv-cache"
 # children can take another's name (`a` and `a-metrics` once both rendered Service/a-metrics).
 # Deployments, PDBs and the router's RBAC objects keep `<name>-<role>`: one word after the last dash,
 # which no other service of the same kind can produce (and renaming a Deployment restarts its pods).
+# Prometheus pods (kube-prometheus-stack and the Prometheus operator label them so) in the namespace
+# `monitoring`: who may scrape the engines when neither the spec nor `disagg run --metrics-scrapers`
+# says otherwise (the chart passes its networkPolicy.metricsScrapers, the same by default)
+DEFAULT_METRICS_SCRAPERS: tuple[NetworkPolicyPeer, ...] = (
+    NetworkPolicyPeer.model_validate({
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }),
+)
 # Startup can take tens of minutes for large models (weights download, compilation, CUDA graphs).
 STARTUP_FAILURE_THRESHOLD = 240
 STARTUP_PERIOD_S = 10
