@@ -105,13 +105,145 @@ class ModelSpec(CRDModel):
     """Model shape for the capacity model; required for capacity-model-driven autoscaling."""
 
 
+# names of Secrets, ConfigMaps and ServiceAccounts (DNS-1123 subdomains), and keys of their data
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+DataKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+# what the downward API offers an environment variable
+ENV_FIELD_PATHS = (
+    "metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName", "spec.serviceAccountName",
+    "status.hostIP", "status.hostIPs", "status.podIP", "status.podIPs",
+)
+ENV_FIELD_PATH = r"^(" + "|".join(p.replace(".", "\\.") for p in ENV_FIELD_PATHS) + \
+    r"|metadata\.(labels|annotations)\['[^']+'\])$"
+ENV_RESOURCES = r"^(limits|requests)\.(cpu|memory|ephemeral-storage|hugepages-[0-9A-Za-z]+)$"
+
+
+class ObjectRef(CRDModel):
+    """A Secret or ConfigMap in the service's namespace."""
+
+    name: ObjectName
+    """Its name."""
+    optional: bool | None = None
+    """Start the pod even when it is missing."""
+
+
+class KeySelector(CRDModel):
+    """One key of a Secret or ConfigMap in the service's namespace."""
+
+    name: ObjectName
+    """The Secret's or ConfigMap's name."""
+    key: DataKey
+    """The key."""
+    optional: bool | None = None
+    """Start the pod even when the object or key is missing."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "self.key != '.' && !self.key.startsWith('..')",
+            "message": "key may not be '.' or start with '..'",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        return [self.cel_rules[0]["message"]] if self.key == "." or self.key.startswith("..") else []
+
+
+class FieldSelector(CRDModel):
+    """A field of the engine's own pod (the downward API)."""
+
+    field_path: str = Field(max_length=256, pattern=ENV_FIELD_PATH)
+    """E.g. metadata.name, status.podIP, metadata.labels['app']."""
+    api_version: Literal["v1"] | None = None
+    """v1."""
+
+
+class ResourceSelector(CRDModel):
+    """A request or limit of the engine container (the downward API)."""
+
+    resource: str = Field(max_length=64, pattern=ENV_RESOURCES)
+    """E.g. limits.memory, requests.cpu."""
+    container_name: Literal["engine"] | None = None
+    """The engine container (the only one)."""
+    divisor: str | None = Field(default=None, pattern=QUANTITY)
+    """Unit of the value (e.g. 1Mi); 1 by default."""
+
+
+class EnvVarSource(CRDModel):
+    """Where a variable's value comes from. The operator never reads it: the kubelet does."""
+
+    secret_key_ref: KeySelector | None = None
+    """A key of a Secret (a token, a bucket key)."""
+    config_map_key_ref: KeySelector | None = None
+    """A key of a ConfigMap."""
+    field_ref: FieldSelector | None = None
+    """A field of the pod."""
+    resource_field_ref: ResourceSelector | None = None
+    """A resource of the engine container."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0) + "
+            "(has(self.fieldRef) ? 1 : 0) + (has(self.resourceFieldRef) ? 1 : 0) == 1",
+            "message": "valueFrom takes exactly one of secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        sources = (self.secret_key_ref, self.config_map_key_ref, self.field_ref, self.resource_field_ref)
+        return [self.cel_rules[0]["message"]] if sum(s is not None for s in sources) != 1 else []
+
+
 class EnvVar(CRDModel):
-    """An environment variable for the engine container."""
+    """An environment variable for the engine container: a value, or one from a Secret, a ConfigMap or
+    the pod (valueFrom), so that tokens never sit in the spec or the pod template."""
 
     name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
     """Variable name."""
     value: str = ""
-    """Variable value."""
+    """Variable value (leave it out with valueFrom)."""
+    value_from: EnvVarSource | None = None
+    """Where the value comes from instead."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "!has(self.valueFrom) || !has(self.value) || size(self.value) == 0",
+            "message": "env: set value or valueFrom, not both",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        return [self.cel_rules[0]["message"]] if self.value and self.value_from is not None else []
+
+    def manifest(self) -> dict[str, Any]:
+        """The variable as a container takes it."""
+        if self.value_from is not None:
+            return {"name": self.name, "valueFrom": self.value_from.model_dump(by_alias=True, exclude_none=True)}
+        return {"name": self.name, "value": self.value}
+
+
+class EnvFromSource(CRDModel):
+    """Every key of a Secret or ConfigMap as environment variables."""
+
+    prefix: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    """Put before each key's name."""
+    secret_ref: ObjectRef | None = None
+    """A Secret."""
+    config_map_ref: ObjectRef | None = None
+    """A ConfigMap."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "has(self.secretRef) != has(self.configMapRef)",
+            "message": "envFrom takes exactly one of secretRef and configMapRef",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        return [self.cel_rules[0]["message"]] if (self.secret_ref is None) == (self.config_map_ref is None) else []
+
+    def manifest(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class EngineSpec(CRDModel):
@@ -126,7 +258,9 @@ class EngineSpec(CRDModel):
     extra_args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=64)
     """Extra command-line arguments appended to both pools' engine command."""
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
-    """Extra environment variables for both pools' engine containers."""
+    """Extra environment variables for both pools' engine containers (e.g. HF_TOKEN from a Secret)."""
+    env_from: list[EnvFromSource] = Field(default_factory=list, max_length=16)
+    """Secrets and ConfigMaps whose every key becomes a variable of both pools' engine containers."""
 
 
 class RDMASpec(CRDModel):
@@ -310,6 +444,10 @@ class PoolSpec(CRDModel):
     """CPU and memory of the engine container."""
     autoscaling: Autoscaling | None = None
     """Autoscaling bounds; omit for a fixed replica count."""
+    service_account_name: ObjectName | None = None
+    """The pool's ServiceAccount, e.g. one bound to a cloud identity that may read the model's bucket
+    (EKS IRSA or Pod Identity, GKE or AKS workload identity). Its API token is not mounted: the engines
+    never call the API server, and those identity mechanisms project their own token."""
 
     cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
         {

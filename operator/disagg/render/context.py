@@ -142,6 +142,8 @@ class Pool:
     command: list[str]
     args: list[str]
     env: list[dict[str, Any]]
+    env_from: list[dict[str, Any]]
+    service_account: str | None
     ports: list[dict[str, Any]]
     kv_ports: list[int]
     resources: dict[str, Any]
@@ -249,7 +251,7 @@ def _engine_command(
                 args += ["--hicache-storage-backend", "file"]
                 env += [{"name": "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "value": KV_DISK_DIR}]
     args += list(engine.extra_args) + list(pool.extra_args)
-    env += [{"name": var.name, "value": var.value} for var in engine.env]
+    env += [var.manifest() for var in engine.env]
     return command, args, env
 
 
@@ -334,6 +336,8 @@ def pool_values(
         command=command,
         args=args,
         env=env,
+        env_from=[source.manifest() for source in spec.engine.env_from],
+        service_account=pool.service_account_name,
         ports=ports,
         kv_ports=kv_ports,
         resources=_resources(pool, resource_name, spec),
