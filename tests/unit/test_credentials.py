@@ -125,3 +125,11 @@ def test_the_charts_rbac_holds_no_permission_on_secrets(mode: tuple[str, ...]) -
     assert roles
     bad = [json.dumps(r) for role in roles for r in role["rules"] if _grants_secrets(r)]
     assert not bad, bad
+
+
+def test_the_router_reads_pods_with_list_and_watch_only() -> None:
+    # vllm-router and sglang-router run a kube-rs watcher on pods: LIST, then WATCH; never GET
+    for source in sorted((REPO / "examples").glob("*.yaml")):
+        (role,) = [d for d in render_service(yaml.safe_load(source.read_text()), DEFAULT_CATALOG)
+                   if d["kind"] == "Role"]
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}], source.name
