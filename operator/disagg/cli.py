@@ -39,11 +39,24 @@ def _read_services(path: str) -> list[dict[str, Any]]:
     return services
 
 
+def _scrapers(text: str | None) -> Any:
+    from disagg.render import parse_scrapers
+    from disagg.render.context import DEFAULT_METRICS_SCRAPERS
+
+    if text is None:
+        return DEFAULT_METRICS_SCRAPERS
+    try:
+        return parse_scrapers(text)
+    except ValueError as error:
+        raise SystemExit(f"error: --metrics-scrapers: {error}") from None
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from disagg.api.validate import InvalidSpec
     from disagg.render import render_service
 
     catalog = _catalog(args.accelerator_catalog)
+    scrapers = _scrapers(args.metrics_scrapers)
     out: list[dict[str, Any]] = []
     failed = False
     for body in _read_services(args.file):
@@ -52,7 +65,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             body.setdefault("metadata", {})["namespace"] = args.namespace
         body.setdefault("metadata", {}).setdefault("namespace", "default")
         try:
-            out += render_service(body, catalog)
+            out += render_service(body, catalog, scrapers)
         except InvalidSpec as error:
             failed = True
             for item in error.errors:
@@ -134,6 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         window_s = prometheus_duration_seconds(args.prometheus_rate_window)
     except ValueError as error:
         raise SystemExit(f"error: --prometheus-rate-window: {error}") from None
+    _scrapers(args.metrics_scrapers)  # refused here, before anything starts
     if args.scrape_interval <= 0:
         raise SystemExit(f"error: --scrape-interval {args.scrape_interval:g}: give the seconds between scrapes")
     if window_s < 2 * args.scrape_interval:
@@ -169,6 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_staleness_s=args.metrics_staleness,
         prometheus_rate_window=args.prometheus_rate_window,
         scrape_interval_s=args.scrape_interval,
+        metrics_scrapers=args.metrics_scrapers,
     )
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -204,6 +219,11 @@ def cmd_forward(args: argparse.Namespace, rest: list[str]) -> int:
     from disagg.sim.cli import simulate_main
 
     return int(simulate_main(rest))
+
+
+SCRAPERS_HELP = ("JSON list of NetworkPolicy peers that may reach the engines' HTTP port to scrape /metrics, for "
+                 "services whose spec.networkPolicy.metricsScrapers is unset (default: pods labelled "
+                 "app.kubernetes.io/name=prometheus in the namespace monitoring)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scrape-interval", type=float,
                      default=float(os.environ.get("DISAGG_SCRAPE_INTERVAL", defaults.scrape_interval_s)),
                      help="seconds between Prometheus' scrapes of the engine pods")
+    run.add_argument("--metrics-scrapers", default=os.environ.get("DISAGG_METRICS_SCRAPERS") or None,
+                     help=SCRAPERS_HELP)
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -260,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--accelerator-catalog", default=os.environ.get("DISAGG_ACCELERATOR_CATALOG"))
         if name == "render":
             p.add_argument("-n", "--namespace", help="namespace to render into (default: the object's)")
+            p.add_argument("--metrics-scrapers", default=None, help=SCRAPERS_HELP)
         p.set_defaults(func=func)
 
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition")

@@ -26,15 +26,24 @@ from kubernetes import config as k8s_config
 
 from disagg import GROUP, PLURAL, VERSION
 from disagg.catalog.accelerators import load_catalog
-from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, LEADER_WORKER_SET, ApiError, Kind, Kube
+from disagg.kube.client import (
+    AUTOSCALER_FIELD_MANAGER,
+    CHILD_KINDS,
+    FIELD_MANAGER,
+    LEADER_WORKER_SET,
+    ApiError,
+    Kind,
+    Kube,
+)
 from disagg.kube.discovery import OptionalKind
 from disagg.kube.peering import PeeringCheck
 from disagg.kube.watch import KindWatch
 from disagg.metrics import OperatorMetrics
 from disagg.reconcile import POOL_KINDS, ChildKey, child_key, pack, unpack
 from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index, pool_counts, resource_version
-from disagg.reconcile.run import Reconciler, reconcile_service
-from disagg.render.context import MANAGED_BY, SERVICE_LABEL
+from disagg.reconcile.run import CONFLICT_RETRY_S, Reconciler, reconcile_service
+from disagg.render import parse_scrapers
+from disagg.render.context import DEFAULT_METRICS_SCRAPERS, MANAGED_BY, SERVICE_LABEL
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
 from disagg.scaling.signals import QuerySet
@@ -235,6 +244,10 @@ def _event_recorder(obj: dict[str, Any], event_type: str, reason: str, message: 
         kopf.info(target, reason=reason, message=message)
 
 
+def _claims_replicas(entry: Mapping[str, Any]) -> bool:
+    return "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+
+
 def slim_child(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
     """What reconcile needs of a child, and no more (1,000 services hold ~13,000 of these)."""
     meta = body.get("metadata", {})
@@ -242,13 +255,15 @@ def slim_child(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
         "name", "namespace", "uid", "generation", "resourceVersion", "labels", "annotations",
         "ownerReferences", "deletionTimestamp") if key in meta}
     # only who owns replicas matters (see reconcile_service): the autoscaler's entry, and of the other
-    # managers just their claim on spec.replicas
+    # managers just their claim on spec.replicas; and whether the operator holds fields from a create
     slim_meta["managedFields"] = [
         copy.deepcopy(entry) if entry.get("manager") == AUTOSCALER_FIELD_MANAGER
-        else {"manager": entry.get("manager"), "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+        else {key: value for key, value in (
+            ("manager", entry.get("manager")), ("operation", entry.get("operation")),
+            ("fieldsV1", {"f:spec": {"f:replicas": {}}} if _claims_replicas(entry) else None)) if value is not None}
         for entry in meta.get("managedFields", []) or []
-        if entry.get("manager") == AUTOSCALER_FIELD_MANAGER
-        or "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+        if entry.get("manager") == AUTOSCALER_FIELD_MANAGER or _claims_replicas(entry)
+        or (entry.get("manager"), entry.get("operation"), entry.get("subresource")) == (FIELD_MANAGER, "Update", None)
     ]
     slim: dict[str, Any] = {"apiVersion": kind.api_version, "kind": kind.kind, "metadata": slim_meta}
     for key in ("spec", "rules", "roleRef", "subjects"):
@@ -357,6 +372,8 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     registry = kopf.OperatorRegistry()
     locks = ServiceLocks()
     catalog = load_catalog(settings.accelerator_catalog)
+    scrapers = DEFAULT_METRICS_SCRAPERS if settings.metrics_scrapers is None else parse_scrapers(
+        settings.metrics_scrapers)
     state: dict[str, Reconciler] = {}
     index = Index()
     threads: list[AutoscalerThread] = []
@@ -408,6 +425,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             catalog=catalog,
             record_event=record_from_thread,
             applier=applier,
+            metrics_scrapers=scrapers,
         )
         source = None
         if disagg_settings.prometheus_url:
@@ -506,6 +524,8 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             del spec_seen[(namespace, name)]
             metrics.spec_change_seconds.labels(stage="started").observe(started - pending[1])
             metrics.spec_change_seconds.labels(stage="applied").observe(time.monotonic() - pending[1])
+        if outcome.conflicts:
+            retry_later(namespace, name)
         result = "invalid" if outcome.invalid else ("changed" if outcome.applied or outcome.deleted else "unchanged")
         metrics.reconciles.labels(result=result).inc()
         if outcome.applied or outcome.deleted or outcome.status_written:
@@ -514,6 +534,25 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
                      f" ({', '.join(f'{kind}/{child}' for _, kind, child in outcome.applied)})"
                      if 0 < len(outcome.applied) < 4 else "",
                      len(outcome.deleted), "written" if outcome.status_written else "same")
+
+    retries: set[tuple[str, str]] = set()
+    retries_guard = threading.Lock()
+
+    def retry_later(namespace: str, name: str) -> None:
+        """One more reconcile of a service whose children conflict, in a while (one pending at a time)."""
+        with retries_guard:
+            if (namespace, name) in retries:
+                return
+            retries.add((namespace, name))
+
+        def fire() -> None:
+            with retries_guard:
+                retries.discard((namespace, name))
+            submit({"metadata": {"namespace": namespace, "name": name}}, "child")
+
+        timer = threading.Timer(CONFLICT_RETRY_S, fire)
+        timer.daemon = True
+        timer.start()
 
     def remember_context() -> None:
         if not kopf_context:  # a handler's context: lets other threads post Events through kopf

@@ -162,10 +162,10 @@ def test_kv_services_disruption_budgets_and_the_network_policy_cover_whole_group
     selector = {"disagg.dev/service": "deepseek", "disagg.dev/role": "decode"}
     pod_labels = docs[("LeaderWorkerSet", "deepseek-decode")]["spec"]["leaderWorkerTemplate"]["workerTemplate"][
         "metadata"]["labels"]
-    assert docs[("Service", "deepseek-decode-kv")]["spec"]["selector"] == selector
+    assert docs[("Service", "deepseek--decode-kv")]["spec"]["selector"] == selector
     assert docs[("PodDisruptionBudget", "deepseek-decode")]["spec"]["selector"]["matchLabels"] == selector
     assert selector.items() <= pod_labels.items()  # workers are selected too, not only leaders
-    policy = docs[("NetworkPolicy", "deepseek-kv")]["spec"]["podSelector"]
+    policy = docs[("NetworkPolicy", "deepseek-engines")]["spec"]["podSelector"]
     assert policy["matchLabels"]["disagg.dev/service"] == pod_labels["disagg.dev/service"]
 
 

@@ -156,6 +156,7 @@ three parts so the namespaced mode can put each where it belongs.
 {{- end }}
 {{- end }}
 {{- end }}
+- {{ printf "--metrics-scrapers=%s" (toJson .Values.networkPolicy.metricsScrapers) | quote }}
 {{- if or .Values.acceleratorCatalog.accelerators .Values.acceleratorCatalog.existingConfigMap }}
 - --accelerator-catalog=/etc/disagg/catalog/accelerators.yaml
 {{- end }}

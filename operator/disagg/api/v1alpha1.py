@@ -7,6 +7,7 @@ next to the model they guard; rules that need the accelerator catalogue live in 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,6 +19,29 @@ Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
 KVDtype = Literal["bf16", "fp16", "fp8"]
 Port = Annotated[int, Field(ge=1024, le=65535)]
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Children that are not Deployments, PDBs or router RBAC are named `<name>--<part>` (disagg.render):
+# a service's name may not hold the separator, so no two services' children can share a name.
+CHILD_SEPARATOR = "--"
+# the longest child name is `<name>--prefill-kv`, a Service: a DNS-1035 label of at most 63 characters
+MAX_NAME_LENGTH = 63 - len(CHILD_SEPARATOR + "prefill-kv")
+NAME_RULES: tuple[dict[str, str], ...] = (
+    {
+        "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name may have at most {MAX_NAME_LENGTH} characters, so that every child's name "
+        "(the longest is <name>--prefill-kv) is a valid Service name",
+    },
+    {
+        "rule": f"!self.metadata.name.contains('{CHILD_SEPARATOR}')",
+        "message": f"metadata.name may not contain '{CHILD_SEPARATOR}': children are named "
+        f"<name>{CHILD_SEPARATOR}<part>, and a name holding it could take another service's child's name",
+    },
+    {
+        "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+        "message": "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a "
+        "letter), as the names of its Services are",
+    },
+)
+"""CEL rules on the InferenceService's own name, at the root of the CRD's schema."""
 # a Kubernetes resource quantity: 100m, 0.5, 16, 128Gi, 1e3, 500M
 QUANTITY = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 
@@ -85,13 +109,145 @@ class ModelSpec(CRDModel):
     """Model shape for the capacity model; required for capacity-model-driven autoscaling."""
 
 
+# names of Secrets, ConfigMaps and ServiceAccounts (DNS-1123 subdomains), and keys of their data
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+DataKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+# what the downward API offers an environment variable
+ENV_FIELD_PATHS = (
+    "metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName", "spec.serviceAccountName",
+    "status.hostIP", "status.hostIPs", "status.podIP", "status.podIPs",
+)
+ENV_FIELD_PATH = r"^(" + "|".join(p.replace(".", "\\.") for p in ENV_FIELD_PATHS) + \
+    r"|metadata\.(labels|annotations)\['[^']+'\])$"
+ENV_RESOURCES = r"^(limits|requests)\.(cpu|memory|ephemeral-storage|hugepages-[0-9A-Za-z]+)$"
+
+
+class ObjectRef(CRDModel):
+    """A Secret or ConfigMap in the service's namespace."""
+
+    name: ObjectName
+    """Its name."""
+    optional: bool | None = None
+    """Start the pod even when it is missing."""
+
+
+class KeySelector(CRDModel):
+    """One key of a Secret or ConfigMap in the service's namespace."""
+
+    name: ObjectName
+    """The Secret's or ConfigMap's name."""
+    key: DataKey
+    """The key."""
+    optional: bool | None = None
+    """Start the pod even when the object or key is missing."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "self.key != '.' && !self.key.startsWith('..')",
+            "message": "key may not be '.' or start with '..'",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        return [self.cel_rules[0]["message"]] if self.key == "." or self.key.startswith("..") else []
+
+
+class FieldSelector(CRDModel):
+    """A field of the engine's own pod (the downward API)."""
+
+    field_path: str = Field(max_length=256, pattern=ENV_FIELD_PATH)
+    """E.g. metadata.name, status.podIP, metadata.labels['app']."""
+    api_version: Literal["v1"] | None = None
+    """v1."""
+
+
+class ResourceSelector(CRDModel):
+    """A request or limit of the engine container (the downward API)."""
+
+    resource: str = Field(max_length=64, pattern=ENV_RESOURCES)
+    """E.g. limits.memory, requests.cpu."""
+    container_name: Literal["engine"] | None = None
+    """The engine container (the only one)."""
+    divisor: str | None = Field(default=None, pattern=QUANTITY)
+    """Unit of the value (e.g. 1Mi); 1 by default."""
+
+
+class EnvVarSource(CRDModel):
+    """Where a variable's value comes from. The operator never reads it: the kubelet does."""
+
+    secret_key_ref: KeySelector | None = None
+    """A key of a Secret (a token, a bucket key)."""
+    config_map_key_ref: KeySelector | None = None
+    """A key of a ConfigMap."""
+    field_ref: FieldSelector | None = None
+    """A field of the pod."""
+    resource_field_ref: ResourceSelector | None = None
+    """A resource of the engine container."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0) + "
+            "(has(self.fieldRef) ? 1 : 0) + (has(self.resourceFieldRef) ? 1 : 0) == 1",
+            "message": "valueFrom takes exactly one of secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        sources = (self.secret_key_ref, self.config_map_key_ref, self.field_ref, self.resource_field_ref)
+        return [self.cel_rules[0]["message"]] if sum(s is not None for s in sources) != 1 else []
+
+
 class EnvVar(CRDModel):
-    """An environment variable for the engine container."""
+    """An environment variable for the engine container: a value, or one from a Secret, a ConfigMap or
+    the pod (valueFrom), so that tokens never sit in the spec or the pod template."""
 
     name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
     """Variable name."""
     value: str = ""
-    """Variable value."""
+    """Variable value (leave it out with valueFrom)."""
+    value_from: EnvVarSource | None = None
+    """Where the value comes from instead."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "!has(self.valueFrom) || !has(self.value) || size(self.value) == 0",
+            "message": "env: set value or valueFrom, not both",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        return [self.cel_rules[0]["message"]] if self.value and self.value_from is not None else []
+
+    def manifest(self) -> dict[str, Any]:
+        """The variable as a container takes it."""
+        if self.value_from is not None:
+            return {"name": self.name, "valueFrom": self.value_from.model_dump(by_alias=True, exclude_none=True)}
+        return {"name": self.name, "value": self.value}
+
+
+class EnvFromSource(CRDModel):
+    """Every key of a Secret or ConfigMap as environment variables."""
+
+    prefix: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    """Put before each key's name."""
+    secret_ref: ObjectRef | None = None
+    """A Secret."""
+    config_map_ref: ObjectRef | None = None
+    """A ConfigMap."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "has(self.secretRef) != has(self.configMapRef)",
+            "message": "envFrom takes exactly one of secretRef and configMapRef",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        return [self.cel_rules[0]["message"]] if (self.secret_ref is None) == (self.config_map_ref is None) else []
+
+    def manifest(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class EngineSpec(CRDModel):
@@ -106,7 +262,9 @@ class EngineSpec(CRDModel):
     extra_args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=64)
     """Extra command-line arguments appended to both pools' engine command."""
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
-    """Extra environment variables for both pools' engine containers."""
+    """Extra environment variables for both pools' engine containers (e.g. HF_TOKEN from a Secret)."""
+    env_from: list[EnvFromSource] = Field(default_factory=list, max_length=16)
+    """Secrets and ConfigMaps whose every key becomes a variable of both pools' engine containers."""
 
 
 class RDMASpec(CRDModel):
@@ -308,6 +466,10 @@ class PoolSpec(CRDModel):
     """CPU and memory of the engine container."""
     autoscaling: Autoscaling | None = None
     """Autoscaling bounds; omit for a fixed replica count."""
+    service_account_name: ObjectName | None = None
+    """The pool's ServiceAccount, e.g. one bound to a cloud identity that may read the model's bucket
+    (EKS IRSA or Pod Identity, GKE or AKS workload identity). Its API token is not mounted: the engines
+    never call the API server, and those identity mechanisms project their own token."""
 
     cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
         {
@@ -369,6 +531,109 @@ class TopologySpec(CRDModel):
     inside the domain); omit for no pairing."""
 
 
+# label keys (an optional DNS-subdomain prefix and a name) and values, as the API server checks them
+LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+             r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=LABEL_KEY)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+
+
+class LabelSelectorRequirement(CRDModel):
+    """One expression of a label selector."""
+
+    key: LabelKey
+    """The label key."""
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    """In, NotIn, Exists or DoesNotExist."""
+    values: list[LabelValue] = Field(default_factory=list, max_length=64)
+    """Values for In and NotIn (at least one); none for Exists and DoesNotExist."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+            "message": "values: In and NotIn need at least one value, Exists and DoesNotExist take none",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        if (self.operator in ("In", "NotIn")) != bool(self.values):
+            return [self.cel_rules[0]["message"]]
+        return []
+
+
+class LabelSelector(CRDModel):
+    """A Kubernetes label selector; empty selects everything."""
+
+    match_labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=32)
+    """Labels that must all be present with these values."""
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32)
+    """Expressions that must all hold."""
+
+    # a CRD schema cannot constrain map keys (no propertyNames): a CEL rule checks them
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "!has(self.matchLabels) || self.matchLabels.all(k, size(k) <= 317 && k.matches('"
+            + LABEL_KEY.replace("\\", "\\\\") + "'))",
+            "message": "matchLabels: every key must be a label key (an optional DNS-subdomain prefix and '/', "
+            "then at most 63 characters of letters, digits, '-', '_' and '.', starting and ending alphanumeric)",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        if any(len(k) > 317 or not re.match(LABEL_KEY, k) for k in self.match_labels):
+            return [self.cel_rules[0]["message"]]
+        return []
+
+
+class IPBlock(CRDModel):
+    """A CIDR range (e.g. a scraper outside the cluster)."""
+
+    cidr: str = Field(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F:.]+/[0-9]{1,3}$")
+    """The range, e.g. 10.0.0.0/8."""
+    except_: list[Annotated[str, Field(max_length=64, pattern=r"^[0-9a-fA-F:.]+/[0-9]{1,3}$")]] = Field(
+        default_factory=list, alias="except", max_length=32)
+    """Ranges inside `cidr` to leave out."""
+
+
+class NetworkPolicyPeer(CRDModel):
+    """Where traffic may come from, as a Kubernetes NetworkPolicy peer: pods (in the service's namespace,
+    or with `namespaceSelector` in the namespaces it selects; both set: both must match), or an ipBlock."""
+
+    pod_selector: LabelSelector | None = None
+    """Pods by label."""
+    namespace_selector: LabelSelector | None = None
+    """Namespaces by label (`{}`: every namespace)."""
+    ip_block: IPBlock | None = None
+    """A CIDR range, instead of the selectors."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {
+            "rule": "has(self.ipBlock) != (has(self.podSelector) || has(self.namespaceSelector))",
+            "message": "a peer is either ipBlock or podSelector/namespaceSelector",
+        },
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        if (self.ip_block is not None) == (self.pod_selector is not None or self.namespace_selector is not None):
+            return [self.cel_rules[0]["message"]]
+        return []
+
+    def manifest(self) -> dict[str, Any]:
+        """The peer as a NetworkPolicy takes it (empty lists and maps left out, as the API server does)."""
+        peer = self.model_dump(by_alias=True, exclude_none=True)
+        return {key: {k: v for k, v in value.items() if v} for key, value in peer.items()}
+
+
+class NetworkPolicySpec(CRDModel):
+    """Who may reach the engines' HTTP port besides this service's router."""
+
+    metrics_scrapers: list[NetworkPolicyPeer] | None = Field(default=None, max_length=16)
+    """The pods that scrape the engines' /metrics; they reach the whole HTTP port (the OpenAI API too).
+    Unset: the operator's default (`disagg run --metrics-scrapers`; the chart's
+    networkPolicy.metricsScrapers). Empty: no scraper."""
+
+
 class InferenceServiceSpec(CRDModel):
     """A model served by disaggregated prefill and decode pools."""
 
@@ -384,6 +649,8 @@ class InferenceServiceSpec(CRDModel):
     """The request router and the service's endpoint."""
     slo: SLOSpec = Field(default_factory=SLOSpec)
     """Latency targets."""
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
+    """Who may reach the engines (the router, the KV peers and the metrics scrapers)."""
     accelerator_budget: int | None = Field(default=None, ge=1, le=100_000)
     """Most accelerators both pools may hold together; the autoscaler stays within it."""
     prefill: PoolSpec

@@ -15,12 +15,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from disagg.api.layout import layout_errors
-from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.api.v1alpha1 import CHILD_SEPARATOR, MAX_NAME_LENGTH, ROLES, InferenceServiceSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import CROSS_VENDOR_CONNECTORS, ENGINES
 
-# The longest child name is `<name>-prefill-kv`; Service names are DNS-1035 labels (<= 63 chars).
-MAX_NAME_LENGTH = 63 - len("-prefill-kv")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 # Flags the operator sets itself; a user passing them in extraArgs would silently fight the operator.
@@ -90,6 +88,12 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
             "metadata.name",
             f"{name!r} must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters (lowercase letters, "
             "digits and '-', starting with a letter) so that its children's names are valid",
+        ))
+    if CHILD_SEPARATOR in name:
+        errors.append(FieldError(
+            "metadata.name",
+            f"{name!r} may not contain {CHILD_SEPARATOR!r}: children are named <name>{CHILD_SEPARATOR}<part>, and "
+            "such a name could take another service's child's name",
         ))
     engine = ENGINES[spec.engine.kind]
     vendors: dict[str, str] = {}

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec, NetworkPolicyPeer
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.kube.client import (
     AUTOSCALER_FIELD_MANAGER,
     CHILD_KINDS,
+    DEPLOYMENT,
+    FIELD_MANAGER,
     INFERENCE_SERVICE,
     LEADER_WORKER_SET,
     POD,
@@ -27,7 +29,8 @@ from disagg.kube.client import (
     Kube,
     kind_of,
 )
-from disagg.reconcile import POOL_KINDS, ChildKey, child_key, pack, plan_children, stamp, unpack
+from disagg.reconcile import POOL_KINDS, ChildKey, child_key, owned_by, pack, plan_children, stamp, unpack
+from disagg.reconcile.diff import contains
 from disagg.reconcile.status import (
     Cond,
     PodTrouble,
@@ -36,11 +39,18 @@ from disagg.reconcile.status import (
     endpoint,
     invalid_conditions,
     merge_conditions,
+    pod_security_condition,
     pod_trouble,
     pool_status,
 )
 from disagg.render import Owner, render_children
-from disagg.render.context import ROLE_LABEL, SERVICE_LABEL
+from disagg.render.context import (
+    DEFAULT_METRICS_SCRAPERS,
+    RDMA_POD_SECURITY,
+    ROLE_LABEL,
+    SERVICE_LABEL,
+    kv_service_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +86,8 @@ class Reconciler:
     """Why LeaderWorkerSets cannot be used, and what would fix it."""
     lws_listed: Callable[[], bool] = lambda: True
     """Whether the children cache holds the LeaderWorkerSets already (their watch has listed)."""
+    metrics_scrapers: tuple[NetworkPolicyPeer, ...] = DEFAULT_METRICS_SCRAPERS
+    """Who may scrape the engines of a service whose spec names no one (`--metrics-scrapers`)."""
     applier: Executor | None = None
     """Threads that apply the children of one service concurrently (None: one after another). A
     Service with a cluster IP can take ~0.3 s to create (the API server allocates the IPs one at a
@@ -94,7 +106,7 @@ class Reconciler:
         if cached is not None and generation is not None and cached[0] == generation:
             children: list[dict[str, Any]] = unpack(cached[1])
             return children
-        desired = [stamp(m) for m in render_children(owner, spec, self.catalog)]
+        desired = [stamp(m) for m in render_children(owner, spec, self.catalog, self.metrics_scrapers)]
         if owner.uid and generation is not None:
             self._desired[owner.uid] = (generation, pack(desired))
         return desired
@@ -113,6 +125,37 @@ class Outcome:
     status_object: dict[str, Any] | None = None
     """The service as the status write left it (newer than any watch event seen so far)."""
     invalid: str | None = None
+    conflicts: list[ChildConflict] = field(default_factory=list)
+    """Children whose names other objects hold: left untouched, the service Ready=False ChildConflict."""
+
+
+CONFLICT_RETRY_S = 30.0
+"""A service with a ChildConflict is reconciled again this long after (the object in the way may go
+without any event the operator watches: it need not carry the operator's labels)."""
+
+
+@dataclass(frozen=True)
+class ChildConflict:
+    """A desired child whose name an object this InferenceService does not own already has."""
+
+    kind: str
+    name: str
+    holder: str
+    """Who owns the object in the way, as a user would look for it."""
+
+    def __str__(self) -> str:
+        return (f"{self.kind}/{self.name} already exists and is not owned by this InferenceService "
+                f"({self.holder}); it was left untouched: delete or rename it, or rename this InferenceService")
+
+
+def conflict_with(obj: dict[str, Any]) -> ChildConflict:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    controller = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
+    if controller is not None:
+        holder = f"its owner is {controller.get('kind')}/{controller.get('name')} (uid {controller.get('uid')})"
+    else:
+        holder = "it has no owner"
+    return ChildConflict(str(obj.get("kind")), str(obj.get("metadata", {}).get("name")), holder)
 
 
 def selector_for(name: str) -> str:
@@ -209,7 +252,7 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     for manifest in desired:
         if manifest["kind"] in POOL_KINDS and "replicas" not in manifest["spec"]:
             current = live.get(child_key(manifest))
-            if current is None or _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
+            if current is None or not owned_by(current, uid) or _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
                 continue
             if not _owns_replicas(current, None):
                 # Still the API server's default: never scaled since it was created, so it gets its
@@ -225,15 +268,22 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
                 replicas = int(current.get("spec", {}).get("replicas", DEFAULT_REPLICAS))
             else:
                 continue
-            scaled[child_key(manifest)] = _scale(ctx.kube, manifest, replicas)
+            scaled[child_key(manifest)] = _scale(ctx.kube, manifest, replicas, current["metadata"].get("uid"))
 
     results: dict[ChildKey, dict[str, Any]] = {child_key(obj): obj for obj in plan.unchanged}
     results.update((k, v) for k, v in scaled.items() if k in results)
+    outcome.conflicts = [conflict_with(obj) for obj in plan.conflicts]
     # What the API server refuses to store (a spec valid here, but not as a child: e.g. a nodeSelector
     # that is no label, duplicate env names) is reported like an invalid spec; that child stays as it was.
     refused: list[str] = []
-    for manifest, answer in zip(plan.apply, _apply_children(ctx, plan.apply), strict=True):
+    writes: list[tuple[dict[str, Any], dict[str, Any] | None]] = [(m, None) for m in plan.create]
+    writes += [(m, live[child_key(m)]) for m in plan.apply]
+    created: set[ChildKey] = set()
+    for (manifest, current), answer in zip(writes, _write_children(ctx, writes, uid), strict=True):
         key = child_key(manifest)
+        if isinstance(answer, ChildConflict):
+            outcome.conflicts.append(answer)
+            continue
         if isinstance(answer, ApiError):
             if not _refused(answer):
                 raise answer
@@ -243,14 +293,16 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
             continue
         results[key] = answer
         outcome.applied.append(key)
+        if current is None:
+            created.add(key)
     for manifest in plan.create_scaled:
         initial = int(manifest["metadata"]["annotations"]["disagg.dev/initial-replicas"])
         key = child_key(manifest)
         # The API server's default is the initial count already: no write. The field then has no
         # manager at all, so no later apply resets it, and the autoscaler's first decision takes it
         # (1,000 new services: 2,000 writes fewer).
-        if key in outcome.applied and initial != DEFAULT_REPLICAS:
-            results[key] = _scale(ctx.kube, manifest, initial)
+        if key in created and initial != DEFAULT_REPLICAS:
+            results[key] = _scale(ctx.kube, manifest, initial, results[key]["metadata"].get("uid"))
     for obj in plan.delete:
         kind = kind_of(obj)
         ctx.kube.delete(kind, namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
@@ -265,7 +317,12 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
         ctx.record_event(body, "Normal", "Pruned", f"deleted children no longer in the spec: {names}")
 
     new_status = _observe(ctx, body, spec, results, old_status, now)
-    if refused:
+    if outcome.conflicts:
+        message = "; ".join(str(c) for c in outcome.conflicts)
+        new_status["conditions"] = merge_conditions(
+            new_status["conditions"], [Cond("Ready", "False", "ChildConflict", message)], generation, now
+        )
+    elif refused:
         outcome.invalid = "; ".join(refused)
         new_status["conditions"] = merge_conditions(
             new_status["conditions"], [Cond("Ready", "False", "InvalidSpec", outcome.invalid)], generation, now
@@ -277,12 +334,12 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     return outcome
 
 
-def _scale(kube: Kube, manifest: dict[str, Any], replicas: int) -> dict[str, Any]:
-    """A pool's replicas under the autoscaler's field manager (a LeaderWorkerSet's: whole groups)."""
+def _scale(kube: Kube, manifest: dict[str, Any], replicas: int, uid: str | None) -> dict[str, Any]:
+    """A pool's replicas under the autoscaler's field manager (a LeaderWorkerSet's: whole groups), only
+    on the object of `uid`."""
     meta = manifest["metadata"]
-    if manifest["kind"] == LEADER_WORKER_SET.kind:
-        return kube.scale(meta["namespace"], meta["name"], replicas, AUTOSCALER_FIELD_MANAGER, LEADER_WORKER_SET)
-    return kube.scale(meta["namespace"], meta["name"], replicas, AUTOSCALER_FIELD_MANAGER)
+    kind = LEADER_WORKER_SET if manifest["kind"] == LEADER_WORKER_SET.kind else DEPLOYMENT
+    return kube.scale(meta["namespace"], meta["name"], replicas, AUTOSCALER_FIELD_MANAGER, kind, uid=uid)
 
 
 APPLIED_FIRST = frozenset({"ServiceAccount", "Role"})
@@ -292,23 +349,61 @@ Deployment whose ServiceAccount does not exist yet (the ReplicaSet controller th
 a growing delay)."""
 
 
-def _apply_children(ctx: Reconciler, manifests: list[dict[str, Any]]) -> list[dict[str, Any] | ApiError]:
-    """Server-side applies each manifest; the answers (the object, or the error) in the same order.
-    The `APPLIED_FIRST` kinds go first, then all the others: each group at once on `ctx.applier`."""
+def _write_children(
+    ctx: Reconciler, writes: list[tuple[dict[str, Any], dict[str, Any] | None]], owner_uid: str | None
+) -> list[dict[str, Any] | ApiError | ChildConflict]:
+    """Creates each child without a live object (a create never touches an existing one) and applies
+    the others, each only to the object of the live one's uid; the answers (the object, the error, or
+    the conflict) in the same order. The `APPLIED_FIRST` kinds go first, then all the others: each
+    group at once on `ctx.applier`."""
 
-    def apply(manifest: dict[str, Any]) -> dict[str, Any] | ApiError:
+    def write(item: tuple[dict[str, Any], dict[str, Any] | None]) -> dict[str, Any] | ApiError | ChildConflict:
+        manifest, current = item
+        kind, meta = kind_of(manifest), manifest["metadata"]
+        # status reads only the pools back; of the rest it needs to know they exist
+        read_back = manifest["kind"] in POOL_KINDS
         try:
-            # status reads only the Deployments back; of the rest it needs to know they exist
-            return ctx.kube.apply(manifest, read_back=manifest["kind"] in POOL_KINDS)
+            if current is None:
+                try:
+                    created: dict[str, Any] = ctx.kube.create(manifest)
+                    return created if read_back else manifest
+                except ApiError as error:
+                    if error.status != 409:
+                        raise
+                # a child the watch has not shown yet, one whose labels were edited away, or another's
+                current = ctx.kube.get(kind, meta["namespace"], meta["name"])
+                if current is None:
+                    return ApiError(409, f"{manifest['kind']}/{meta['name']} was deleted while being created")
+                current.setdefault("kind", manifest["kind"])
+                if not owned_by(current, owner_uid):
+                    return conflict_with(current)
+                if contains(manifest, current):
+                    return current
+            if _set_by_update(current):
+                ctx.kube.claim_fields(kind, meta["namespace"], meta["name"])
+            return ctx.kube.apply(manifest, read_back=read_back, uid=current["metadata"].get("uid"))
         except ApiError as error:
+            if error.status in (409, 422) and "uid" in error.message:
+                # the object was replaced since it was seen: whatever holds the name now is not ours
+                replaced = ctx.kube.get(kind, meta["namespace"], meta["name"])
+                if replaced is not None and not owned_by(replaced, owner_uid):
+                    return conflict_with({**replaced, "kind": manifest["kind"]})
             return error
 
     each = ctx.applier.map if ctx.applier is not None else map
-    answers: dict[int, dict[str, Any] | ApiError] = {}
+    answers: dict[int, dict[str, Any] | ApiError | ChildConflict] = {}
     for first in (True, False):
-        group = [i for i, m in enumerate(manifests) if (m["kind"] in APPLIED_FIRST) == first]
-        answers.update(zip(group, each(apply, [manifests[i] for i in group]), strict=True))
-    return [answers[i] for i in range(len(manifests))]
+        group = [i for i, (m, _) in enumerate(writes) if (m["kind"] in APPLIED_FIRST) == first]
+        answers.update(zip(group, each(write, [writes[i] for i in group]), strict=True))
+    return [answers[i] for i in range(len(writes))]
+
+
+def _set_by_update(obj: dict[str, Any]) -> bool:
+    """Whether the operator's field manager holds fields of `obj` from a create (not an apply)."""
+    return any(
+        (e.get("manager"), e.get("operation"), e.get("subresource")) == (FIELD_MANAGER, "Update", None)
+        for e in obj.get("metadata", {}).get("managedFields") or []
+    )
 
 
 def _refused(error: ApiError) -> bool:
@@ -350,10 +445,10 @@ def _observe(
                 troubles[role] = _previous_trouble(old_status, role)  # none made, or checked moments ago
         else:
             ctx._pods_checked.pop((namespace, f"{name}-{role}"), None)
-    kv_present = all(("v1", "Service", f"{name}-{role}-kv") in children for role in ROLES)
+    kv_present = all(("v1", "Service", kv_service_name(name, role)) in children for role in ROLES)
     conditions = merge_conditions(
         old_status.get("conditions", []),
-        compute_conditions(deployments, troubles, kv_present),
+        [*compute_conditions(deployments, troubles, kv_present), pod_security_condition(spec, RDMA_POD_SECURITY)],
         meta.get("generation"),
         now,
     )
@@ -397,7 +492,8 @@ def _announce_transitions(ctx: Reconciler, body: dict[str, Any], old: dict[str, 
     for cond in new.get("conditions", []):
         if before.get(cond["type"]) == (cond["status"], cond["reason"]):
             continue
-        if cond["type"] != "Ready" and cond["reason"] != "Unschedulable":
+        if cond["type"] != "Ready" and cond["reason"] != "Unschedulable" and (
+                cond["type"], cond["status"]) != ("PodSecurity", "False"):
             continue
         kind = "Normal" if cond["status"] == "True" else "Warning"
         if cond["reason"] in ("NotCreated", "NoReplicasReady", "RollingOut", "NoPeers") and cond["type"] == "Ready":
