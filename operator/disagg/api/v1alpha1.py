@@ -7,10 +7,14 @@ next to the model they guard; rules that need the accelerator catalogue live in 
 
 from __future__ import annotations
 
+from fractions import Fraction
+from functools import partial
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+
+from disagg.api.quantity import MAX_QUANTITY_TEXT, check_quantity
 
 EngineKind = Literal["vllm", "sglang"]
 KVConnector = Literal["nixl", "mooncake"]
@@ -22,8 +26,25 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 
 
+def _quantity_field(minimum: str) -> Any:
+    """A quantity string within [minimum, 2^63-1 milli-units] as the API server checks it: the pattern
+    and a CEL rule (CEL's quantity() is apimachinery's parser). `check_quantity` is the same offline."""
+    rule = (f"isQuantity(self) && quantity(self).compareTo(quantity('{minimum}')) >= 0 && "
+            f"quantity(self).compareTo(quantity('{MAX_QUANTITY_TEXT}')) <= 0")
+    message = f"must be a quantity from {minimum} to {MAX_QUANTITY_TEXT} (2^63-1 milli-units)"
+    return Field(pattern=QUANTITY, max_length=64,
+                 json_schema_extra={"x-kubernetes-validations": [{"rule": rule, "message": message}]})
+
+
+Quantity = Annotated[str, _quantity_field("0"), AfterValidator(partial(check_quantity, minimum=Fraction(0)))]
+DiskSize = Annotated[
+    str, _quantity_field("1Gi"), AfterValidator(partial(check_quantity, minimum=Fraction(2**30), minimum_text="1Gi"))
+]
+
+
 class CRDModel(BaseModel):
-    """Base of every API model: camelCase on the wire, unknown fields rejected, docstrings as docs."""
+    """Base of every API model: camelCase on the wire, unknown fields rejected, docstrings as docs, and
+    types as strict as the CRD's (the string "3" or `true` is no integer to the API server)."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -31,6 +52,7 @@ class CRDModel(BaseModel):
         extra="forbid",
         use_attribute_docstrings=True,
         frozen=True,
+        strict=True,
     )
     # CEL rules ({"rule": ..., "message": ...}) attached to this object's schema in the CRD.
     cel_rules: ClassVar[tuple[dict[str, str], ...]] = ()
@@ -142,8 +164,9 @@ class KVTransferSpec(CRDModel):
 class DiskTier(CRDModel):
     """A local disk tier for offloaded KV blocks."""
 
-    size: str = Field(pattern=QUANTITY)
-    """Volume size (a Kubernetes quantity, e.g. 500Gi)."""
+    size: DiskSize
+    """Volume size (a Kubernetes quantity, e.g. 500Gi; at least 1Gi, as the KV caches size their disk
+    tiers in whole GiB)."""
     storage_class_name: str | None = Field(default=None, max_length=253)
     """Storage class of a generic ephemeral volume (e.g. local NVMe); an emptyDir when omitted."""
 
@@ -238,9 +261,9 @@ class Toleration(CRDModel):
 class ResourceRequirements(CRDModel):
     """CPU and memory of the engine container (the accelerators come from `accelerator`)."""
 
-    requests: dict[str, Annotated[str, Field(pattern=QUANTITY)]] = Field(default_factory=dict)
+    requests: dict[str, Quantity] = Field(default_factory=dict)
     """Requested resources (e.g. cpu, memory)."""
-    limits: dict[str, Annotated[str, Field(pattern=QUANTITY)]] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
     """Resource limits."""
 
 

@@ -9,11 +9,12 @@ sees the same message from the CLI as in the InferenceService's InvalidSpec cond
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
+from disagg.api.errors import FieldError, InvalidSpec
+from disagg.api.manifest import prune_nulls
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import CROSS_VENDOR_CONNECTORS, ENGINES
@@ -37,25 +38,6 @@ MANAGED_FLAGS = {
 }
 
 
-@dataclass(frozen=True)
-class FieldError:
-    """One problem with the spec: the field's path and what is wrong and what would be accepted."""
-
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
-
-
-class InvalidSpec(ValueError):
-    """An InferenceService that cannot be served as written."""
-
-    def __init__(self, errors: list[FieldError]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(str(e) for e in errors))
-
-
 def _loc(parts: tuple[int | str, ...]) -> str:
     path = "spec"
     for part in parts:
@@ -72,7 +54,7 @@ def parse_spec(spec: Any) -> InferenceServiceSpec:
     except ValidationError as error:
         errors = []
         for item in error.errors():
-            message = item["msg"]
+            message = item["msg"].removeprefix("Value error, ")
             if item["type"] == "extra_forbidden":
                 message = "unknown field"
             elif item["type"] == "literal_error":
@@ -209,11 +191,16 @@ def _managed_flag(field: str, arg: str, engine: str) -> list[FieldError]:
 
 
 def validate_service(body: dict[str, Any], catalog: AcceleratorCatalog) -> InferenceServiceSpec:
-    """The spec of an InferenceService object if it can be served, else InvalidSpec with every error."""
-    metadata = body.get("metadata") or {}
-    name = str(metadata.get("name", ""))
-    spec = parse_spec(body.get("spec"))
-    errors = check_spec(name, spec, catalog)
+    """The spec of an InferenceService object if it can be served, else InvalidSpec with every error.
+    The spec is read as the API server reads it: the nulls it prunes are gone first."""
+    metadata = body.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    name = metadata.get("name") or (f"{metadata['generateName']}xxxxx" if metadata.get("generateName") else "")
+    spec = parse_spec(prune_nulls(body.get("spec")))
+    errors = check_spec(str(name), spec, catalog)
     if errors:
         raise InvalidSpec(errors)
     return spec
+
+
+__all__ = ["FieldError", "InvalidSpec", "check_spec", "parse_spec", "validate_service"]
