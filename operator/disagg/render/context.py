@@ -198,6 +198,9 @@ def _engine_command(
         ]
         if role == "prefill":
             args += ["--disaggregation-bootstrap-port", str(port_kv)]
+        if kv.connector == "nixl" and kv.backend is not None:
+            # SGLang's NIXL agent takes its backend plugin (UCX by default) from this variable
+            env += [{"name": "SGLANG_DISAGGREGATION_NIXL_BACKEND", "value": kv.backend.upper()}]
         if spec.model.revision:
             args += ["--revision", spec.model.revision]
         if tiers is not None and tiers.cpu_offload_gi_b is not None:
