@@ -71,6 +71,20 @@ def _cel(rule: str, message: str) -> dict[str, Any]:
     return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}
 
 
+def _int64(value: int) -> int:
+    """An integer the API server can hold (the CRD's `integer` is an int64; beyond, it is refused)."""
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{value} does not fit in a 64-bit integer")
+    return value
+
+
+def _extended_resource(value: str) -> str:
+    """An extended resource name: a domain, '/', a name (`requests.` names quotas, not resources)."""
+    if "/" not in value or value.startswith("requests.") or qualified_name(value) is not None:
+        raise ValueError(f"{value!r} is not an extended resource name (a domain, '/', a name, e.g. rdma/ib)")
+    return value
+
+
 def _affinity(value: dict[str, Any]) -> dict[str, Any]:
     errors = affinity_errors(value)
     if errors:
@@ -214,9 +228,10 @@ class EngineSpec(CRDModel):
 class RDMASpec(CRDModel):
     """An RDMA device for KV transfer."""
 
-    resource: str = Field(min_length=1, max_length=253, pattern=EXTENDED_RESOURCE,
-                          json_schema_extra=_cel("self.contains('/') && !self.startsWith('requests.')",
-                                                 "must be an extended resource name: a domain, '/', a name"))
+    resource: Annotated[str, AfterValidator(_extended_resource)] = Field(
+        min_length=1, max_length=253, pattern=EXTENDED_RESOURCE,
+        json_schema_extra=_cel("self.contains('/') && !self.startsWith('requests.')",
+                               "must be an extended resource name: a domain, '/', a name"))
     """Extended resource name of the RDMA device (e.g. rdma/ib, rdma/hca_shared_devices_a)."""
     count: int = Field(default=1, ge=1, le=64)
     """Devices per pod."""
@@ -321,7 +336,7 @@ class AcceleratorRequest(CRDModel):
     """Accelerator type from the catalogue (e.g. nvidia-h100, amd-mi300x, aws-trainium2)."""
     count: int = Field(default=1, ge=1, le=64)
     """Accelerators per pod."""
-    resource_name: str | None = Field(
+    resource_name: Annotated[str, AfterValidator(_extended_resource)] | None = Field(
         default=None, max_length=253, pattern=EXTENDED_RESOURCE,
         json_schema_extra=_cel("self.contains('/') && !self.startsWith('requests.')",
                                "must be an extended resource name: a domain, '/', a name"))
@@ -374,7 +389,7 @@ class Toleration(CRDModel):
     """Taint value (a label value; empty with Exists)."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to tolerate; all when empty."""
-    toleration_seconds: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    toleration_seconds: Annotated[int, AfterValidator(_int64)] | None = None
     """How long a NoExecute taint is tolerated (with effect NoExecute only)."""
 
     # the API server's own rules for a pod's tolerations (core/validation ValidateTolerations)

@@ -77,7 +77,11 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
             "digits and '-', starting with a letter) so that its children's names are valid",
         ))
     for role in ROLES:
-        errors += resource_errors(f"spec.{role}.resources", getattr(spec, role))
+        pool: PoolSpec = getattr(spec, role)
+        owned = {spec.kv_transfer.rdma.resource} if spec.kv_transfer.rdma is not None else set()
+        accelerator = catalog.get(pool.accelerator.type) if pool.accelerator.type is not None else None
+        owned.add(accelerator.resource_name if accelerator is not None else pool.accelerator.resource_name or "")
+        errors += resource_errors(f"spec.{role}.resources", pool, owned)
     return errors + catalog_errors(spec, catalog)
 
 
@@ -146,11 +150,13 @@ def _native(name: str) -> bool:
     return "/" not in name or "kubernetes.io/" in name
 
 
-def resource_errors(field: str, pool: PoolSpec) -> list[FieldError]:
+def resource_errors(field: str, pool: PoolSpec, owned: set[str]) -> list[FieldError]:
     """A container's requests and limits as the API server checks them in the pool's Deployment
-    (core/validation: resource names, integer extended resources, requests within limits)."""
+    (core/validation: resource names, integer extended resources, requests within limits). The
+    resources the operator sets (`owned`, refused by `catalog_errors`) are its own."""
     errors: list[FieldError] = []
-    requests, limits = pool.resources.requests, pool.resources.limits
+    requests = {k: v for k, v in pool.resources.requests.items() if k not in owned}
+    limits = {k: v for k, v in pool.resources.limits.items() if k not in owned}
     for part, values in (("requests", requests), ("limits", limits)):
         for name, text in values.items():
             at = f"{field}.{part}.{name}"
