@@ -159,7 +159,7 @@ SPECS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     *[(f"vllm arg {arg}", changed("engine.extraArgs", [arg])) for arg in (
         "--tensor_parallel_size=8", "--kv-transfer-config.kv_role=kv_both", "--kv_transfer_config.kv_connector",
         "--served=x", "-t", "-tp=2", "--te=2", "--por=9000", "--ho=0.0.0.0", "--model=x", "--revision=main",
-        "--port", "-tp",
+        "--port", "-tp", "-t.x=2", "-tp.x=1",
         # not owned: valid
         "-t=2", "--po=1", "--max-model-len=4096", "--enable-prefix-caching", "--max_model_len", "-O3",
         "--disaggregation-mode=decode", "--load-format=safetensors", "-x")],

@@ -192,11 +192,13 @@ def flag_key(engine: str, arg: str) -> tuple[str, bool] | None:
         if engine == "vllm":  # the part before a '.' is the flag (JSON key path after); '_' reads as '-'
             key = key.split(".", 1)[0].replace("_", "-")
         return key, True
-    # a single dash: `-tp=8` is -tp; `-t` alone may abbreviate -tp; vLLM reads `-tp.x` as -tp too
+    # a single dash: `-tp=8` is -tp; `-t` alone may abbreviate -tp; vLLM reads `-t.x=1` as `-t '{"x": 1}'`,
+    # an abbreviation again
     key = arg.split("=", 1)[0]
-    if engine == "vllm":
+    dotted = engine == "vllm" and "." in key
+    if dotted:
         key = key.split(".", 1)[0]
-    return key, key == arg
+    return key, key == arg or dotted
 
 
 def owned_flag(engine: str, arg: str, owned: dict[str, str]) -> str | None:
@@ -228,5 +230,6 @@ def owned_flag_cel(engine: str, owned: dict[str, str], arg: str) -> str:
     long_key = f"{key}.replace('_', '-')" if engine == "vllm" else key
     terms = [f"({arg}.startsWith('--') && {long_key} in {long_forms!r})"]
     if short_forms:
-        terms.append(f"(!{arg}.startsWith('--') && ({key} in {short_forms!r} || {arg} in {abbreviations!r}))")
+        dotted = f" || ({arg}.split('=')[0].contains('.') && {key} in {abbreviations!r})" if engine == "vllm" else ""
+        terms.append(f"(!{arg}.startsWith('--') && ({key} in {short_forms!r} || {arg} in {abbreviations!r}{dotted}))")
     return "(" + " || ".join(terms) + ")"
