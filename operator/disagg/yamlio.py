@@ -343,11 +343,15 @@ class _Decoder:
 def _decode_document(text: str, first_line: int) -> Any:
     try:
         nodes = list(yaml.compose_all(text, Loader=_Composer))
+    except yaml.reader.ReaderError as error:
+        line = text[: error.position].count("\n") + first_line
+        raise ManifestError(f"line {line}: character #x{error.character:04x} is not allowed in YAML "
+                            "(control characters are not allowed)") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + first_line}: " if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error)
-        raise ManifestError(f"{where}{problem}") from None
+        raise ManifestError(f"{where}{' '.join(str(problem).split())}") from None
     except RecursionError:
         raise ManifestError(f"nested deeper than {MAX_DEPTH} levels") from None
     if not nodes:
