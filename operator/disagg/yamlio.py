@@ -288,7 +288,8 @@ class _Decoder:
         if alias:
             if identity in self.open:
                 raise ManifestError(f"line {self.line(node)}: an anchor's value contains itself")
-            self.decoded += 1  # go-yaml counts the alias itself, then what it expands to
+            self.decoded += 1  # go-yaml counts the alias itself (from an alias when nested), then its value
+            self.from_aliases += self.alias_depth > 0
             self.alias_depth += 1
         else:
             self.seen.add(identity)
