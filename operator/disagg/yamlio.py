@@ -175,9 +175,9 @@ def _resolve_plain(value: str) -> Any:
 
 def _resolve_tagged(tag: str, value: str, line: int) -> Any:
     """A scalar with an explicit tag: go-yaml resolves it and refuses a value of another type."""
-    kind = tag[len(_STANDARD):] if tag.startswith(_STANDARD) else None
-    if kind in (None, "str", "merge") or kind not in ("bool", "int", "float", "null", "timestamp", "binary"):
-        return value
+    kind = tag.removeprefix(_STANDARD) if tag.startswith(_STANDARD) else ""
+    if kind not in ("bool", "int", "float", "null", "timestamp", "binary"):
+        return value  # !!str, and tags go-yaml does not resolve (its value stays the text)
     if kind == "binary":
         try:
             return base64.b64decode(value.encode(), validate=False).decode("utf-8", errors="replace")
