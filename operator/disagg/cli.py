@@ -110,6 +110,10 @@ def cmd_render(args: argparse.Namespace) -> int:
         found, failed = 0, False
         for checked in _checked_services(stream, args.file, catalog):
             found += 1
+            meta = (checked.body or {}).get("metadata")
+            if not checked.errors and not (isinstance(meta, dict) and meta.get("name")):
+                # the children's names come from it; the API server makes one up only when it creates
+                checked.errors.append("metadata.name: render needs a name (generateName is filled in on create)")
             failed |= not _report(checked)
         if not found:
             raise SystemExit(f"error: {args.file} holds no {KIND}")

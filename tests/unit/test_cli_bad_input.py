@@ -133,6 +133,14 @@ def test_empty_documents_between_services_are_skipped_and_stdin_works(tmp_path: 
     assert ("Deployment", "one-prefill") in names and ("Deployment", "two-decode") in names
 
 
+def test_generate_name_validates_but_render_needs_a_name(tmp_path: Path) -> None:
+    path = tmp_path / "generated.yaml"
+    path.write_text(service("x").replace("name: x", "generateName: svc-"))
+    assert disagg("validate", "-f", str(path)).returncode == 0
+    rendered = disagg("render", "-f", str(path))
+    assert rendered.returncode == 1 and "metadata.name: render needs a name" in rendered.stderr, rendered
+
+
 def test_a_kubectl_list_and_json_are_read_too(tmp_path: Path) -> None:
     items = [yaml.safe_load(service("listed-a")), yaml.safe_load(service("listed-b"))]
     listing = tmp_path / "list.json"
