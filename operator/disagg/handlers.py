@@ -31,7 +31,6 @@ from disagg.kube.client import (
     CHILD_KINDS,
     FIELD_MANAGER,
     LEADER_WORKER_SET,
-    ApiError,
     Kind,
     Kube,
 )
@@ -505,20 +504,18 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             if fresh is not None and resource_version(fresh) > resource_version(obj):
                 obj = copy.deepcopy(fresh)
             try:
-                outcome = reconcile_service(reconciler, obj)
+                outcome = reconcile_service(reconciler, obj)  # reports its own failures in status
                 if outcome.status_object:
                     index.remember(outcome.status_object)
-            except ApiError as error:
-                metrics.reconciles.labels(result="api_error").inc()
-                metrics.api_errors.labels(status=str(error.status)).inc()
-                log.warning("reconcile %s/%s (%s) failed: %s", namespace, name, trigger, error)
-                return
-            except Exception:
-                metrics.reconciles.labels(result="error").inc()
-                log.exception("reconcile %s/%s (%s) crashed", namespace, name, trigger)
-                return
             finally:
                 metrics.reconcile_seconds.observe(time.monotonic() - started)
+        if outcome.failed is not None:
+            if outcome.failed_status is not None:
+                metrics.reconciles.labels(result="api_error").inc()
+                metrics.api_errors.labels(status=str(outcome.failed_status)).inc()
+            else:
+                metrics.reconciles.labels(result="error").inc()
+            return
         generation = int((obj.get("metadata") or {}).get("generation") or 0)
         if pending is not None and generation >= pending[0] and spec_seen.get((namespace, name)) == pending:
             del spec_seen[(namespace, name)]

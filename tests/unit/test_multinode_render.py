@@ -62,8 +62,11 @@ BAD_LAYOUTS = [
     ("ranks that do not fill whole nodes", "spec.decode.parallelism", {"data": 12, "expert": True}, "spec.decode",
      "fill whole nodes"),
     ("nodes that disagree with the parallelism", "spec.decode.nodes", 3, "spec.decode", "accelerator.count x nodes"),
-    ("more stages than layers", "spec.prefill.parallelism", {"tensor": 8, "pipeline": 64}, "spec.prefill.parallelism"
-     ".pipeline", "layers"),
+    # a budget for the 512 accelerators, else the schema's budget rule refuses the spec before the layout is read
+    ("more stages than layers", "spec", {**DEEPSEEK["spec"], "acceleratorBudget": 600,
+                                         "prefill": {**DEEPSEEK["spec"]["prefill"],
+                                                     "parallelism": {"tensor": 8, "pipeline": 64}}},
+     "spec.prefill.parallelism.pipeline", "layers"),
     ("experts the group does not divide", "spec.model.architecture.experts", 250, "spec.decode.parallelism.expert",
      "250"),
     ("heads the tensor size does not divide", "spec.model.architecture.attentionHeads", 100,
@@ -73,7 +76,7 @@ BAD_LAYOUTS = [
     ("a wiring flag in extraArgs", "spec.decode.extraArgs", ["--data-parallel-size-local=4"],
      "spec.decode.extraArgs[0]", "set by the operator"),
     ("a budget below one group", "spec.acceleratorBudget", 12, "spec.decode.autoscaling.minReplicas",
-     "16 accelerators"),
+     "(16 > 12)"),
     ("a budget below the pools' floor", "spec.acceleratorBudget", 20, "spec.acceleratorBudget", "24 accelerators"),
 ]
 
@@ -179,9 +182,11 @@ def test_a_group_is_packed_into_one_domain_and_decode_can_be_paired_with_prefill
     (pairing,) = decode["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert pairing["labelSelector"]["matchLabels"] == {"disagg.dev/service": "big-dense", "disagg.dev/role": "prefill"}
     preferred = changed(SGLANG, "spec.topology", {"packing": "Preferred", "pairing": "Preferred", "key": "rack"})
-    preferred = changed(preferred, "spec.decode.affinity", {"nodeAffinity": {"x": 1}})
+    zone = {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "preference": {"matchExpressions": [
+        {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1a"]}]}}]}
+    preferred = changed(preferred, "spec.decode.affinity", {"nodeAffinity": zone})
     decode = docs_of(preferred)[("Deployment", "big-dense-decode")]["spec"]["template"]["spec"]["affinity"]
-    assert decode["nodeAffinity"] == {"x": 1}  # the user's own affinity is kept
+    assert decode["nodeAffinity"] == zone  # the user's own affinity is kept
     (term,) = decode["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert term["weight"] == 100 and term["podAffinityTerm"]["topologyKey"] == "rack"
     prefill = docs_of(preferred)[("LeaderWorkerSet", "big-dense-prefill")]["spec"]["leaderWorkerTemplate"]

@@ -98,6 +98,9 @@ class Reconciler:
     changes with the generation, so the other reconciles (status, resync) never render again. Kept as
     compressed JSON (~2 KiB a service instead of ~100 KiB of dicts) and decoded per reconcile, which
     also hands every reconcile its own copy."""
+    _failures: dict[str, tuple[int | None, str]] = field(default_factory=dict)
+    """The last failure of each service (by uid) whose traceback was logged: a failure that repeats
+    on every resync is logged in one line after the first."""
 
     def desired_children(
         self, owner: Owner, generation: int | None, spec: InferenceServiceSpec
@@ -113,6 +116,7 @@ class Reconciler:
 
     def forget(self, uid: str | None) -> None:
         self._desired.pop(uid or "", None)
+        self._failures.pop(uid or "", None)
 
 
 @dataclass
@@ -127,6 +131,10 @@ class Outcome:
     invalid: str | None = None
     conflicts: list[ChildConflict] = field(default_factory=list)
     """Children whose names other objects hold: left untouched, the service Ready=False ChildConflict."""
+    failed: str | None = None
+    """Why the reconcile stopped (an exception), as the ReconcileError condition says it."""
+    failed_status: int | None = None
+    """The API server's HTTP status when that was a failed request."""
 
 
 CONFLICT_RETRY_S = 30.0
@@ -187,7 +195,58 @@ def _timestamp(moment: datetime.datetime) -> str:
 
 
 def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
-    """Brings one InferenceService's children and status to what its spec says."""
+    """Brings one InferenceService's children and status to what its spec says. Whatever goes wrong
+    (a bug, an API error) ends as Ready=False reason ReconcileError with the message, and an Event."""
+    try:
+        outcome = _reconcile(ctx, body)
+    except Exception as error:
+        return _report_failure(ctx, body, error)
+    ctx._failures.pop((body.get("metadata") or {}).get("uid") or "", None)
+    return outcome
+
+
+MAX_MESSAGE = 2048
+"""Longest failure message kept in a condition (an API server's refusal can quote a whole object)."""
+
+
+def _report_failure(ctx: Reconciler, body: dict[str, Any], error: Exception) -> Outcome:
+    """Ready=False/ReconcileError with the error's message, a Warning Event when that is news, and the
+    traceback of an unexpected error in the log once per service, generation and message (a resync
+    that fails the same way logs one line)."""
+    meta = body.get("metadata") or {}
+    name, namespace, uid = meta.get("name", ""), meta.get("namespace", ""), meta.get("uid") or ""
+    generation = meta.get("generation")
+    message = str(error) if isinstance(error, ApiError) else f"{type(error).__name__}: {error}"
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
+    outcome = Outcome(failed=message, failed_status=error.status if isinstance(error, ApiError) else None)
+    if isinstance(error, ApiError):  # its message is all there is to say: no traceback
+        log.warning("reconcile of %s/%s failed: %s", namespace, name, message)
+    elif ctx._failures.get(uid) != (generation, message):
+        ctx._failures[uid] = (generation, message)
+        log.error("reconcile of %s/%s failed: %s", namespace, name, message, exc_info=error)
+    else:
+        log.warning("reconcile of %s/%s failed again: %s", namespace, name, message)
+    old_status: dict[str, Any] = dict(body.get("status") or {})
+    conditions = merge_conditions(
+        old_status.get("conditions", []), [Cond("Ready", "False", "ReconcileError", message)], generation,
+        _timestamp(ctx.clock()),
+    )
+    new_status = {**old_status, "conditions": conditions}
+    if not _status_differs(old_status, new_status):
+        return outcome
+    try:
+        outcome.status_object = ctx.kube.patch_status(namespace, name, new_status)
+        outcome.status_written = True
+    except ApiError as status_error:  # the API server is gone or refuses: the log is all there is
+        log.warning("status of %s/%s not written: %s", namespace, name, status_error)
+        return outcome
+    if _ready_reason(old_status) != ("ReconcileError", message):
+        ctx.record_event(body, "Warning", "ReconcileError", message)
+    return outcome
+
+
+def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta.get("uid")
     generation = meta.get("generation")

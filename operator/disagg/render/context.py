@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg import GROUP, KIND, VERSION
+from disagg.api.quantity import quantity_bytes
 from disagg.api.v1alpha1 import CHILD_SEPARATOR, InferenceServiceSpec, NetworkPolicyPeer, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port, vllm_kv_transfer_config
@@ -247,6 +248,9 @@ def _engine_command(
         ]
         if role == "prefill":
             args += ["--disaggregation-bootstrap-port", str(port_kv)]
+        if kv.connector == "nixl" and kv.backend is not None:
+            # SGLang's NIXL agent takes its backend plugin (UCX by default) from this variable
+            env += [{"name": "SGLANG_DISAGGREGATION_NIXL_BACKEND", "value": kv.backend.upper()}]
         if spec.model.revision:
             args += ["--revision", spec.model.revision]
         if tiers is not None and tiers.cpu_offload_gi_b is not None:
@@ -261,23 +265,14 @@ def _engine_command(
     return command, args, env
 
 
-_UNITS: dict[str, float] = {
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-}
-
-
 def _per_rank_gib(total_gib: int, tp: int) -> str:
     """A pod's GiB split over its TP ranks, as the float text LMCache parses."""
     return f"{total_gib / tp:g}"
 
 
 def _gib(quantity: str) -> int:
-    """A Kubernetes quantity in whole GiB (at least 1)."""
-    for suffix, factor in sorted(_UNITS.items(), key=lambda item: -len(item[0])):
-        if quantity.endswith(suffix):
-            return max(1, int(float(quantity[: -len(suffix)]) * factor // 2**30))
-    return max(1, int(float(quantity)) // 2**30)
+    """A Kubernetes quantity (validated: at least 1Gi) in whole GiB."""
+    return int(quantity_bytes(quantity) // 2**30)
 
 
 def pool_values(
