@@ -52,6 +52,9 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = yaml.safe_load((REPO / "tests" / "golden" / "input" / "multinode-vllm-deepseek.yaml").read_text())
+# prefill on an H100 node: the 2 decode groups then hold 2 of the 4 two-node H200 domains, and another
+# service on the shared cluster (the demo's decode) may hold H200 nodes of the others
+SERVICE["spec"]["prefill"]["accelerator"]["type"] = "nvidia-h100"
 NAME = SERVICE["metadata"]["name"]
 LWS_GROUP, LWS_VERSION, LWS_PLURAL = "leaderworkerset.x-k8s.io", "v1", "leaderworkersets"
 WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
