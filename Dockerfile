@@ -2,21 +2,24 @@
 # The disagg operator image. Stage 1 builds the wheel and installs it with its dependencies into a
 # virtual environment; the final stage holds only that environment on the same slim Python base:
 # no compiler, no pip, no sources. tests/unit/test_dockerfile.py checks this file (hadolint, structure)
-# and that the wheel it installs builds and runs from a clean virtual environment.
-ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm
+# and that the wheel it installs builds and runs from a clean virtual environment. The base image is
+# pinned by its (multi-platform) digest, the dependencies by requirements.lock with hashes
+# (pip-compile --generate-hashes from pyproject.toml; tests/unit/test_dockerfile.py keeps them in step).
+ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm@sha256:d29f48a31a8b408ed19272ca1e7b10ebae13b240a27e862d3d4217c528e2e0c3
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY operator ./operator
-# the wheel, then a venv without pip holding the wheel and its dependencies (compiled to .pyc, since
-# the root filesystem is read-only at run time)
+# the wheel, then a venv without pip holding the locked dependencies (every file checked against its
+# hash) and the wheel (compiled to .pyc, since the root filesystem is read-only at run time)
 RUN pip wheel --no-deps --wheel-dir /dist . \
  && python -m venv --without-pip /opt/disagg \
- && pip --python /opt/disagg/bin/python install --compile /dist/disagg-*.whl
+ && pip --python /opt/disagg/bin/python install --compile --require-hashes --no-deps -r requirements.lock \
+ && pip --python /opt/disagg/bin/python install --compile --no-deps /dist/disagg-*.whl
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="disagg-operator" \

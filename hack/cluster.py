@@ -5,8 +5,11 @@ etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok (fake kub
 Go modules by hack/build-binaries.sh, fake accelerator nodes from the accelerator catalogue, and a real
 Prometheus (Debian package) that scrapes the targets listed in ``<cluster dir>/prometheus/engines.json``.
 
+The LeaderWorkerSet controller (sigs.k8s.io/lws, built the same way) runs as a host process beside the
+API server, with its webhooks served on loopback and registered by URL.
+
 Subcommands: up, down, status, env, bin-dir, sa-kubeconfig, prometheus-start, prometheus-stop,
-apiserver-restart.
+apiserver-restart, lws-restart.
 Progress goes to stderr; ``up`` and ``env`` print ``export KUBECONFIG=...`` as their last stdout line.
 The cluster dir is ``$DISAGG_CLUSTER_DIR`` (default /tmp/disagg-cluster). See
 the design notes (LOCAL-CLUSTER.md) for where each flag comes from.
@@ -62,11 +65,13 @@ K8S_VERSION = os.environ.get("K8S_VERSION", "v1.36.3")
 ETCD_VERSION = os.environ.get("ETCD_VERSION", "v3.6.16")
 KWOK_VERSION = os.environ.get("KWOK_VERSION", "v0.8.0")
 HELM_VERSION = os.environ.get("HELM_VERSION", "v3.21.4")
+LWS_VERSION = os.environ.get("LWS_VERSION", "v0.10.0")
 CACHE = Path(os.environ.get("DISAGG_CACHE", str(Path.home() / ".cache" / "disagg")))
 K8S_BIN = CACHE / "k8s" / K8S_VERSION / "bin"
 ETCD_BIN = CACHE / "etcd" / ETCD_VERSION / "bin"
 KWOK_DIR = CACHE / "kwok" / KWOK_VERSION
 HELM_BIN = CACHE / "helm" / HELM_VERSION / "bin"
+LWS_DIR = CACHE / "lws" / LWS_VERSION
 CATALOG = REPO / "operator" / "disagg" / "catalog" / "accelerators.yaml"
 
 HOST = "127.0.0.1"
@@ -76,6 +81,14 @@ KCM_PORT = 10257
 SCHEDULER_PORT = 10259
 KWOK_PORT = 10247
 PROMETHEUS_PORT = 9090
+LWS_WEBHOOK_PORT = 10263
+LWS_HEALTH_PORT = 10264
+# the LWS webhook configurations this tool registers (removed before the controller stops: their
+# failure policy is Fail, so a stopped controller would block every LeaderWorkerSet and its pods)
+LWS_WEBHOOKS = {
+    "MutatingWebhookConfiguration": "disagg-lws-mutating-webhook",
+    "ValidatingWebhookConfiguration": "disagg-lws-validating-webhook",
+}
 SERVICE_CIDR = "10.96.0.0/16"  # distinct from the pod range below
 SERVICE_IP = "10.96.0.1"  # first address of SERVICE_CIDR: the `kubernetes` Service
 POD_CIDR = "127.100.0.0/16"  # inside 127.0.0.0/8: every pod IP is a loopback address
@@ -83,10 +96,15 @@ SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 CLUSTER_NAME = "disagg-local"
 MARKER = ".disagg-cluster"  # `down` only deletes a directory that carries this file
 
-# fake nodes: accelerator type from the catalogue -> how many nodes
+# fake nodes: accelerator type from the catalogue -> how many nodes. H200 has 8: the multi-node e2e test's
+# DeepSeek-V3-like decode takes two groups of 2 whole nodes, and the other tests keep their 4.
 NODE_POOLS: dict[str, int] = {
-    "nvidia-h100": 4, "nvidia-h200": 4, "nvidia-b200": 2, "amd-mi300x": 2, "aws-trainium2": 2,
+    "nvidia-h100": 4, "nvidia-h200": 8, "nvidia-b200": 2, "amd-mi300x": 2, "aws-trainium2": 2,
 }
+# network domains: consecutive nodes of a type share the value of the type's first topology label
+# (e.g. topology.k8s.aws/network-node-layer-3), DOMAIN_SIZE nodes of each type per domain, as an EFA
+# leaf switch connects instances of several types
+DOMAIN_SIZE = 2
 # InfiniBand HCAs as the RDMA shared device plugin advertises them, on the NVIDIA nodes (KV over RDMA)
 RDMA_RESOURCE, RDMA_PER_NODE = "rdma/ib", "16"
 RDMA_TYPES = {"nvidia-h100", "nvidia-h200", "nvidia-b200"}
@@ -111,6 +129,7 @@ COMPONENT_ORDER = [
     "kube-controller-manager",
     "kube-scheduler",
     "kwok",
+    "lws-controller",
     "prometheus",
 ]
 
@@ -162,6 +181,10 @@ class Paths:
     @property
     def engines_file(self) -> Path:
         return self.prometheus / "engines.json"
+
+    @property
+    def lws(self) -> Path:
+        return self.root / "lws"
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -395,6 +418,18 @@ class Cluster:
                 env={"HOME": str(p.root / "kwok-home")},
             ),
             Component(
+                "lws-controller",
+                LWS_DIR / "bin" / "lws-controller",
+                lambda: [
+                    str(LWS_DIR / "bin" / "lws-controller"),
+                    f"--kubeconfig={kcfg / 'lws-controller.kubeconfig'}",
+                    f"--config={p.lws / 'config.yaml'}",
+                ],
+                self._lws_health,
+                LWS_HEALTH_PORT,
+                timeout=90,
+            ),
+            Component(
                 "prometheus",
                 prometheus_bin,
                 lambda: [
@@ -450,6 +485,19 @@ class Cluster:
             return f"client certificate: {e}"
         return self._http_health(f"https://{HOST}:{APISERVER_PORT}/readyz", ctx)
 
+    def _lws_health(self) -> str | None:
+        """Ready, and its webhook server answering TLS (it starts once the certificates are read)."""
+        reason = self._http_health(f"http://{HOST}:{LWS_HEALTH_PORT}/readyz")
+        if reason is not None:
+            return reason
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.p.pki / "ca.crt"))
+            with socket.create_connection((HOST, LWS_WEBHOOK_PORT), timeout=2) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=HOST):
+                return None
+        except (OSError, ssl.SSLError) as e:
+            return f"webhook server https://{HOST}:{LWS_WEBHOOK_PORT}: {e}"
+
     def _https_health(self, port: int) -> str | None:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -497,6 +545,17 @@ class Cluster:
         if not comp.binary.exists():
             raise ClusterError(f"{name}: binary {comp.binary} is missing (run hack/build-binaries.sh)")
         owner = port_owner(comp.port)
+        if owner is not None and owner[0] and owner[1][0] == str(comp.binary) and name == "lws-controller":
+            # a controller this tool started for an earlier cluster dir, which a checkout without the
+            # LWS component tore down around it: its cluster is gone
+            log(f"{name}: stopping a leftover controller of an earlier cluster, {describe(owner)}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(owner[0], signal.SIGTERM)
+            for _ in range(100):
+                if port_owner(comp.port) is None:
+                    break
+                time.sleep(0.1)
+            owner = port_owner(comp.port)
         if owner is not None:
             raise ClusterError(
                 f"{name}: port {HOST}:{comp.port} is already in use by {describe(owner)}; stop it or run `down` first"
@@ -637,6 +696,9 @@ class Cluster:
             "kube-scheduler": ("/CN=system:kube-scheduler", "clientAuth", ""),
             "kwok": ("/O=system:masters/CN=kwok", "clientAuth", ""),
             "front-proxy-client": ("/CN=front-proxy-client", "clientAuth", ""),
+            # the LWS controller manages StatefulSets, Services, Pods and its CRDs cluster-wide
+            "lws-controller": ("/O=system:masters/CN=lws-controller", "clientAuth", ""),
+            "lws-webhook": ("/CN=lws-webhook", "serverAuth", f"IP:{HOST}"),
         }
         for name, (subject, eku, san) in leaves.items():
             if (pki / f"{name}.crt").exists() and (pki / f"{name}.key").exists():
@@ -726,6 +788,7 @@ class Cluster:
             ("kube-controller-manager", self.p.kubeconfigs / "kube-controller-manager.kubeconfig"),
             ("kube-scheduler", self.p.kubeconfigs / "kube-scheduler.kubeconfig"),
             ("kwok", self.p.kubeconfigs / "kwok.kubeconfig"),
+            ("lws-controller", self.p.kubeconfigs / "lws-controller.kubeconfig"),
         ]:
             creds = {
                 "client-certificate-data": self._b64(pki / f"{name}.crt"),
@@ -752,6 +815,80 @@ class Cluster:
         )
         if not self.p.engines_file.exists():
             self.p.engines_file.write_text("[]\n")
+
+    # ---------------------------------------------------------------- LeaderWorkerSet controller
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "KUBECONFIG": str(self.p.kubeconfig)}
+        r = subprocess.run([str(K8S_BIN / "kubectl"), *args], input=stdin, capture_output=True, text=True,
+                           env=env, check=False, timeout=120)
+        if check and r.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed: {r.stderr.strip()[:1000]}")
+        return r
+
+    def prepare_lws(self) -> None:
+        """The controller's config and serving certificate, and its CRDs (it watches them from the start)."""
+        crds = LWS_DIR / "config" / "crd" / "bases"
+        if not crds.is_dir():
+            raise ClusterError(f"lws-controller: {crds} is missing (run hack/build-binaries.sh lws)")
+        certs = self.p.lws / "certs"
+        certs.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.p.pki / "lws-webhook.crt", certs / "tls.crt")
+        shutil.copyfile(self.p.pki / "lws-webhook.key", certs / "tls.key")
+        os.chmod(certs / "tls.key", 0o600)
+        config = {
+            "apiVersion": "config.lws.x-k8s.io/v1alpha1",
+            "kind": "Configuration",
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "webhook": {"host": HOST, "port": LWS_WEBHOOK_PORT, "certDir": str(certs)},
+            "health": {"healthProbeBindAddress": f"{HOST}:{LWS_HEALTH_PORT}"},
+            "metrics": {"bindAddress": "0"},  # no metrics server
+        }
+        (self.p.lws / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds))
+        for crd in sorted(crds.glob("*.yaml")):
+            name = yaml.safe_load(crd.read_text())["metadata"]["name"]
+            self.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+        log(f"lws-controller: CRDs applied from {crds}")
+
+    def lws_webhook_manifests(self) -> list[dict[str, Any]]:
+        """The controller's webhook configurations, pointed at its loopback server by URL. The pod
+        webhooks only see LeaderWorkerSet pods (the objectSelector of the project's own patches)."""
+        source = LWS_DIR / "config" / "webhook" / "manifests.yaml"
+        ca = self._b64(self.p.pki / "ca.crt")
+        docs = [d for d in yaml.safe_load_all(source.read_text()) if d]
+        out = []
+        for doc in docs:
+            for hook in doc["webhooks"]:
+                path = hook["clientConfig"]["service"]["path"]
+                hook["clientConfig"] = {"url": f"https://{HOST}:{LWS_WEBHOOK_PORT}{path}", "caBundle": ca}
+                if any(r.get("resources") == ["pods"] for r in hook.get("rules", [])):
+                    hook["objectSelector"] = {"matchExpressions": [
+                        {"key": "leaderworkerset.sigs.k8s.io/name", "operator": "Exists"}]}
+            doc["metadata"] = {"name": LWS_WEBHOOKS[doc["kind"]],
+                               "labels": {"app.kubernetes.io/managed-by": "disagg-local-cluster"}}
+            out.append(doc)
+        return out
+
+    def register_lws_webhooks(self) -> None:
+        text = "".join("---\n" + yaml.safe_dump(d, sort_keys=False) for d in self.lws_webhook_manifests())
+        (self.p.lws / "webhooks.yaml").write_text(text)
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(self.p.lws / "webhooks.yaml"))
+        log(f"lws-controller: webhooks registered at https://{HOST}:{LWS_WEBHOOK_PORT}")
+
+    def unregister_lws_webhooks(self) -> None:
+        """Before the controller stops: with it gone, Fail-policy webhooks would refuse LWS objects."""
+        if self._apiserver_health() is not None:
+            return
+        for kind, name in LWS_WEBHOOKS.items():
+            self.kubectl("delete", kind.lower(), name, "--ignore-not-found", "--wait=false", check=False)
+        log("lws-controller: webhooks unregistered")
+
+    def start_lws(self) -> None:
+        self.prepare_lws()
+        self.start("lws-controller")
+        self.register_lws_webhooks()
 
     # ---------------------------------------------------------------- kubernetes objects
 
@@ -874,7 +1011,8 @@ class Cluster:
 
 def _ours(label: str) -> bool:
     """Labels this tool manages on its nodes (others' labels are left alone)."""
-    prefixes = ("nvidia.com/", "amd.com/", "karpenter.k8s.aws/", "feature.node.kubernetes.io/", "disagg.dev/")
+    prefixes = ("nvidia.com/", "amd.com/", "karpenter.k8s.aws/", "feature.node.kubernetes.io/", "disagg.dev/",
+                "topology.k8s.aws/", "network.topology.nvidia.com/", "cloud.google.com/gce-topology")
     return label.startswith(prefixes)
 
 
@@ -1016,13 +1154,19 @@ def node_manifests() -> list[dict[str, Any]]:
             **{k: str(v) for k, v in (entry.get("nodeLabels") or {}).items()},
             **_vendor_labels(type_name, entry, per_node),
         }
+        domain_label = next(iter(entry.get("topologyLabels") or []), None)
         for i in range(count):
+            # a domain never spans zones: pairs of consecutive nodes, zone by pair
+            domain = i // DOMAIN_SIZE
+            node_labels = dict(labels)
+            if domain_label:
+                node_labels[domain_label] = f"nn-{domain}"  # shared across types: prefill pairs with decode
             nodes.append(
                 _node(
                     f"{type_name}-{i}",
                     instance_type,
-                    f"local-{'ab'[i % 2]}",
-                    labels,
+                    f"local-{'ab'[domain % 2]}",
+                    node_labels,
                     {
                         str(entry["resourceName"]): str(per_node),
                         **({RDMA_RESOURCE: RDMA_PER_NODE} if type_name in RDMA_TYPES else {}),
@@ -1105,6 +1249,7 @@ BIN_LINKS = {
     "etcd": ETCD_BIN / "etcd",
     "kwok": KWOK_DIR / "bin" / "kwok",
     "helm": HELM_BIN / "helm",
+    "lws-controller": LWS_DIR / "bin" / "lws-controller",
 }
 
 
@@ -1144,6 +1289,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         c = Cluster(root)
         if root.exists() and all(c.is_healthy(n)[0] for n in COMPONENT_ORDER):
             log(f"cluster in {root} is already up and healthy")
+            c.register_lws_webhooks()  # idempotent: brings their manifest up to this checkout's
             names = c.ensure_nodes()
             c.wait_nodes_ready(names)
         else:
@@ -1156,6 +1302,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             c.write_prometheus_config()
             for name in COMPONENT_ORDER:
                 if name == "prometheus":
+                    continue
+                if name == "lws-controller":
+                    c.start_lws()
                     continue
                 c.start(name)
             names = c.ensure_nodes()
@@ -1202,6 +1351,8 @@ def cmd_down(args: argparse.Namespace) -> int:
             raise ClusterError(f"{root} has no {MARKER} marker: not a cluster dir of this tool; not touching it")
         c = Cluster(root)
         stop_extras(c.p.pids)
+        if c.running_pid("lws-controller") is not None:
+            c.unregister_lws_webhooks()
         for name in reversed(COMPONENT_ORDER):  # etcd last
             c.stop(name)
         shutil.rmtree(root)
@@ -1287,6 +1438,8 @@ def _single(name: str, action: str) -> int:
         if not (root / MARKER).exists():
             raise ClusterError(f"no cluster in {root} (run `hack/cluster.py up`)")
         if action in ("stop", "restart"):
+            if name == "lws-controller":
+                c.unregister_lws_webhooks()
             c.stop(name)
         if action in ("start", "restart"):
             c.write_pki()  # only writes what is missing
@@ -1294,6 +1447,10 @@ def _single(name: str, action: str) -> int:
                 ensure_prometheus_installed()
                 c.write_prometheus_config()
                 stop_system_prometheus_if_conflicting(root)
+            if name == "lws-controller":
+                c.write_kubeconfigs()
+                c.start_lws()
+                return 0
             c.start(name)
     return 0
 
@@ -1331,6 +1488,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("apiserver-restart", help="stop and start kube-apiserver only").set_defaults(
         func=lambda a: _single("kube-apiserver", "restart")
+    )
+    sub.add_parser("lws-restart", help="stop and start the LeaderWorkerSet controller only").set_defaults(
+        func=lambda a: _single("lws-controller", "restart")
     )
     args = parser.parse_args(argv)
     try:

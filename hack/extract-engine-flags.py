@@ -69,7 +69,7 @@ RELIED_ON_ENV = {
         "LMCACHE_MAX_LOCAL_DISK_SIZE",
         "LMCACHE_CHUNK_SIZE",
     ],
-    "sglang": ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"],
+    "sglang": ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "SGLANG_DISAGGREGATION_NIXL_BACKEND"],
 }
 RELIED_ON_CONNECTORS = ["NixlConnector", "MooncakeConnector", "LMCacheConnectorV1", "MultiConnector"]
 # SGLang flags whose allowed values we record in choices.txt

@@ -87,6 +87,8 @@ def pod_observation(pod: Any) -> PodObservation | None:
     service = labels.get(SERVICE_LABEL)
     if role not in ROLES or not service:
         return None
+    if labels.get("leaderworkerset.sigs.k8s.io/worker-index", "0") != "0":
+        return None  # a multi-node worker's member: its leader serves the worker's HTTP and metrics
     status = pod.status
     conditions = (status.conditions or []) if status is not None else []
     ready = status is not None and status.phase == "Running" and any(

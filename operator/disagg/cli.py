@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from disagg import KIND
 from disagg.settings import OperatorSettings
-from disagg.yamlio import dump_all, load_all
+from disagg.yamlio import dump_all
 
 
 def _catalog(path: str | None) -> Any:
@@ -24,59 +29,135 @@ def _catalog(path: str | None) -> Any:
         raise SystemExit(f"error: {error}") from None
 
 
-def _read_services(path: str) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _manifest_stream(path: str) -> Iterator[BinaryIO]:
+    """The file (or stdin, kept in a temporary file so it can be read twice) as bytes."""
+    if path == "-":
+        with tempfile.TemporaryFile() as spool:
+            shutil.copyfileobj(sys.stdin.buffer, spool)
+            spool.seek(0)
+            yield spool
+        return
+    if Path(path).is_dir():
+        raise SystemExit(f"error: {path} is a directory: give a YAML file, or - for stdin")
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        stream = open(path, "rb")  # noqa: SIM115 - closed by the with below
     except OSError as error:
         raise SystemExit(f"error: cannot read {path}: {error.strerror}") from None
+    with stream:
+        yield stream
+
+
+@dataclass
+class _Checked:
+    """One InferenceService of a manifest stream, and every problem with it."""
+
+    label: str
+    body: dict[str, Any] | None
+    errors: list[str]
+
+
+def _checked_services(stream: BinaryIO, path: str, catalog: Any) -> Iterator[_Checked]:
+    """Each document of the stream as `disagg validate` judges it, one at a time (a file of any size
+    is read in bounded memory): what the API server refuses in the document, then what the operator
+    refuses in the spec. A `v1` `List` (kubectl get -o yaml) gives its items."""
+    from disagg.api.manifest import check_document
+    from disagg.api.validate import InvalidSpec, validate_service
+    from disagg.yamlio import read_documents
+
+    for document in read_documents(stream):
+        where = f"{path}: document {document.number} (line {document.line})"
+        if document.error is not None:
+            located = document.error.startswith("line ")  # the error says where already
+            yield _Checked(path if located else where, None, [document.error])
+            continue
+        value = document.value
+        items: list[tuple[str, Any]] = [(where, value)]
+        if isinstance(value, dict) and (value.get("apiVersion"), value.get("kind")) == ("v1", "List"):
+            listed = value.get("items")
+            if not isinstance(listed, list):
+                yield _Checked(where, None, ["items: a List needs a list of items"])
+                continue
+            items = [(f"{where} item {index}", item) for index, item in enumerate(listed)]
+        for label, body in items:
+            errors = [str(e) for e in check_document(body)]
+            if isinstance(body, dict):
+                meta = body.get("metadata")
+                name = meta.get("name") if isinstance(meta, dict) else None
+                if isinstance(name, str) and name:
+                    label = f"{KIND} {name}"
+                try:
+                    validate_service(body, catalog)
+                except InvalidSpec as error:
+                    errors += [str(e) for e in error.errors]
+            yield _Checked(label, body if isinstance(body, dict) else None, errors)
+
+
+def _report(checked: _Checked) -> bool:
+    """Prints the verdict on one service; True when it is valid."""
+    for problem in checked.errors:
+        print(f"error: {checked.label}: {problem}", file=sys.stderr)
+    return not checked.errors
+
+
+def _scrapers(text: str | None) -> Any:
+    from disagg.render import parse_scrapers
+    from disagg.render.context import DEFAULT_METRICS_SCRAPERS
+
+    if text is None:
+        return DEFAULT_METRICS_SCRAPERS
     try:
-        docs = load_all(text)
-    except Exception as error:
-        raise SystemExit(f"error: {path} is not valid YAML: {error}") from None
-    services = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
-    if not services:
-        raise SystemExit(f"error: {path} holds no {KIND}")
-    return services
+        return parse_scrapers(text)
+    except ValueError as error:
+        raise SystemExit(f"error: --metrics-scrapers: {error}") from None
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from disagg.api.validate import InvalidSpec
     from disagg.render import render_service
 
     catalog = _catalog(args.accelerator_catalog)
-    out: list[dict[str, Any]] = []
-    failed = False
-    for body in _read_services(args.file):
-        name = body.get("metadata", {}).get("name", "?")
-        if args.namespace:
-            body.setdefault("metadata", {})["namespace"] = args.namespace
-        body.setdefault("metadata", {}).setdefault("namespace", "default")
-        try:
-            out += render_service(body, catalog)
-        except InvalidSpec as error:
-            failed = True
-            for item in error.errors:
-                print(f"error: {KIND} {name}: {item}", file=sys.stderr)
-    if failed:
-        return 1
-    sys.stdout.write(dump_all(out))
+    scrapers = _scrapers(args.metrics_scrapers)
+    with _manifest_stream(args.file) as stream:
+        # all or nothing: the output is only written when every service is valid (a first pass checks
+        # them, a second renders them, one at a time: a file of any size in bounded memory)
+        found, failed = 0, False
+        for checked in _checked_services(stream, args.file, catalog):
+            found += 1
+            meta = (checked.body or {}).get("metadata")
+            if not checked.errors and not (isinstance(meta, dict) and meta.get("name")):
+                # the children's names come from it; the API server makes one up only when it creates
+                checked.errors.append("metadata.name: render needs a name (generateName is filled in on create)")
+            failed |= not _report(checked)
+        if not found:
+            raise SystemExit(f"error: {args.file} holds no {KIND}")
+        if failed:
+            return 1
+        stream.seek(0)
+        first = True
+        for checked in _checked_services(stream, args.file, catalog):
+            body = checked.body
+            assert body is not None  # every one was valid on the first pass
+            metadata = body.setdefault("metadata", {})
+            if args.namespace:
+                metadata["namespace"] = args.namespace
+            metadata.setdefault("namespace", "default")
+            sys.stdout.write(("" if first else "---\n") + dump_all(render_service(body, catalog, scrapers)))
+            first = False
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from disagg.api.validate import InvalidSpec, validate_service
-
     catalog = _catalog(args.accelerator_catalog)
-    failed = False
-    for body in _read_services(args.file):
-        name = body.get("metadata", {}).get("name", "?")
-        try:
-            validate_service(body, catalog)
-            print(f"{KIND} {name}: valid")
-        except InvalidSpec as error:
-            failed = True
-            for item in error.errors:
-                print(f"error: {KIND} {name}: {item}", file=sys.stderr)
+    found, failed = 0, False
+    with _manifest_stream(args.file) as stream:
+        for checked in _checked_services(stream, args.file, catalog):
+            found += 1
+            if _report(checked):
+                print(f"{checked.label}: valid")
+            else:
+                failed = True
+    if not found:
+        raise SystemExit(f"error: {args.file} holds no {KIND}")
     return 1 if failed else 0
 
 
@@ -134,6 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         window_s = prometheus_duration_seconds(args.prometheus_rate_window)
     except ValueError as error:
         raise SystemExit(f"error: --prometheus-rate-window: {error}") from None
+    _scrapers(args.metrics_scrapers)  # refused here, before anything starts
     if args.scrape_interval <= 0:
         raise SystemExit(f"error: --scrape-interval {args.scrape_interval:g}: give the seconds between scrapes")
     if window_s < 2 * args.scrape_interval:
@@ -169,6 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_staleness_s=args.metrics_staleness,
         prometheus_rate_window=args.prometheus_rate_window,
         scrape_interval_s=args.scrape_interval,
+        metrics_scrapers=args.metrics_scrapers,
     )
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -200,6 +283,11 @@ def cmd_forward(args: argparse.Namespace, rest: list[str]) -> int:
     from disagg.sim.cli import simulate_main
 
     return int(simulate_main(rest))
+
+
+SCRAPERS_HELP = ("JSON list of NetworkPolicy peers that may reach the engines' HTTP port to scrape /metrics, for "
+                 "services whose spec.networkPolicy.metricsScrapers is unset (default: pods labelled "
+                 "app.kubernetes.io/name=prometheus in the namespace monitoring)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scrape-interval", type=float,
                      default=float(os.environ.get("DISAGG_SCRAPE_INTERVAL", defaults.scrape_interval_s)),
                      help="seconds between Prometheus' scrapes of the engine pods")
+    run.add_argument("--metrics-scrapers", default=os.environ.get("DISAGG_METRICS_SCRAPERS") or None,
+                     help=SCRAPERS_HELP)
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -256,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--accelerator-catalog", default=os.environ.get("DISAGG_ACCELERATOR_CATALOG"))
         if name == "render":
             p.add_argument("-n", "--namespace", help="namespace to render into (default: the object's)")
+            p.add_argument("--metrics-scrapers", default=None, help=SCRAPERS_HELP)
         p.set_defaults(func=func)
 
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition")
@@ -275,6 +366,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's flush at exit is quiet
+        return 1
+    except Exception as error:  # a bug: say so in one line; the traceback on request
+        if os.environ.get("DISAGG_DEBUG"):
+            raise
+        print(f"error: internal error: {type(error).__name__}: {error} (DISAGG_DEBUG=1 shows where)",
+              file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     if argv and argv[0] in ("plan", "simulate"):
         return cmd_forward(argparse.Namespace(command=argv[0]), argv[1:])

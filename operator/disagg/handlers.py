@@ -26,14 +26,23 @@ from kubernetes import config as k8s_config
 
 from disagg import GROUP, PLURAL, VERSION
 from disagg.catalog.accelerators import load_catalog
-from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, CHILD_KINDS, ApiError, Kind, Kube
+from disagg.kube.client import (
+    AUTOSCALER_FIELD_MANAGER,
+    CHILD_KINDS,
+    FIELD_MANAGER,
+    LEADER_WORKER_SET,
+    Kind,
+    Kube,
+)
+from disagg.kube.discovery import OptionalKind
 from disagg.kube.peering import PeeringCheck
 from disagg.kube.watch import KindWatch
 from disagg.metrics import OperatorMetrics
-from disagg.reconcile import ChildKey, child_key, pack, unpack
+from disagg.reconcile import POOL_KINDS, ChildKey, child_key, pack, unpack
 from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index, pool_counts, resource_version
-from disagg.reconcile.run import Reconciler, reconcile_service
-from disagg.render.context import MANAGED_BY, SERVICE_LABEL
+from disagg.reconcile.run import CONFLICT_RETRY_S, Reconciler, reconcile_service
+from disagg.render import parse_scrapers
+from disagg.render.context import DEFAULT_METRICS_SCRAPERS, MANAGED_BY, SERVICE_LABEL
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
 from disagg.scaling.signals import QuerySet
@@ -234,6 +243,10 @@ def _event_recorder(obj: dict[str, Any], event_type: str, reason: str, message: 
         kopf.info(target, reason=reason, message=message)
 
 
+def _claims_replicas(entry: Mapping[str, Any]) -> bool:
+    return "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+
+
 def slim_child(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
     """What reconcile needs of a child, and no more (1,000 services hold ~13,000 of these)."""
     meta = body.get("metadata", {})
@@ -241,19 +254,21 @@ def slim_child(body: Mapping[str, Any], kind: Kind) -> dict[str, Any]:
         "name", "namespace", "uid", "generation", "resourceVersion", "labels", "annotations",
         "ownerReferences", "deletionTimestamp") if key in meta}
     # only who owns replicas matters (see reconcile_service): the autoscaler's entry, and of the other
-    # managers just their claim on spec.replicas
+    # managers just their claim on spec.replicas; and whether the operator holds fields from a create
     slim_meta["managedFields"] = [
         copy.deepcopy(entry) if entry.get("manager") == AUTOSCALER_FIELD_MANAGER
-        else {"manager": entry.get("manager"), "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+        else {key: value for key, value in (
+            ("manager", entry.get("manager")), ("operation", entry.get("operation")),
+            ("fieldsV1", {"f:spec": {"f:replicas": {}}} if _claims_replicas(entry) else None)) if value is not None}
         for entry in meta.get("managedFields", []) or []
-        if entry.get("manager") == AUTOSCALER_FIELD_MANAGER
-        or "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+        if entry.get("manager") == AUTOSCALER_FIELD_MANAGER or _claims_replicas(entry)
+        or (entry.get("manager"), entry.get("operation"), entry.get("subresource")) == (FIELD_MANAGER, "Update", None)
     ]
     slim: dict[str, Any] = {"apiVersion": kind.api_version, "kind": kind.kind, "metadata": slim_meta}
     for key in ("spec", "rules", "roleRef", "subjects"):
         if key in body:
             slim[key] = copy.deepcopy(body[key])
-    if kind.kind == "Deployment" and "status" in body:
+    if kind.kind in POOL_KINDS and "status" in body:
         slim["status"] = copy.deepcopy(body["status"])
     return slim
 
@@ -319,9 +334,9 @@ class ChildCache:
                 for where in stale:
                     self._drop(where)
                 self._listed_scopes.add(scope)
-                if len(self._listed_scopes) == self._scopes:
+                if len(self._listed_scopes) >= self._scopes:
                     self.synced.set()
-        if kind.kind == "Deployment":
+        if kind.kind in POOL_KINDS:
             for obj in items:
                 self.on_deployment("LISTED" if first else "RELISTED", obj)
 
@@ -332,8 +347,18 @@ class ChildCache:
                 self._drop((kind.plural, meta.get("namespace", ""), meta.get("name", "")))
             else:
                 self._put(kind, obj)
-        if kind.kind == "Deployment":
+        if kind.kind in POOL_KINDS:
             self.on_deployment(event, obj)
+
+    def expect(self, scopes: int) -> None:
+        """Count more scopes before `synced` (kinds found at start-up)."""
+        with self._guard:
+            self._scopes += scopes
+
+    def has_listed(self, kind: Kind, scopes: list[str | None]) -> bool:
+        """Whether every scope of `kind` has been listed once (its objects are all in the cache)."""
+        with self._guard:
+            return all((kind.plural, scope) in self._listed_scopes for scope in scopes)
 
     def children(self, namespace: str, service: str) -> dict[ChildKey, dict[str, Any]]:
         with self._guard:
@@ -346,6 +371,8 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
     registry = kopf.OperatorRegistry()
     locks = ServiceLocks()
     catalog = load_catalog(settings.accelerator_catalog)
+    scrapers = DEFAULT_METRICS_SCRAPERS if settings.metrics_scrapers is None else parse_scrapers(
+        settings.metrics_scrapers)
     state: dict[str, Reconciler] = {}
     index = Index()
     threads: list[AutoscalerThread] = []
@@ -397,6 +424,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             catalog=catalog,
             record_event=record_from_thread,
             applier=applier,
+            metrics_scrapers=scrapers,
         )
         source = None
         if disagg_settings.prometheus_url:
@@ -476,25 +504,25 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             if fresh is not None and resource_version(fresh) > resource_version(obj):
                 obj = copy.deepcopy(fresh)
             try:
-                outcome = reconcile_service(reconciler, obj)
+                outcome = reconcile_service(reconciler, obj)  # reports its own failures in status
                 if outcome.status_object:
                     index.remember(outcome.status_object)
-            except ApiError as error:
-                metrics.reconciles.labels(result="api_error").inc()
-                metrics.api_errors.labels(status=str(error.status)).inc()
-                log.warning("reconcile %s/%s (%s) failed: %s", namespace, name, trigger, error)
-                return
-            except Exception:
-                metrics.reconciles.labels(result="error").inc()
-                log.exception("reconcile %s/%s (%s) crashed", namespace, name, trigger)
-                return
             finally:
                 metrics.reconcile_seconds.observe(time.monotonic() - started)
+        if outcome.failed is not None:
+            if outcome.failed_status is not None:
+                metrics.reconciles.labels(result="api_error").inc()
+                metrics.api_errors.labels(status=str(outcome.failed_status)).inc()
+            else:
+                metrics.reconciles.labels(result="error").inc()
+            return
         generation = int((obj.get("metadata") or {}).get("generation") or 0)
         if pending is not None and generation >= pending[0] and spec_seen.get((namespace, name)) == pending:
             del spec_seen[(namespace, name)]
             metrics.spec_change_seconds.labels(stage="started").observe(started - pending[1])
             metrics.spec_change_seconds.labels(stage="applied").observe(time.monotonic() - pending[1])
+        if outcome.conflicts:
+            retry_later(namespace, name)
         result = "invalid" if outcome.invalid else ("changed" if outcome.applied or outcome.deleted else "unchanged")
         metrics.reconciles.labels(result=result).inc()
         if outcome.applied or outcome.deleted or outcome.status_written:
@@ -503,6 +531,25 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
                      f" ({', '.join(f'{kind}/{child}' for _, kind, child in outcome.applied)})"
                      if 0 < len(outcome.applied) < 4 else "",
                      len(outcome.deleted), "written" if outcome.status_written else "same")
+
+    retries: set[tuple[str, str]] = set()
+    retries_guard = threading.Lock()
+
+    def retry_later(namespace: str, name: str) -> None:
+        """One more reconcile of a service whose children conflict, in a while (one pending at a time)."""
+        with retries_guard:
+            if (namespace, name) in retries:
+                return
+            retries.add((namespace, name))
+
+        def fire() -> None:
+            with retries_guard:
+                retries.discard((namespace, name))
+            submit({"metadata": {"namespace": namespace, "name": name}}, "child")
+
+        timer = threading.Timer(CONFLICT_RETRY_S, fire)
+        timer.daemon = True
+        timer.start()
 
     def remember_context() -> None:
         if not kopf_context:  # a handler's context: lets other threads post Events through kopf
@@ -582,14 +629,28 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
 
     @kopf.on.startup(registry=registry)
     def start_child_watches(**_: Any) -> None:
-        kube = Kube(make_api_client(disagg_settings, connections=len(scopes) * len(CHILD_KINDS) + 2))
-        state["reconciler"].live_children = children.children
-        for namespace in scopes:
-            for kind in CHILD_KINDS:
+        kube = Kube(make_api_client(disagg_settings, connections=len(scopes) * (len(CHILD_KINDS) + 1) + 2))
+        reconciler = state["reconciler"]
+        reconciler.live_children = children.children
+
+        def watch_kind(kind: Kind) -> None:
+            for namespace in scopes:
                 watch = KindWatch(kube, kind, namespace, f"app.kubernetes.io/managed-by={MANAGED_BY}",
                                   children.listed, children.changed)
                 watch.start()
                 watches.append(watch)
+
+        # LeaderWorkerSets only where their CRD is served (found now or by a later reconcile that needs
+        # them); found now, the first reconciles wait for their listing too
+        lws = OptionalKind(kube, LEADER_WORKER_SET, scopes, lambda: watch_kind(LEADER_WORKER_SET))
+        reconciler.lws_available = lws.available
+        reconciler.lws_reason = lambda: lws.reason
+        reconciler.lws_listed = lambda: children.has_listed(LEADER_WORKER_SET, scopes)
+        children.expect(len(scopes))
+        if not lws.available():
+            children.expect(-len(scopes))  # not watched (yet): the first reconciles do not wait for it
+        for kind in CHILD_KINDS:
+            watch_kind(kind)
 
     @kopf.on.cleanup(registry=registry)
     def stop_child_watches(**_: Any) -> None:

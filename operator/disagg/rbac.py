@@ -18,6 +18,8 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": MANAGE},
+    # pools whose workers span nodes, where the LeaderWorkerSet CRD is installed
+    {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": MANAGE},
     {"apiGroups": [""], "resources": ["services", "serviceaccounts"], "verbs": MANAGE},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": MANAGE},
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": MANAGE},

@@ -53,6 +53,9 @@ class OperatorSettings:
     they would span 15 s: the Azure code hour fell from 99.14 % to 96.6 % in the simulation)."""
     scrape_interval_s: float = 15.0
     """How often Prometheus scrapes the engines (the chart's PodMonitor uses the same value)."""
+    metrics_scrapers: str | None = None
+    """JSON list of NetworkPolicy peers that may scrape the engines' HTTP port, for services that name
+    none (None: disagg.render's default, Prometheus pods in the namespace `monitoring`)."""
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 CATALOG = yaml.safe_load((REPO / "operator" / "disagg" / "catalog" / "accelerators.yaml").read_text())["accelerators"]
 # accelerator type -> how many fake nodes hack/cluster.py creates
-EXPECTED_POOLS = {"nvidia-h100": 4, "nvidia-h200": 4, "nvidia-b200": 2, "amd-mi300x": 2, "aws-trainium2": 2}
+EXPECTED_POOLS = {"nvidia-h100": 4, "nvidia-h200": 8, "nvidia-b200": 2, "amd-mi300x": 2, "aws-trainium2": 2}
 
 
 def _http_json(url: str) -> Any:

@@ -623,3 +623,102 @@ def test_cluster_wide_install_grants_exactly_the_rules(
         tools.helm_("uninstall", release, "--namespace", e2e_namespace, "--wait", "--timeout", "3m")
     wait_for("the release's objects to go", lambda: not leftovers(tools, release, [e2e_namespace]) or None,
              timeout=90, details=lambda: "\n".join(leftovers(tools, release, [e2e_namespace])))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the admission policy that confines the operator's ServiceAccount to its own objects
+
+
+def test_admission_policy_confines_the_operator_and_it_still_works(
+    cluster: LocalCluster, tools: Tools, kube_api: kclient.ApiClient, e2e_namespace: str,
+    apps_namespace: tuple[str, str], tmp_path: Path,
+) -> None:
+    apps, session = apps_namespace
+    release = f"dap-{secrets.token_hex(3)}"
+    policy = isolation_policy(f"disagg-e2e-helm-{session}", session, e2e_namespace)
+    tools.kubectl_("apply", "-f", "-", input=yaml.safe_dump_all(policy))
+    custom: Any = kclient.CustomObjectsApi(kube_api)
+    core: Any = kclient.CoreV1Api(kube_api)
+    operator: Operator | None = None
+    # the CRD of this checkout (another branch's run may have installed its own; helm never upgrades it)
+    tools.kubectl_("apply", "--server-side", "--force-conflicts", "-f",
+                   str(REPO / "crds" / "disagg.dev_inferenceservices.yaml"))
+    tools.kubectl_("wait", "--for=condition=Established", "crd/inferenceservices.disagg.dev", "--timeout=60s")
+    try:
+        # namespaced RBAC keeps this release's operator to the test's namespace; the policy is cluster-wide
+        values = {"rbac": {"namespaced": True}, "watchNamespaces": [apps]}
+        tools.helm_("install", release, str(CHART), "--namespace", e2e_namespace, "--wait", "--timeout", "3m",
+                    *values_args(values, tmp_path))
+        kinds = tools.kubectl_("get", "validatingadmissionpolicy,validatingadmissionpolicybinding", "-l",
+                               f"app.kubernetes.io/instance={release}", "-o", "name").stdout.split()
+        assert len(kinds) == 2, f"the chart made no policy on a cluster that serves the API: {kinds}"
+        deployment = kclient.AppsV1Api(kube_api).read_namespaced_deployment(f"{release}-disagg-operator",
+                                                                            e2e_namespace)
+        pod_spec = deployment.spec.template.spec
+        sa_config = cluster.sa_kubeconfig(e2e_namespace, pod_spec.service_account_name, tmp_path / "sa.kubeconfig")
+
+        def as_operator(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+            return tools.kubectl_("--kubeconfig", str(sa_config), "-n", apps, *args, input=input, check=False)
+
+        def service_doc(name: str, labelled: bool) -> str:
+            labels = {"app.kubernetes.io/managed-by": "disagg"} if labelled else {"team": "payments"}
+            return yaml.safe_dump({"apiVersion": "v1", "kind": "Service",
+                                   "metadata": {"name": name, "namespace": apps, "labels": labels},
+                                   "spec": {"ports": [{"port": 80}], "selector": {"app": name}}})
+
+        def refused(proc: subprocess.CompletedProcess[str]) -> bool:
+            return proc.returncode != 0 and "ValidatingAdmissionPolicy" in proc.stderr and "managed-by" in proc.stderr
+
+        # the policy takes a moment to be enforced after it is created
+        wait_for("the policy to refuse the operator an unlabelled Service",
+                 lambda: refused(as_operator("create", "--dry-run=server", "-f", "-",
+                                             input=service_doc("probe", labelled=False))), timeout=30)
+        assert refused(as_operator("create", "-f", "-", input=service_doc("theirs", labelled=False)))
+
+        tools.kubectl_("-n", apps, "create", "-f", "-", input=service_doc("payments", labelled=False))  # as admin
+        before = core.read_namespaced_service("payments", apps)
+        assert refused(as_operator("patch", "service", "payments", "--type=merge",
+                                   "-p", '{"metadata": {"labels": {"app.kubernetes.io/managed-by": "disagg"}}}'))
+        assert refused(as_operator("apply", "--server-side", "--force-conflicts", "--field-manager=disagg", "-f", "-",
+                                   input=service_doc("payments", labelled=True)))
+        assert refused(as_operator("delete", "service", "payments"))
+        after = core.read_namespaced_service("payments", apps)
+        assert (after.metadata.resource_version, after.metadata.labels) == (
+            before.metadata.resource_version, before.metadata.labels)
+
+        # its own objects: created, changed and deleted as before, and never unlabelled
+        assert as_operator("create", "-f", "-", input=service_doc("mine", labelled=True)).returncode == 0
+        assert as_operator("patch", "service", "mine", "--type=merge",
+                           "-p", '{"metadata": {"labels": {"x": "y"}}}').returncode == 0
+        assert refused(as_operator("patch", "service", "mine", "--type=json", "-p",
+                                   '[{"op": "remove", "path": "/metadata/labels/app.kubernetes.io~1managed-by"}]'))
+        assert as_operator("delete", "service", "mine").returncode == 0
+        # the policy matches this ServiceAccount only: the admin is not confined
+        tools.kubectl_("-n", apps, "label", "service", "payments", "checked=yes")
+
+        # and the operator works under it: a service to Ready with every child
+        operator = Operator("op", list(pod_spec.containers[0].args), sa_config, tmp_path / "op.log").start()
+        custom.create_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, small_service("tiny", apps))
+
+        def ready() -> bool:
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, "tiny")
+            return (condition(obj, "Ready") or {}).get("status") == "True"
+
+        def details() -> str:
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, "tiny")
+            return json.dumps(obj.get("status"), indent=1) + "\n" + (operator.log() if operator else "")
+
+        wait_for("tiny Ready=True under the admission policy", ready, timeout=120, details=details)
+        assert not re.search(r"ValidatingAdmissionPolicy|denied the request", operator.log()), operator.log()
+        # an edit (applies, and the claim of created fields) goes through too
+        custom.patch_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, "tiny",
+                                              {"spec": {"engine": {"extraArgs": ["--max-num-seqs", "64"]}}})
+        wait_for("the edit applied", lambda: kclient.AppsV1Api(kube_api).read_namespaced_deployment(
+            "tiny-decode", apps).spec.template.spec.containers[0].args[-1] == "64", timeout=60, details=operator.log)
+        assert not re.search(r"ValidatingAdmissionPolicy|denied the request", operator.log()), operator.log()
+    finally:
+        if operator is not None:
+            operator.stop()
+        tools.helm_("uninstall", release, "--namespace", e2e_namespace, "--wait", "--timeout", "3m", check=False)
+        tools.kubectl_("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", "-l",
+                       f"{ISOLATION_LABEL}={session}", "--ignore-not-found", check=False)

@@ -11,7 +11,11 @@ minimally and deterministically:
 - server-set metadata on create (uid, resourceVersion, generation, creationTimestamp) and the one
   default the operator depends on (a Deployment's `spec.replicas` is 1 when nobody sets it);
 - the `/status` subresource: a merge patch that only touches `status`;
-- DELETE preconditions (`{"preconditions": {"uid": ...}}` answers 409 on another uid);
+- DELETE preconditions (`{"preconditions": {"uid": ...}}` answers 409 on another uid), and an apply
+  whose `metadata.uid` names another object (422) or none (409), as the real API server answers;
+- create (POST): 409 AlreadyExists when the name is taken, else the object with its fields recorded as
+  the manager's `Update` (which a later apply of the same manager does not own, as on a real server);
+- a JSON patch of `metadata.managedFields` (ops `test` and `replace`), as `claim_fields` sends it;
 - equality-based `labelSelector` filtering of lists.
 
 Every request still lands in kmock's request log, so tests count them with `writes(...)`.
@@ -69,6 +73,8 @@ class Write:
         """`<plural>/<name>` (or `<plural>/<name>/status`), the short form tests compare."""
         parts = self.path.strip("/").split("/")
         index = parts.index("namespaces") + 2
+        if self.method == "POST":  # a create names the object in its body
+            return "/".join([*parts[index:], str(self.body["metadata"]["name"])])
         return "/".join(parts[index:])
 
 
@@ -255,10 +261,14 @@ class ApplyingEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         method = str(request.method.value).upper()
+        if method == "POST" and request.resource is not None and request.name is None:
+            return self._create(request)
         if request.resource is not None and request.name is not None:
             content_type = request.headers.get("Content-Type", "")
             if method == "PATCH" and content_type.startswith(APPLY_CONTENT_TYPE):
                 return self._apply(request)
+            if method == "PATCH" and content_type.startswith("application/json-patch+json"):
+                return self._json_patch(request)
             if method == "PATCH" and request.subresource == "status":
                 return self._patch_status(request)
             if method == "DELETE":
@@ -293,6 +303,42 @@ class ApplyingEmulator(kmock.KubernetesEmulator):
             obj.setdefault("spec", {}).setdefault("replicas", 1)
         return obj
 
+    def _create(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        assert request.resource is not None
+        obj = _decode(request.body)
+        if not isinstance(obj, dict) or not (obj.get("metadata") or {}).get("name"):
+            return _status(422, "Invalid", "metadata.name: Required value")
+        name = obj["metadata"]["name"]
+        key = (request.resource, request.namespace, name)
+        if self._find(key) is not None:
+            return _status(409, "AlreadyExists", f'{request.resource.plural} "{name}" already exists')
+        manager = request.params.get("fieldManager") or "unknown"
+        stored = self._server_fields(copy.deepcopy(obj))
+        stored["metadata"]["managedFields"] = [
+            {**_entry(manager, obj, _owned(field_paths(obj))), "operation": "Update"}]
+        self.objects[key] = stored
+        return _json(stored, status=201)
+
+    def _json_patch(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        current = self._find(self._key(request))
+        if current is None:
+            return _status(404, "NotFound", f"{request.name} not found")
+        live: dict[str, Any] = copy.deepcopy(current.raw)
+        for op in _decode(request.body) or []:
+            path = tuple(op["path"].strip("/").split("/"))
+            if op["op"] == "test" and _get(live, path) != op["value"]:
+                return _status(409, "Conflict", f"the object has been modified: test of {op['path']} failed")
+            if op["op"] == "replace":
+                node = live
+                for part in path[:-1]:
+                    node = node[part]
+                node[path[-1]] = copy.deepcopy(op["value"])
+            elif op["op"] != "test":
+                raise NotImplementedError(f"JSON patch op not emulated: {op['op']}")
+        live["metadata"]["resourceVersion"] = self._next_version()
+        current.history.append(live)
+        return _json(live)
+
     def _apply(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         manager = request.params.get("fieldManager")
         if not manager:
@@ -301,8 +347,14 @@ class ApplyingEmulator(kmock.KubernetesEmulator):
         if not isinstance(config, dict):
             return _status(400, "BadRequest", "apply patch must be an object")
         key = self._key(request)
+        wanted_uid = (config.get("metadata") or {}).pop("uid", None)
         applied = _owned(field_paths(config))
         current = self._find(key)
+        if wanted_uid is not None and current is None:
+            return _status(409, "Conflict", f"uid mismatch: the provided object specified uid {wanted_uid}, and no "
+                                            "existing object was found")
+        if wanted_uid is not None and current is not None and current.raw["metadata"]["uid"] != wanted_uid:
+            return _status(422, "Invalid", f'metadata.uid: Invalid value: "{wanted_uid}": field is immutable')
 
         if current is None:
             if config.get("kind") == "Deployment" and "template" not in config.get("spec", {}):
@@ -314,9 +366,10 @@ class ApplyingEmulator(kmock.KubernetesEmulator):
             return _json(obj, status=201)
 
         live: dict[str, Any] = copy.deepcopy(current.raw)
-        owners = {e["manager"]: from_fields_v1(e.get("fieldsV1", {}))
+        # managers are (name, operation): a manager's Update fields are not its Apply fields
+        owners = {(e["manager"], e.get("operation", "Apply")): from_fields_v1(e.get("fieldsV1", {}))
                   for e in live["metadata"].get("managedFields", []) or []}
-        previous = owners.pop(manager, set())
+        previous = owners.pop((manager, "Apply"), set())
         for paths in owners.values():  # force=true: conflicting fields change hands
             paths -= {p for p in applied if p in paths and _get(live, p) != _get(config, p)}
         still_owned = set().union(*owners.values()) if owners else set()
@@ -324,10 +377,11 @@ class ApplyingEmulator(kmock.KubernetesEmulator):
         for path in sorted(previous - applied - still_owned, key=len, reverse=True):
             _remove(merged, path)
         self._defaults(merged)
-        owners[manager] = applied
-        order = [e["manager"] for e in live["metadata"].get("managedFields", []) or []]
+        owners[(manager, "Apply")] = applied
+        order = [(e["manager"], e.get("operation", "Apply")) for e in live["metadata"].get("managedFields", []) or []]
         order += [m for m in owners if m not in order]
-        merged["metadata"]["managedFields"] = [_entry(m, config, owners[m]) for m in order if owners.get(m)]
+        merged["metadata"]["managedFields"] = [{**_entry(m, config, owners[(m, op)]), "operation": op}
+                                               for m, op in order if owners.get((m, op))]
         if _strip_volatile(merged) != _strip_volatile(live):
             if merged.get("spec") != live.get("spec"):
                 merged["metadata"]["generation"] = int(live["metadata"].get("generation", 1)) + 1

@@ -32,7 +32,9 @@ class FakeKube:
         self.scaled: list[tuple[str, str, int, str]] = []
         self.status: list[tuple[str, str, dict[str, Any]]] = []
 
-    def scale(self, namespace: str, name: str, replicas: int, field_manager: str) -> dict[str, Any]:
+    def scale(self, namespace: str, name: str, replicas: int, field_manager: str, kind: object = None,
+              uid: str | None = None) -> dict[str, Any]:
+        assert uid == f"uid-{name}", "only the pool Deployment the service owns is scaled"
         self.scaled.append((namespace, name, replicas, field_manager))
         return {}
 
@@ -85,13 +87,18 @@ def services(count: int) -> Index:
     index = Index()
     for i in range(count):
         svc = json.loads(json.dumps(body))
-        svc["metadata"].update(name=f"svc-{i}", namespace="ns", generation=1)
+        svc["metadata"].update(name=f"svc-{i}", namespace="ns", generation=1, uid=f"uid-svc-{i}")
         index.services[("ns", f"svc-{i}")] = svc
         for role in ("prefill", "decode"):
-            index.deployments[("ns", f"svc-{i}-{role}")] = {
-                "spec": {"replicas": 2}, "status": {"readyReplicas": 2},
-            }
+            index.deployments[("ns", f"svc-{i}-{role}")] = pool(f"svc-{i}-{role}", 2)
     return index
+
+
+def pool(name: str, replicas: int, ready: int = 2) -> dict[str, Any]:
+    """A pool Deployment as the index holds it (`pool_counts`), owned by its service."""
+    service = name.rsplit("-", 1)[0]
+    return {"metadata": {"uid": f"uid-{name}", "owners": [f"uid-{service}"]},
+            "spec": {"replicas": replicas}, "status": {"readyReplicas": ready}}
 
 
 def autoscaler(index: Index, source: PrometheusSource | None, kube: FakeKube) -> tuple[Autoscaler, list[Any]]:
@@ -172,7 +179,7 @@ def test_a_burst_scales_each_pool_in_one_step_through_the_autoscaler_field_manag
     report = scaler.tick()
     scaled = {name: (replicas, manager) for _, name, replicas, manager in kube.scaled}
     for name, (replicas, _) in scaled.items():  # what the Deployment watch would show next
-        index.deployments[("ns", name)] = {"spec": {"replicas": replicas}, "status": {"readyReplicas": 2}}
+        index.deployments[("ns", name)] = pool(name, replicas)
     assert set(scaled) == {"svc-0-prefill", "svc-0-decode"}, report.decisions
     assert all(manager == AUTOSCALER_FIELD_MANAGER for _, manager in scaled.values())
     assert scaled["svc-0-prefill"][0] > 2 and scaled["svc-0-decode"][0] > 2

@@ -427,3 +427,52 @@ def test_default_values_satisfy_the_schema() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) <= set(schema["properties"]), "every top-level value is in the schema"
     assert schema["additionalProperties"] is False
+
+
+# ----------------------------------------------------------------------------------------------------
+# the engines' NetworkPolicy
+
+
+def test_metrics_scrapers_default_is_the_operators_and_values_override_it(tmp_path: Path) -> None:
+    from disagg.render import parse_scrapers
+    from disagg.render.context import DEFAULT_METRICS_SCRAPERS
+
+    assert parse_scrapers(parsed_args(render()).metrics_scrapers) == DEFAULT_METRICS_SCRAPERS
+    values = {"networkPolicy": {"metricsScrapers": [{"namespaceSelector": {"matchLabels": {"team": "obs"}}}]}}
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    peers = parse_scrapers(parsed_args(render("--values", str(tmp_path / "values.yaml"))).metrics_scrapers)
+    assert [p.manifest() for p in peers] == values["networkPolicy"]["metricsScrapers"]
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump({"networkPolicy": {"metricsScrapers": []}}))
+    assert parse_scrapers(parsed_args(render("--values", str(tmp_path / "none.yaml"))).metrics_scrapers) == ()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the admission policy confining the operator
+
+
+VAP = ("--api-versions", "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy")
+
+
+def test_admission_policy_matches_only_the_operators_service_account() -> None:
+    docs = render(*VAP)
+    policy, binding = one(docs, "ValidatingAdmissionPolicy"), one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    sa = one(docs, "ServiceAccount")["metadata"]["name"]
+    (condition,) = policy["spec"]["matchConditions"]
+    assert condition["expression"] == f"request.userInfo.username == 'system:serviceaccount:{NAMESPACE}:{sa}'"
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert sorted(rule["operations"]) == ["CREATE", "DELETE", "UPDATE"]
+    # every kind the operator may write (RULES) except its own InferenceServices and Events
+    writable = {r for rule_ in RULES if "delete" in rule_["verbs"] or "create" in rule_["verbs"]
+                for r in rule_["resources"]} - {"events"}
+    assert set(rule["resources"]) == writable
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    expressions = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    assert "object.metadata.labels" in expressions and "oldObject.metadata.labels" in expressions
+    assert "'app.kubernetes.io/managed-by'" in expressions and "'disagg'" in expressions
+
+
+def test_admission_policy_is_skipped_where_the_api_is_missing_or_it_is_off() -> None:
+    assert not [d for d in render() if d["kind"].startswith("ValidatingAdmissionPolicy")], "no such API offline"
+    off = render(*VAP, "--set", "admissionPolicy.enabled=false")
+    assert not [d for d in off if d["kind"].startswith("ValidatingAdmissionPolicy")]

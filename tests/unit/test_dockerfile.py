@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 CHART_VALUES = REPO / "charts" / "disagg-operator" / "values.yaml"
+LOCK = REPO / "requirements.lock"
 
 Instruction = tuple[str, str]
 
@@ -87,7 +89,8 @@ def test_hadolint_is_clean() -> None:
 def test_base_image_is_a_pinned_slim_python(parsed: list[Instruction]) -> None:
     args = dict(a.split("=", 1) for k, a in parsed if k == "ARG" and "=" in a)
     base = args["PYTHON_IMAGE"]
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?", base), base
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-(bookworm|trixie)@sha256:[0-9a-f]{64}", base), (
+        f"{base}: the base image is pinned by digest")
     froms = [a for k, a in parsed if k == "FROM"]
     assert len(froms) == 2, "multi-stage: a build stage and the final stage"
     assert froms[0] == "${PYTHON_IMAGE} AS build"
@@ -98,8 +101,9 @@ def test_build_stage_builds_the_wheel(parsed: list[Instruction]) -> None:
     build = stages(parsed)[0]
     runs = " ".join(a for k, a in build if k == "RUN")
     assert "pip wheel --no-deps" in runs
-    assert "/dist/disagg-*.whl" in runs
-    assert _build_copies(parsed) == ["pyproject.toml", "README.md", "operator"]
+    assert "--require-hashes --no-deps -r requirements.lock" in runs, "dependencies only from the lock"
+    assert "install --compile --no-deps /dist/disagg-*.whl" in runs, "the wheel brings no unlocked dependency"
+    assert _build_copies(parsed) == ["pyproject.toml", "README.md", "requirements.lock", "operator"]
 
 
 def test_final_stage_has_no_toolchain_and_runs_unprivileged(parsed: list[Instruction]) -> None:
@@ -162,11 +166,12 @@ def clean_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """A new virtual environment with only the wheel and its declared dependencies."""
     venv = tmp_path_factory.mktemp("clean-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    proc = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "off", "-q", str(wheel)],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pip = [str(venv / "bin" / "python"), "-m", "pip"]
+    for args in (["install", "--progress-bar", "off", "-q", "--require-hashes", "--no-deps", "-r", str(LOCK)],
+                 ["install", "--progress-bar", "off", "-q", "--no-deps", str(wheel)],
+                 ["check"]):  # as the Dockerfile installs; `pip check`: the lock holds every dependency
+        proc = subprocess.run([*pip, *args], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"pip {' '.join(args)}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     yield venv
 
 
@@ -224,3 +229,38 @@ def test_the_lab_is_not_in_the_image(parsed: list[Instruction], wheel: Path) -> 
         text = zipfile.ZipFile(wheel).read(name).decode()
         for needle in ("disagg_lab", "import aiohttp", "from aiohttp", "import openai"):
             assert needle not in text, f"{name} has {needle!r}: the lab's code reached the product"
+
+
+# ----------------------------------------------------------------------------------------------------
+# the lock file
+
+
+def _locked() -> dict[str, tuple[str, list[str], str]]:
+    """name -> (version, hashes, the `# via` text) of each requirement of requirements.lock."""
+    entries: dict[str, tuple[str, list[str], str]] = {}
+    text = LOCK.read_text()
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 1)[1] if text.startswith("#") else text):
+        match = re.match(r"([A-Za-z0-9_.-]+)==([^\s\\]+)", block.strip())
+        if match is None:
+            continue
+        hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", block)
+        via = " ".join(line.strip("# ").strip() for line in block.splitlines() if line.strip().startswith("#"))
+        entries[match.group(1).lower().replace("_", "-")] = (match.group(2), hashes, via)
+    return entries
+
+
+def test_lock_pins_every_dependency_with_hashes_in_step_with_pyproject() -> None:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    locked = _locked()
+    assert len(locked) >= len(project["dependencies"])
+    for name, (version, hashes, _) in locked.items():
+        assert hashes, f"{name}=={version} has no hash"
+    direct = {name for name, (_, _, via) in locked.items() if "disagg (pyproject.toml)" in via}
+    wanted = {Requirement(r).name.lower().replace("_", "-") for r in project["dependencies"]}
+    assert direct == wanted, f"regenerate requirements.lock (pip-compile, see its header): {direct ^ wanted}"
+    for requirement in map(Requirement, project["dependencies"]):
+        version = locked[requirement.name.lower().replace("_", "-")][0]
+        assert requirement.specifier.contains(version), f"{requirement} but the lock pins {version}"
+    assert "--generate-hashes" in LOCK.read_text().split("\n", 6)[4]

@@ -113,10 +113,13 @@ def _generated_cases() -> Iterator[Case]:
             "accelerator": {"type": "nvidia-h100", "count": tp},
             "parallelism": {"tensor": tp},
         }
+        transfer: dict[str, Any] = {"connector": connector}
+        if connector == "nixl" and tp == 2:  # SGLang takes a NIXL backend from SGLANG_DISAGGREGATION_NIXL_BACKEND
+            transfer["backend"] = "libfabric"
         spec: dict[str, Any] = {
             "model": {"name": "org/model", "uri": "hf://org/model"},
             "engine": {"kind": engine},
-            "kvTransfer": {"connector": connector},
+            "kvTransfer": transfer,
             "prefill": pool,
             "decode": dict(pool, replicas=2),
         }

@@ -92,7 +92,8 @@ class FakeKube:
     def __init__(self) -> None:
         self.scaled: list[tuple[str, str, int]] = []
 
-    def scale(self, namespace: str, name: str, replicas: int, field_manager: str) -> dict[str, Any]:
+    def scale(self, namespace: str, name: str, replicas: int, field_manager: str, kind: object = None,
+              uid: str | None = None) -> dict[str, Any]:
         self.scaled.append((namespace, name, replicas))
         return {}
 
@@ -116,7 +117,9 @@ def indexed(*bodies: dict[str, Any], deployments: bool = True) -> Index:
         index.services[("ns", name)] = body
         if deployments:
             for role in ("prefill", "decode"):
-                index.deployments[("ns", f"{name}-{role}")] = {"spec": {"replicas": 20}, "status": {}}
+                index.deployments[("ns", f"{name}-{role}")] = {
+                    "metadata": {"uid": f"uid-{name}-{role}", "owners": [body["metadata"]["uid"]]},
+                    "spec": {"replicas": 20}, "status": {}}
     return index
 
 

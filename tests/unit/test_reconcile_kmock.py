@@ -48,14 +48,14 @@ CHILDREN = {
     f"deployments/{NAME}-router",
     f"poddisruptionbudgets/{NAME}-router",
     f"services/{NAME}",
-    f"services/{NAME}-metrics",
+    f"services/{NAME}--metrics",
     f"deployments/{NAME}-prefill",
     f"deployments/{NAME}-decode",
-    f"services/{NAME}-prefill-kv",
-    f"services/{NAME}-decode-kv",
+    f"services/{NAME}--prefill-kv",
+    f"services/{NAME}--decode-kv",
     f"poddisruptionbudgets/{NAME}-prefill",
     f"poddisruptionbudgets/{NAME}-decode",
-    f"networkpolicies/{NAME}-kv",
+    f"networkpolicies/{NAME}-engines",
 }
 CHILD_RESOURCES = (
     "v1/serviceaccounts",
@@ -121,11 +121,21 @@ def example() -> dict[str, Any]:
 
 
 def applied(found: list[Write], manager: str = FIELD_MANAGER) -> set[str]:
-    return {w.name for w in found if w.method == "PATCH" and w.field_manager == manager}
+    return {w.name for w in found if w.method == "PATCH" and w.field_manager == manager and not claim(w)}
+
+
+def created(found: list[Write]) -> set[str]:
+    return {w.name for w in found if w.method == "POST"}
+
+
+def claim(write: Write) -> bool:
+    """The JSON patch that turns the fields of a create into the operator's applied fields."""
+    return write.content_type.startswith("application/json-patch+json")
 
 
 def child_writes(found: list[Write]) -> list[Write]:
-    return [w for w in found if not w.name.startswith("inferenceservices/")]
+    """Writes of children, without the one claim of a created child's fields before its first apply."""
+    return [w for w in found if not w.name.startswith("inferenceservices/") and not claim(w)]
 
 
 def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -148,7 +158,7 @@ async def harness(kmock: ApplyingEmulator) -> AsyncIterator[Harness]:
     assert kmock.errors == [], "the emulator failed to serve a request"
 
 
-async def created(harness: Harness, manifest: dict[str, Any] | None = None) -> str:
+async def create_service(harness: Harness, manifest: dict[str, Any] | None = None) -> str:
     """Stores the InferenceService, reconciles it once (the create) and returns its uid."""
     stored = harness.api.put_object(ISVC, manifest or example())
     await harness.reconcile()
@@ -166,7 +176,7 @@ async def test_children_applied_concurrently_after_their_prerequisites(
     # grant: 404 otherwise) and its ServiceAccount before any Deployment (or the pods are refused).
     # The two are made slow to answer, so a RoleBinding or Deployment sent alongside them would win.
     harness.api.put_object(ISVC, example())
-    apply = harness.kube.apply
+    create = harness.kube.create
     in_flight, most = [0], [0]
     counting = threading.Lock()
 
@@ -176,12 +186,12 @@ async def test_children_applied_concurrently_after_their_prerequisites(
             most[0] = max(most[0], in_flight[0])
         time.sleep(0.05 if manifest["kind"] in ("ServiceAccount", "Role") else 0.01)
         try:
-            return apply(manifest, **kwargs)
+            return create(manifest, **kwargs)
         finally:
             with counting:
                 in_flight[0] -= 1
 
-    monkeypatch.setattr(harness.kube, "apply", slow_prerequisites)
+    monkeypatch.setattr(harness.kube, "create", slow_prerequisites)
     with ThreadPoolExecutor(8) as pool:
         harness.applier = pool
         outcome, found = await harness.reconcile()
@@ -203,10 +213,12 @@ async def test_create_applies_every_child_with_an_owner_reference(harness: Harne
     outcome, found = await harness.reconcile()
 
     assert sorted(name for _, _, name in outcome.applied) == sorted(c.split("/")[1] for c in CHILDREN)
-    assert applied(found) == CHILDREN
+    # every child created, never applied: a create cannot change an object that exists
+    assert created(found) == CHILDREN
     assert sorted(w.name for w in found if w.field_manager == FIELD_MANAGER) == sorted(CHILDREN)  # once each
-    assert all(w.content_type.startswith("application/apply-patch+yaml") for w in child_writes(found))
-    assert not [w for w in found if w.method in ("POST", "PUT", "DELETE")]
+    assert not [w for w in found if w.method in ("PUT", "DELETE")]
+    assert {w.name for w in found if w.method == "PATCH"} == {STATUS} | {
+        f"deployments/{NAME}-{role}" for role in ("prefill", "decode")}  # and the autoscaler's initial count
     assert [w.name for w in found if w.name == STATUS] == [STATUS]
 
     live = harness.children()
@@ -232,7 +244,7 @@ async def test_create_applies_every_child_with_an_owner_reference(harness: Harne
 
 
 async def test_unchanged_resync_writes_nothing(harness: Harness) -> None:
-    await created(harness)
+    await create_service(harness)
     before = harness.children()
 
     for _ in range(3):
@@ -249,7 +261,7 @@ async def test_unchanged_resync_writes_nothing(harness: Harness) -> None:
 
 
 async def test_pool_image_edit_reapplies_only_that_pool(harness: Harness) -> None:
-    await created(harness)
+    await create_service(harness)
     before = harness.children()
 
     harness.edit({"decode": {"image": "vllm/vllm-openai:v0.33.0"}})
@@ -273,7 +285,7 @@ async def test_pool_image_edit_reapplies_only_that_pool(harness: Harness) -> Non
 
 
 async def test_engine_args_edit_reapplies_only_the_pools(harness: Harness) -> None:
-    await created(harness)
+    await create_service(harness)
 
     harness.edit({"engine": {"extraArgs": ["--max-num-seqs", "128"]}})
     _, found = await harness.reconcile()
@@ -288,7 +300,7 @@ async def test_engine_args_edit_reapplies_only_the_pools(harness: Harness) -> No
 async def test_removed_field_is_removed_from_the_child(harness: Harness) -> None:
     # The live object still carries every remaining desired field, so only the applied-hash
     # annotation can tell that something went away; the apply then drops the field.
-    await created(harness)
+    await create_service(harness)
 
     harness.edit({"decode": {"resources": {"requests": {"cpu": None}}}})
     _, found = await harness.reconcile()
@@ -300,14 +312,16 @@ async def test_removed_field_is_removed_from_the_child(harness: Harness) -> None
 
 
 async def test_hand_edit_of_a_child_is_repaired(harness: Harness) -> None:
-    await created(harness)
-    harness.api.objects[SERVICES, NAMESPACE, f"{NAME}-metrics"].patch(
+    await create_service(harness)
+    harness.api.objects[SERVICES, NAMESPACE, f"{NAME}--metrics"].patch(
         {"metadata": {"labels": {"app.kubernetes.io/part-of": "something-else"}}}
     )
 
     _, found = await harness.reconcile()
 
-    assert [(w.method, w.name) for w in found] == [("PATCH", f"services/{NAME}-metrics")]
+    assert [(w.method, w.name) for w in child_writes(found)] == [("PATCH", f"services/{NAME}--metrics")]
+    assert harness.children()[f"services/{NAME}--metrics"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == (
+        "disagg")
 
 
 # --- (d) pruning --------------------------------------------------------------------------------
@@ -328,7 +342,7 @@ def stale_service(name: str, owner_uid: str | None) -> dict[str, Any]:
 
 
 async def test_child_no_longer_desired_is_deleted_and_others_left_alone(harness: Harness) -> None:
-    uid = await created(harness)
+    uid = await create_service(harness)
     stale = harness.api.put_object(SERVICES, stale_service(f"{NAME}-old", uid))
     harness.api.put_object(SERVICES, stale_service(f"{NAME}-foreign", "some-other-uid"))
     harness.api.put_object(SERVICES, stale_service(f"{NAME}-unowned", None))
@@ -350,7 +364,7 @@ async def test_child_no_longer_desired_is_deleted_and_others_left_alone(harness:
 async def test_metrics_service_of_an_earlier_version_is_replaced_by_a_headless_one(harness: Harness) -> None:
     # Earlier versions served the router's metrics from `<name>-router` with a cluster IP (immutable,
     # so it cannot become headless in place); upgrading must not leave it behind.
-    uid = await created(harness)
+    uid = await create_service(harness)
     earlier = stale_service(f"{NAME}-router", uid)
     earlier["spec"] = {"type": "ClusterIP", "clusterIP": "10.96.0.10", "ports": [{"name": "metrics", "port": 9000}]}
     harness.api.put_object(SERVICES, earlier)
@@ -358,7 +372,7 @@ async def test_metrics_service_of_an_earlier_version_is_replaced_by_a_headless_o
     _, found = await harness.reconcile()
 
     assert [(w.method, w.name) for w in found] == [("DELETE", f"services/{NAME}-router")]
-    metrics = harness.api.get_object(SERVICES, NAMESPACE, f"{NAME}-metrics")
+    metrics = harness.api.get_object(SERVICES, NAMESPACE, f"{NAME}--metrics")
     assert metrics is not None and metrics["spec"]["clusterIP"] == "None"
     assert [p["name"] for p in metrics["spec"]["ports"]] == ["metrics"]
 
@@ -367,7 +381,7 @@ async def test_metrics_service_of_an_earlier_version_is_replaced_by_a_headless_o
 
 
 async def test_invalid_edit_sets_invalid_spec_and_leaves_children_alone(harness: Harness) -> None:
-    await created(harness)
+    await create_service(harness)
     before = harness.children()
     events = len(harness.events)
 
@@ -409,7 +423,7 @@ async def test_autoscaled_pool_replicas_belong_to_the_autoscaler(harness: Harnes
 
     for role in ("prefill", "decode"):
         path = f"deployments/{NAME}-{role}"
-        mine = [w for w in found if w.name == path and w.field_manager == FIELD_MANAGER]
+        mine = [w for w in found if w.name == path and w.field_manager == FIELD_MANAGER and w.method == "POST"]
         scaler = [w for w in found if w.name == path and w.field_manager == AUTOSCALER_FIELD_MANAGER]
         assert len(mine) == 1 and "replicas" not in mine[0].body["spec"]
         assert len(scaler) == 1 and scaler[0].body["spec"] == {"replicas": 2}
@@ -462,7 +476,7 @@ async def test_pools_starting_at_one_replica_are_created_without_a_scale_write_a
 async def test_turning_autoscaling_on_hands_replicas_over_without_a_reset(harness: Harness) -> None:
     manifest = example()
     del manifest["spec"]["decode"]["autoscaling"]
-    await created(harness, manifest)
+    await create_service(harness, manifest)
     path = f"deployments/{NAME}-decode"
     assert managers_of_replicas(harness.children()[path]) == {FIELD_MANAGER}
     await asyncio.to_thread(harness.kube.scale, NAMESPACE, f"{NAME}-decode", 3, AUTOSCALER_FIELD_MANAGER)
@@ -483,7 +497,7 @@ async def test_turning_autoscaling_on_hands_replicas_over_without_a_reset(harnes
 async def test_turning_autoscaling_on_keeps_the_operators_count(harness: Harness) -> None:
     manifest = example()
     del manifest["spec"]["decode"]["autoscaling"]
-    await created(harness, manifest)
+    await create_service(harness, manifest)
     path = f"deployments/{NAME}-decode"
 
     harness.edit({"decode": {"autoscaling": {"minReplicas": 1, "maxReplicas": 16}}})
@@ -511,7 +525,7 @@ async def test_a_new_service_lists_no_pods_and_a_pool_short_of_pods_it_made_says
                    if str(r.method.value).upper() == "GET" and r.url.path.endswith("/pods"))
 
     mark = harness.api.mark()
-    await created(harness)
+    await create_service(harness)
     # nothing is ready yet, but the Deployments' controller has not made any pod to look at: a cold start
     # of 1,000 services would list 3,000 empty selections
     assert pod_lists(mark) == 0
@@ -534,3 +548,151 @@ async def test_a_new_service_lists_no_pods_and_a_pool_short_of_pods_it_made_says
     assert pod_lists(mark) == 1  # the prefill pool's; decode and router still have no pods
     prefill = condition(harness.service()["status"], "PrefillReady")
     assert (prefill["reason"], prefill["message"].split(":")[0]) == ("Unschedulable", "1 of 2 pods cannot be scheduled")
+
+
+# --- (g) names held by objects this service does not own ----------------------------------------
+
+
+def foreign_service(name: str, labels: dict[str, str] | None = None, owner: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "labels": labels or {"app": "someone-elses"}}
+    if owner is not None:
+        meta["ownerReferences"] = [{"apiVersion": "disagg.dev/v1alpha1", "kind": "InferenceService",
+                                    "name": "other", "uid": owner, "controller": True}]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.7.7", "ports": [{"name": "web", "port": 80}]}}
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["unlabelled", "labelled-as-ours-owned-by-another"])
+async def test_an_object_holding_a_childs_name_is_left_untouched_and_reported(harness: Harness, labelled: bool) -> None:
+    # labelled: what the old naming scheme left behind (Service/a-metrics of `a`, taken over by `a-metrics`)
+    labels = {"disagg.dev/service": NAME, "app.kubernetes.io/managed-by": "disagg"} if labelled else None
+    foreign = harness.api.put_object(SERVICES, foreign_service(f"{NAME}--metrics", labels, "uid-of-another"))
+    harness.api.put_object(ISVC, example())
+
+    outcome, found = await harness.reconcile()
+
+    assert harness.api.get_object(SERVICES, NAMESPACE, f"{NAME}--metrics") == foreign, "the object was changed"
+    assert not [w for w in found if w.name == f"services/{NAME}--metrics" and w.method != "POST"]
+    assert set(harness.children()) == CHILDREN, "the other children are reconciled all the same"
+    assert [(c.kind, c.name) for c in outcome.conflicts] == [("Service", f"{NAME}--metrics")]
+    ready = condition(harness.service()["status"], "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ChildConflict")
+    assert f"Service/{NAME}--metrics" in ready["message"] and "uid-of-another" in ready["message"], ready
+    warnings = [e for e in harness.events if e[:2] == ("Warning", "ChildConflict")]
+    assert len(warnings) == 1 and f"Service/{NAME}--metrics" in warnings[0][2]
+
+    # again: still untouched, no second Event
+    _, again = await harness.reconcile()
+    assert harness.api.get_object(SERVICES, NAMESPACE, f"{NAME}--metrics") == foreign
+    assert not [w for w in again if w.method in ("PATCH", "PUT", "DELETE") and "--metrics" in w.name]
+    assert len([e for e in harness.events if e[1] == "ChildConflict"]) == 1
+
+    # the object goes: the child is created, the conflict is over
+    del harness.api.objects[SERVICES, NAMESPACE, f"{NAME}--metrics"]
+    outcome, _ = await harness.reconcile()
+    assert outcome.conflicts == []
+    assert harness.children()[f"services/{NAME}--metrics"]["metadata"]["ownerReferences"][0]["name"] == NAME
+    assert condition(harness.service()["status"], "Ready")["reason"] != "ChildConflict"
+
+
+async def test_a_foreign_deployment_with_a_pools_name_is_never_scaled_or_applied(harness: Harness) -> None:
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment",
+                  "metadata": {"name": f"{NAME}-decode", "namespace": NAMESPACE, "labels": {"app": "mine"}},
+                  "spec": {"replicas": 7, "selector": {"matchLabels": {"app": "mine"}},
+                           "template": {"metadata": {"labels": {"app": "mine"}},
+                                        "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}
+    foreign = harness.api.put_object(DEPLOYMENTS, deployment)
+    harness.api.put_object(ISVC, example())
+
+    outcome, found = await harness.reconcile()
+
+    assert harness.api.get_object(DEPLOYMENTS, NAMESPACE, f"{NAME}-decode") == foreign
+    assert [w.method for w in found if w.name == f"deployments/{NAME}-decode"] == ["POST"]  # refused: 409
+    assert [(c.kind, c.name) for c in outcome.conflicts] == [("Deployment", f"{NAME}-decode")]
+    status = harness.service()["status"]
+    assert condition(status, "Ready")["reason"] == "ChildConflict"
+    assert condition(status, "DecodeReady")["reason"] == "NotCreated", "the foreign Deployment is not the pool"
+    assert "it has no owner" in condition(status, "Ready")["message"]
+
+
+async def test_an_own_child_whose_labels_were_removed_is_repaired_not_reported(harness: Harness) -> None:
+    await create_service(harness)
+    obj = harness.api.get_object(SERVICES, NAMESPACE, f"{NAME}--decode-kv")
+    assert obj is not None
+    obj["metadata"]["labels"] = {}  # no longer found by its labels
+    harness.api.objects[SERVICES, NAMESPACE, f"{NAME}--decode-kv"] = obj
+
+    outcome, found = await harness.reconcile()
+
+    assert outcome.conflicts == []
+    assert [w.method for w in found if w.name == f"services/{NAME}--decode-kv"][-1] == "PATCH"
+    labels = harness.children()[f"services/{NAME}--decode-kv"]["metadata"]["labels"]
+    assert labels["disagg.dev/service"] == NAME
+
+
+async def test_the_first_apply_after_a_create_claims_the_created_fields_once(harness: Harness) -> None:
+    # A create records the fields as the operator's Update; without the claim, an apply could never
+    # remove a field the create had set (it is still "owned" by the Update).
+    await create_service(harness)
+    harness.edit({"engine": {"env": [{"name": "EXTRA", "value": "1"}]}})
+    _, found = await harness.reconcile()
+    claims = [w.name for w in found if claim(w)]
+    assert sorted(claims) == [f"deployments/{NAME}-decode", f"deployments/{NAME}-prefill"]
+    managers = {(e["manager"], e["operation"]) for e in
+                harness.children()[f"deployments/{NAME}-decode"]["metadata"]["managedFields"]}
+    assert (FIELD_MANAGER, "Update") not in managers and (FIELD_MANAGER, "Apply") in managers
+
+    harness.edit({"engine": {"env": []}})
+    _, found = await harness.reconcile()
+    assert not [w for w in found if claim(w)], "claimed once"
+    env = harness.children()[f"deployments/{NAME}-decode"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "EXTRA" not in {e["name"] for e in env}
+
+
+async def test_an_apply_reaches_only_the_object_it_was_planned_for(harness: Harness) -> None:
+    # between the watch's view and the write the Service was replaced by someone else's: the apply
+    # carries the uid it saw, the API server refuses it, and the service reports the conflict
+    uid = await create_service(harness)
+    harness.edit({"router": {"port": 8080}})
+    mine = harness.api.get_object(SERVICES, NAMESPACE, NAME)
+    assert mine is not None
+    live = {("v1", "Service", NAME): mine}
+    del harness.api.objects[SERVICES, NAMESPACE, NAME]
+    replaced = harness.api.put_object(SERVICES, foreign_service(NAME))
+    reconciler = harness.reconciler
+    reconciler.live_children = lambda ns, name: {
+        **{k: v for k, v in _live_by_label(harness).items() if k[2] != NAME or k[1] != "Service"}, **live}
+
+    outcome = await asyncio.to_thread(reconcile_service, reconciler, harness.service())
+
+    assert harness.api.get_object(SERVICES, NAMESPACE, NAME) == replaced
+    assert [(c.kind, c.name) for c in outcome.conflicts] == [("Service", NAME)]
+    assert uid
+
+
+def _live_by_label(harness: Harness) -> dict[tuple[str, str, str], dict[str, Any]]:
+    from disagg.reconcile.run import live_children
+
+    return live_children(harness.kube, NAMESPACE, NAME)
+
+
+async def test_services_whose_names_collided_before_both_get_every_child(harness: Harness) -> None:
+    # `a` and `a-metrics` both rendered Service/a-metrics (and `a` and `a-prefill` would share
+    # Service/a-prefill-kv): with `<name>--<part>` every child of each is its own
+    names = ["a", "a-metrics", "a-prefill", "a-decode-kv", "a-router"]
+    for name in names:
+        manifest = example()
+        manifest["metadata"]["name"] = name
+        harness.api.put_object(ISVC, manifest)
+    owners: dict[str, str] = {}
+    for name in names:
+        body = harness.api.get_object(ISVC, NAMESPACE, name)
+        assert body is not None
+        outcome = await asyncio.to_thread(reconcile_service, harness.reconciler, body)
+        assert outcome.conflicts == [] and len(outcome.applied) == len(CHILDREN), name
+    for key, obj in harness.children().items():
+        refs = obj["metadata"]["ownerReferences"]
+        assert len(refs) == 1
+        owners[key] = refs[0]["name"]
+    assert len(owners) == len(names) * len(CHILDREN)
+    assert owners["services/a-metrics"] == "a-metrics" and owners["services/a--metrics"] == "a"

@@ -16,7 +16,9 @@ from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.catalog.engines import ENGINES
 from disagg.render import render_service
 
-PAIRS = list(itertools.product(DEFAULT_CATALOG.names(), DEFAULT_CATALOG.names()))
+# planner-only types (no device plugin) are refused; tests/unit/test_multinode_plan.py says how
+SERVABLE = [name for name in DEFAULT_CATALOG.names() if not DEFAULT_CATALOG[name].plan_only]
+PAIRS = list(itertools.product(SERVABLE, SERVABLE))
 
 
 def service(engine: str, prefill: str, decode: str, connector: str = "nixl") -> dict[str, Any]:

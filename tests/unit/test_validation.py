@@ -213,4 +213,14 @@ def test_kubernetes_quantities_are_accepted(quantity: str) -> None:
 def test_disk_tier_sizes_in_any_unit() -> None:
     from disagg.render.context import _gib
 
-    assert [_gib(q) for q in ("500Gi", "2Ti", "1000G", "1e12", "10Mi")] == [500, 2048, 931, 931, 1]
+    assert [_gib(q) for q in ("500Gi", "2Ti", "1000G", "1e12", "1Gi", "1.5Gi")] == [500, 2048, 931, 931, 1, 1]
+
+
+@pytest.mark.parametrize("size", ["1e400", "1e19", "8Ei", "10Mi", "0", "1e9223372036854775808", "1e-400"])
+def test_disk_sizes_out_of_range_are_refused_naming_the_field(size: str) -> None:
+    body = base()
+    body["spec"]["kvCache"] = {"cpuOffloadGiB": 4, "disk": {"size": size}}
+    with pytest.raises(InvalidSpec) as caught:
+        validate_service(body, DEFAULT_CATALOG)
+    assert [e.field for e in caught.value.errors] == ["spec.kvCache.disk.size"], caught.value
+    assert size in str(caught.value) and "1Gi" in str(caught.value)

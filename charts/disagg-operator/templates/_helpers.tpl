@@ -76,6 +76,9 @@ three parts so the namespaced mode can put each where it belongs.
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [leaderworkerset.x-k8s.io]
+  resources: [leaderworkersets]
+  verbs: [get, list, watch, create, update, patch, delete]
 - apiGroups: [""]
   resources: [services, serviceaccounts]
   verbs: [get, list, watch, create, update, patch, delete]
@@ -153,6 +156,7 @@ three parts so the namespaced mode can put each where it belongs.
 {{- end }}
 {{- end }}
 {{- end }}
+- {{ printf "--metrics-scrapers=%s" (toJson .Values.networkPolicy.metricsScrapers) | quote }}
 {{- if or .Values.acceleratorCatalog.accelerators .Values.acceleratorCatalog.existingConfigMap }}
 - --accelerator-catalog=/etc/disagg/catalog/accelerators.yaml
 {{- end }}

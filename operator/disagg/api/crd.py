@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from disagg import GROUP, KIND, PLURAL, VERSION
-from disagg.api.v1alpha1 import CRDModel, InferenceServiceSpec, InferenceServiceStatus
+from disagg.api.v1alpha1 import NAME_RULES, CRDModel, InferenceServiceSpec, InferenceServiceStatus
 
 SHORT_NAMES = ["dis", "disaggsvc"]
 CATEGORIES = ["disagg", "inference"]
@@ -163,6 +163,7 @@ def build_crd() -> dict[str, Any]:
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },
+                            "x-kubernetes-validations": [dict(rule) for rule in NAME_RULES],
                         }
                     },
                 }

@@ -1,59 +1,34 @@
-"""Validation of an InferenceService: the schema's checks plus those that need the catalogues.
+"""Validation of an InferenceService: the schema's checks, those that need the catalogues, and those the
+API server makes only when the operator applies the children.
 
-The API server rejects what the CRD schema and its CEL rules can express. What they cannot (the
-accelerator catalogue is configurable at run time, engine/vendor support, name lengths of children,
-flags the operator owns) is checked here, and the same function backs `disagg validate`, so a user
-sees the same message from the CLI as in the InferenceService's InvalidSpec condition.
+The API server rejects what the CRD schema and its CEL rules can express; the models say the same
+in Python (v1alpha1.py). What they cannot is checked here: names and resources as Kubernetes checks
+them in the children (a Service's name, a container's resources), and what needs the accelerator
+catalogue, configurable at run time (`catalog_errors`). The same function backs `disagg validate`, so a
+user sees the same message from the CLI as in the InferenceService's InvalidSpec condition.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
-from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.api.errors import FieldError, InvalidSpec
+from disagg.api.layout import layout_errors
+from disagg.api.manifest import prune_nulls
+from disagg.api.names import dns_subdomain, qualified_name
+from disagg.api.quantity import parse_quantity
+from disagg.api.v1alpha1 import CHILD_SEPARATOR, MAX_NAME_LENGTH, ROLES, InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import CROSS_VENDOR_CONNECTORS, ENGINES
 
-# The longest child name is `<name>-prefill-kv`; Service names are DNS-1035 labels (<= 63 chars).
-MAX_NAME_LENGTH = 63 - len("-prefill-kv")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-# Flags the operator sets itself; a user passing them in extraArgs would silently fight the operator.
-MANAGED_FLAGS = {
-    "vllm": {
-        "--host", "--port", "--served-model-name", "--tensor-parallel-size", "-tp", "--kv-transfer-config",
-        "--model", "--revision",
-    },
-    "sglang": {
-        "--host", "--port", "--served-model-name", "--tp-size", "--tensor-parallel-size", "--model-path", "--model",
-        "--disaggregation-mode",
-        "--disaggregation-transfer-backend", "--disaggregation-bootstrap-port", "--revision",
-        "--enable-metrics",
-    },
-}
-
-
-@dataclass(frozen=True)
-class FieldError:
-    """One problem with the spec: the field's path and what is wrong and what would be accepted."""
-
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
-
-
-class InvalidSpec(ValueError):
-    """An InferenceService that cannot be served as written."""
-
-    def __init__(self, errors: list[FieldError]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(str(e) for e in errors))
+CONTAINER_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+"""Resource names without a domain a container may request (and hugepages-<size>)."""
+_RELATIVE = re.compile(r"^(\.[A-Za-z][\w.\[\]]*): (.*)$", re.DOTALL)
 
 
 def _loc(parts: tuple[int | str, ...]) -> str:
@@ -72,12 +47,22 @@ def parse_spec(spec: Any) -> InferenceServiceSpec:
     except ValidationError as error:
         errors = []
         for item in error.errors():
-            message = item["msg"]
+            field = _loc(tuple(item["loc"]))
+            message = item["msg"].removeprefix("Value error, ")
             if item["type"] == "extra_forbidden":
                 message = "unknown field"
             elif item["type"] == "literal_error":
                 message = f"{item['msg']} (got {item.get('input')!r})"
-            errors.append(FieldError(_loc(tuple(item["loc"])), message))
+            elif item["type"] == "string_pattern_mismatch":
+                message = f"{item.get('input')!r} does not match the pattern {item['ctx']['pattern']}"
+            if item["type"] == "value_error":
+                # a model's cross-field checks, one per line, each may name its field (".a.b: ...")
+                for part in message.splitlines():
+                    relative = _RELATIVE.match(part)
+                    errors.append(FieldError(field + relative.group(1), relative.group(2)) if relative
+                                  else FieldError(field, part))
+                continue
+            errors.append(FieldError(field, message))
         raise InvalidSpec(errors) from None
 
 
@@ -90,12 +75,32 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
             f"{name!r} must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters (lowercase letters, "
             "digits and '-', starting with a letter) so that its children's names are valid",
         ))
+    if CHILD_SEPARATOR in name:
+        errors.append(FieldError(
+            "metadata.name",
+            f"{name!r} may not contain {CHILD_SEPARATOR!r}: children are named <name>{CHILD_SEPARATOR}<part>, and "
+            "such a name could take another service's child's name",
+        ))
+    for role in ROLES:
+        pool: PoolSpec = getattr(spec, role)
+        owned = {spec.kv_transfer.rdma.resource} if spec.kv_transfer.rdma is not None else set()
+        accelerator = catalog.get(pool.accelerator.type) if pool.accelerator.type is not None else None
+        owned.add(accelerator.resource_name if accelerator is not None else pool.accelerator.resource_name or "")
+        errors += resource_errors(f"spec.{role}.resources", pool, owned)
+    return errors + catalog_errors(spec, catalog)
+
+
+def catalog_errors(spec: InferenceServiceSpec, catalog: AcceleratorCatalog) -> list[FieldError]:
+    """The problems that depend on the accelerator and engine catalogues (so no CRD rule can see
+    them): the operator reports them as InvalidSpec, and `disagg validate` as errors."""
+    errors: list[FieldError] = []
     engine = ENGINES[spec.engine.kind]
     vendors: dict[str, str] = {}
     for role in ROLES:
-        pool = getattr(spec, role)
+        pool: PoolSpec = getattr(spec, role)
         acc = pool.accelerator
         field = f"spec.{role}"
+        resource_name = acc.resource_name
         if acc.type is not None:
             accelerator = catalog.get(acc.type)
             if accelerator is None:
@@ -105,12 +110,21 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
                     "(add one with --accelerator-catalog)",
                 ))
                 continue
+            resource_name = accelerator.resource_name
             vendors[role] = accelerator.vendor
+            if accelerator.plan_only:
+                errors.append(FieldError(
+                    f"{field}.accelerator.type",
+                    f"{acc.type} is planner-only: no Kubernetes device plugin exposes it (a plugin would expose "
+                    f"{accelerator.resource_name}); use `disagg plan` to size it, or name a resource a plugin on "
+                    "your cluster exposes with accelerator.resourceName",
+                ))
+                continue
             if acc.count > accelerator.per_node:
                 errors.append(FieldError(
                     f"{field}.accelerator.count",
                     f"{acc.count} exceeds the {accelerator.per_node} accelerators a {acc.type} node has; "
-                    "a worker must fit on one node",
+                    "a pod must fit on one node (a worker spans nodes through parallelism and nodes)",
                 ))
             if accelerator.vendor not in engine.vendors:
                 errors.append(FieldError(
@@ -124,96 +138,102 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
                     f"no default {spec.engine.kind} image for {accelerator.vendor} accelerators; "
                     f"set {role}.image (or engine.image) to a {accelerator.vendor} build of {spec.engine.kind}",
                 ))
-        if pool.parallelism.tensor & (pool.parallelism.tensor - 1):
-            errors.append(FieldError(
-                f"{field}.parallelism.tensor",
-                f"{pool.parallelism.tensor} is not a power of two; engines shard attention heads by it",
-            ))
-        arch = spec.model.architecture
-        if arch is not None and arch.kv_lora_rank is None and pool.parallelism.tensor > 1:
-            heads = arch.kv_heads
-            if heads % pool.parallelism.tensor and pool.parallelism.tensor % heads:
-                errors.append(FieldError(
-                    f"{field}.parallelism.tensor",
-                    f"{pool.parallelism.tensor} neither divides nor is a multiple of "
-                    f"model.architecture.kvHeads ({heads})",
-                ))
-        if pool.autoscaling is not None and spec.accelerator_budget is not None:
-            floor = pool.autoscaling.min_replicas * acc.count
-            if floor > spec.accelerator_budget:
-                errors.append(FieldError(
-                    f"{field}.autoscaling.minReplicas",
-                    f"{pool.autoscaling.min_replicas} replicas x {acc.count} accelerators exceed "
-                    f"acceleratorBudget {spec.accelerator_budget}",
-                ))
-        for index, arg in enumerate(pool.extra_args):
-            errors.extend(_managed_flag(f"{field}.extraArgs[{index}]", arg, spec.engine.kind))
-    for index, arg in enumerate(spec.engine.extra_args):
-        errors.extend(_managed_flag(f"spec.engine.extraArgs[{index}]", arg, spec.engine.kind))
-    budget = spec.accelerator_budget
-    fixed = [getattr(spec, role) for role in ROLES if getattr(spec, role).autoscaling is None]
-    if budget is not None and fixed and not any(e.field.endswith(".autoscaling.minReplicas") for e in errors):
-        # the autoscaler shares the budget out over what the fixed pools leave: they must fit in it
-        need = sum(
-            pool.accelerator.count * (pool.replicas if pool.autoscaling is None else pool.autoscaling.min_replicas)
-            for pool in (getattr(spec, role) for role in ROLES)
-        )
-        if need > budget:
-            errors.append(FieldError(
-                "spec.acceleratorBudget",
-                f"{budget} is less than the {need} accelerators the pools hold at least (a fixed pool its "
-                "replicas x accelerator.count, an autoscaled one minReplicas x accelerator.count)",
-            ))
-    if spec.engine.kind == "vllm" and spec.kv_transfer.connector == "mooncake":
-        # vllm-router 0.1.17 asks a prefill's Mooncake bootstrap server for its engine id only for
-        # statically listed prefills; for pods it discovers it forwards no kv_transfer_params, so
-        # decode silently recomputes every prompt. Refuse rather than serve that.
-        errors.append(FieldError(
-            "spec.kvTransfer.connector",
-            "mooncake with engine vllm is not supported: vllm-router does not hand Mooncake bootstrap data to "
-            "pods it discovers; use connector nixl with vllm, or engine sglang with mooncake",
-        ))
+        entry = catalog.get(acc.type) if acc.type is not None else None
+        errors.extend(layout_errors(role, pool, spec, entry))
+        owned = {resource_name: f"accelerator.count ({resource_name})"}
+        if spec.kv_transfer.rdma is not None:
+            owned[spec.kv_transfer.rdma.resource] = f"kvTransfer.rdma.count ({spec.kv_transfer.rdma.resource})"
+        for part in ("requests", "limits"):
+            for key in getattr(pool.resources, part):
+                if key in owned:
+                    errors.append(FieldError(f"{field}.resources.{part}.{key}",
+                                             f"set by the operator from {owned[key]}; remove it from resources"))
     if spec.kv_transfer.connector not in engine.connectors:
         errors.append(FieldError(
             "spec.kvTransfer.connector", f"{spec.engine.kind} has no {spec.kv_transfer.connector} connector"
         ))
-    if (
-        len(set(vendors.values())) > 1
-        and spec.kv_transfer.connector not in CROSS_VENDOR_CONNECTORS
-    ):
+    if len(set(vendors.values())) > 1 and spec.kv_transfer.connector not in CROSS_VENDOR_CONNECTORS:
         errors.append(FieldError(
             "spec.kvTransfer.connector",
             f"{spec.kv_transfer.connector} cannot move KV between {vendors['prefill']} (prefill) and "
             f"{vendors['decode']} (decode) accelerators; use {', '.join(sorted(CROSS_VENDOR_CONNECTORS))}",
         ))
-    if spec.model.uri.startswith(("s3://", "gs://")) and spec.engine.kind != "vllm":
-        errors.append(FieldError(
-            "spec.model.uri", f"{spec.engine.kind} loads weights from hf:// or pvc:// only (got {spec.model.uri})"
-        ))
-    if spec.model.uri.startswith("pvc://"):
-        claim = spec.model.uri.removeprefix("pvc://").split("/", 1)[0]
-        if not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", claim):
-            errors.append(FieldError("spec.model.uri", f"pvc://CLAIM/path: {claim!r} is not a valid claim name"))
-    if spec.kv_cache is not None and spec.kv_cache.cpu_offload_gi_b is None and spec.kv_cache.disk is None:
-        errors.append(FieldError("spec.kvCache", "set cpuOffloadGiB, disk, or both (or remove kvCache)"))
-    if spec.kv_cache is not None and spec.kv_cache.disk is not None and spec.kv_cache.cpu_offload_gi_b is None:
-        errors.append(FieldError("spec.kvCache.cpuOffloadGiB", "a disk tier needs a CPU tier above it"))
     return errors
 
 
-def _managed_flag(field: str, arg: str, engine: str) -> list[FieldError]:
-    flag = arg.split("=", 1)[0]
-    if flag in MANAGED_FLAGS[engine]:
-        return [FieldError(field, f"{flag} is set by the operator from the spec; remove it from extraArgs")]
-    return []
+def _native(name: str) -> bool:
+    return "/" not in name or "kubernetes.io/" in name
+
+
+def resource_errors(field: str, pool: PoolSpec, owned: set[str]) -> list[FieldError]:
+    """A container's requests and limits as the API server checks them in the pool's Deployment
+    (core/validation: resource names, integer extended resources, requests within limits). The
+    resources the operator sets (`owned`, refused by `catalog_errors`) are its own."""
+    errors: list[FieldError] = []
+    requests = {k: v for k, v in pool.resources.requests.items() if k not in owned}
+    limits = {k: v for k, v in pool.resources.limits.items() if k not in owned}
+    for part, values in (("requests", requests), ("limits", limits)):
+        for name, text in values.items():
+            at = f"{field}.{part}.{name}"
+            problem = qualified_name(name)
+            if problem is None and "/" not in name and name not in CONTAINER_RESOURCES \
+                    and not name.startswith("hugepages-"):
+                problem = f"{name!r} is no container resource: cpu, memory, ephemeral-storage, hugepages-<size>, " \
+                          "or an extended resource (a domain, '/', a name)"
+            if problem is None and not _native(name) and (
+                    name.startswith("requests.") or dns_subdomain("requests." + name.split("/")[0]) is not None):
+                problem = f"{name!r} is not an extended resource name"
+            if problem is not None:
+                errors.append(FieldError(at, problem))
+                continue
+            value = parse_quantity(text).value or 0
+            if not _native(name) and math.ceil(value * 1000) % 1000:
+                errors.append(FieldError(at, f"{text} is not a whole number: extended resources are counted"))
+            if name.startswith("hugepages-"):
+                page = _page_size(name)
+                if page is None:
+                    errors.append(FieldError(at, f"{name!r}: the part after hugepages- must be a page size"))
+                elif value % page:
+                    errors.append(FieldError(at, f"{text} is not a multiple of the page size {name[10:]}"))
+    overcommit = {name: _native(name) and not name.startswith("hugepages-") for name in {*requests, *limits}}
+    for name, text in requests.items():
+        request = parse_quantity(text).value
+        if name in limits:
+            limit = parse_quantity(limits[name]).value
+            if not overcommit[name] and request != limit:
+                errors.append(FieldError(f"{field}.requests.{name}", f"{text} must equal the limit {limits[name]} "
+                                         "(this resource cannot be overcommitted)"))
+            elif request is not None and limit is not None and request > limit:
+                errors.append(FieldError(f"{field}.requests.{name}",
+                                         f"{text} must be less than or equal to the limit {limits[name]}"))
+        elif not overcommit[name]:
+            errors.append(FieldError(f"{field}.limits.{name}", "required: this resource cannot be overcommitted, "
+                                     f"so it needs a limit equal to its request {text}"))
+    names = {*requests, *limits}
+    if any(n.startswith("hugepages-") for n in names) and not names & {"cpu", "memory"}:
+        errors.append(FieldError(field, "hugepages need a cpu or memory request or limit as well"))
+    return errors
+
+
+def _page_size(name: str) -> int | None:
+    try:
+        page = parse_quantity(name.removeprefix("hugepages-")).value
+    except ValueError:
+        return None
+    return int(page) if page is not None and page > 0 and page.denominator == 1 else None
 
 
 def validate_service(body: dict[str, Any], catalog: AcceleratorCatalog) -> InferenceServiceSpec:
-    """The spec of an InferenceService object if it can be served, else InvalidSpec with every error."""
-    metadata = body.get("metadata") or {}
-    name = str(metadata.get("name", ""))
-    spec = parse_spec(body.get("spec"))
-    errors = check_spec(name, spec, catalog)
+    """The spec of an InferenceService object if it can be served, else InvalidSpec with every error.
+    The spec is read as the API server reads it: the nulls it prunes are gone first."""
+    metadata = body.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    name = metadata.get("name") or (f"{metadata['generateName']}xxxxx" if metadata.get("generateName") else "")
+    spec = parse_spec(prune_nulls(body.get("spec")))
+    errors = check_spec(str(name), spec, catalog)
     if errors:
         raise InvalidSpec(errors)
     return spec
+
+
+__all__ = ["FieldError", "InvalidSpec", "catalog_errors", "check_spec", "parse_spec", "validate_service"]

@@ -48,6 +48,12 @@ class ModelShape:
     kv_dtype: str = "bf16"
     max_context: int = 131072
     hf_name: str = ""
+    experts: int = 0
+    """Mixture-of-experts: routed experts per MoE layer (0: a dense model)."""
+    experts_per_token: int = 0
+    """Mixture-of-experts: routed experts each token passes through."""
+    expert_parameters: float = 0.0
+    """Mixture-of-experts: parameters of all routed experts (what expert parallelism spreads)."""
 
     @property
     def is_moe(self) -> bool:
@@ -110,12 +116,16 @@ BUILTIN_MODELS: dict[str, ModelShape] = {
         parameters=235.1e9, active_parameters=22.2e9, layers=94, hidden_size=4096,
         attention_heads=64, kv_heads=4, head_dim=128, v_head_dim=128, weight_dtype="fp8",
         max_context=40960,
+        # 94 layers x 128 experts x 3 x 4096 x 1536 (config.json)
+        experts=128, experts_per_token=8, expert_parameters=227.1e9,
     ),
     "deepseek-v3": ModelShape(
         name="deepseek-v3", hf_name="deepseek-ai/DeepSeek-V3",
         parameters=671e9, active_parameters=37e9, layers=61, hidden_size=7168,
         attention_heads=128, kv_heads=128, head_dim=192, v_head_dim=128,
         kv_lora_rank=512, qk_rope_head_dim=64, weight_dtype="fp8", max_context=163840,
+        # 58 MoE layers x 256 experts x 3 x 7168 x 2048 (config.json)
+        experts=256, experts_per_token=8, expert_parameters=653.9e9,
     ),
 }
 
@@ -132,6 +142,17 @@ def builtin_model(name: str) -> ModelShape:
             "(or pass a Hugging Face config.json)"
         )
     return BUILTIN_MODELS[key]
+
+
+def _expert_counts(cfg: dict[str, Any]) -> tuple[int, int, float]:
+    """Routed experts per layer, experts per token and the routed experts' parameters (0s: dense)."""
+    experts = int(cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if not experts:
+        return 0, 0, 0.0
+    hidden = int(cfg["hidden_size"])
+    expert_size = 3 * hidden * int(cfg.get("moe_intermediate_size", cfg.get("intermediate_size", 4 * hidden)))
+    moe_layers = int(cfg["num_hidden_layers"]) - int(cfg.get("first_k_dense_replace", 0))
+    return experts, int(cfg.get("num_experts_per_tok", 2)), float(moe_layers * experts * expert_size)
 
 
 def _count_parameters(cfg: dict[str, Any]) -> tuple[float, float]:
@@ -188,6 +209,7 @@ def from_hf_config(
         if required not in cfg:
             raise ModelConfigError(f"model config {path}: missing field {required!r}")
     total, active = _count_parameters(cfg)
+    experts, per_token, expert_parameters = _expert_counts(cfg)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     torch_dtype = str(cfg.get("torch_dtype", "bfloat16"))
@@ -214,6 +236,7 @@ def from_hf_config(
             head_dim=head_dim, v_head_dim=head_dim, weight_dtype=default_weight,
             max_context=int(cfg.get("max_position_embeddings", 131072)),
         )
+    shape = replace(shape, experts=experts, experts_per_token=per_token, expert_parameters=expert_parameters)
     return shape.with_dtypes(weight_dtype, kv_dtype)
 
 
@@ -279,5 +302,7 @@ def to_architecture(shape: ModelShape) -> ModelArchitecture:
             "kvLoraRank": shape.kv_lora_rank,
             "weightDtype": weight,
             "kvDtype": shape.kv_dtype,
+            "attentionHeads": shape.attention_heads,
+            "experts": shape.experts or None,
         }
     )

@@ -54,6 +54,12 @@ class Efficiency:
     """Share of a link's nominal bandwidth a KV transfer achieves."""
     link_latency_s: float = 0.002
     """Fixed cost of one KV hand-off (handshake, block metadata, first byte)."""
+    internode_latency_s: float = 20e-6
+    """Latency of one collective or pipeline hop between nodes over RDMA (EFA, InfiniBand): a few
+    times the in-node all-reduce's (multi-node workers only, `disagg.capacity.multinode`)."""
+    layer_latency_s: float = 0.0
+    """Fixed cost per layer of one decode step. 0 for GPUs (their fixed cost is `decode_overhead_s`);
+    the SRAM-class parts' catalogue entries fit it to the vendor's published single-user speed."""
 
 
 DEFAULT_EFFICIENCY = Efficiency()

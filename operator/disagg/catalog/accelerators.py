@@ -45,6 +45,31 @@ class Accelerator:
     specs: AcceleratorSpecs
     usd_per_hour: float
     price_source: str
+    priced: bool = True
+    """False when the catalogue gives no hourly price: the planner shows such options unpriced."""
+    fabric: str = ""
+    """The network between nodes (efa, infiniband, ethernet); empty when unknown."""
+    scale_out_bandwidth: float = 0.0
+    """Bytes/s one accelerator sends to other nodes (one direction); 0 when unknown."""
+    scale_up_domain: int = 0
+    """Accelerators in the fast domain when it spans nodes (NVL72, UltraServer); 0: one node."""
+    scale_up_label: str = ""
+    """The node label naming that fast domain (e.g. nvidia.com/gpu.clique)."""
+    topology_labels: tuple[str, ...] = ()
+    """Node labels naming a network domain, narrowest first; the first packs a multi-node worker."""
+    memory_kind: str = "hbm"
+    """hbm, or sram: weights and KV cache held in on-chip SRAM over many chips."""
+    plan_only: bool = False
+    """No Kubernetes device plugin exposes it: the planner sizes it, a pool cannot request it."""
+    efficiency: dict[str, float] = field(default_factory=dict)
+    """Overrides of the capacity model's efficiency factors (field names of `Efficiency`)."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where the figures come from."""
+
+    @property
+    def domain_size(self) -> int:
+        """Accelerators reachable over the fast links: one node, or the scale-up domain."""
+        return max(self.per_node, self.scale_up_domain)
 
 
 @dataclass(frozen=True)
@@ -80,10 +105,19 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
+
+
 def _parse(name: str, entry: dict[str, Any]) -> Accelerator:
     try:
         specs = entry["specs"]
         price = entry.get("price", {})
+        scale_out = entry.get("scaleOut") or {}
+        scale_up = entry.get("scaleUp") or {}
+        memory_kind = str(entry.get("memoryKind", "hbm"))
+        if memory_kind not in ("hbm", "sram"):
+            raise CatalogError(f"accelerator {name!r}: memoryKind must be hbm or sram, got {memory_kind!r}")
         return Accelerator(
             name=name,
             vendor=str(entry["vendor"]),
@@ -101,6 +135,16 @@ def _parse(name: str, entry: dict[str, Any]) -> Accelerator:
             ),
             usd_per_hour=float(price.get("usdPerHour", 0.0)),
             price_source=str(price.get("source", "")),
+            priced="usdPerHour" in price,
+            fabric=str(scale_out.get("fabric", "")),
+            scale_out_bandwidth=float(scale_out.get("bandwidthPerAccelerator", 0.0)),
+            scale_up_domain=int(scale_up.get("accelerators", 0)),
+            scale_up_label=str(scale_up.get("label", "")),
+            topology_labels=tuple(str(label) for label in entry.get("topologyLabels", [])),
+            memory_kind=memory_kind,
+            plan_only=bool(entry.get("planOnly", False)),
+            efficiency={_snake(str(k)): float(v) for k, v in (entry.get("efficiency") or {}).items()},
+            sources={str(k): str(v) for k, v in (entry.get("sources") or {}).items()},
         )
     except KeyError as missing:
         raise CatalogError(f"accelerator {name!r}: missing field {missing.args[0]!r}") from None

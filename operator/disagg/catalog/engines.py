@@ -143,3 +143,97 @@ def vllm_kv_transfer_config(
         **failure,
     }
     return json.dumps(multi, separators=(",", ":"))
+
+
+# --- flags and environment variables the operator owns ------------------------------------------
+#
+# The engines read their command line more loosely than it looks: vLLM's FlexibleArgumentParser turns
+# `_` into `-` in a flag's name and reads `--flag.key=value` as a key of the JSON flag `--flag` (set
+# after everything else); both parsers are argparse with abbreviations allowed, so a unique prefix of a
+# flag (`--disaggregation-mod`) is that flag, and `--flag=value` is `--flag value`. A flag the operator
+# sets is refused in extraArgs however it is spelled.
+
+OWNED_FLAGS: dict[str, dict[str, str]] = {
+    # every option string of the actions the operator sets -> the shortest prefix the engine's parser
+    # takes for it (unique among the engine's option strings, tests/data/engine_flags/*.txt; a unit test
+    # recomputes them)
+    "vllm": {
+        "--host": "--ho", "--port": "--por", "--served-model-name": "--ser",
+        "--tensor-parallel-size": "--te", "-tp": "-t", "--kv-transfer-config": "--kv-t",
+        "--model": "--model", "--revision": "--rev",
+    },
+    "sglang": {
+        "--host": "--ho", "--port": "--po", "--served-model-name": "--se",
+        "--tp-size": "--tp", "--tensor-parallel-size": "--te", "--model-path": "--model-p", "--model": "--model",
+        "--disaggregation-mode": "--disaggregation-m", "--disaggregation-transfer-backend": "--disaggregation-t",
+        "--disaggregation-bootstrap-port": "--disaggregation-b", "--revision": "--rev",
+        "--enable-metrics": "--enable-metrics",
+    },
+}
+OWNED_WITH_OBJECT_STORAGE = {"vllm": {"--load-format": "--loa"}, "sglang": {}}
+"""Owned when the weights stream from s3:// or gs:// (the operator sets --load-format runai_streamer)."""
+OWNED_WITH_CPU_TIER = {"vllm": {}, "sglang": {"--enable-hierarchical-cache": "--enable-hie",
+                                              "--hicache-size": "--hicache-si"}}
+OWNED_WITH_DISK_TIER = {"vllm": {}, "sglang": {"--hicache-storage-backend": "--hicache-storage-backend"}}
+
+OWNED_ENV = (
+    "POD_IP", "HF_HOME", "VLLM_NIXL_SIDE_CHANNEL_HOST", "VLLM_NIXL_SIDE_CHANNEL_PORT",
+    "VLLM_MOONCAKE_BOOTSTRAP_PORT", "LMCACHE_LOCAL_CPU", "LMCACHE_MAX_LOCAL_CPU_SIZE", "LMCACHE_CHUNK_SIZE",
+    "LMCACHE_LOCAL_DISK", "LMCACHE_MAX_LOCAL_DISK_SIZE", "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR",
+    "SGLANG_DISAGGREGATION_NIXL_BACKEND",
+)
+"""Environment variables the operator sets in engine containers (a second entry would clash with its
+own: the API server refuses the duplicate, or the user's value would silently lose)."""
+
+
+def flag_key(engine: str, arg: str) -> tuple[str, bool] | None:
+    """The option string `arg` names as the engine's parser reads it, and whether it may be a prefix
+    (an abbreviation); None for an argument that is no flag."""
+    if not arg.startswith("-") or arg in ("-", "--"):
+        return None
+    if arg.startswith("--"):
+        key = arg.split("=", 1)[0]
+        if engine == "vllm":  # the part before a '.' is the flag (JSON key path after); '_' reads as '-'
+            key = key.split(".", 1)[0].replace("_", "-")
+        return key, True
+    # a single dash: `-tp=8` is -tp; `-t` alone may abbreviate -tp; vLLM reads `-t.x=1` as `-t '{"x": 1}'`,
+    # an abbreviation again
+    key = arg.split("=", 1)[0]
+    dotted = engine == "vllm" and "." in key
+    if dotted:
+        key = key.split(".", 1)[0]
+    return key, key == arg or dotted
+
+
+def owned_flag(engine: str, arg: str, owned: dict[str, str]) -> str | None:
+    """The flag of `owned` (option string -> shortest prefix) that `arg` sets in the engine, or None."""
+    found = flag_key(engine, arg)
+    if found is None:
+        return None
+    key, may_abbreviate = found
+    for option, shortest in owned.items():
+        if key == option or (may_abbreviate and key.startswith(shortest) and option.startswith(key)):
+            return option
+    return None
+
+
+def owned_flag_cel(engine: str, owned: dict[str, str], arg: str) -> str:
+    """A CEL expression true when the string `arg` sets a flag of `owned` (what `owned_flag` finds):
+    its name, read as the engine reads it, is among the spellings of an owned flag."""
+    long_forms: list[str] = []
+    short_forms: list[str] = []
+    abbreviations: list[str] = []
+    for option, shortest in sorted(owned.items()):
+        prefixes = [option[:end] for end in range(len(shortest), len(option) + 1)]
+        if option.startswith("--"):
+            long_forms += prefixes
+        else:
+            short_forms.append(option)
+            abbreviations += prefixes[:-1]
+    key = f"{arg}.split('=')[0]" + (".split('.')[0]" if engine == "vllm" else "")
+    long_key = f"{key}.replace('_', '-')" if engine == "vllm" else key
+    terms = [f"({arg}.startsWith('--') && {long_key} in {long_forms!r})"]
+    if short_forms:
+        dotted = f" || ({arg}.split('=')[0].contains('.') && {key} in {abbreviations!r})" if engine == "vllm" else ""
+        terms.append(f"(!{arg}.startsWith('--') && ({key} in {short_forms!r} || {arg} in {abbreviations!r}{dotted}))")
+    return "(" + " || ".join(terms) + ")"

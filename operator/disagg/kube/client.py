@@ -58,7 +58,13 @@ CHILD_KINDS: tuple[Kind, ...] = (
     Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
     Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
 )
-KINDS_BY_NAME = {(k.api_version, k.kind): k for k in CHILD_KINDS}
+DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
+LEADER_WORKER_SET = Kind("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets")
+"""Pools whose workers span nodes (sigs.k8s.io/lws): a child kind only where its CRD is served, so it
+is not in CHILD_KINDS (a watch or list of it fails on clusters without it)."""
+SCALED_KINDS = {DEPLOYMENT.kind: DEPLOYMENT, LEADER_WORKER_SET.kind: LEADER_WORKER_SET}
+"""The pool kinds, whose spec.replicas the autoscaler owns."""
+KINDS_BY_NAME = {(k.api_version, k.kind): k for k in (*CHILD_KINDS, LEADER_WORKER_SET)}
 INFERENCE_SERVICE = Kind(f"{GROUP}/{VERSION}", "InferenceService", PLURAL)
 POD = Kind("v1", "Pod", "pods")
 
@@ -78,6 +84,14 @@ def _refusal(status: int, reason: str | None, data: bytes | None, method: str, p
     with contextlib.suppress(ValueError, AttributeError):
         message = json.loads(data or b"{}").get("message", message)
     return ApiError(int(status), str(message), method, path)
+
+
+def _union_fields(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The union of two managedFields field sets (FieldsV1 tries)."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _union_fields(out[key], value) if key in out and isinstance(value, dict) else value
+    return out
 
 
 def kind_of(manifest: dict[str, Any]) -> Kind:
@@ -170,13 +184,18 @@ class Kube:
     # --- writes ---------------------------------------------------------------------------------
 
     def apply(
-        self, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER, *, read_back: bool = True
+        self, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER, *, read_back: bool = True,
+        uid: str | None = None,
     ) -> dict[str, Any]:
         """Server-side apply of one object; this field manager takes over conflicting fields. Returns the
         object as stored, or with `read_back=False` the manifest itself, leaving the answer unparsed (a
-        caller that only needs to know it was stored: parsing answers was ~4 % of a cold start's CPU)."""
+        caller that only needs to know it was stored: parsing answers was ~4 % of a cold start's CPU).
+        With `uid`, only the object with that uid is changed: the API server refuses the apply when the
+        object is gone (409) or is another one of the same name (422, uid immutable), and creates none."""
         kind = kind_of(manifest)
         meta = manifest["metadata"]
+        if uid is not None:
+            manifest = {**manifest, "metadata": {**meta, "uid": uid}}
         result: dict[str, Any] | None = self.request(
             "PATCH",
             kind.path(meta["namespace"], meta["name"]),
@@ -186,6 +205,46 @@ class Kube:
             decode=read_back,
         )
         return result if result is not None else manifest
+
+    def create(self, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
+        """Creates an object (POST): an ApiError 409 when one of that name exists, which is never touched.
+        The fields are recorded as this manager's `Update`; `claim_fields` turns them into its `Apply`
+        before the first apply, or an apply could never remove them."""
+        kind = kind_of(manifest)
+        meta = manifest["metadata"]
+        result: dict[str, Any] = self.request(
+            "POST", kind.collection(meta["namespace"]), query=[("fieldManager", field_manager)], body=manifest,
+        )
+        return result
+
+    def claim_fields(self, kind: Kind, namespace: str, name: str, field_manager: str = FIELD_MANAGER) -> None:
+        """Makes the fields `field_manager` set by create/update its server-side apply fields (as
+        kubectl's client-side-to-server-side upgrade does), so that a later apply removes the ones it
+        no longer sends. A no-op when it has none; ApiError 409/422 when the object changed meanwhile."""
+        current = self.get(kind, namespace, name)
+        if current is None:
+            return
+        entries = current.get("metadata", {}).get("managedFields") or []
+
+        def mine(entry: dict[str, Any], operation: str) -> bool:
+            return (entry.get("manager"), entry.get("operation"), entry.get("subresource")) == (
+                field_manager, operation, None)
+
+        updates = [e for e in entries if mine(e, "Update")]
+        if not updates:
+            return
+        applied = [e for e in entries if mine(e, "Apply")]
+        fields: dict[str, Any] = {}
+        for entry in [*applied, *updates]:
+            fields = _union_fields(fields, entry.get("fieldsV1") or {})
+        claimed = {**(applied or updates)[0], "operation": "Apply", "fieldsV1": fields}
+        rest = [e for e in entries if not (mine(e, "Update") or mine(e, "Apply"))]
+        patch = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": current["metadata"]["resourceVersion"]},
+            {"op": "replace", "path": "/metadata/managedFields", "value": [*rest, claimed]},
+        ]
+        self.request("PATCH", kind.path(namespace, name), query=[("fieldManager", field_manager)], body=patch,
+                     content_type="application/json-patch+json", decode=False)
 
     def delete(self, kind: Kind, namespace: str, name: str, uid: str | None = None) -> None:
         """Deletes an object (only the one with `uid`, if given); already gone counts as done."""
@@ -208,12 +267,36 @@ class Kube:
         )
         return result
 
-    def scale(self, namespace: str, name: str, replicas: int, field_manager: str) -> dict[str, Any]:
-        """Sets a Deployment's replicas under `field_manager` (server-side apply of that one field)."""
+    def scale(
+        self, namespace: str, name: str, replicas: int, field_manager: str, kind: Kind = DEPLOYMENT,
+        uid: str | None = None,
+    ) -> dict[str, Any]:
+        """Sets a pool's replicas (a Deployment's, or a LeaderWorkerSet's groups) under `field_manager`
+        (server-side apply of that one field); with `uid`, only on the object of that uid."""
         manifest = {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
+            "apiVersion": kind.api_version,
+            "kind": kind.kind,
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"replicas": replicas},
         }
-        return self.apply(manifest, field_manager=field_manager)
+        return self.apply(manifest, field_manager=field_manager, uid=uid)
+
+    def may(self, verb: str, kind: Kind, namespace: str | None) -> bool:
+        """Whether this client's identity may `verb` objects of `kind` (a SelfSubjectAccessReview)."""
+        group = kind.api_version.rpartition("/")[0]
+        attributes = {"group": group, "resource": kind.plural, "verb": verb, "namespace": namespace or ""}
+        result = self.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", body={
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attributes},
+        })
+        return bool(((result or {}).get("status") or {}).get("allowed"))
+
+    def serves(self, kind: Kind) -> bool:
+        """Whether the API server serves `kind` (discovery of its group version); False on a 404."""
+        try:
+            result = self.request("GET", f"/apis/{kind.api_version}")
+        except ApiError as error:
+            if error.status == 404:
+                return False
+            raise
+        return any(r.get("name") == kind.plural for r in (result or {}).get("resources", []))

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, ApiError, Kube
+from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, DEPLOYMENT, LEADER_WORKER_SET, ApiError, Kube
 from disagg.reconcile.status import Cond, merge_conditions
 from disagg.scaling.policy import LoadPicture, PolicySettings, PolicyState, PoolDecision, decide
 from disagg.scaling.prometheus import PrometheusSource, PrometheusUnavailable
@@ -64,11 +64,24 @@ class Index:
 
 
 def pool_counts(deployment: Mapping[str, Any]) -> dict[str, Any]:
-    """What the autoscaler reads of a pool's Deployment (3,000 whole Deployments took ~200 MiB)."""
+    """What the autoscaler reads of a pool's Deployment (3,000 whole Deployments took ~200 MiB): the
+    counts, its uid, and the uids of its owners (a Deployment of that name that the service does not own
+    is not its pool, and is never scaled)."""
+    meta = deployment.get("metadata") or {}
     return {
+        "metadata": {"uid": meta.get("uid"), "owners": [r.get("uid") for r in meta.get("ownerReferences") or []]},
         "spec": {"replicas": (deployment.get("spec") or {}).get("replicas", 0)},
         "status": {"readyReplicas": (deployment.get("status") or {}).get("readyReplicas", 0)},
     }
+
+
+def pool_of(index: Index, service: Mapping[str, Any], role: str) -> dict[str, Any] | None:
+    """The counts of a service's pool Deployment, if there is one that the service owns."""
+    meta = service.get("metadata") or {}
+    deployment = index.deployments.get((meta.get("namespace", ""), f"{meta.get('name', '')}-{role}"))
+    if deployment is None or meta.get("uid") not in deployment.get("metadata", {}).get("owners", []):
+        return None
+    return deployment
 
 
 def resource_version(body: Mapping[str, Any]) -> int:
@@ -157,7 +170,7 @@ class Autoscaler:
             current: dict[str, int] = {}
             ready: dict[str, int] = {}
             for role in ROLES:
-                deployment = self.index.deployments.get((namespace, f"{name}-{role}"))
+                deployment = pool_of(self.index, body, role)
                 if deployment is not None:
                     current[role] = int(deployment.get("spec", {}).get("replicas", 0))
                     ready[role] = int((deployment.get("status") or {}).get("readyReplicas", 0))
@@ -241,10 +254,13 @@ class Autoscaler:
             pool_status["desiredReplicas"] = decision.desired
             # without metrics the policy only ever holds (or clamps into min/max): act on it either way;
             # a pool not created yet is left to reconcile (it creates it with its initial replicas)
-            exists = (namespace, deployment) in self.index.deployments
-            if decision.changed and decision.desired != decision.current and exists:
+            pool = pool_of(self.index, body, role)
+            if decision.changed and decision.desired != decision.current and pool is not None:
                 if self._actuated.get((namespace, deployment)) != decision.desired:
-                    self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER)
+                    kind = LEADER_WORKER_SET if getattr(spec, role).multi_node else DEPLOYMENT
+                    # by whole groups for a LeaderWorkerSet; only the object this service owns
+                    self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER, kind,
+                                    uid=pool["metadata"]["uid"])
                     self._actuated[(namespace, deployment)] = decision.desired
                     report.scaled.append(
                         (namespace, deployment, decision.current, decision.desired, decision.reason)
@@ -284,8 +300,8 @@ class Autoscaler:
             # a pool with no ready replica yet has no metrics to give: a new service's ordinary state,
             # said by the condition, not worth a Warning (1,000 new services: 1,000 Events)
             starting = not report.metrics_problem and all(
-                not (self.index.deployments.get((namespace, f"{name}-{d.role}")) or {}).get("status", {})
-                .get("readyReplicas") for d in blind)
+                not (pool_of(self.index, body, d.role) or {}).get("status", {}).get("readyReplicas")
+                for d in blind)
             if cond.status == "False" and not starting:
                 self.record_event(body, "Warning", cond.reason, cond.message)
         if status_patch:

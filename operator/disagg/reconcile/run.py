@@ -14,19 +14,23 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec, NetworkPolicyPeer
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.kube.client import (
     AUTOSCALER_FIELD_MANAGER,
     CHILD_KINDS,
+    DEPLOYMENT,
+    FIELD_MANAGER,
     INFERENCE_SERVICE,
+    LEADER_WORKER_SET,
     POD,
     ApiError,
     Kube,
     kind_of,
 )
-from disagg.reconcile import ChildKey, child_key, pack, plan_children, stamp, unpack
+from disagg.reconcile import POOL_KINDS, ChildKey, child_key, owned_by, pack, plan_children, stamp, unpack
+from disagg.reconcile.diff import contains
 from disagg.reconcile.status import (
     Cond,
     PodTrouble,
@@ -35,15 +39,23 @@ from disagg.reconcile.status import (
     endpoint,
     invalid_conditions,
     merge_conditions,
+    pod_security_condition,
     pod_trouble,
     pool_status,
 )
 from disagg.render import Owner, render_children
-from disagg.render.context import ROLE_LABEL, SERVICE_LABEL
+from disagg.render.context import (
+    DEFAULT_METRICS_SCRAPERS,
+    RDMA_POD_SECURITY,
+    ROLE_LABEL,
+    SERVICE_LABEL,
+    kv_service_name,
+)
 
 log = logging.getLogger(__name__)
 
 LEGACY_FINALIZER = "disagg.dev/finalizer"
+LWS_UNAVAILABLE = "LeaderWorkerSetUnavailable"
 DEFAULT_REPLICAS = 1
 """What the API server sets a Deployment's spec.replicas to when the manifest has none."""
 
@@ -67,6 +79,15 @@ class Reconciler:
     """Where the children come from: a watch cache if given, else LIST requests."""
     pod_check_interval_s: float = 10.0
     """How often (at most) a not-ready pool's pods are listed to explain why."""
+    lws_available: Callable[[], bool] = lambda: False
+    """Whether the API server serves LeaderWorkerSets (their CRD is installed): multi-node pools need them
+    (the operator asks discovery; without an answer, a cluster without them is assumed)."""
+    lws_reason: Callable[[], str] = lambda: "the API server does not serve them"
+    """Why LeaderWorkerSets cannot be used, and what would fix it."""
+    lws_listed: Callable[[], bool] = lambda: True
+    """Whether the children cache holds the LeaderWorkerSets already (their watch has listed)."""
+    metrics_scrapers: tuple[NetworkPolicyPeer, ...] = DEFAULT_METRICS_SCRAPERS
+    """Who may scrape the engines of a service whose spec names no one (`--metrics-scrapers`)."""
     applier: Executor | None = None
     """Threads that apply the children of one service concurrently (None: one after another). A
     Service with a cluster IP can take ~0.3 s to create (the API server allocates the IPs one at a
@@ -77,6 +98,9 @@ class Reconciler:
     changes with the generation, so the other reconciles (status, resync) never render again. Kept as
     compressed JSON (~2 KiB a service instead of ~100 KiB of dicts) and decoded per reconcile, which
     also hands every reconcile its own copy."""
+    _failures: dict[str, tuple[int | None, str]] = field(default_factory=dict)
+    """The last failure of each service (by uid) whose traceback was logged: a failure that repeats
+    on every resync is logged in one line after the first."""
 
     def desired_children(
         self, owner: Owner, generation: int | None, spec: InferenceServiceSpec
@@ -85,13 +109,14 @@ class Reconciler:
         if cached is not None and generation is not None and cached[0] == generation:
             children: list[dict[str, Any]] = unpack(cached[1])
             return children
-        desired = [stamp(m) for m in render_children(owner, spec, self.catalog)]
+        desired = [stamp(m) for m in render_children(owner, spec, self.catalog, self.metrics_scrapers)]
         if owner.uid and generation is not None:
             self._desired[owner.uid] = (generation, pack(desired))
         return desired
 
     def forget(self, uid: str | None) -> None:
         self._desired.pop(uid or "", None)
+        self._failures.pop(uid or "", None)
 
 
 @dataclass
@@ -104,15 +129,52 @@ class Outcome:
     status_object: dict[str, Any] | None = None
     """The service as the status write left it (newer than any watch event seen so far)."""
     invalid: str | None = None
+    conflicts: list[ChildConflict] = field(default_factory=list)
+    """Children whose names other objects hold: left untouched, the service Ready=False ChildConflict."""
+    failed: str | None = None
+    """Why the reconcile stopped (an exception), as the ReconcileError condition says it."""
+    failed_status: int | None = None
+    """The API server's HTTP status when that was a failed request."""
+
+
+CONFLICT_RETRY_S = 30.0
+"""A service with a ChildConflict is reconciled again this long after (the object in the way may go
+without any event the operator watches: it need not carry the operator's labels)."""
+
+
+@dataclass(frozen=True)
+class ChildConflict:
+    """A desired child whose name an object this InferenceService does not own already has."""
+
+    kind: str
+    name: str
+    holder: str
+    """Who owns the object in the way, as a user would look for it."""
+
+    def __str__(self) -> str:
+        return (f"{self.kind}/{self.name} already exists and is not owned by this InferenceService "
+                f"({self.holder}); it was left untouched: delete or rename it, or rename this InferenceService")
+
+
+def conflict_with(obj: dict[str, Any]) -> ChildConflict:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    controller = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
+    if controller is not None:
+        holder = f"its owner is {controller.get('kind')}/{controller.get('name')} (uid {controller.get('uid')})"
+    else:
+        holder = "it has no owner"
+    return ChildConflict(str(obj.get("kind")), str(obj.get("metadata", {}).get("name")), holder)
 
 
 def selector_for(name: str) -> str:
     return f"{SERVICE_LABEL}={name},app.kubernetes.io/managed-by=disagg"
 
 
-def live_children(kube: Kube, namespace: str, name: str) -> dict[ChildKey, dict[str, Any]]:
+def live_children(
+    kube: Kube, namespace: str, name: str, with_lws: bool = False
+) -> dict[ChildKey, dict[str, Any]]:
     children: dict[ChildKey, dict[str, Any]] = {}
-    for kind in CHILD_KINDS:
+    for kind in (*CHILD_KINDS, LEADER_WORKER_SET) if with_lws else CHILD_KINDS:
         for item in kube.list(kind, namespace, selector_for(name)):
             children[child_key(item)] = item
     return children
@@ -133,7 +195,58 @@ def _timestamp(moment: datetime.datetime) -> str:
 
 
 def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
-    """Brings one InferenceService's children and status to what its spec says."""
+    """Brings one InferenceService's children and status to what its spec says. Whatever goes wrong
+    (a bug, an API error) ends as Ready=False reason ReconcileError with the message, and an Event."""
+    try:
+        outcome = _reconcile(ctx, body)
+    except Exception as error:
+        return _report_failure(ctx, body, error)
+    ctx._failures.pop((body.get("metadata") or {}).get("uid") or "", None)
+    return outcome
+
+
+MAX_MESSAGE = 2048
+"""Longest failure message kept in a condition (an API server's refusal can quote a whole object)."""
+
+
+def _report_failure(ctx: Reconciler, body: dict[str, Any], error: Exception) -> Outcome:
+    """Ready=False/ReconcileError with the error's message, a Warning Event when that is news, and the
+    traceback of an unexpected error in the log once per service, generation and message (a resync
+    that fails the same way logs one line)."""
+    meta = body.get("metadata") or {}
+    name, namespace, uid = meta.get("name", ""), meta.get("namespace", ""), meta.get("uid") or ""
+    generation = meta.get("generation")
+    message = str(error) if isinstance(error, ApiError) else f"{type(error).__name__}: {error}"
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
+    outcome = Outcome(failed=message, failed_status=error.status if isinstance(error, ApiError) else None)
+    if isinstance(error, ApiError):  # its message is all there is to say: no traceback
+        log.warning("reconcile of %s/%s failed: %s", namespace, name, message)
+    elif ctx._failures.get(uid) != (generation, message):
+        ctx._failures[uid] = (generation, message)
+        log.error("reconcile of %s/%s failed: %s", namespace, name, message, exc_info=error)
+    else:
+        log.warning("reconcile of %s/%s failed again: %s", namespace, name, message)
+    old_status: dict[str, Any] = dict(body.get("status") or {})
+    conditions = merge_conditions(
+        old_status.get("conditions", []), [Cond("Ready", "False", "ReconcileError", message)], generation,
+        _timestamp(ctx.clock()),
+    )
+    new_status = {**old_status, "conditions": conditions}
+    if not _status_differs(old_status, new_status):
+        return outcome
+    try:
+        outcome.status_object = ctx.kube.patch_status(namespace, name, new_status)
+        outcome.status_written = True
+    except ApiError as status_error:  # the API server is gone or refuses: the log is all there is
+        log.warning("status of %s/%s not written: %s", namespace, name, status_error)
+        return outcome
+    if _ready_reason(old_status) != ("ReconcileError", message):
+        ctx.record_event(body, "Warning", "ReconcileError", message)
+    return outcome
+
+
+def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta.get("uid")
     generation = meta.get("generation")
@@ -165,7 +278,27 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
                 ctx.record_event(body, "Warning", "InvalidSpec", str(error))
         return outcome
 
-    live = (ctx.live_children or partial(live_children, ctx.kube))(namespace, name)
+    multi_node = [role for role in ROLES if getattr(spec, role).multi_node]
+    if multi_node and not ctx.lws_available():
+        # Nothing is created or changed: only the status says what the cluster lacks.
+        message = (f"the {' and '.join(multi_node)} workers span several nodes, which needs LeaderWorkerSets "
+                   f"(leaderworkerset.x-k8s.io/v1), and {ctx.lws_reason()}; or make each worker fit one node "
+                   "(parallelism and nodes)")
+        outcome.invalid = message
+        conditions = merge_conditions(old_status.get("conditions", []),
+                                      [Cond("Ready", "False", LWS_UNAVAILABLE, message)], generation, now)
+        new_status = {**old_status, "conditions": conditions, "observedGeneration": generation}
+        if _status_differs(old_status, new_status):
+            outcome.status_object = ctx.kube.patch_status(namespace, name, new_status)
+            outcome.status_written = True
+            if _ready_reason(old_status) != (LWS_UNAVAILABLE, message):
+                ctx.record_event(body, "Warning", LWS_UNAVAILABLE, message)
+        return outcome
+    if multi_node and not ctx.lws_listed():
+        return outcome  # the LeaderWorkerSet watch is still listing: a later reconcile sees them
+
+    lister = ctx.live_children or partial(live_children, ctx.kube, with_lws=ctx.lws_available())
+    live = lister(namespace, name)
     desired = ctx.desired_children(Owner(name, namespace, uid), generation, spec)
     plan = plan_children(desired, live, uid)
 
@@ -176,9 +309,9 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     to_apply = {child_key(m) for m in plan.apply}
     scaled: dict[ChildKey, dict[str, Any]] = {}
     for manifest in desired:
-        if manifest["kind"] == "Deployment" and "replicas" not in manifest["spec"]:
+        if manifest["kind"] in POOL_KINDS and "replicas" not in manifest["spec"]:
             current = live.get(child_key(manifest))
-            if current is None or _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
+            if current is None or not owned_by(current, uid) or _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
                 continue
             if not _owns_replicas(current, None):
                 # Still the API server's default: never scaled since it was created, so it gets its
@@ -194,16 +327,22 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
                 replicas = int(current.get("spec", {}).get("replicas", DEFAULT_REPLICAS))
             else:
                 continue
-            scaled[child_key(manifest)] = ctx.kube.scale(
-                namespace, manifest["metadata"]["name"], replicas, AUTOSCALER_FIELD_MANAGER)
+            scaled[child_key(manifest)] = _scale(ctx.kube, manifest, replicas, current["metadata"].get("uid"))
 
     results: dict[ChildKey, dict[str, Any]] = {child_key(obj): obj for obj in plan.unchanged}
     results.update((k, v) for k, v in scaled.items() if k in results)
+    outcome.conflicts = [conflict_with(obj) for obj in plan.conflicts]
     # What the API server refuses to store (a spec valid here, but not as a child: e.g. a nodeSelector
     # that is no label, duplicate env names) is reported like an invalid spec; that child stays as it was.
     refused: list[str] = []
-    for manifest, answer in zip(plan.apply, _apply_children(ctx, plan.apply), strict=True):
+    writes: list[tuple[dict[str, Any], dict[str, Any] | None]] = [(m, None) for m in plan.create]
+    writes += [(m, live[child_key(m)]) for m in plan.apply]
+    created: set[ChildKey] = set()
+    for (manifest, current), answer in zip(writes, _write_children(ctx, writes, uid), strict=True):
         key = child_key(manifest)
+        if isinstance(answer, ChildConflict):
+            outcome.conflicts.append(answer)
+            continue
         if isinstance(answer, ApiError):
             if not _refused(answer):
                 raise answer
@@ -213,15 +352,16 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
             continue
         results[key] = answer
         outcome.applied.append(key)
+        if current is None:
+            created.add(key)
     for manifest in plan.create_scaled:
         initial = int(manifest["metadata"]["annotations"]["disagg.dev/initial-replicas"])
         key = child_key(manifest)
         # The API server's default is the initial count already: no write. The field then has no
         # manager at all, so no later apply resets it, and the autoscaler's first decision takes it
         # (1,000 new services: 2,000 writes fewer).
-        if key in outcome.applied and initial != DEFAULT_REPLICAS:
-            results[key] = ctx.kube.scale(namespace, manifest["metadata"]["name"], initial,
-                                          AUTOSCALER_FIELD_MANAGER)
+        if key in created and initial != DEFAULT_REPLICAS:
+            results[key] = _scale(ctx.kube, manifest, initial, results[key]["metadata"].get("uid"))
     for obj in plan.delete:
         kind = kind_of(obj)
         ctx.kube.delete(kind, namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
@@ -236,7 +376,12 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
         ctx.record_event(body, "Normal", "Pruned", f"deleted children no longer in the spec: {names}")
 
     new_status = _observe(ctx, body, spec, results, old_status, now)
-    if refused:
+    if outcome.conflicts:
+        message = "; ".join(str(c) for c in outcome.conflicts)
+        new_status["conditions"] = merge_conditions(
+            new_status["conditions"], [Cond("Ready", "False", "ChildConflict", message)], generation, now
+        )
+    elif refused:
         outcome.invalid = "; ".join(refused)
         new_status["conditions"] = merge_conditions(
             new_status["conditions"], [Cond("Ready", "False", "InvalidSpec", outcome.invalid)], generation, now
@@ -248,6 +393,14 @@ def reconcile_service(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     return outcome
 
 
+def _scale(kube: Kube, manifest: dict[str, Any], replicas: int, uid: str | None) -> dict[str, Any]:
+    """A pool's replicas under the autoscaler's field manager (a LeaderWorkerSet's: whole groups), only
+    on the object of `uid`."""
+    meta = manifest["metadata"]
+    kind = LEADER_WORKER_SET if manifest["kind"] == LEADER_WORKER_SET.kind else DEPLOYMENT
+    return kube.scale(meta["namespace"], meta["name"], replicas, AUTOSCALER_FIELD_MANAGER, kind, uid=uid)
+
+
 APPLIED_FIRST = frozenset({"ServiceAccount", "Role"})
 """Kinds applied before the other children: the API server resolves a RoleBinding's Role to check
 that the operator may grant it (404 while the Role does not exist), and refuses the pods of a
@@ -255,23 +408,61 @@ Deployment whose ServiceAccount does not exist yet (the ReplicaSet controller th
 a growing delay)."""
 
 
-def _apply_children(ctx: Reconciler, manifests: list[dict[str, Any]]) -> list[dict[str, Any] | ApiError]:
-    """Server-side applies each manifest; the answers (the object, or the error) in the same order.
-    The `APPLIED_FIRST` kinds go first, then all the others: each group at once on `ctx.applier`."""
+def _write_children(
+    ctx: Reconciler, writes: list[tuple[dict[str, Any], dict[str, Any] | None]], owner_uid: str | None
+) -> list[dict[str, Any] | ApiError | ChildConflict]:
+    """Creates each child without a live object (a create never touches an existing one) and applies
+    the others, each only to the object of the live one's uid; the answers (the object, the error, or
+    the conflict) in the same order. The `APPLIED_FIRST` kinds go first, then all the others: each
+    group at once on `ctx.applier`."""
 
-    def apply(manifest: dict[str, Any]) -> dict[str, Any] | ApiError:
+    def write(item: tuple[dict[str, Any], dict[str, Any] | None]) -> dict[str, Any] | ApiError | ChildConflict:
+        manifest, current = item
+        kind, meta = kind_of(manifest), manifest["metadata"]
+        # status reads only the pools back; of the rest it needs to know they exist
+        read_back = manifest["kind"] in POOL_KINDS
         try:
-            # status reads only the Deployments back; of the rest it needs to know they exist
-            return ctx.kube.apply(manifest, read_back=manifest["kind"] == "Deployment")
+            if current is None:
+                try:
+                    created: dict[str, Any] = ctx.kube.create(manifest)
+                    return created if read_back else manifest
+                except ApiError as error:
+                    if error.status != 409:
+                        raise
+                # a child the watch has not shown yet, one whose labels were edited away, or another's
+                current = ctx.kube.get(kind, meta["namespace"], meta["name"])
+                if current is None:
+                    return ApiError(409, f"{manifest['kind']}/{meta['name']} was deleted while being created")
+                current.setdefault("kind", manifest["kind"])
+                if not owned_by(current, owner_uid):
+                    return conflict_with(current)
+                if contains(manifest, current):
+                    return current
+            if _set_by_update(current):
+                ctx.kube.claim_fields(kind, meta["namespace"], meta["name"])
+            return ctx.kube.apply(manifest, read_back=read_back, uid=current["metadata"].get("uid"))
         except ApiError as error:
+            if error.status in (409, 422) and "uid" in error.message:
+                # the object was replaced since it was seen: whatever holds the name now is not ours
+                replaced = ctx.kube.get(kind, meta["namespace"], meta["name"])
+                if replaced is not None and not owned_by(replaced, owner_uid):
+                    return conflict_with({**replaced, "kind": manifest["kind"]})
             return error
 
     each = ctx.applier.map if ctx.applier is not None else map
-    answers: dict[int, dict[str, Any] | ApiError] = {}
+    answers: dict[int, dict[str, Any] | ApiError | ChildConflict] = {}
     for first in (True, False):
-        group = [i for i, m in enumerate(manifests) if (m["kind"] in APPLIED_FIRST) == first]
-        answers.update(zip(group, each(apply, [manifests[i] for i in group]), strict=True))
-    return [answers[i] for i in range(len(manifests))]
+        group = [i for i, (m, _) in enumerate(writes) if (m["kind"] in APPLIED_FIRST) == first]
+        answers.update(zip(group, each(write, [writes[i] for i in group]), strict=True))
+    return [answers[i] for i in range(len(writes))]
+
+
+def _set_by_update(obj: dict[str, Any]) -> bool:
+    """Whether the operator's field manager holds fields of `obj` from a create (not an apply)."""
+    return any(
+        (e.get("manager"), e.get("operation"), e.get("subresource")) == (FIELD_MANAGER, "Update", None)
+        for e in obj.get("metadata", {}).get("managedFields") or []
+    )
 
 
 def _refused(error: ApiError) -> bool:
@@ -295,6 +486,8 @@ def _observe(
     troubles: dict[str, PodTrouble | None] = {}
     for role in (*ROLES, "router"):
         deployment = children.get(("apps/v1", "Deployment", f"{name}-{role}"))
+        if role in ROLES and getattr(spec, role).multi_node:
+            deployment = children.get((LEADER_WORKER_SET.api_version, LEADER_WORKER_SET.kind, f"{name}-{role}"))
         deployments[role] = deployment
         desired, ready, _, _ = deployment_counts(deployment)
         troubles[role] = None
@@ -311,10 +504,10 @@ def _observe(
                 troubles[role] = _previous_trouble(old_status, role)  # none made, or checked moments ago
         else:
             ctx._pods_checked.pop((namespace, f"{name}-{role}"), None)
-    kv_present = all(("v1", "Service", f"{name}-{role}-kv") in children for role in ROLES)
+    kv_present = all(("v1", "Service", kv_service_name(name, role)) in children for role in ROLES)
     conditions = merge_conditions(
         old_status.get("conditions", []),
-        compute_conditions(deployments, troubles, kv_present),
+        [*compute_conditions(deployments, troubles, kv_present), pod_security_condition(spec, RDMA_POD_SECURITY)],
         meta.get("generation"),
         now,
     )
@@ -358,7 +551,8 @@ def _announce_transitions(ctx: Reconciler, body: dict[str, Any], old: dict[str, 
     for cond in new.get("conditions", []):
         if before.get(cond["type"]) == (cond["status"], cond["reason"]):
             continue
-        if cond["type"] != "Ready" and cond["reason"] != "Unschedulable":
+        if cond["type"] != "Ready" and cond["reason"] != "Unschedulable" and (
+                cond["type"], cond["status"]) != ("PodSecurity", "False"):
             continue
         kind = "Normal" if cond["status"] == "True" else "Warning"
         if cond["reason"] in ("NotCreated", "NoReplicasReady", "RollingOut", "NoPeers") and cond["type"] == "Ready":

@@ -62,6 +62,12 @@ def pool_condition(
     if deployment is None:
         return Cond(ctype, "False", "NotCreated", f"the {label.lower()} Deployment does not exist yet")
     desired, ready, updated, observed = deployment_counts(deployment)
+    failure = next((c for c in (deployment.get("status") or {}).get("conditions") or []
+                    if (c.get("type"), c.get("status")) == ("ReplicaFailure", "True")), None)
+    if failure is not None:
+        # the API server refuses the pods (Pod Security admission, a quota, a missing ServiceAccount)
+        return Cond(ctype, "False", str(failure.get("reason") or "FailedCreate"),
+                    f"pods cannot be created: {failure.get('message', '')}")
     if trouble is not None and trouble.unschedulable:
         return Cond(
             ctype, "False", "Unschedulable",
@@ -106,6 +112,16 @@ def compute_conditions(
     else:
         ready = Cond("Ready", "True", "Serving", "prefill, decode, router and KV transfer are ready")
     return [ready, *parts]
+
+
+def pod_security_condition(spec: InferenceServiceSpec, rdma_reason: str) -> Cond:
+    """Which Pod Security level the service's pods meet: informational, it never makes Ready False (a
+    namespace that enforces a level shows in the pools' FailedCreate instead)."""
+    if spec.kv_transfer.rdma is not None:
+        return Cond("PodSecurity", "False", "RDMANeedsIPCLock", rdma_reason)
+    return Cond("PodSecurity", "True", "Restricted",
+                "engine and router pods meet Pod Security restricted (non-root, no capabilities, no privilege "
+                "escalation, RuntimeDefault seccomp)")
 
 
 def merge_conditions(
@@ -168,6 +184,7 @@ __all__ = [
     "endpoint",
     "invalid_conditions",
     "merge_conditions",
+    "pod_security_condition",
     "pod_trouble",
     "pool_status",
 ]

@@ -10,11 +10,13 @@ import re
 from typing import Any
 
 import jinja2
+from pydantic import ValidationError
 
-from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec, NetworkPolicyPeer
 from disagg.api.validate import validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.render.context import (
+    DEFAULT_METRICS_SCRAPERS,
     STARTUP_FAILURE_THRESHOLD,
     STARTUP_PERIOD_S,
     Owner,
@@ -79,9 +81,11 @@ def _tidy(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_children(
-    owner: Owner, spec: InferenceServiceSpec, catalog: AcceleratorCatalog
+    owner: Owner, spec: InferenceServiceSpec, catalog: AcceleratorCatalog,
+    metrics_scrapers: tuple[NetworkPolicyPeer, ...] = DEFAULT_METRICS_SCRAPERS,
 ) -> list[dict[str, Any]]:
-    """Every child object of one InferenceService, from its validated spec."""
+    """Every child object of one InferenceService, from its validated spec; `metrics_scrapers` are the
+    operator's default for a spec that names none."""
     common = {"namespace": owner.namespace, "owner_refs": owner.reference(), "name": owner.name}
     pools: dict[str, Pool] = {role: pool_values(owner, spec, role, catalog) for role in ROLES}
     router = router_values(owner, spec)
@@ -89,7 +93,7 @@ def render_children(
     docs += _documents("router.yaml.j2", router=router, **common)
     for role in ROLES:
         docs += _documents(
-            "pool-deployment.yaml.j2",
+            "pool-deployment.yaml.j2" if pools[role].group is None else "pool-leaderworkerset.yaml.j2",
             pool=pools[role],
             port=spec.engine.port,
             startup_period=STARTUP_PERIOD_S,
@@ -100,20 +104,41 @@ def render_children(
         docs += _documents("kv-service.yaml.j2", pool=pools[role], port=spec.engine.port, **common)
     for role in ROLES:
         docs += _documents("pdb.yaml.j2", pool=pools[role], **common)
+    scrapers = spec.network_policy.metrics_scrapers
     docs += _documents(
-        "networkpolicy.yaml.j2", labels=labels(owner, "kv-transfer", "disagg"), **common
+        "networkpolicy.yaml.j2", labels=labels(owner, "engines", "disagg"),
+        scrapers=[peer.manifest() for peer in (metrics_scrapers if scrapers is None else scrapers)], **common
     )
     return [_tidy(doc) for doc in docs]
 
 
-def render_service(body: dict[str, Any], catalog: AcceleratorCatalog) -> list[dict[str, Any]]:
+def render_service(
+    body: dict[str, Any], catalog: AcceleratorCatalog,
+    metrics_scrapers: tuple[NetworkPolicyPeer, ...] = DEFAULT_METRICS_SCRAPERS,
+) -> list[dict[str, Any]]:
     """Validates an InferenceService object and renders its children (InvalidSpec if it can't)."""
     spec = validate_service(body, catalog)
     metadata = body.get("metadata") or {}
     owner = Owner(
         name=str(metadata["name"]), namespace=metadata.get("namespace"), uid=metadata.get("uid")
     )
-    return render_children(owner, spec, catalog)
+    return render_children(owner, spec, catalog, metrics_scrapers)
 
 
-__all__ = ["Owner", "render_children", "render_service"]
+def parse_scrapers(text: str) -> tuple[NetworkPolicyPeer, ...]:
+    """`--metrics-scrapers`: a JSON list of NetworkPolicy peers (ValueError naming what is wrong)."""
+    try:
+        peers = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON: {error}") from None
+    if not isinstance(peers, list):
+        raise ValueError("a JSON list of NetworkPolicy peers, e.g. "
+                         '[{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]')
+    try:
+        return tuple(NetworkPolicyPeer.model_validate(peer) for peer in peers)
+    except ValidationError as error:
+        raise ValueError("; ".join(f"[{'.'.join(str(p) for p in e['loc'])}] {e['msg']}"
+                                   for e in error.errors())) from None
+
+
+__all__ = ["Owner", "parse_scrapers", "render_children", "render_service"]

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg import GROUP, KIND, VERSION
-from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
+from disagg.api.quantity import quantity_bytes
+from disagg.api.v1alpha1 import CHILD_SEPARATOR, InferenceServiceSpec, NetworkPolicyPeer, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port, vllm_kv_transfer_config
+from disagg.render import multinode
 
 MANAGED_BY = "disagg"
 SERVICE_LABEL = f"{GROUP}/service"
@@ -20,7 +22,33 @@ ROLE_LABEL = f"{GROUP}/role"
 INITIAL_REPLICAS_ANNOTATION = f"{GROUP}/initial-replicas"
 MODEL_DIR = "/models"
 CACHE_DIR = "/model-cache"
+ENGINE_HOME = "/home/engine"
+# The engines run as this uid (vLLM's images ship it as the user `vllm`; SGLang's have no user of that
+# uid, so HOME and USER come from the environment): HOME is a writable emptyDir, where HF, vLLM, Triton,
+# Inductor and FlashInfer keep their caches, and USER lets Python's getpass name a uid /etc/passwd lacks.
+ENGINE_UID = 2000
+POD_SECURITY_ANNOTATION = f"{GROUP}/pod-security"
+RDMA_POD_SECURITY = (
+    "privileged: kvTransfer.rdma pins KV buffers for the NIC, which needs CAP_IPC_LOCK; Kubernetes grants an "
+    "added capability only to root (no ambient capabilities), so these engine pods run as uid 0 with "
+    "IPC_LOCK added and every other capability dropped. They fail Pod Security baseline (IPC_LOCK) and "
+    "restricted (root): a namespace enforcing either refuses them."
+)
 KV_DISK_DIR = "/kv-cache"
+# A child that is not a Deployment, a PDB or the router's RBAC is named `<name>--<part>`: an
+# InferenceService's name may not contain "--" (a CEL rule on metadata.name), so no service's
+# children can take another's name (`a` and `a-metrics` once both rendered Service/a-metrics).
+# Deployments, PDBs and the router's RBAC objects keep `<name>-<role>`: one word after the last dash,
+# which no other service of the same kind can produce (and renaming a Deployment restarts its pods).
+# Prometheus pods (kube-prometheus-stack and the Prometheus operator label them so) in the namespace
+# `monitoring`: who may scrape the engines when neither the spec nor `disagg run --metrics-scrapers`
+# says otherwise (the chart passes its networkPolicy.metricsScrapers, the same by default)
+DEFAULT_METRICS_SCRAPERS: tuple[NetworkPolicyPeer, ...] = (
+    NetworkPolicyPeer.model_validate({
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }),
+)
 # Startup can take tens of minutes for large models (weights download, compilation, CUDA graphs).
 STARTUP_FAILURE_THRESHOLD = 240
 STARTUP_PERIOD_S = 10
@@ -45,6 +73,16 @@ class Owner:
             "controller": True,
             "blockOwnerDeletion": True,
         }]
+
+
+def part_name(service: str, part: str) -> str:
+    """The name of a child of `service` that is not its endpoint, a Deployment, a PDB or router RBAC."""
+    return f"{service}{CHILD_SEPARATOR}{part}"
+
+
+def kv_service_name(service: str, role: str) -> str:
+    """The headless KV-transfer Service of one pool."""
+    return part_name(service, f"{role}-kv")
 
 
 def labels(owner: Owner, role: str, app: str) -> dict[str, str]:
@@ -97,6 +135,7 @@ class Pool:
 
     role: Role
     name: str
+    kv_service: str
     replicas: int | None
     initial_replicas: int
     labels: dict[str, str]
@@ -105,6 +144,8 @@ class Pool:
     command: list[str]
     args: list[str]
     env: list[dict[str, Any]]
+    env_from: list[dict[str, Any]]
+    service_account: str | None
     ports: list[dict[str, Any]]
     kv_ports: list[int]
     resources: dict[str, Any]
@@ -114,8 +155,13 @@ class Pool:
     volumes: list[dict[str, Any]]
     mounts: list[dict[str, Any]]
     annotations: dict[str, str]
-    capabilities: list[str]
+    pod_security_context: dict[str, Any]
+    security_context: dict[str, Any]
+    pod_security: str
+    """The Pod Security level the pods meet and why (an annotation: the rendered object's comment)."""
     termination_grace_s: int
+    group: multinode.Group | None = None
+    """A worker over several nodes: the LeaderWorkerSet group's leader and workers (None: a Deployment)."""
 
 
 def _resources(pool: PoolSpec, resource_name: str, spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -144,6 +190,8 @@ def _engine_command(
     env: list[dict[str, Any]] = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "HF_HOME", "value": CACHE_DIR},
+        {"name": "HOME", "value": ENGINE_HOME},
+        {"name": "USER", "value": "engine"},
     ]
     kv = spec.kv_transfer
     tiers = spec.kv_cache
@@ -155,6 +203,7 @@ def _engine_command(
             "--port", str(engine.port),
             "--served-model-name", spec.model.name,
             "--tensor-parallel-size", str(pool.parallelism.tensor),
+            *multinode.vllm_parallel_args(pool),
         ]
         if spec.model.revision:
             args += ["--revision", spec.model.revision]
@@ -185,18 +234,23 @@ def _engine_command(
                 ]
     else:
         command = ["python3", "-m", "sglang.launch_server"]
+        sglang_tp, sglang_parallel = multinode.sglang_parallel_args(pool)
         args = [
             "--model-path", source.argument,
             "--served-model-name", spec.model.name,
             "--host", "0.0.0.0",
             "--port", str(engine.port),
-            "--tp-size", str(pool.parallelism.tensor),
+            "--tp-size", str(sglang_tp),
+            *sglang_parallel,
             "--enable-metrics",
             "--disaggregation-mode", role,
             "--disaggregation-transfer-backend", kv.connector,
         ]
         if role == "prefill":
             args += ["--disaggregation-bootstrap-port", str(port_kv)]
+        if kv.connector == "nixl" and kv.backend is not None:
+            # SGLang's NIXL agent takes its backend plugin (UCX by default) from this variable
+            env += [{"name": "SGLANG_DISAGGREGATION_NIXL_BACKEND", "value": kv.backend.upper()}]
         if spec.model.revision:
             args += ["--revision", spec.model.revision]
         if tiers is not None and tiers.cpu_offload_gi_b is not None:
@@ -207,14 +261,8 @@ def _engine_command(
                 args += ["--hicache-storage-backend", "file"]
                 env += [{"name": "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "value": KV_DISK_DIR}]
     args += list(engine.extra_args) + list(pool.extra_args)
-    env += [{"name": var.name, "value": var.value} for var in engine.env]
+    env += [var.manifest() for var in engine.env]
     return command, args, env
-
-
-_UNITS: dict[str, float] = {
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-}
 
 
 def _per_rank_gib(total_gib: int, tp: int) -> str:
@@ -223,11 +271,8 @@ def _per_rank_gib(total_gib: int, tp: int) -> str:
 
 
 def _gib(quantity: str) -> int:
-    """A Kubernetes quantity in whole GiB (at least 1)."""
-    for suffix, factor in sorted(_UNITS.items(), key=lambda item: -len(item[0])):
-        if quantity.endswith(suffix):
-            return max(1, int(float(quantity[: -len(suffix)]) * factor // 2**30))
-    return max(1, int(float(quantity)) // 2**30)
+    """A Kubernetes quantity (validated: at least 1Gi) in whole GiB."""
+    return int(quantity_bytes(quantity) // 2**30)
 
 
 def pool_values(
@@ -238,6 +283,7 @@ def pool_values(
     engine = ENGINES[spec.engine.kind]
     acc = pool.accelerator
     node_selector: dict[str, str] = {}
+    accelerator = None
     if acc.type is not None:
         accelerator = catalog[acc.type]
         resource_name = accelerator.resource_name
@@ -256,10 +302,11 @@ def pool_values(
     # bootstrap servers); SGLang's decode side opens no listening KV port of its own.
     kv_ports = [] if spec.engine.kind == "sglang" and role == "decode" else [port_kv]
     command, args, env = _engine_command(spec, role, source, port_kv)
+    group = multinode.group(spec, pool, command, args, env) if pool.multi_node else None
     ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
     ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]
-    volumes = [*source.volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    mounts = [*source.mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes = [*source.volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "home", "emptyDir": {}}]
+    mounts = [*source.mounts, {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "home", "mountPath": ENGINE_HOME}]
     tiers = spec.kv_cache
     if tiers is not None and tiers.disk is not None:
         if tiers.disk.storage_class_name:
@@ -283,6 +330,7 @@ def pool_values(
     return Pool(
         role=role,
         name=f"{owner.name}-{role}",
+        kv_service=kv_service_name(owner.name, role),
         replicas=None if autoscaled else pool.replicas,
         initial_replicas=initial,
         labels=labels(owner, role, spec.engine.kind),
@@ -291,19 +339,44 @@ def pool_values(
         command=command,
         args=args,
         env=env,
+        env_from=[source.manifest() for source in spec.engine.env_from],
+        service_account=pool.service_account_name,
         ports=ports,
         kv_ports=kv_ports,
         resources=_resources(pool, resource_name, spec),
         node_selector=dict(sorted(node_selector.items())),
         tolerations=tolerations,
-        affinity=pool.affinity,
+        affinity=multinode.placement(owner.name, role, spec, pool, accelerator, pool.affinity),
         volumes=volumes,
         mounts=mounts,
         annotations=annotations,
-        capabilities=["IPC_LOCK"] if spec.kv_transfer.rdma is not None else [],
+        **_pod_security(spec),
         # decode holds live sequences: give in-flight requests time to finish before the kill
         termination_grace_s=120 if role == "decode" else 30,
+        group=group,
     )
+
+
+def _pod_security(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """Pod Security `restricted` (non-root, no capability, no privilege escalation, RuntimeDefault
+    seccomp), except what RDMA needs (see RDMA_POD_SECURITY)."""
+    seccomp = {"type": "RuntimeDefault"}
+    if spec.kv_transfer.rdma is not None:
+        return {
+            "pod_security_context": {"runAsUser": 0, "seccompProfile": seccomp},
+            "security_context": {"allowPrivilegeEscalation": False,
+                                 "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}},
+            "pod_security": RDMA_POD_SECURITY,
+        }
+    return {
+        # fsGroup: the KV disk of a storage class is writable; OnRootMismatch: a volume already right is
+        # not walked again on every start
+        "pod_security_context": {"runAsNonRoot": True, "runAsUser": ENGINE_UID, "runAsGroup": ENGINE_UID,
+                                 "fsGroup": ENGINE_UID, "fsGroupChangePolicy": "OnRootMismatch",
+                                 "seccompProfile": seccomp},
+        "security_context": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "pod_security": "restricted",
+    }
 
 
 @dataclass(frozen=True)
@@ -325,8 +398,8 @@ class Router:
     """Alive while the process answers (vllm-router /liveness, sglang-router /health): a worker going
     down must not restart the router nor take it out of its Service."""
     metrics_service: str
-    """Headless Service `<name>-metrics` (was `<name>-router` with a cluster IP: the reconcile of a
-    service made before deletes that one as no longer desired)."""
+    """Headless Service `<name>--metrics` (was `<name>-metrics`, and before that `<name>-router` with a
+    cluster IP: the reconcile of a service made before creates the new one and deletes the old)."""
 
 
 ROUTER_HEALTH_CHECK_INTERVAL_S = 5
@@ -339,6 +412,11 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
     namespace = owner.namespace or "default"
     prefill_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=prefill"]
     decode_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=decode"]
+    # a multi-node worker serves HTTP on its leader only: the router discovers leaders
+    if spec.prefill.multi_node:
+        prefill_selector.append(f"{multinode.WORKER_INDEX_LABEL}=0")
+    if spec.decode.multi_node:
+        decode_selector.append(f"{multinode.WORKER_INDEX_LABEL}=0")
     common = [
         "--host", "0.0.0.0",
         "--port", str(spec.router.port),
@@ -379,5 +457,5 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         metrics_port=ROUTER_METRICS_PORT,
         readiness_path="/readiness",
         liveness_path=liveness,
-        metrics_service=f"{owner.name}-metrics",
+        metrics_service=part_name(owner.name, "metrics"),
     )

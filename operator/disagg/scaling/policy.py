@@ -318,7 +318,9 @@ def _capacity(spec: InferenceServiceSpec, pool: PoolSpec, catalog: AcceleratorCa
             model = builtin_model(spec.model.name)
         except ModelConfigError:
             return None
-    return _Capacity(model, accelerator, pool.parallelism.tensor)
+    # a multi-node worker counts as one replica over all its accelerators (the roofline's TP term is
+    # an approximation of its layout; the online correction learns the rest)
+    return _Capacity(model, accelerator, pool.worker_accelerators if pool.multi_node else pool.parallelism.tensor)
 
 
 def _first(*values: float | None) -> float | None:
@@ -817,7 +819,8 @@ def _fit_budget(
     budget = spec.accelerator_budget
     if budget is None or not desired:  # nothing to shrink: pools without metrics hold their count
         return desired, ""
-    per_replica: dict[str, int] = {role: int(getattr(spec, role).accelerator.count) for role in ROLE_NAMES}
+    # a replica of a multi-node pool is a whole group: its accelerators on every node
+    per_replica: dict[str, int] = {role: int(getattr(spec, role).worker_accelerators) for role in ROLE_NAMES}
     fixed: int = sum(
         per_replica[role] * int(current.get(role, getattr(spec, role).replicas))
         for role in ROLE_NAMES if role not in desired
