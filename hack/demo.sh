@@ -59,30 +59,44 @@ kubectl -n serving get pods -o custom-columns='POD:.metadata.name,ROLE:.metadata
       printf '%-38s %-8s %-8s %-22s %-16s %s\n' "$pod" "$role" "$phase" "$node" "$ip" "${product:-cpu-only}"
     done
 echo
-say "simulated engines for the Ready pods (real metric names, scraped by the local Prometheus)"
-if [[ -f $CLUSTER_DIR/pids/extra-fleet.pid ]] && kill -0 "$(cat "$CLUSTER_DIR/pids/extra-fleet.pid")" 2>/dev/null; then
-  old=$(cat "$CLUSTER_DIR/pids/extra-fleet.pid"); kill "$old"
-  for _ in $(seq 50); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
-fi
-nohup .venv/bin/disagg fleet -n serving --control-port 18090 --default-load 1x \
-  >"$CLUSTER_DIR/fleet.log" 2>&1 &
-echo $! >"$CLUSTER_DIR/pids/extra-fleet.pid"
+say "the lab: simulated engines for the engine pods, the real vllm-router for the router pods"
+start_extra() {  # name, command...: one background process of the demo, stopped by make cluster-down
+  local name=$1; shift
+  if [[ -f $CLUSTER_DIR/pids/extra-$name.pid ]] && kill -0 "$(cat "$CLUSTER_DIR/pids/extra-$name.pid")" 2>/dev/null; then
+    old=$(cat "$CLUSTER_DIR/pids/extra-$name.pid"); kill "$old"
+    for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
+  fi
+  nohup "$@" >"$CLUSTER_DIR/$name.log" 2>&1 &
+  echo $! >"$CLUSTER_DIR/pids/extra-$name.pid"
+}
+start_extra fleet .venv/bin/disagg-lab fleet -n serving --control-port 18090
+start_extra routers .venv/bin/disagg-lab routers -n serving   # installs vllm-router from PyPI on first use
 for _ in $(seq 60); do curl -sf http://127.0.0.1:18090/healthz >/dev/null && break; sleep 0.5; done
+routers_up() {
+  kubectl -n serving get pods -l disagg.dev/service=llama-70b,disagg.dev/role=router \
+    -o jsonpath='{range .items[*]}{.status.containerStatuses[0].started}/{.status.conditions[?(@.type=="Ready")].status} {end}'
+}
+for _ in $(seq 180); do [[ $(routers_up) == "true/True true/True " ]] && break; sleep 1; done
+echo "router pods (started by disagg-lab routers, Ready by their readiness probe): $(routers_up)"
+echo
+
+say "a streamed answer through the endpoint (the openai client -> Service -> router pod -> prefill -> decode)"
+.venv/bin/disagg-lab ask -n serving llama-70b "What does disaggregated serving do?"
+echo
 
 replicas() { kubectl -n serving get deploy "llama-70b-$1" -o jsonpath='{.spec.replicas}'; }
 before_prefill=$(replicas prefill); before_decode=$(replicas decode)
-say "steady load: let the autoscaler see it (20 s)"
-sleep 20
-kubectl -n serving get inferenceservice llama-70b
-say "a load burst: 8x the steady load"
-curl -sf -X PUT http://127.0.0.1:18090/load/serving/llama-70b -d '{"x": 8}' >/dev/null
-burst_at=$(date +%s)
-for _ in $(seq 120); do
+say "real traffic: 1 request/s of 2048-token prompts for 20 s, then 5 requests/s (the client's own step)"
+.venv/bin/disagg-lab load -n serving llama-70b --rate 0s@1,20s@5 --duration 80 --prompt-tokens 2048 \
+  --output-tokens 32 --out "$CLUSTER_DIR/demo-load.jsonl" >"$CLUSTER_DIR/demo-load.json" 2>"$CLUSTER_DIR/demo-load.log" &
+load_pid=$!
+step_at=$(( $(date +%s) + 20 ))
+for _ in $(seq 100); do
   p=$(replicas prefill); d=$(replicas decode)
-  if (( p > before_prefill && d > before_decode )); then break; fi
+  if (( $(date +%s) > step_at && (p > before_prefill || d > before_decode) )); then break; fi
   sleep 1
 done
-echo "prefill ${before_prefill} -> $(replicas prefill), decode ${before_decode} -> $(replicas decode), $(( $(date +%s) - burst_at )) s after the burst"
+echo "prefill ${before_prefill} -> $(replicas prefill), decode ${before_decode} -> $(replicas decode), $(( $(date +%s) - step_at )) s after the client's step"
 echo
 echo "\$ kubectl -n serving get inferenceservices"
 kubectl -n serving get inferenceservices -o wide
@@ -90,8 +104,10 @@ echo
 echo "Scaling decisions (Events):"
 kubectl -n serving get events --field-selector involvedObject.kind=InferenceService,reason=Scaled \
   --sort-by=.lastTimestamp -o custom-columns='TIME:.lastTimestamp,MESSAGE:.message' --no-headers | tail -2 | cut -c1-240
+wait $load_pid || true
 echo
-curl -sf -X PUT http://127.0.0.1:18090/load/serving/llama-70b -d '{"x": 1}' >/dev/null
-say "load back to 1x: pools scale down after the 120 s stabilisation window"
-say "done. Try: export KUBECONFIG=$KUBECONFIG; kubectl -n serving describe inferenceservice llama-70b"
+echo "The client's view (every request: TTFT, ITL, status, prefill and decode pods in $CLUSTER_DIR/demo-load.jsonl):"
+python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(json.dumps({k: s[k] for k in ("requests","ok","errors","ttft_ms","itl_ms","kv")}))' "$CLUSTER_DIR/demo-load.json" || cat "$CLUSTER_DIR/demo-load.json"
+say "load over: pools scale down after the 120 s stabilisation window"
+say "done. Try: export KUBECONFIG=$KUBECONFIG; .venv/bin/disagg-lab ask -n serving llama-70b 'hello'"
 say "stop everything with: make cluster-down"

@@ -21,7 +21,7 @@ if [[ ${DISAGG_SKIP_E2E:-0} != 1 ]]; then
 fi
 
 say "ruff"
-.venv/bin/ruff check operator tests bench hack
+.venv/bin/ruff check operator lab tests bench hack
 say "mypy --strict"
 .venv/bin/mypy
 say "import direction (import-linter)"

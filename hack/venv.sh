@@ -8,10 +8,10 @@ if [[ ! -x .venv/bin/python ]]; then
   setup_say "creating .venv"
   "$PY" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml lab/pyproject.toml | sha256sum | cut -c1-16)
 if [[ ! -f $stamp ]]; then
-  setup_say "installing disagg and its test dependencies into .venv (pip)"
+  setup_say "installing disagg with its test dependencies, and the lab (lab/, development only), into .venv (pip)"
   .venv/bin/python -m pip install --progress-bar off -q --upgrade pip
-  .venv/bin/python -m pip install --progress-bar off -e '.[test]'
+  .venv/bin/python -m pip install --progress-bar off -e '.[test]' -e ./lab
   rm -f .venv/.installed-*; touch "$stamp"
 fi

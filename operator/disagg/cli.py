@@ -280,10 +280,6 @@ def cmd_forward(args: argparse.Namespace, rest: list[str]) -> int:
         from disagg.capacity.plan_cli import plan_main
 
         return int(plan_main(rest))
-    if args.command == "fleet":
-        from disagg.sim.fleet import fleet_main
-
-        return int(fleet_main(rest))
     from disagg.sim.cli import simulate_main
 
     return int(simulate_main(rest))
@@ -365,8 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="size pools for a model, workload and SLO (see disagg plan --help)", add_help=False)
     sub.add_parser("simulate", help="replay a trace against autoscaling policies (see disagg simulate --help)",
                    add_help=False)
-    sub.add_parser("fleet", help="simulated engines for the Ready pods of a local cluster (see disagg fleet --help)",
-                   add_help=False)
     return parser
 
 
@@ -390,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     parser = build_parser()
-    if argv and argv[0] in ("plan", "simulate", "fleet"):
+    if argv and argv[0] in ("plan", "simulate"):
         return cmd_forward(argparse.Namespace(command=argv[0]), argv[1:])
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -14,6 +14,7 @@ ServiceAccount token is not recognisable this way and would still interfere.)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -226,6 +227,93 @@ class OperatorProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+@dataclass
+class LabProcesses:
+    """The lab's processes for one namespace: `disagg-lab fleet` (the engines) and `disagg-lab routers` (the
+    real routers of the router pods)."""
+
+    namespace: str
+    workdir: Path
+    kubeconfig: Path
+    targets_file: Path | None = None
+    """Prometheus' targets file (None: none written)."""
+    control_port: int = field(default_factory=free_port)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self) -> LabProcesses:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        commands = {
+            "fleet": ["fleet", "-n", self.namespace, "--kubeconfig", str(self.kubeconfig), "--control-port",
+                      str(self.control_port), "--targets-file", str(self.targets_file or "none"),
+                      "--traces-dir", str(REPO.parent / "shared" / "traces")],
+            "routers": ["routers", "-n", self.namespace, "--kubeconfig", str(self.kubeconfig), "--state-dir",
+                        str(self.workdir / "routers")],
+        }
+        for name, args in commands.items():
+            with (self.workdir / f"{name}.log").open("ab") as log:
+                self.processes[name] = subprocess.Popen([sys.executable, "-m", "disagg_lab.cli", *args], stdout=log,
+                                                        stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                                        start_new_session=True)
+
+        def control_api() -> bool:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise AssertionError(f"disagg-lab {name} exited with {process.returncode}\n{self.log_tail()}")
+            try:
+                return bool(self.get("/healthz")["ok"])
+            except (OSError, urllib.error.URLError):
+                return False
+
+        try:
+            wait_until(control_api, 30, "the fleet's control API", self.log_tail)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.control_port}{path}", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def put(self, path: str, body: dict[str, Any]) -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.control_port}{path}", data=json.dumps(body).encode(),
+                                         method="PUT", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def pods(self, service: str) -> list[dict[str, Any]]:
+        return [p for p in self.get("/state")["pods"] if p["service"] == service]
+
+    def log_tail(self, lines: int = 30) -> str:
+        parts = []
+        for name in self.processes:
+            try:
+                text = (self.workdir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                text = []
+            parts.append(f"--- {name} log, last {len(text)} lines ---\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def routers_ready(pods: list[Any]) -> bool:
+    """Ready as the lab's prober set it (the container started by the lab, not kwok's instant Ready)."""
+    return bool(pods) and all(
+        any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        and p.status.container_statuses and p.status.container_statuses[0].started for p in pods)
 
 
 # ----------------------------------------------------------------------------------------------------

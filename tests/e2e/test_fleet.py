@@ -1,5 +1,5 @@
-"""e2e: the simulated engine fleet (`python -m disagg.sim.fleet`) on the local cluster, scraped by the real
-Prometheus through the file_sd targets file.
+"""e2e: the simulated engine fleet (`disagg-lab fleet`, with load injected through its control API)
+on the local cluster, scraped by the real Prometheus through the file_sd targets file.
 
 An operator of this test (the shipped RBAC rules under session-specific names, a TokenRequest kubeconfig,
 and the session's admission policy from operator_support, so that another operator on the cluster cannot
@@ -75,7 +75,7 @@ def fleet_env(
 
 @dataclass
 class Fleet:
-    """One `python -m disagg.sim.fleet` process."""
+    """One `disagg-lab fleet` process."""
 
     proc: subprocess.Popen[bytes]
     control: str
@@ -114,7 +114,8 @@ def start_fleet(cluster: LocalCluster, namespace: str, workdir: Path) -> Fleet:
     port = free_port()
     log_path = workdir / "fleet.log"
     cmd = [
-        sys.executable, "-m", "disagg.sim.fleet", "--namespace", namespace, "--kubeconfig", str(cluster.kubeconfig),
+        sys.executable, "-m", "disagg_lab.cli", "fleet", "--namespace", namespace,
+        "--kubeconfig", str(cluster.kubeconfig),
         "--control-port", str(port), "--targets-file", str(cluster.engines_file), "--seed", "7",
         "--load", f"{namespace}/{SERVICE}={RPS_BEFORE:g}",
         "--prompt-tokens", str(PROMPT_TOKENS), "--output-tokens", str(OUTPUT_TOKENS),

@@ -24,7 +24,7 @@ import pytest
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.signals import prometheus_duration_seconds
 from disagg.settings import OperatorSettings
-from disagg.sim.fleet import FLEET_LABEL, write_targets
+from disagg_lab.targets import FLEET_LABEL, write_targets
 
 if TYPE_CHECKING:
     from conftest import LocalCluster

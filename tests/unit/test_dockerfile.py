@@ -219,6 +219,18 @@ def test_entrypoint_runs_from_a_clean_venv(clean_venv: Path, tmp_path: Path) -> 
     assert str(clean_venv) in proc.stdout, "imported from the venv, not the source tree"
 
 
+def test_the_lab_is_not_in_the_image(parsed: list[Instruction], wheel: Path) -> None:
+    """The image holds the wheel's files only: no simulated engines, router supervisor or load client."""
+    assert "lab" not in _build_copies(parsed) and (REPO / "lab" / "disagg_lab").is_dir()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.startswith("disagg_lab/") or "/disagg_lab/" in n], names
+    assert not [n for n in names if n.startswith("disagg/sim/fleet")], "the old fleet is back in the product"
+    for name in (n for n in names if n.endswith(".py")):
+        text = zipfile.ZipFile(wheel).read(name).decode()
+        for needle in ("disagg_lab", "import aiohttp", "from aiohttp", "import openai"):
+            assert needle not in text, f"{name} has {needle!r}: the lab's code reached the product"
+
+
 # ----------------------------------------------------------------------------------------------------
 # the lock file
 

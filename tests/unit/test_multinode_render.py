@@ -210,7 +210,7 @@ def test_the_autoscaler_counts_a_group_s_accelerators_against_the_budget() -> No
 def test_the_simulated_engines_serve_a_group_s_leader_only() -> None:
     from kubernetes import client as kclient
 
-    from disagg.sim.fleet import pod_observation
+    from disagg_lab.kube import pod_observation
 
     def pod(index: str) -> kclient.V1Pod:
         labels = {"disagg.dev/role": "decode", "disagg.dev/service": "svc", WORKER_INDEX: index}

@@ -65,7 +65,7 @@ async def test_an_exception_in_reconcile_becomes_a_condition_and_one_event(
 
     monkeypatch.undo()  # the cause is gone: the next reconcile creates the children and moves Ready on
     outcome, found = await reconcile(harness, reconciler)
-    assert outcome.failed is None and len(outcome.applied) == 13
+    assert outcome.failed is None and len(outcome.applied) == 14  # every child, the router PDB with them
     assert condition(harness.service()["status"], "Ready")["reason"] != "ReconcileError"
 
 

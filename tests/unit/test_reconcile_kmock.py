@@ -46,6 +46,7 @@ CHILDREN = {
     f"roles/{NAME}-router",
     f"rolebindings/{NAME}-router",
     f"deployments/{NAME}-router",
+    f"poddisruptionbudgets/{NAME}-router",
     f"services/{NAME}",
     f"services/{NAME}--metrics",
     f"deployments/{NAME}-prefill",

@@ -148,16 +148,51 @@ def prefill_seconds(
     return prompt_tokens * prefill_seconds_per_token(model, accelerator, tensor_parallel, prompt_tokens, eff)
 
 
-def weight_bytes_read(model: ModelShape, batch: float) -> float:
-    """Weight bytes one decode step reads for `batch` sequences.
+@dataclass(frozen=True)
+class DecodeCost:
+    """The decode step of one replica as coefficients, so that a simulator can apply the same formula to
+    arrays of replicas: step = max(weights read x s/byte + total context x s/token, batch x s/sequence)
+    + overhead."""
 
-    A dense model reads everything. A mixture-of-experts model reads the experts its tokens route to:
-    each token touches an active/total share of the weights, so a batch touches 1 - (1 - share)^batch.
-    """
-    if not model.is_moe or batch <= 0:
-        return model.weight_bytes
-    share = model.active_parameters / model.parameters
-    return float(model.weight_bytes * (1.0 - (1.0 - share) ** max(batch, 1.0)))
+    weight_bytes: float
+    active_share: float
+    """Active over total parameters (1 for a dense model): the share of the weights one token reads."""
+    seconds_per_weight_byte: float
+    seconds_per_context_token: float
+    """Per token of context held by any sequence of the batch."""
+    seconds_per_sequence: float
+    """The compute roof: matmul time of one sequence's token."""
+    overhead_s: float
+
+    @classmethod
+    def of(
+        cls, model: ModelShape, accelerator: Accelerator, tensor_parallel: int, eff: Efficiency = DEFAULT_EFFICIENCY
+    ) -> DecodeCost:
+        bandwidth = eff.decode_mbu * accelerator.specs.memory_bandwidth
+        return cls(
+            weight_bytes=model.weight_bytes,
+            active_share=model.active_parameters / model.parameters if model.is_moe else 1.0,
+            seconds_per_weight_byte=1.0 / (tensor_parallel * bandwidth),
+            seconds_per_context_token=model.kv_bytes_per_token * kv_shard_fraction(model, tensor_parallel) / bandwidth,
+            seconds_per_sequence=2.0 * model.active_parameters
+            / (eff.decode_mfu * accelerator.specs.peak_flops(model.weight_dtype) * tensor_parallel),
+            overhead_s=eff.decode_overhead_s
+            + (2 * model.layers * eff.allreduce_latency_s if tensor_parallel > 1 else 0.0),
+        )
+
+    def weights_read(self, batch: float) -> float:
+        """Weight bytes one step reads for `batch` sequences: all of a dense model; of a mixture of experts,
+        the experts its tokens route to (each token touches `active_share`, a batch 1 - (1 - share)^batch)."""
+        if self.active_share >= 1.0:
+            return self.weight_bytes
+        return float(self.weight_bytes * (1.0 - (1.0 - self.active_share) ** max(batch, 1.0)))
+
+    def step_seconds(self, batch: float, context_tokens: float) -> float:
+        """One step of `batch` sequences holding `context_tokens` tokens of KV cache in all."""
+        weights = self.weights_read(batch) * self.seconds_per_weight_byte
+        memory = weights + context_tokens * self.seconds_per_context_token
+        compute = batch * self.seconds_per_sequence
+        return (memory if memory > compute else compute) + self.overhead_s
 
 
 def decode_step_seconds(
@@ -172,17 +207,7 @@ def decode_step_seconds(
 
     Every sequence gains one token per step, so this is also the inter-token latency.
     """
-    per_gpu_bytes = (
-        weight_bytes_read(model, batch) / tensor_parallel
-        + batch * context_tokens * model.kv_bytes_per_token * kv_shard_fraction(model, tensor_parallel)
-    )
-    memory = per_gpu_bytes / (eff.decode_mbu * accelerator.specs.memory_bandwidth)
-    compute = (
-        batch * 2.0 * model.active_parameters
-        / (eff.decode_mfu * accelerator.specs.peak_flops(model.weight_dtype) * tensor_parallel)
-    )
-    communication = 2 * model.layers * eff.allreduce_latency_s if tensor_parallel > 1 else 0.0
-    return max(memory, compute) + eff.decode_overhead_s + communication
+    return DecodeCost.of(model, accelerator, tensor_parallel, eff).step_seconds(batch, batch * context_tokens)
 
 
 def decode_max_batch(

@@ -124,19 +124,23 @@ def vllm_kv_transfer_config(
 
     Prefill produces KV, decode consumes it; NIXL supports explicit producer/consumer roles.
     With an offload tier (LMCache), the P/D connector and LMCache are combined by MultiConnector.
+    A decode whose KV cannot be loaded (its prefill restarted, a transfer failed) prefills the prompt itself
+    (`kv_load_failure_policy: recompute`) rather than failing the request (vLLM's default, `fail`).
     """
     name = "NixlConnector" if connector == "nixl" else "MooncakeConnector"
     kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
     transfer: dict[str, object] = {"kv_connector": name, "kv_role": kv_role}
     if connector == "nixl" and backend is not None:
         transfer["kv_connector_extra_config"] = {"backends": [backend.upper()]}
+    failure = {"kv_load_failure_policy": "recompute"} if role == "decode" else {}
     if offload is None:
-        return json.dumps(transfer, separators=(",", ":"))
+        return json.dumps({**transfer, **failure}, separators=(",", ":"))
     lmcache = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
     multi = {
         "kv_connector": "MultiConnector",
         "kv_role": "kv_both",
         "kv_connector_extra_config": {"connectors": [transfer, lmcache]},
+        **failure,
     }
     return json.dumps(multi, separators=(",", ":"))
 

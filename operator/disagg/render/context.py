@@ -392,9 +392,19 @@ class Router:
     args: list[str]
     port: int
     metrics_port: int
+    readiness_path: str
+    """Ready when the router can serve: it has a healthy worker of each role (both routers' /readiness)."""
+    liveness_path: str
+    """Alive while the process answers (vllm-router /liveness, sglang-router /health): a worker going
+    down must not restart the router nor take it out of its Service."""
     metrics_service: str
     """Headless Service `<name>--metrics` (was `<name>-metrics`, and before that `<name>-router` with a
     cluster IP: the reconcile of a service made before creates the new one and deletes the old)."""
+
+
+ROUTER_HEALTH_CHECK_INTERVAL_S = 5
+ROUTER_HEALTH_CHECK_TIMEOUT_S = 2
+ROUTER_HEALTH_FAILURE_THRESHOLD = 2
 
 
 def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
@@ -417,17 +427,24 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         "--service-discovery-port", str(spec.engine.port),
         "--service-discovery-namespace", namespace,
         "--prometheus-port", str(ROUTER_METRICS_PORT),
+        # explicit for both (vllm-router's default is 127.0.0.1, sglang-router's all interfaces)
+        "--prometheus-host", "0.0.0.0",
+        # a worker that stops answering leaves the rotation within ~10 s (the routers' defaults, a check
+        # every 60 s and 3 failures, keep sending it every other request for up to 3 minutes)
+        "--health-check-interval-secs", str(ROUTER_HEALTH_CHECK_INTERVAL_S),
+        "--health-check-timeout-secs", str(ROUTER_HEALTH_CHECK_TIMEOUT_S),
+        "--health-failure-threshold", str(ROUTER_HEALTH_FAILURE_THRESHOLD),
     ]
     if spec.engine.kind == "vllm":
         command = ["vllm-router"]
-        # vllm-router serves its metrics on 127.0.0.1 unless told otherwise
-        args = ["--vllm-pd-disaggregation", "--kv-connector", spec.kv_transfer.connector, *common,
-                "--prometheus-host", "0.0.0.0"]
+        args = ["--vllm-pd-disaggregation", "--kv-connector", spec.kv_transfer.connector, *common]
         app = "vllm-router"
+        liveness = "/liveness"
     else:
         command = ["python3", "-m", "sglang_router.launch_router"]
         args = ["--pd-disaggregation", *common]
         app = "sglang-router"
+        liveness = "/health"
     return Router(
         name=f"{owner.name}-router",
         replicas=spec.router.replicas,
@@ -438,5 +455,7 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         args=args,
         port=spec.router.port,
         metrics_port=ROUTER_METRICS_PORT,
+        readiness_path="/readiness",
+        liveness_path=liveness,
         metrics_service=part_name(owner.name, "metrics"),
     )

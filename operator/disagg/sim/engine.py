@@ -1,5 +1,9 @@
 """A fine time-step simulation of a disaggregated service: prefill and decode pools, router, metrics, scaler.
 
+The engine model is two classes, `PrefillReplica` and `DecodePool`, with every cost from the roofline
+(`disagg.capacity.roofline`); the local cluster's simulated engines (the development package in lab/,
+not shipped) step the same two classes live, behind real HTTP and real routers.
+
 What is simulated (each replica from the roofline capacity model with the engine's true efficiency):
 - Router: each arriving request goes to the ready prefill replica with the least outstanding work.
 - Prefill: a FIFO per replica; when a replica frees, the queued prompts up to `prefill_batch_tokens` run as
@@ -33,8 +37,9 @@ import heapq
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -42,10 +47,12 @@ import numpy.typing as npt
 from disagg.capacity.models import ModelShape
 from disagg.capacity.roofline import (
     DEFAULT_EFFICIENCY,
+    DecodeCost,
     Efficiency,
     kv_capacity_tokens,
     kv_link_bytes_per_s,
-    kv_shard_fraction,
+    kv_transfer_seconds,
+    prefill_seconds,
 )
 from disagg.catalog.accelerators import Accelerator
 from disagg.scaling.policy import LoadPicture, PoolSignals
@@ -118,15 +125,72 @@ class Controller(Protocol):
         ...
 
 
+K = TypeVar("K")
+
+
 @dataclass
-class _PrefillReplica:
-    ready_at: float
-    billed_from: float
+class PrefillReplica(Generic[K]):
+    """One prefill replica of the engine model: a FIFO whose head runs as one batch.
+
+    When the replica frees, the queued prompts up to `batch_tokens` (at least one) start together as one
+    batch that lasts the sum of their prefill times plus one fixed `batch_overhead_s`, and they finish
+    together. `disagg simulate` and the local cluster's simulated engines both step this class; requests
+    are any key (the simulator's request numbers, the lab's HTTP requests).
+    """
+
+    batch_tokens: float
+    batch_overhead_s: float
+    ready_at: float = 0.0
+    billed_from: float = 0.0
     draining: bool = False
     busy_until: float = 0.0
-    queue: deque[int] = field(default_factory=deque)
+    queue: deque[tuple[K, float, float]] = field(default_factory=deque)
+    """(request, prompt tokens, prefill seconds) waiting."""
     queued_work: float = 0.0
-    batch: list[int] = field(default_factory=list)
+    batch: list[tuple[K, float, float]] = field(default_factory=list)
+    """The running batch (finishes at `busy_until`)."""
+
+    def outstanding(self, at: float) -> float:
+        """When this replica would be done with everything it holds, from `at`."""
+        busy = self.busy_until
+        return (busy if busy > at else at) + self.queued_work
+
+    def submit(self, request: K, prompt_tokens: float, service_s: float, at: float) -> None:
+        """A request arriving at `at` (call `advance(at)` first); starts a batch when the replica is idle."""
+        self.queue.append((request, prompt_tokens, service_s))
+        self.queued_work += service_s
+        if not self.batch:
+            self._start(max(at, self.ready_at, self.busy_until))
+
+    def _start(self, at: float) -> None:
+        tokens = 0.0
+        work = self.batch_overhead_s
+        queue = self.queue
+        while queue and (not self.batch or tokens + queue[0][1] <= self.batch_tokens):
+            item = queue.popleft()
+            self.queued_work -= item[2]
+            self.batch.append(item)
+            tokens += item[1]
+            work += item[2]
+        self.busy_until = at + work
+
+    def advance(self, until: float) -> list[tuple[float, list[tuple[K, float, float]]]]:
+        """Runs the batches that end by `until`: each finished batch as (end time, its requests)."""
+        done: list[tuple[float, list[tuple[K, float, float]]]] = []
+        while self.batch and self.busy_until <= until:
+            done.append((self.busy_until, self.batch))
+            self.batch = []
+            if self.queue:
+                self._start(self.busy_until)
+        return done
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    @property
+    def running(self) -> int:
+        return len(self.batch)
 
 
 @dataclass
@@ -310,26 +374,27 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
     return LoadPicture(prefill, decode)
 
 
-class _Decode:
-    """Decode replicas as arrays; each replica's sequences advance on the replica's own token clock."""
+class DecodePool:
+    """Decode replicas of the engine model, as arrays (one slot per replica).
 
-    def __init__(self, setup: SimSetup) -> None:
-        pool = setup.decode
-        model = setup.model
-        eff = setup.engine
-        spec = pool.accelerator.specs
-        tp = pool.tensor_parallel
+    Continuous batching within the KV cache: a request is admitted to a slot only when the slot's free KV
+    holds its prompt plus its whole output (reserved at admission, so a running sequence is never
+    preempted); every step of a slot lasts the roofline step time (`DecodeCost`) of its current batch and
+    total context, and each running sequence gains one token per step. A slot's `clock` counts its steps
+    (fractionally: `step` advances it by dt / step time), so a sequence admitted at clock c with n output
+    tokens emits its k-th token when the clock passes c + k and finishes at c + n. `disagg simulate` and
+    the local cluster's simulated engines both step this class.
+    """
+
+    FREE, STARTING, READY, DRAINING = 0, 1, 2, 3
+
+    def __init__(self, model: ModelShape, accelerator: Accelerator, tensor_parallel: int,
+                 eff: Efficiency = DEFAULT_EFFICIENCY, size: int = 8) -> None:
         self.model = model
-        self.capacity = kv_capacity_tokens(model, pool.accelerator, tp, eff)
-        self.weights_coef = 1.0 / (tp * eff.decode_mbu * spec.memory_bandwidth)
-        self.kv_coef = (
-            model.kv_bytes_per_token * kv_shard_fraction(model, tp) / (eff.decode_mbu * spec.memory_bandwidth)
-        )
-        self.compute_coef = 2.0 * model.active_parameters / (eff.decode_mfu * spec.peak_flops(model.weight_dtype) * tp)
-        self.overhead = eff.decode_overhead_s + (2 * model.layers * eff.allreduce_latency_s if tp > 1 else 0.0)
-        self.moe_share = model.active_parameters / model.parameters if model.is_moe else 1.0
-        size = 8
-        self.state = np.zeros(size, dtype=np.int8)  # 0 free, 1 starting, 2 ready, 3 draining
+        self.capacity = kv_capacity_tokens(model, accelerator, tensor_parallel, eff)
+        self.cost = DecodeCost.of(model, accelerator, tensor_parallel, eff)
+        size = max(1, size)
+        self.state = np.zeros(size, dtype=np.int8)
         self.ready_at = np.zeros(size)
         self.billed_from = np.zeros(size)
         self.batch = np.zeros(size)
@@ -338,7 +403,8 @@ class _Decode:
         self.sum_start = np.zeros(size)
         self.reserved = np.zeros(size)
         self.next_done = np.full(size, np.inf)
-        self.heaps: list[list[tuple[float, int]]] = [[] for _ in range(size)]
+        self.heaps: list[list[tuple[float, int, float, float]]] = [[] for _ in range(size)]
+        """Per slot: (finish clock, request, prompt, output) of its running sequences."""
 
     def _grow(self) -> None:
         size = self.state.size
@@ -348,43 +414,116 @@ class _Decode:
         self.next_done = np.concatenate([self.next_done, np.full(size, np.inf)])
         self.heaps.extend([] for _ in range(size))
 
-    def add(self, now: float, ready_at: float) -> None:
-        free = np.flatnonzero(self.state == 0)
+    def add(self, now: float, ready_at: float) -> int:
+        """A new replica (ready from `ready_at`); its slot."""
+        free = np.flatnonzero(self.state == self.FREE)
         if free.size == 0:
             self._grow()
-            free = np.flatnonzero(self.state == 0)
+            free = np.flatnonzero(self.state == self.FREE)
         slot = int(free[0])
-        self.state[slot] = 2 if ready_at <= now else 1
+        self.state[slot] = self.READY if ready_at <= now else self.STARTING
         self.ready_at[slot] = ready_at
         self.billed_from[slot] = now
         self.batch[slot] = self.clock[slot] = self.sum_prompt[slot] = self.sum_start[slot] = 0.0
         self.reserved[slot] = 0.0
         self.next_done[slot] = np.inf
         self.heaps[slot] = []
+        return slot
+
+    def free_kv(self, slot: int) -> float:
+        return float(self.capacity - self.reserved[slot])
+
+    def admit(self, slot: int, request: int, prompt: float, output: float) -> float:
+        """Starts a sequence on `slot` (the caller checked `free_kv`); its step time right after joining,
+        which is when its first token comes out."""
+        self.batch[slot] += 1
+        self.sum_prompt[slot] += prompt
+        self.sum_start[slot] += self.clock[slot]
+        self.reserved[slot] += prompt + output
+        heapq.heappush(self.heaps[slot], (self.clock[slot] + output, request, prompt, output))
+        self.next_done[slot] = self.heaps[slot][0][0]
+        return self.step_one(slot)
+
+    def abort(self, slot: int, request: int) -> None:
+        """Ends a running sequence early (its client went away), freeing its KV reservation."""
+        heap = self.heaps[slot]
+        kept = [entry for entry in heap if entry[1] != request]
+        for target, _, prompt, output in (entry for entry in heap if entry[1] == request):
+            self.batch[slot] -= 1
+            self.sum_prompt[slot] -= prompt
+            self.sum_start[slot] -= target - output
+            self.reserved[slot] -= prompt + output
+        heapq.heapify(kept)
+        self.heaps[slot] = kept
+        self.next_done[slot] = kept[0][0] if kept else np.inf
+        if not kept:
+            self.batch[slot] = self.sum_prompt[slot] = self.sum_start[slot] = self.reserved[slot] = 0.0
+
+    def release(self, slot: int) -> None:
+        """The replica is gone: its slot is free for the next `add`."""
+        self.state[slot] = self.FREE
+        self.heaps[slot] = []
+        self.batch[slot] = self.sum_prompt[slot] = self.sum_start[slot] = self.reserved[slot] = 0.0
+        self.next_done[slot] = np.inf
 
     def weights(self, batch: FloatArray) -> FloatArray:
-        if self.moe_share >= 1.0:
-            return np.full_like(batch, self.model.weight_bytes)
-        result: FloatArray = self.model.weight_bytes * (1.0 - (1.0 - self.moe_share) ** np.maximum(batch, 1.0))
+        cost = self.cost
+        if cost.active_share >= 1.0:
+            return np.full_like(batch, cost.weight_bytes)
+        result: FloatArray = cost.weight_bytes * (1.0 - (1.0 - cost.active_share) ** np.maximum(batch, 1.0))
         return result
 
     def step_seconds(self, slots: npt.NDArray[np.int64]) -> FloatArray:
+        """`DecodeCost.step_seconds` of the slots' current batches, as arrays."""
+        cost = self.cost
         batch = self.batch[slots]
         context = self.sum_prompt[slots] + batch * self.clock[slots] - self.sum_start[slots]
-        memory = self.weights(batch) * self.weights_coef + context * self.kv_coef
-        result: FloatArray = np.maximum(memory, batch * self.compute_coef) + self.overhead
+        memory = self.weights(batch) * cost.seconds_per_weight_byte + context * cost.seconds_per_context_token
+        result: FloatArray = np.maximum(memory, batch * cost.seconds_per_sequence) + cost.overhead_s
         return result
 
     def step_one(self, slot: int) -> float:
-        """`step_seconds` of one replica, in scalar arithmetic (called once per admitted request)."""
+        """`step_seconds` of one slot, in scalar arithmetic."""
         batch = float(self.batch[slot])
         context = float(self.sum_prompt[slot]) + batch * float(self.clock[slot]) - float(self.sum_start[slot])
-        weights = self.model.weight_bytes
-        if self.moe_share < 1.0:
-            weights *= 1.0 - (1.0 - self.moe_share) ** max(batch, 1.0)
-        memory = weights * self.weights_coef + context * self.kv_coef
-        compute = batch * self.compute_coef
-        return (memory if memory > compute else compute) + self.overhead
+        return self.cost.step_seconds(batch, context)
+
+    def step(self, end: float, dt: float) -> tuple[npt.NDArray[np.int64], FloatArray, FloatArray, FloatArray,
+                                                    list[tuple[int, int, float, float, float]]]:
+        """Runs every busy slot for `dt` seconds ending at `end`: (busy slots, their step times, the steps
+        each ran, the tokens each generated, finished sequences as (slot, request, prompt, output, finish
+        time))."""
+        active = np.flatnonzero(self.batch > 0)
+        finished: list[tuple[int, int, float, float, float]] = []
+        if not active.size:
+            empty = np.zeros(0)
+            return active, empty, empty, empty, finished
+        steps_s = self.step_seconds(active)
+        advance = dt / steps_s
+        self.clock[active] += advance
+        tokens: FloatArray = self.batch[active] * advance
+        done_slots = active[self.clock[active] >= self.next_done[active]]
+        for slot_value in done_slots:
+            slot = int(slot_value)
+            heap = self.heaps[slot]
+            step_s = float(steps_s[np.searchsorted(active, slot)])
+            while heap and heap[0][0] <= self.clock[slot]:
+                target, request, prompt, output = heapq.heappop(heap)
+                finished.append((slot, request, prompt, output, end - (self.clock[slot] - target) * step_s))
+                self.batch[slot] -= 1
+                self.sum_prompt[slot] -= prompt
+                self.sum_start[slot] -= target - output
+                self.reserved[slot] -= prompt + output
+            self.next_done[slot] = heap[0][0] if heap else np.inf
+            if not heap:
+                self.batch[slot] = self.sum_prompt[slot] = self.sum_start[slot] = 0.0
+                self.reserved[slot] = 0.0
+        return active, steps_s, advance, tokens, finished
+
+
+def _per_prompt(formula: Callable[[float], float], prompts: FloatArray) -> FloatArray:
+    """A roofline formula of one prompt applied to every prompt at once (its arithmetic is elementwise)."""
+    return np.asarray(formula(cast(float, prompts)), dtype=np.float64)
 
 
 def _fill_timeline(
@@ -416,22 +555,12 @@ def simulate(
     output = workload.output_tokens.astype(np.float64)
     count = workload.requests
     pre = setup.prefill
-    pre_spec = pre.accelerator.specs
-    # Prefill time of every prompt (matmuls + causal attention + TP all-reduce), vectorised.
-    mfu = eff.prefill_mfu * (eff.moe_mfu_factor if model.is_moe else 1.0)
-    peak = pre_spec.peak_flops(model.weight_dtype) * pre.tensor_parallel * mfu
-    flops = 2.0 * model.active_parameters + 2.0 * model.layers * model.attention_heads * (
-        model.head_dim + model.v_head_dim
-    ) * (prompt / 2.0)
-    per_token = flops / peak
-    if pre.tensor_parallel > 1 and pre_spec.interconnect_bandwidth > 0:
-        ring = 2.0 * (pre.tensor_parallel - 1) / pre.tensor_parallel
-        per_token = per_token + 2 * model.layers * model.hidden_size * 2.0 * ring / pre_spec.interconnect_bandwidth
-    service = prompt * per_token
+    # prefill time and KV hand-off of every prompt, vectorised
     link = kv_link_bytes_per_s(pre.tensor_parallel, setup.decode.tensor_parallel, setup.rdma)
-    transfer = eff.link_latency_s + prompt * model.kv_bytes_per_token / (link * eff.link_efficiency)
+    service = _per_prompt(lambda p: prefill_seconds(model, pre.accelerator, pre.tensor_parallel, p, eff), prompt)
+    transfer = _per_prompt(lambda p: kv_transfer_seconds(model, p, link, eff), prompt)
 
-    decode = _Decode(setup)
+    decode = DecodePool(model, setup.decode.accelerator, setup.decode.tensor_parallel, eff)
     rejected = (prompt + output > decode.capacity) | (prompt > model.max_context)
 
     ttft = np.full(count, np.inf)
@@ -439,10 +568,11 @@ def simulate(
     finish = np.full(count, np.nan)
     engine_ttft = np.zeros(count)
 
-    prefill_replicas: list[_PrefillReplica] = [
-        _PrefillReplica(ready_at=0.0, billed_from=0.0) for _ in range(pre.initial_replicas)
-    ]
-    prefill_draining: list[_PrefillReplica] = []
+    def new_prefill(ready_at: float, billed_from: float) -> PrefillReplica[int]:
+        return PrefillReplica(setup.prefill_batch_tokens, setup.prefill_batch_overhead_s, ready_at, billed_from)
+
+    prefill_replicas = [new_prefill(0.0, 0.0) for _ in range(pre.initial_replicas)]
+    prefill_draining: list[PrefillReplica[int]] = []
     for _ in range(setup.decode.initial_replicas):
         decode.add(0.0, 0.0)
 
@@ -476,34 +606,16 @@ def simulate(
     pcount = pre.accelerators_per_replica
     dcount = setup.decode.accelerators_per_replica
 
-    def finish_prefill_batch(replica: _PrefillReplica) -> None:
+    def advance_prefill(replica: PrefillReplica[int], until: float) -> None:
         nonlocal prompt_tokens_done, prefill_busy
-        done_at = replica.busy_until
-        for request in replica.batch:
-            prefill_busy += service[request]
-            engine_ttft[request] = done_at - arrivals[request]
-            ttft_hist[_bucket(engine_ttft[request])] += 1
-            prompt_tokens_done += prompt[request]
-            counters["prefill_done"] += 1
-            heapq.heappush(decode_inbox, (done_at + transfer[request], request))
-        replica.batch = []
-
-    def start_prefill_batch(replica: _PrefillReplica, at: float) -> None:
-        tokens = 0.0
-        work = setup.prefill_batch_overhead_s
-        while replica.queue and (not replica.batch or tokens + prompt[replica.queue[0]] <= setup.prefill_batch_tokens):
-            request = replica.queue.popleft()
-            replica.queued_work -= service[request]
-            replica.batch.append(request)
-            tokens += prompt[request]
-            work += service[request]
-        replica.busy_until = at + work
-
-    def advance_prefill(replica: _PrefillReplica, until: float) -> None:
-        while replica.batch and replica.busy_until <= until:
-            finish_prefill_batch(replica)
-            if replica.queue:
-                start_prefill_batch(replica, replica.busy_until)
+        for done_at, batch in replica.advance(until):
+            for request, tokens, seconds in batch:
+                prefill_busy += seconds
+                engine_ttft[request] = done_at - arrivals[request]
+                ttft_hist[_bucket(engine_ttft[request])] += 1
+                prompt_tokens_done += tokens
+                counters["prefill_done"] += 1
+                heapq.heappush(decode_inbox, (done_at + transfer[request], request))
 
     for step_index in range(steps):
         now = step_index * dt
@@ -529,22 +641,18 @@ def simulate(
             at = float(arrivals[request])
             if rejected[request]:
                 continue
-            best: _PrefillReplica | None = None
+            best: PrefillReplica[int] | None = None
             best_work = math.inf
             for replica in prefill_replicas:
                 if replica.ready_at > at:
                     continue
-                busy = replica.busy_until
-                work = (busy if busy > at else at) + replica.queued_work
+                work = replica.outstanding(at)
                 if work < best_work:
                     best, best_work = replica, work
             if best is None:  # nothing ready yet: the earliest starting replica takes it
                 best = min(prefill_replicas, key=lambda r: r.ready_at)
             advance_prefill(best, at)
-            best.queue.append(request)
-            best.queued_work += service[request]
-            if not best.batch:
-                start_prefill_batch(best, max(at, best.ready_at, best.busy_until))
+            best.submit(request, prompt[request], service[request], at)
 
         for replica in prefill_replicas:
             advance_prefill(replica, later)
@@ -568,49 +676,24 @@ def simulate(
                 break
             decode_queue.popleft()
             counters["admitted"] += 1
-            decode.batch[slot] += 1
-            decode.sum_prompt[slot] += prompt[request]
-            decode.sum_start[slot] += decode.clock[slot]
-            decode.reserved[slot] += need
-            done_at = decode.clock[slot] + output[request]
-            heapq.heappush(decode.heaps[slot], (done_at, request))
-            decode.next_done[slot] = decode.heaps[slot][0][0]
+            first_step = decode.admit(slot, request, prompt[request], output[request])
             # Arrived this step: the first step starts at its arrival, else now.
             arrived = max(now, float(transfer[request] + arrivals[request] + engine_ttft[request]))
-            first = min(arrived, later) + decode.step_one(slot)
+            first = min(arrived, later) + first_step
             first_token[request] = first
             ttft[request] = first - arrivals[request]
             decode_ttft_hist[_bucket(first - arrivals[request] - engine_ttft[request])] += 1
 
         # Decode steps.
-        active = np.flatnonzero(decode.batch > 0)
+        active, steps_s, _, tokens, done = decode.step(later, dt)
         if active.size:
-            steps_s = decode.step_seconds(active)
-            advance = dt / steps_s
-            decode.clock[active] += advance
-            tokens = decode.batch[active] * advance
             generated += float(tokens.sum())
             buckets = np.minimum(np.searchsorted(BUCKETS, steps_s), BUCKETS.size - 1)
             np.add.at(itl_hist, buckets, tokens)
-            done_slots = active[decode.clock[active] >= decode.next_done[active]]
-            for slot_value in done_slots:
-                slot = int(slot_value)
-                heap = decode.heaps[slot]
-                step_s = float(steps_s[np.searchsorted(active, slot)])
-                while heap and heap[0][0] <= decode.clock[slot]:
-                    target, request = heapq.heappop(heap)
-                    finished_at = later - (decode.clock[slot] - target) * step_s
-                    finish[request] = max(finished_at, first_token[request])
-                    decode.batch[slot] -= 1
-                    decode.sum_prompt[slot] -= prompt[request]
-                    decode.sum_start[slot] -= target - output[request]
-                    decode.reserved[slot] -= prompt[request] + output[request]
-                    counters["finished"] += 1
-                    finished_output += output[request]
-                decode.next_done[slot] = heap[0][0] if heap else np.inf
-                if not heap:
-                    decode.batch[slot] = decode.sum_prompt[slot] = decode.sum_start[slot] = 0.0
-                    decode.reserved[slot] = 0.0
+            for _, request, _, tokens_out, finished_at in done:
+                finish[request] = max(finished_at, first_token[request])
+                counters["finished"] += 1
+                finished_output += tokens_out
         draining_empty = (decode.state == 3) & (decode.batch <= 0)
         if draining_empty.any():
             decode.state[draining_empty] = 0
@@ -672,8 +755,7 @@ def simulate(
                 if role == "prefill":
                     if target > current[role]:
                         prefill_replicas.extend(
-                            _PrefillReplica(ready_at=now + setup.startup_s, billed_from=now)
-                            for _ in range(target - current[role])
+                            new_prefill(now + setup.startup_s, now) for _ in range(target - current[role])
                         )
                     else:
                         surplus = current[role] - target

@@ -1,0 +1,299 @@
+"""The engines' /metrics pages: their real metric families, buckets and labels, plus the lab's P/D counters.
+
+Names come from the engine catalogue (what the autoscaler queries); the few extra families engines
+export, and their histogram buckets, are copied from the engines' sources. The lab adds four counters
+of its own (`disagg_lab_*`), which no engine has, so that a test can prove where each request's KV cache
+came from: prefills served, KV caches handed off (prefill side), KV caches received (decode side) and
+prompts recomputed (decode side, for a decode request without a usable hand-off).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from disagg.catalog.engines import ENGINES
+
+EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LAB_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("prefills", "disagg_lab_prefills_total", "Prefill legs this engine served (lab counter)."),
+    ("kv_sent", "disagg_lab_kv_handed_off_total", "KV caches a decode engine pulled from this engine (lab counter)."),
+    ("kv_received", "disagg_lab_kv_received_total", "KV caches this engine received from a prefill (lab counter)."),
+    ("recomputed", "disagg_lab_prompts_recomputed_total",
+     "Prompts this decode engine prefilled itself for lack of a usable hand-off (lab counter)."),
+    ("kv_failed", "disagg_lab_kv_load_failures_total",
+     "Hand-offs this decode engine could not load: missing, foreign or consumed (lab counter)."),
+)
+"""(attribute of EngineStats, metric name, help)."""
+
+
+VLLM_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+    80.0, 160.0, 640.0, 2560.0,
+)
+VLLM_ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+VLLM_REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+    960.0, 1920.0, 7680.0,
+)
+SGLANG_TTFT_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400)
+SGLANG_ITL_BUCKETS = (
+    0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060, 0.080, 0.100, 0.200,
+    0.400, 0.600, 0.800, 1.000, 2.000, 4.000, 6.000, 8.000,
+)
+SGLANG_E2E_BUCKETS = (
+    0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400, 600, 1200, 1800, 2400,
+)
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """The metric families one engine kind exports (names as the engine spells them)."""
+
+    kind: str
+    running: str
+    waiting: str
+    kv_usage: str
+    prompt_tokens: str
+    generation_tokens: str
+    requests: str
+    requests_labels: tuple[tuple[str, str], ...]
+    preemptions: str | None
+    ttft: str
+    itl: str
+    e2e: str
+    queue_time: str | None
+    prefill_time: str | None
+    decode_time: str | None
+    ttft_buckets: tuple[float, ...]
+    itl_buckets: tuple[float, ...]
+    e2e_buckets: tuple[float, ...]
+    phase_buckets: tuple[float, ...]
+    constant_labels: tuple[tuple[str, str], ...]
+    help: Mapping[str, str]
+
+    def names(self) -> list[str]:
+        """Every family name, as it appears after `# TYPE`."""
+        names = [self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
+                 self.requests, self.ttft, self.itl, self.e2e]
+        optional = (self.preemptions, self.queue_time, self.prefill_time, self.decode_time)
+        return names + [n for n in optional if n is not None]
+
+
+def _engine_metrics(kind: str) -> EngineMetrics:
+    """Names from the engine catalogue (the autoscaler's source), plus the few extra families engines export."""
+    names = ENGINES[kind].metrics
+    if kind == "vllm":
+        return EngineMetrics(
+            kind=kind,
+            running=names.running_requests[0],
+            waiting=names.waiting_requests[0],
+            kv_usage=names.kv_cache_usage[0],
+            prompt_tokens=names.prompt_tokens_total,
+            generation_tokens=names.generation_tokens_total,
+            requests="vllm:request_success_total",
+            requests_labels=(("finished_reason", "length"),),
+            preemptions="vllm:num_preemptions_total",
+            ttft=names.ttft_histogram,
+            itl=names.itl_histogram[0],
+            e2e=names.e2e_histogram,
+            queue_time="vllm:request_queue_time_seconds",
+            prefill_time="vllm:request_prefill_time_seconds",
+            decode_time="vllm:request_decode_time_seconds",
+            ttft_buckets=VLLM_TTFT_BUCKETS,
+            itl_buckets=VLLM_ITL_BUCKETS,
+            e2e_buckets=VLLM_REQUEST_LATENCY_BUCKETS,
+            phase_buckets=VLLM_REQUEST_LATENCY_BUCKETS,
+            constant_labels=(("engine", "0"),),
+            help={
+                names.running_requests[0]: "Number of requests in model execution batches.",
+                names.waiting_requests[0]: "Number of requests waiting to be processed.",
+                names.kv_cache_usage[0]: "KV-cache usage. 1 means 100 percent usage.",
+                names.prompt_tokens_total: "Number of prefill tokens processed.",
+                names.generation_tokens_total: "Number of generation tokens processed.",
+                "vllm:request_success_total": "Count of successfully processed requests.",
+                "vllm:num_preemptions_total": "Cumulative number of preemption from the engine.",
+                names.ttft_histogram: "Histogram of time to first token in seconds.",
+                names.itl_histogram[0]: "Histogram of inter-token latency in seconds.",
+                names.e2e_histogram: "Histogram of e2e request latency in seconds.",
+                "vllm:request_queue_time_seconds": "Histogram of time spent in WAITING phase for request.",
+                "vllm:request_prefill_time_seconds": "Histogram of time spent in PREFILL phase for request.",
+                "vllm:request_decode_time_seconds": "Histogram of time spent in DECODE phase for request.",
+            },
+        )
+    if kind == "sglang":
+        return EngineMetrics(
+            kind=kind,
+            running=names.running_requests[0],
+            waiting=names.waiting_requests[0],
+            kv_usage=names.kv_cache_usage[0],
+            prompt_tokens=names.prompt_tokens_total,
+            generation_tokens=names.generation_tokens_total,
+            requests="sglang:num_requests_total",
+            requests_labels=(),
+            preemptions=None,
+            ttft=names.ttft_histogram,
+            itl=names.itl_histogram[0],
+            e2e=names.e2e_histogram,
+            queue_time=None,
+            prefill_time=None,
+            decode_time=None,
+            ttft_buckets=SGLANG_TTFT_BUCKETS,
+            itl_buckets=SGLANG_ITL_BUCKETS,
+            e2e_buckets=SGLANG_E2E_BUCKETS,
+            phase_buckets=SGLANG_E2E_BUCKETS,
+            constant_labels=(("engine_type", "unified"), ("tp_rank", "0"), ("pp_rank", "0")),
+            help={
+                names.running_requests[0]: "The number of running requests.",
+                names.waiting_requests[0]: "The number of requests in the waiting queue.",
+                names.kv_cache_usage[0]: "The token usage.",
+                names.prompt_tokens_total: "Number of prefill tokens processed.",
+                names.generation_tokens_total: "Number of generation tokens processed.",
+                "sglang:num_requests_total": "Number of requests processed.",
+                names.ttft_histogram: "Histogram of time to first token in seconds.",
+                names.itl_histogram[0]: "Histogram of inter-token latency in seconds.",
+                names.e2e_histogram: "Histogram of End-to-end request latency in seconds",
+            },
+        )
+    raise ValueError(f"unknown engine kind {kind!r}")
+
+
+ENGINE_METRICS: dict[str, EngineMetrics] = {kind: _engine_metrics(kind) for kind in ENGINES}
+
+
+class Histogram:
+    """A Prometheus histogram: per-bucket counts (the last one is +Inf) and the sum of observations."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """`count` observations of `value` (a bucket counts values <= its upper bound)."""
+        if count <= 0:
+            return
+        self.counts[bisect.bisect_left(self.bounds, value)] += count
+        self.sum += value * count
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[int]:
+        return list(itertools.accumulate(self.counts))
+
+    def quantile(self, q: float) -> float | None:
+        """Prometheus' histogram_quantile of these buckets (None without observations)."""
+        total = self.count
+        if total == 0:
+            return None
+        rank = q * total
+        lower, below = 0.0, 0
+        for bound, cumulative in zip(self.bounds, self.cumulative(), strict=False):
+            if cumulative >= rank:
+                if cumulative == below:
+                    return bound
+                return lower + (bound - lower) * (rank - below) / (cumulative - below)
+            lower, below = bound, cumulative
+        return self.bounds[-1] if self.bounds else None
+
+
+class EngineStats:
+    """Counters and histograms of one simulated engine."""
+
+    __slots__ = ("decode_time", "dropped", "e2e", "failed", "generation_tokens", "itl", "kv_failed", "kv_received",
+                 "kv_sent", "preemptions", "prefill_time", "prefills", "prompt_tokens", "queue_time", "recomputed",
+                 "requests", "ttft")
+
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self.prefills = 0
+        self.kv_sent = 0
+        self.kv_received = 0
+        self.recomputed = 0
+        self.kv_failed = 0
+        self.failed = 0
+        self.preemptions = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.requests = 0
+        self.dropped = 0
+        self.ttft = Histogram(metrics.ttft_buckets)
+        self.itl = Histogram(metrics.itl_buckets)
+        self.e2e = Histogram(metrics.e2e_buckets)
+        self.queue_time = Histogram(metrics.phase_buckets)
+        self.prefill_time = Histogram(metrics.phase_buckets)
+        self.decode_time = Histogram(metrics.phase_buckets)
+
+
+def _fmt(value: float) -> str:
+    """A sample value or bucket bound as Prometheus' client libraries write it."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def label_text(labels: Iterable[tuple[str, str]]) -> str:
+    return ",".join(f'{name}="{_escape(value)}"' for name, value in labels)
+
+
+def render_metrics(metrics: EngineMetrics, labels: str, gauges: tuple[int, int, float], stats: EngineStats) -> str:
+    """The engine's /metrics page (text format 0.0.4); `labels` is the pod's label text."""
+    running, waiting, kv_usage = gauges
+    lines: list[str] = []
+    add = lines.append
+
+    def head(name: str, kind: str) -> None:
+        add(f"# HELP {name} {metrics.help.get(name, name)}")
+        add(f"# TYPE {name} {kind}")
+
+    for name, value in ((metrics.running, float(running)), (metrics.waiting, float(waiting)),
+                        (metrics.kv_usage, kv_usage)):
+        head(name, "gauge")
+        add(f"{name}{{{labels}}} {_fmt(value)}")
+    for name, value in ((metrics.prompt_tokens, stats.prompt_tokens),
+                        (metrics.generation_tokens, stats.generation_tokens)):
+        head(name, "counter")
+        add(f"{name}{{{labels}}} {_fmt(value)}")
+    head(metrics.requests, "counter")
+    extra = "," + label_text(metrics.requests_labels) if metrics.requests_labels else ""
+    add(f"{metrics.requests}{{{labels}{extra}}} {_fmt(stats.requests)}")
+    if metrics.preemptions is not None:
+        head(metrics.preemptions, "counter")
+        add(f"{metrics.preemptions}{{{labels}}} {_fmt(stats.preemptions)}")
+    for attribute, name, text in LAB_COUNTERS:
+        add(f"# HELP {name} {text}")
+        add(f"# TYPE {name} counter")
+        add(f"{name}{{{labels}}} {_fmt(getattr(stats, attribute))}")
+    histograms: list[tuple[str | None, Histogram]] = [
+        (metrics.ttft, stats.ttft), (metrics.itl, stats.itl), (metrics.e2e, stats.e2e),
+        (metrics.queue_time, stats.queue_time), (metrics.prefill_time, stats.prefill_time),
+        (metrics.decode_time, stats.decode_time),
+    ]
+    for hist_name, histogram in histograms:
+        if hist_name is None:
+            continue
+        head(hist_name, "histogram")
+        cumulative = histogram.cumulative()
+        for bound, count in zip(histogram.bounds, cumulative, strict=False):
+            add(f'{hist_name}_bucket{{{labels},le="{_fmt(bound)}"}} {_fmt(count)}')
+        add(f'{hist_name}_bucket{{{labels},le="+Inf"}} {_fmt(cumulative[-1])}')
+        add(f"{hist_name}_count{{{labels}}} {_fmt(cumulative[-1])}")
+        add(f"{hist_name}_sum{{{labels}}} {_fmt(histogram.sum)}")
+    lines.append("")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,233 @@
+"""The lab's simulated engines speak the engines' P/D protocols, over real HTTP on loopback pod IPs, and
+take the engine model's time (no cluster: pods are handed to the fleet server directly)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from disagg.catalog.accelerators import load_catalog
+from disagg.sim.engine import DecodePool, PrefillReplica
+from disagg_lab.engines import DecodeEngine, FleetSim, PrefillEngine
+from disagg_lab.kube import Event, PodObservation, ServiceObservation
+from disagg_lab.protocol import DECODE_POD_HEADER, KV_HEADER, PREFILL_POD_HEADER
+from disagg_lab.server import FleetServer
+
+REPO = Path(__file__).resolve().parents[2]
+VLLM = yaml.safe_load((REPO / "examples" / "01-vllm-nixl-llama70b.yaml").read_text())
+SGLANG = next(d for d in yaml.safe_load_all((REPO / "examples" / "02-sglang-mooncake.yaml").read_text())
+              if d and d.get("kind") == "InferenceService")
+RECOMPUTE = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_consumer",
+                        "kv_load_failure_policy": "recompute"})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pod(service: str, role: str, ip: str, *, args: tuple[str, ...] = (), env: tuple[tuple[str, str], ...] = ()
+        ) -> PodObservation:
+    name = f"{service}-{role}-{ip.rsplit('.', 1)[1]}"
+    return PodObservation(uid=name, namespace="ns", name=name, service=service, role=role,  # type: ignore[arg-type]
+                          ip=ip, ready=True, args=args, env=env)
+
+
+@dataclass
+class Lab:
+    server: FleetServer
+    sim: FleetSim
+    port: int
+    control: int
+    http: aiohttp.ClientSession
+
+    def url(self, ip: str, path: str) -> str:
+        return f"http://{ip}:{self.port}{path}"
+
+    def engine(self, name: str) -> Any:
+        (found,) = [p.engine for p in self.sim.pods.values() if p.pod.name == name]
+        return found
+
+
+@contextlib.asynccontextmanager
+async def lab(services: dict[str, dict[str, Any]], pods: list[PodObservation], tmp_path: Path) -> AsyncIterator[Lab]:
+    port, control = free_port(), free_port()
+    sim = FleetSim(load_catalog(), seed=0)
+    server = FleetServer(sim, namespaces=["ns"], kubeconfig=None, targets_file=None, control_port=control,
+                         models_dir=tmp_path / "models")
+    await server.start_http()
+    specs = []
+    for name, example in services.items():
+        spec = copy.deepcopy(example["spec"])
+        spec["engine"]["port"] = port
+        specs.append(ServiceObservation("ns", name, spec))
+    server.apply(Event("services", "SYNC", "ns", tuple(specs)))
+    server.apply(Event("pods", "SYNC", "ns", tuple(pods)))
+    await server.reconcile()
+    assert not server.problems, server.problems
+    ticker = asyncio.create_task(server._ticker())
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Lab(server, sim, port, control, http)
+    finally:
+        server.stop()
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        await server.shutdown()
+
+
+async def sse(response: aiohttp.ClientResponse) -> tuple[list[dict[str, Any]], list[float]]:
+    """The events of a stream (until [DONE]) and when each arrived."""
+    events: list[dict[str, Any]] = []
+    times: list[float] = []
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            break
+        events.append(json.loads(line.removeprefix("data: ")))
+        times.append(time.monotonic())
+    return events, times
+
+
+def test_the_engines_step_the_simulators_engine_model() -> None:
+    sim = FleetSim(load_catalog(), seed=0)
+    assert sim.upsert_service("ns", "a", VLLM["spec"]) is None
+    prefill = sim.add_pod(pod("a", "prefill", "127.100.250.1")).engine
+    decode = sim.add_pod(pod("a", "decode", "127.100.250.2")).engine
+    assert isinstance(prefill, PrefillEngine) and isinstance(prefill.replica, PrefillReplica)
+    assert isinstance(decode, DecodeEngine) and isinstance(decode.pool, DecodePool)
+
+
+async def test_vllm_pd_hand_off_is_pulled_once_and_otherwise_recomputed(tmp_path: Path) -> None:
+    model = VLLM["spec"]["model"]["name"]
+    pods = [pod("a", "prefill", "127.100.250.1"), pod("a", "decode", "127.100.250.2", args=("--kv-transfer-config",
+            RECOMPUTE)), pod("a", "decode", "127.100.250.3"), pod("b", "decode", "127.100.250.4",
+            args=("--kv-transfer-config", RECOMPUTE))]
+    async with lab({"a": VLLM, "b": VLLM}, pods, tmp_path) as env:
+        prompt = " ".join(["word"] * 2000)
+        leg = {"model": model, "prompt": prompt, "max_tokens": 1, "stream": False,
+               "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
+        prefill_engine = env.engine("a-prefill-1")
+        expected = prefill_engine.service_seconds(2000)
+        started = time.monotonic()
+        async with env.http.post(env.url("127.100.250.1", "/v1/completions"), json=leg) as resp:
+            assert resp.status == 200
+            answer = await resp.json()
+        took = time.monotonic() - started
+        assert took >= expected * 0.9, (took, expected)  # answered when the prefill's batch ends
+        params = answer["kv_transfer_params"]
+        assert params["do_remote_prefill"] is True and params["remote_host"] == "127.100.250.1"
+        assert params["remote_engine_id"] == prefill_engine.engine_id and params["remote_port"] == 5600
+        assert answer["usage"]["prompt_tokens"] == 2000 and answer["usage"]["completion_tokens"] == 1
+
+        decode = {"model": model, "prompt": prompt, "max_tokens": 40, "stream": True,
+                  "stream_options": {"include_usage": True}, "kv_transfer_params": params}
+        started = time.monotonic()
+        async with env.http.post(env.url("127.100.250.2", "/v1/completions"), json=decode) as resp:
+            assert resp.status == 200
+            assert resp.headers[KV_HEADER] == "transferred"
+            assert resp.headers[PREFILL_POD_HEADER] == "ns/a-prefill-1"
+            assert resp.headers[DECODE_POD_HEADER] == "ns/a-decode-2"
+            events, times = await sse(resp)
+        tokens = [e for e in events if e["choices"]]
+        assert len(tokens) == 40 and tokens[-1]["choices"][0]["finish_reason"] == "length"
+        assert events[-1]["usage"]["completion_tokens"] == 40
+        step = env.engine("a-decode-2").pool.cost.step_seconds(1.0, 2000.0)
+        spread = times[len(tokens) - 1] - times[0]
+        assert 39 * step * 0.8 <= spread <= 39 * step * 2.5 + 0.3, (spread, step)  # one token per step
+        assert env.engine("a-prefill-1").stats.kv_sent == 1
+        assert env.engine("a-decode-2").stats.kv_received == 1 and env.engine("a-decode-2").stats.recomputed == 0
+
+        # the same parameters again: consumed; this pod recomputes (its policy), the other fails (vLLM's default)
+        decode["stream"] = False
+        async with env.http.post(env.url("127.100.250.2", "/v1/completions"), json=decode) as resp:
+            assert resp.status == 200 and resp.headers[KV_HEADER] == "recomputed"
+        async with env.http.post(env.url("127.100.250.3", "/v1/completions"), json=decode) as resp:
+            assert resp.status == 500
+            assert "KV cache load failed" in (await resp.json())["error"]["message"]
+        # another service's decode cannot reach this prefill's KV port; a request without parameters is local
+        fresh = dict(leg)
+        async with env.http.post(env.url("127.100.250.1", "/v1/completions"), json=fresh) as resp:
+            params2 = (await resp.json())["kv_transfer_params"]
+        async with env.http.post(env.url("127.100.250.4", "/v1/completions"),
+                                 json={**decode, "kv_transfer_params": params2}) as resp:
+            assert resp.status == 200 and resp.headers[KV_HEADER] == "recomputed"
+        async with env.http.post(env.url("127.100.250.3", "/v1/completions"),
+                                 json={"model": model, "prompt": "hello", "max_tokens": 3}) as resp:
+            assert resp.status == 200 and resp.headers[KV_HEADER] == "recomputed"
+        assert env.engine("a-decode-2").stats.kv_failed == 1 and env.engine("a-decode-2").stats.recomputed == 1
+        assert env.engine("a-decode-3").stats.kv_failed == 1 and env.engine("a-decode-3").stats.recomputed == 1
+        assert env.engine("b-decode-4").stats.kv_failed == 1 and env.engine("a-prefill-1").stats.kv_sent == 1
+        page = env.sim.pods["a-decode-2"].metrics_page()
+        assert 'disagg_lab_kv_received_total{namespace="ns",pod="a-decode-2"' in page
+        assert "disagg_lab_prompts_recomputed_total" in page and "disagg_lab_kv_load_failures_total" in page
+
+
+async def test_sglang_decode_waits_for_its_prefill_and_fails_when_it_never_comes(tmp_path: Path) -> None:
+    model = SGLANG["spec"]["model"]["name"]
+    pods = [pod("s", "prefill", "127.100.250.11", args=("--disaggregation-bootstrap-port", "8998")),
+            pod("s", "decode", "127.100.250.12"),
+            pod("s", "decode", "127.100.250.13", env=(("SGLANG_DISAGGREGATION_WAITING_TIMEOUT", "0.5"),))]
+    async with lab({"s": SGLANG}, pods, tmp_path) as env:
+        body = {"model": model, "messages": [{"role": "user", "content": "hello " * 500}], "max_tokens": 8,
+                "stream": True, "bootstrap_host": "127.100.250.11", "bootstrap_port": 8998, "bootstrap_room": 42}
+
+        async def leg(ip: str) -> tuple[int, dict[str, str], list[dict[str, Any]]]:
+            async with env.http.post(env.url(ip, "/v1/chat/completions"), json=body) as resp:
+                events, _ = await sse(resp)
+                return resp.status, dict(resp.headers), events
+
+        (p_status, _, _), (d_status, headers, events) = await asyncio.gather(leg("127.100.250.11"),
+                                                                              leg("127.100.250.12"))
+        assert p_status == 200 and d_status == 200
+        assert headers[KV_HEADER] == "transferred" and headers[PREFILL_POD_HEADER] == "ns/s-prefill-11"
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events).split() == [
+            "the", "model", "answers", "with", "a", "simulated", "reply", "from"]
+        # a decode whose prefill never comes fails after the pod's waiting timeout, as SGLang's does
+        started = time.monotonic()
+        async with env.http.post(env.url("127.100.250.13", "/v1/chat/completions"),
+                                 json={**body, "bootstrap_room": 43}) as resp:
+            assert resp.status == 500
+            assert "prefill never came" in (await resp.json())["message"]
+        assert time.monotonic() - started >= 0.5
+        assert env.engine("s-decode-13").stats.kv_failed == 1
+        assert env.engine("s-prefill-11").stats.kv_sent == 1 and env.engine("s-decode-12").stats.kv_received == 1
+
+
+async def test_faults_make_an_engine_unhealthy_or_take_it_down(tmp_path: Path) -> None:
+    async with lab({"a": VLLM}, [pod("a", "prefill", "127.100.250.21"), pod("a", "decode", "127.100.250.22")],
+                   tmp_path) as env:
+        control = f"http://127.0.0.1:{env.control}/fault/ns/a-decode-22"
+        async with env.http.put(control, json={"fault": "unhealthy"}) as resp:
+            assert resp.status == 200
+        async with env.http.get(env.url("127.100.250.22", "/health")) as resp:
+            assert resp.status == 503
+        async with env.http.put(control, json={"fault": "down"}) as resp:
+            assert resp.status == 200
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with env.http.get(env.url("127.100.250.22", "/health"), timeout=aiohttp.ClientTimeout(total=2)):
+                pass
+        async with env.http.put(control, json={"fault": None}) as resp:
+            assert resp.status == 200
+        async with env.http.get(env.url("127.100.250.22", "/health")) as resp:
+            assert resp.status == 200
+        async with env.http.put(control, json={"fault": "melted"}) as resp:
+            assert resp.status == 400
