@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -202,10 +201,9 @@ def _fewer_malloc_arenas(arenas: int = 2) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _fewer_malloc_arenas()
-    import kopf
-
-    from disagg.handlers import build_registry
+    from disagg.kube.peering import own_identity
     from disagg.metrics import OperatorMetrics
+    from disagg.runtime.handlers import run
 
     if not args.all_namespaces and not args.namespace:
         raise SystemExit("error: give --all-namespaces or at least one --namespace")
@@ -226,12 +224,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # each replica needs its own priority: kopf pauses every peer that sees an equal or higher one
     priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
-    from kopf._core.engines.peering import Identity, detect_own_id  # kopf exports no public alias
-
-    identity = detect_own_id(manual=False)
     settings = OperatorSettings(
         priority=priority,
-        identity=str(identity),
+        identity=own_identity(),
         namespaces=tuple(args.namespace or ()),
         accelerator_catalog=args.accelerator_catalog,
         resync_seconds=args.resync_seconds,
@@ -260,18 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = OperatorMetrics()
     if settings.metrics_port:
         metrics.serve(settings.listen_host, settings.metrics_port)
-    registry = build_registry(settings, metrics)
-    liveness = f"http://{settings.listen_host}:{settings.liveness_port}/healthz" if settings.liveness_port else None
-    asyncio.run(kopf.operator(
-        registry=registry,
-        clusterwide=not settings.namespaces,
-        namespaces=list(settings.namespaces),
-        standalone=settings.peering is None,
-        peering_name=settings.peering,
-        priority=settings.priority,
-        identity=Identity(settings.identity),
-        liveness_endpoint=liveness,
-    ))
+    run(settings, metrics)
     return 0
 
 

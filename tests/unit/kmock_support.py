@@ -15,8 +15,10 @@ minimally and deterministically:
   whose `metadata.uid` names another object (422) or none (409), as the real API server answers;
 - create (POST): 409 AlreadyExists when the name is taken, else the object with its fields recorded as
   the manager's `Update` (which a later apply of the same manager does not own, as on a real server);
+  a `generateName` gets a name made of it;
 - a JSON patch of `metadata.managedFields` (ops `test` and `replace`), as `claim_fields` sends it;
-- equality-based `labelSelector` filtering of lists.
+- equality-based `labelSelector` filtering of lists;
+- watch events of these writes (ADDED on a create, MODIFIED otherwise), as kmock sends for its own.
 
 Every request still lands in kmock's request log, so tests count them with `writes(...)`.
 """
@@ -51,6 +53,7 @@ RESOURCES: dict[str, str] = {
     "policy/v1/poddisruptionbudgets": "PodDisruptionBudget",
     "networking.k8s.io/v1/networkpolicies": "NetworkPolicy",
     "disagg.dev/v1alpha1/inferenceservices": "InferenceService",
+    "v1/events": "Event",
 }
 # Fields no manager owns (identity and server-set bookkeeping).
 _UNOWNED: frozenset[Path] = frozenset({
@@ -262,15 +265,15 @@ class ApplyingEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         method = str(request.method.value).upper()
         if method == "POST" and request.resource is not None and request.name is None:
-            return self._create(request)
+            return await self._published(request, self._create(request))
         if request.resource is not None and request.name is not None:
             content_type = request.headers.get("Content-Type", "")
             if method == "PATCH" and content_type.startswith(APPLY_CONTENT_TYPE):
-                return self._apply(request)
+                return await self._published(request, self._apply(request))
             if method == "PATCH" and content_type.startswith("application/json-patch+json"):
-                return self._json_patch(request)
+                return await self._published(request, self._json_patch(request))
             if method == "PATCH" and request.subresource == "status":
-                return self._patch_status(request)
+                return await self._published(request, self._patch_status(request))
             if method == "DELETE":
                 refusal = self._check_preconditions(request)
                 if refusal is not None:
@@ -279,6 +282,14 @@ class ApplyingEmulator(kmock.KubernetesEmulator):
                 and request.params.get("labelSelector") and request.params.get("watch") != "true"):
             return self._list_selected(request)
         return await super()._handle(request)
+
+    async def _published(self, request: kmock.Request, response: aiohttp.web.StreamResponse) -> aiohttp.web.StreamResponse:
+        """The answer to a write, after the object as written went to the resource's watches."""
+        if (request.resource is not None and 200 <= response.status < 300 and isinstance(response, aiohttp.web.Response)
+                and isinstance(response.body, bytes)):
+            event = "ADDED" if response.status == 201 else "MODIFIED"
+            await self._buses[request.resource].put({"type": event, "object": json.loads(response.body)})
+        return response
 
     def _key(self, request: kmock.Request) -> tuple[kmock.resource, str | None, str]:
         assert request.resource is not None and request.name is not None
@@ -306,6 +317,10 @@ class ApplyingEmulator(kmock.KubernetesEmulator):
     def _create(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         assert request.resource is not None
         obj = _decode(request.body)
+        if isinstance(obj, dict) and not (obj.get("metadata") or {}).get("name"):
+            prefix = (obj.get("metadata") or {}).get("generateName")
+            if prefix:  # the API server's name: the prefix and five characters
+                obj["metadata"]["name"] = f"{prefix}{self._serial + 1:05d}"
         if not isinstance(obj, dict) or not (obj.get("metadata") or {}).get("name"):
             return _status(422, "Invalid", "metadata.name: Required value")
         name = obj["metadata"]["name"]

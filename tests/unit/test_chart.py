@@ -23,8 +23,8 @@ import yaml
 from disagg.catalog.engines import ENGINES
 from disagg.cli import build_parser
 from disagg.rbac import RULES
-from disagg.render.context import SERVICE_LABEL
 from disagg.scaling.signals import BY
+from disagg.wellknown import SERVICE_LABEL
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "disagg-operator"

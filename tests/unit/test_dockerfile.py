@@ -212,7 +212,7 @@ def test_entrypoint_runs_from_a_clean_venv(clean_venv: Path, tmp_path: Path) -> 
     assert "kind: Deployment" in rendered  # the jinja2 templates and the catalogue are in the wheel
     # the operator's runtime imports (kopf, the kubernetes client, prometheus) resolve from the wheel's deps
     proc = subprocess.run(
-        [str(clean_venv / "bin" / "python"), "-c", "import disagg, disagg.handlers; print(disagg.__file__)"],
+        [str(clean_venv / "bin" / "python"), "-c", "import disagg, disagg.runtime.handlers; print(disagg.__file__)"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_clean_env(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -26,8 +26,9 @@ from kmock_support import ApplyingEmulator, Write, writes
 from kubernetes import client as k8s
 
 from disagg.catalog.accelerators import load_catalog
-from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, FIELD_MANAGER, Kube
+from disagg.kube.client import Kube
 from disagg.reconcile.run import Outcome, Reconciler, reconcile_service
+from disagg.wellknown import AUTOSCALER_FIELD_MANAGER, FIELD_MANAGER
 
 pytestmark = pytest.mark.kmock(cls=ApplyingEmulator)
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from disagg.handlers import ReconcileQueue
+from disagg.runtime.queue import ReconcileQueue
 
 
 def body(name: str) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def test_spec_changes_go_ahead_of_status_work_and_waiting_services_are_not_queue
             release.wait(5)  # holds the only worker while the others queue up
         ran.append((obj["metadata"]["name"], trigger))
 
-    work = ReconcileQueue(1, run)
+    work = ReconcileQueue(1, run).start()
     try:
         work.submit(body("busy"), "event", ReconcileQueue.SPEC)
         time.sleep(0.1)
@@ -55,7 +55,7 @@ def test_a_spec_change_is_queued_even_when_the_service_waits_for_status_work() -
             release.wait(5)
         ran.append(f"{obj['metadata']['name']}/{trigger}")
 
-    work = ReconcileQueue(1, run)
+    work = ReconcileQueue(1, run).start()
     try:
         work.submit(body("busy"), "event", ReconcileQueue.SPEC)
         time.sleep(0.1)
@@ -84,7 +84,7 @@ def test_triggers_during_a_reconcile_fold_into_one_rerun_and_never_run_beside_it
         ran.append(f"{name}/{trigger}")
         running.discard(name)
 
-    work = ReconcileQueue(4, run)  # idle workers that could take a second copy of the service
+    work = ReconcileQueue(4, run).start()  # idle workers that could take a second copy of the service
     try:
         work.submit(body("svc"), "event", ReconcileQueue.SPEC)
         time.sleep(0.1)
@@ -106,7 +106,7 @@ def test_a_failing_reconcile_does_not_stop_its_worker() -> None:
             raise RuntimeError("a bug in one service's reconcile")
         ran.append(obj["metadata"]["name"])
 
-    work = ReconcileQueue(1, run)
+    work = ReconcileQueue(1, run).start()
     try:
         work.submit(body("broken"), "event", ReconcileQueue.SPEC)
         work.submit(body("fine"), "event", ReconcileQueue.SPEC)
@@ -125,7 +125,7 @@ def test_a_spec_change_runs_while_every_worker_is_in_slow_status_work_and_runs_o
             release.wait(5)  # status reconciles stuck behind a busy API server
         ran.append(f"{obj['metadata']['name']}/{trigger}")
 
-    work = ReconcileQueue(2, run, spec_workers=1)
+    work = ReconcileQueue(2, run, spec_workers=1).start()
     try:
         for name in ("rolling-0", "rolling-1", "rolling-2"):
             work.submit(body(name), "child", ReconcileQueue.STATUS)
@@ -149,7 +149,7 @@ def test_status_work_waits_for_its_delay_folding_triggers_but_a_spec_change_does
     def run(obj: Mapping[str, Any], trigger: str) -> None:
         ran.append((obj["metadata"]["name"], trigger, time.monotonic() - started))
 
-    work = ReconcileQueue(2, run, status_delay_s=0.5)
+    work = ReconcileQueue(2, run, status_delay_s=0.5).start()
     try:
         for _ in range(10):  # a rollout's Deployment events for one service, within 0.2 s
             work.submit(body("rolling"), "child", ReconcileQueue.STATUS)

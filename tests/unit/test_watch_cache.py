@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg.handlers import ChildCache
+from disagg.runtime.informers import ChildCache
 from disagg.kube.client import CHILD_KINDS, KINDS_BY_NAME, kind_of
 from disagg.reconcile import child_key
 from disagg.render import render_service

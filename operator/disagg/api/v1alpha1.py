@@ -31,6 +31,7 @@ from disagg.catalog.engines import (
     owned_flag,
     owned_flag_cel,
 )
+from disagg.wellknown import ROLES as ROLES  # the pools' roles, where the spec's pools are defined
 
 EngineKind = Literal["vllm", "sglang"]
 KVConnector = Literal["nixl", "mooncake"]
@@ -1057,6 +1058,3 @@ class InferenceServiceStatus(CRDModel):
     """The prefill pool."""
     decode: PoolStatus | None = None
     """The decode pool."""
-
-
-ROLES: tuple[Literal["prefill", "decode"], ...] = ("prefill", "decode")

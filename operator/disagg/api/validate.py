@@ -21,9 +21,10 @@ from disagg.api.layout import layout_errors
 from disagg.api.manifest import prune_nulls
 from disagg.api.names import dns_subdomain, qualified_name
 from disagg.api.quantity import parse_quantity
-from disagg.api.v1alpha1 import CHILD_SEPARATOR, MAX_NAME_LENGTH, ROLES, InferenceServiceSpec, PoolSpec
+from disagg.api.v1alpha1 import CHILD_SEPARATOR, MAX_NAME_LENGTH, InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import CROSS_VENDOR_CONNECTORS, ENGINES
+from disagg.wellknown import ROLES
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 CONTAINER_RESOURCES = ("cpu", "memory", "ephemeral-storage")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from disagg import GROUP, VERSION
 from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.capacity.models import ModelConfigError, ModelShape, builtin_model, from_hf_config, to_architecture
 from disagg.capacity.multinode import UnknownEfficiency
@@ -155,7 +156,7 @@ def manifest(result: Plan, name: str, namespace: str) -> dict[str, Any]:
     }
     validated = InferenceServiceSpec.model_validate(spec)
     return {
-        "apiVersion": "disagg.dev/v1alpha1",
+        "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "InferenceService",
         "metadata": {"name": name, "namespace": namespace},
         "spec": validated.model_dump(by_alias=True, exclude_none=True, mode="json"),

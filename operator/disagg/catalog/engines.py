@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
 
-Role = Literal["prefill", "decode"]
+from disagg.wellknown import Role as Role  # where engine flags and metrics are looked up by role
 
 NIXL_SIDE_CHANNEL_PORT = 5600
 MOONCAKE_BOOTSTRAP_PORT = 8998

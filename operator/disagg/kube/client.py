@@ -17,12 +17,14 @@ import urllib3
 from kubernetes import client as k8s
 
 from disagg import GROUP, PLURAL, VERSION
+from disagg.wellknown import (
+    AUTOSCALER_FIELD_MANAGER as AUTOSCALER_FIELD_MANAGER,  # where the autoscaler loop imports it
+)
+from disagg.wellknown import FIELD_MANAGER
 from disagg.yamlio import yaml_flow
 
 log = logging.getLogger(__name__)
 
-FIELD_MANAGER = "disagg"
-AUTOSCALER_FIELD_MANAGER = "disagg-autoscaler"
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,20 @@ class Kube:
         self.timeout_s = timeout_s
         self.on_request = on_request
         """Called with the HTTP method of every request (metrics count reads and writes)."""
+
+    @property
+    def host(self) -> str:
+        """The API server's URL."""
+        return str(self.api.configuration.host)
+
+    @property
+    def ca_file(self) -> str | None:
+        """The file of the CA that signed the API server's certificate, if the client was given one."""
+        ca = self.api.configuration.ssl_ca_cert
+        return str(ca) if ca else None
+
+    def close(self) -> None:
+        self.api.close()  # type: ignore[no-untyped-call]
 
     def request(
         self,

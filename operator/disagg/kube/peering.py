@@ -8,12 +8,26 @@ rule: act only while no live peer has a higher (or the same) priority.
 from __future__ import annotations
 
 import datetime
+import getpass
+import os
+import secrets
+import socket
 from dataclasses import dataclass
 
 from disagg.kube.client import ApiError, Kind, Kube
 
 CLUSTER_PEERING = Kind("kopf.dev/v1", "ClusterKopfPeering", "clusterkopfpeerings")
 NAMESPACED_PEERING = Kind("kopf.dev/v1", "KopfPeering", "kopfpeerings")
+
+
+def own_identity() -> str:
+    """This process's name in the peering object, as kopf names its peers: the pod's name where the
+    Deployment sets POD_ID, else user@host/start time/a random suffix (several at once stay apart)."""
+    pod = os.environ.get("POD_ID")
+    if pod:
+        return pod
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d%H%M%S")
+    return f"{getpass.getuser()}@{socket.gethostname()}/{started}/{secrets.token_hex(2)}"
 
 
 def _parse(moment: str) -> datetime.datetime:
@@ -32,9 +46,9 @@ class PeeringCheck:
 
     def is_active(self) -> bool:
         if self.namespace is None:
-            path = f"/apis/kopf.dev/v1/clusterkopfpeerings/{self.name}"
+            path = f"{CLUSTER_PEERING.collection(None)}/{self.name}"
         else:
-            path = f"{NAMESPACED_PEERING.path(self.namespace, self.name)}"
+            path = NAMESPACED_PEERING.path(self.namespace, self.name)
         try:
             peering = self.kube.request("GET", path)
         except ApiError:

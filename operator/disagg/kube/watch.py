@@ -52,9 +52,19 @@ class KindWatch:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"disagg-watch-{kind.plural}-{namespace or 'all'}")
+        self._open: Any = None
+        """The watch response being read, if any."""
 
     def start(self) -> None:
         self.thread.start()
+
+    def close(self) -> None:
+        """Stops the thread now: a watch waiting for its next event is cut (it would wait up to
+        WATCH_TIMEOUT_S), and the connection goes back to the API server."""
+        self.stop.set()
+        response = self._open
+        if response is not None:
+            response.shutdown()
 
     def _run(self) -> None:
         version: str | None = None
@@ -130,6 +140,9 @@ class KindWatch:
 
     def _events(self, query: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
         response = self.kube.open_stream(self.path, query, read_timeout_s=WATCH_TIMEOUT_S + 30)
+        self._open = response
+        if self.stop.is_set():  # closed while the watch was being opened
+            response.shutdown()
         try:
             pending = b""
             for chunk in response.stream(65536, decode_content=True):
@@ -139,4 +152,5 @@ class KindWatch:
                     if line.strip():
                         yield json.loads(line)
         finally:
+            self._open = None
             response.release_conn()

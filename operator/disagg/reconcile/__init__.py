@@ -9,10 +9,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from disagg import GROUP
 from disagg.reconcile.diff import contains
+from disagg.wellknown import APPLIED_HASH_ANNOTATION
 
-APPLIED_HASH_ANNOTATION = f"{GROUP}/applied-hash"
 POOL_KINDS = frozenset({"Deployment", "LeaderWorkerSet"})
 """Kinds a pool is (one-node workers, multi-node worker groups); the autoscaler owns their replicas."""
 

@@ -14,14 +14,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec, NetworkPolicyPeer
+from disagg.api.v1alpha1 import InferenceServiceSpec, NetworkPolicyPeer
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.kube.client import (
-    AUTOSCALER_FIELD_MANAGER,
     CHILD_KINDS,
     DEPLOYMENT,
-    FIELD_MANAGER,
     INFERENCE_SERVICE,
     LEADER_WORKER_SET,
     POD,
@@ -44,17 +42,21 @@ from disagg.reconcile.status import (
     pool_status,
 )
 from disagg.render import Owner, render_children
-from disagg.render.context import (
-    DEFAULT_METRICS_SCRAPERS,
-    RDMA_POD_SECURITY,
+from disagg.render.context import DEFAULT_METRICS_SCRAPERS, RDMA_POD_SECURITY, kv_service_name
+from disagg.wellknown import (
+    AUTOSCALER_FIELD_MANAGER,
+    FIELD_MANAGER,
+    INITIAL_REPLICAS_ANNOTATION,
+    LEGACY_FINALIZER,
+    MANAGED_SELECTOR,
     ROLE_LABEL,
+    ROLES,
+    ROUTER,
     SERVICE_LABEL,
-    kv_service_name,
 )
 
 log = logging.getLogger(__name__)
 
-LEGACY_FINALIZER = "disagg.dev/finalizer"
 LWS_UNAVAILABLE = "LeaderWorkerSetUnavailable"
 DEFAULT_REPLICAS = 1
 """What the API server sets a Deployment's spec.replicas to when the manifest has none."""
@@ -167,7 +169,7 @@ def conflict_with(obj: dict[str, Any]) -> ChildConflict:
 
 
 def selector_for(name: str) -> str:
-    return f"{SERVICE_LABEL}={name},app.kubernetes.io/managed-by=disagg"
+    return f"{SERVICE_LABEL}={name},{MANAGED_SELECTOR}"
 
 
 def live_children(
@@ -318,7 +320,7 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
                 # initial count (unless that is the default too, see create_scaled below). Any other
                 # count was set by hand through the scale subresource, which records no owner for a
                 # field nobody owned: it stays, for the autoscaler to take over.
-                replicas = int(manifest["metadata"]["annotations"]["disagg.dev/initial-replicas"])
+                replicas = int(manifest["metadata"]["annotations"][INITIAL_REPLICAS_ANNOTATION])
                 if int(current.get("spec", {}).get("replicas", DEFAULT_REPLICAS)) != DEFAULT_REPLICAS:
                     continue
                 if replicas == DEFAULT_REPLICAS:
@@ -355,7 +357,7 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
         if current is None:
             created.add(key)
     for manifest in plan.create_scaled:
-        initial = int(manifest["metadata"]["annotations"]["disagg.dev/initial-replicas"])
+        initial = int(manifest["metadata"]["annotations"][INITIAL_REPLICAS_ANNOTATION])
         key = child_key(manifest)
         # The API server's default is the initial count already: no write. The field then has no
         # manager at all, so no later apply resets it, and the autoscaler's first decision takes it
@@ -484,7 +486,7 @@ def _observe(
     name, namespace = meta["name"], meta["namespace"]
     deployments: dict[str, dict[str, Any] | None] = {}
     troubles: dict[str, PodTrouble | None] = {}
-    for role in (*ROLES, "router"):
+    for role in (*ROLES, ROUTER):
         deployment = children.get(("apps/v1", "Deployment", f"{name}-{role}"))
         if role in ROLES and getattr(spec, role).multi_node:
             deployment = children.get((LEADER_WORKER_SET.api_version, LEADER_WORKER_SET.kind, f"{name}-{role}"))

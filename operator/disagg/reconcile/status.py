@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
+from disagg.api.v1alpha1 import InferenceServiceSpec
+from disagg.wellknown import ROLES
 
 CONDITION_TYPES = ("Ready", "PrefillReady", "DecodeReady", "RouterReady", "KVTransferReady")
 

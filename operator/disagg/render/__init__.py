@@ -12,7 +12,8 @@ from typing import Any
 import jinja2
 from pydantic import ValidationError
 
-from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec, NetworkPolicyPeer
+from disagg import wellknown
+from disagg.api.v1alpha1 import InferenceServiceSpec, NetworkPolicyPeer
 from disagg.api.validate import validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.render.context import (
@@ -25,6 +26,7 @@ from disagg.render.context import (
     pool_values,
     router_values,
 )
+from disagg.wellknown import ROLES
 from disagg.yamlio import load_all
 
 _env = jinja2.Environment(
@@ -49,6 +51,12 @@ def _set_aside(context: jinja2.runtime.Context, value: Any) -> str:
 
 
 _env.filters["j"] = _set_aside
+_env.globals.update(
+    SERVICE_LABEL=wellknown.SERVICE_LABEL, ROLE_LABEL=wellknown.ROLE_LABEL, ROLES=wellknown.ROLES,
+    ROUTER=wellknown.ROUTER,
+    INITIAL_REPLICAS_ANNOTATION=wellknown.INITIAL_REPLICAS_ANNOTATION,
+    AUTOSCALED_ANNOTATION=wellknown.AUTOSCALED_ANNOTATION, POD_SECURITY_ANNOTATION=wellknown.POD_SECURITY_ANNOTATION,
+)
 
 
 def _fill(node: Any, values: list[Any]) -> Any:

@@ -15,11 +15,15 @@ from disagg.api.v1alpha1 import CHILD_SEPARATOR, InferenceServiceSpec, NetworkPo
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port, vllm_kv_transfer_config
 from disagg.render import multinode
+from disagg.wellknown import (
+    LWS_WORKER_INDEX_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    ROLE_LABEL,
+    ROUTER,
+    SERVICE_LABEL,
+)
 
-MANAGED_BY = "disagg"
-SERVICE_LABEL = f"{GROUP}/service"
-ROLE_LABEL = f"{GROUP}/role"
-INITIAL_REPLICAS_ANNOTATION = f"{GROUP}/initial-replicas"
 MODEL_DIR = "/models"
 CACHE_DIR = "/model-cache"
 ENGINE_HOME = "/home/engine"
@@ -27,7 +31,6 @@ ENGINE_HOME = "/home/engine"
 # uid, so HOME and USER come from the environment): HOME is a writable emptyDir, where HF, vLLM, Triton,
 # Inductor and FlashInfer keep their caches, and USER lets Python's getpass name a uid /etc/passwd lacks.
 ENGINE_UID = 2000
-POD_SECURITY_ANNOTATION = f"{GROUP}/pod-security"
 RDMA_POD_SECURITY = (
     "privileged: kvTransfer.rdma pins KV buffers for the NIC, which needs CAP_IPC_LOCK; Kubernetes grants an "
     "added capability only to root (no ambient capabilities), so these engine pods run as uid 0 with "
@@ -92,7 +95,7 @@ def labels(owner: Owner, role: str, app: str) -> dict[str, str]:
         "app.kubernetes.io/instance": owner.name,
         "app.kubernetes.io/component": role,
         "app.kubernetes.io/part-of": "disagg",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MANAGED_BY_LABEL: MANAGED_BY,
         SERVICE_LABEL: owner.name,
         ROLE_LABEL: role,
     }
@@ -414,9 +417,9 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
     decode_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=decode"]
     # a multi-node worker serves HTTP on its leader only: the router discovers leaders
     if spec.prefill.multi_node:
-        prefill_selector.append(f"{multinode.WORKER_INDEX_LABEL}=0")
+        prefill_selector.append(f"{LWS_WORKER_INDEX_LABEL}=0")
     if spec.decode.multi_node:
-        decode_selector.append(f"{multinode.WORKER_INDEX_LABEL}=0")
+        decode_selector.append(f"{LWS_WORKER_INDEX_LABEL}=0")
     common = [
         "--host", "0.0.0.0",
         "--port", str(spec.router.port),
@@ -448,8 +451,8 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
     return Router(
         name=f"{owner.name}-router",
         replicas=spec.router.replicas,
-        labels=labels(owner, "router", app),
-        selector=selector(owner, "router"),
+        labels=labels(owner, ROUTER, app),
+        selector=selector(owner, ROUTER),
         image=spec.router.image or engine.router_image,
         command=command,
         args=args,

@@ -24,9 +24,9 @@ from typing import Any
 
 from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import Accelerator
+from disagg.wellknown import ROLE_LABEL, SERVICE_LABEL
 
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
-WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 GROUP_KEY_LABEL = "leaderworkerset.sigs.k8s.io/group-key"
 LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"
 WORKER_INDEX = "$(LWS_WORKER_INDEX)"
@@ -120,7 +120,7 @@ def placement(
     if pool.multi_node and key is not None:
         mode = topology.packing if topology is not None else "Required"
         terms.append((mode, {
-            "labelSelector": {"matchLabels": {"disagg.dev/service": service, "disagg.dev/role": role}},
+            "labelSelector": {"matchLabels": {SERVICE_LABEL: service, ROLE_LABEL: role}},
             # the LWS webhook labels every pod of a group with its group key: the term then selects the
             # pod's own group (the leader, first of its group, satisfies it anywhere)
             "matchLabelKeys": [GROUP_KEY_LABEL],
@@ -128,7 +128,7 @@ def placement(
         }))
     if role == "decode" and topology is not None and topology.pairing is not None and key is not None:
         terms.append((topology.pairing, {
-            "labelSelector": {"matchLabels": {"disagg.dev/service": service, "disagg.dev/role": "prefill"}},
+            "labelSelector": {"matchLabels": {SERVICE_LABEL: service, ROLE_LABEL: "prefill"}},
             "topologyKey": key,
         }))
     if not terms:
