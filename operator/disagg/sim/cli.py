@@ -9,9 +9,9 @@ from pathlib import Path
 
 from disagg.capacity.models import ModelConfigError, ModelShape, builtin_model, from_hf_config
 from disagg.catalog.accelerators import AcceleratorCatalog, CatalogError, load_catalog
-from disagg.sim.engine import PoolSetup, SimResult, SimSetup
+from disagg.sim.engine import NothingMeasured, PoolSetup, SimResult, SimSetup
 from disagg.sim.runner import POLICIES, initial_replicas, run_policy
-from disagg.sim.traces import TraceError, build_workload, read_trace, with_warmup
+from disagg.sim.traces import TraceError, Workload, build_workload, read_trace, with_warmup
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +52,27 @@ def _model(args: argparse.Namespace) -> ModelShape:
     if args.model_config is not None:
         return from_hf_config(args.model_config)
     return builtin_model(args.model)
+
+
+_FLAGS = {"warmup_s": "--warmup-s", "startup_s": "--startup-s", "duration_s": "--duration", "requests": "--duration"}
+"""The flag behind each setting a refused simulation names."""
+
+
+def _nothing_measured(args: argparse.Namespace, workload: Workload) -> str | None:
+    """Why these flags would measure nothing, naming the flag; None when they measure something."""
+    length = f"{workload.duration_s:.4g} s" + (
+        "" if args.duration is not None else f", the trace at --time-scale {args.time_scale:g}"
+    )
+    if args.warmup_s > 0 and args.warmup_s >= workload.duration_s:
+        return (f"--warmup-s {args.warmup_s:g} is at least as long as the workload ({length}): nothing would be "
+                "measured; use a shorter warm-up")
+    if workload.duration_s < args.startup_s:
+        flag = "--duration" if args.duration is not None else "--time-scale"
+        return (f"{flag}: the workload ({length}) is shorter than one replica start-up (--startup-s "
+                f"{args.startup_s:g}): no scaling decision could take effect")
+    if workload.requests == 0:
+        return f"--duration: no request arrives in the first {workload.duration_s:g} s of the trace (empty window)"
+    return None
 
 
 def format_table(results: list[dict[str, object]]) -> str:
@@ -101,6 +122,10 @@ def simulate_main(argv: list[str]) -> int:
     except TraceError as error:
         print(f"disagg simulate: {error}", file=sys.stderr)
         return 2
+    problem = _nothing_measured(args, workload)
+    if problem is not None:
+        print(f"disagg simulate: {problem}", file=sys.stderr)
+        return 2
     setup = SimSetup(
         model=model,
         prefill=PoolSetup(prefill_acc, args.prefill_tp, 1, 1, args.max_replicas),
@@ -115,7 +140,11 @@ def simulate_main(argv: list[str]) -> int:
     measured = workload
     workload = with_warmup(workload, setup.warmup_s)
     setup = initial_replicas(setup, workload)
-    runs: list[SimResult] = [run_policy(name, setup, workload, catalog) for name in names]
+    try:
+        runs: list[SimResult] = [run_policy(name, setup, workload, catalog) for name in names]
+    except NothingMeasured as error:
+        print(f"disagg simulate: {_FLAGS.get(error.setting, '--duration')}: {error}", file=sys.stderr)
+        return 2
     summaries = [run.summary() for run in runs]
     if args.output == "json":
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))

@@ -102,6 +102,41 @@ class SimSetup:
     billed nor measured: results describe a service already running (steady state), not a cold start."""
 
 
+class NothingMeasured(ValueError):
+    """A simulation that would measure nothing (a warm-up covering the workload, a measured span shorter
+    than one replica start-up, no request to measure): refused rather than reported as a result."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+        """The SimSetup or Workload field at fault (`warmup_s`, `startup_s`, `duration_s`, `requests`)."""
+
+
+def check_measurable(setup: SimSetup, workload: Workload) -> None:
+    """Raises NothingMeasured unless `workload` (warm-up included) leaves something to measure."""
+    measured_s = workload.duration_s - setup.warmup_s
+    if setup.warmup_s > 0 and setup.warmup_s >= measured_s:
+        # the warm-up replays the workload's own last `warmup_s` (with_warmup): it cannot be longer
+        raise NothingMeasured(
+            "warmup_s",
+            f"the warm-up ({setup.warmup_s:g} s) is at least as long as the workload it warms up "
+            f"({max(measured_s, 0.0):g} s): nothing, or only a replay of the warm-up, would be measured",
+        )
+    if measured_s < setup.startup_s:
+        raise NothingMeasured(
+            "duration_s",
+            f"the measured span ({measured_s:g} s) is shorter than one replica start-up ({setup.startup_s:g} s): "
+            "no scaling decision could take effect within it",
+        )
+    first_measured = int(np.searchsorted(workload.arrivals, setup.warmup_s))
+    if first_measured >= workload.requests:
+        raise NothingMeasured(
+            "requests",
+            f"no request arrives in the measured span ({setup.warmup_s:g} s to {workload.duration_s:g} s): "
+            "the trace window is empty",
+        )
+
+
 class Controller(Protocol):
     """An autoscaler in the loop: ours (disagg.scaling.policy) or a baseline."""
 
@@ -189,8 +224,8 @@ class SimResult:
     decisions: list[tuple[float, str, str]] = field(default_factory=list)
 
     def attainment(self) -> float:
-        if self.requests == 0:
-            return 1.0
+        if self.requests == 0:  # simulate() refuses such runs; never report them as met
+            return math.nan
         ok_ttft = self.ttft_s <= self.ttft_target_s
         ok_itl = np.isnan(self.itl_s) | (self.itl_s <= self.itl_target_s)
         return float(np.mean(ok_ttft & ok_itl))
@@ -406,7 +441,10 @@ def _fill_timeline(
 def simulate(
     setup: SimSetup, workload: Workload, controller: Controller, *, record_decisions: bool = False
 ) -> SimResult:
-    """Replay `workload` through the pools of `setup` with `controller` deciding replicas."""
+    """Replay `workload` through the pools of `setup` with `controller` deciding replicas.
+
+    Raises NothingMeasured for a run that would measure nothing (see `check_measurable`)."""
+    check_measurable(setup, workload)
     wall_start = time.perf_counter()
     model = setup.model
     eff = setup.engine
