@@ -44,6 +44,7 @@ Traces: Azure Public Dataset (Microsoft, CC-BY-4.0) and Mooncake FAST'25 traces 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -262,7 +263,9 @@ _SIM_FILES = (
 )
 
 
+@functools.cache
 def _fingerprint(paths: tuple[str, ...]) -> str:
+    """A hash of these files as they were when first asked (a run keeps its keys while files change)."""
     digest = hashlib.sha256()
     for name in paths:
         path = ROOT / name
@@ -367,8 +370,7 @@ def _claim(path: Path) -> bool:
     return True
 
 
-def _work(unit: Unit, cache: Path) -> tuple[Unit, dict[str, Any] | None]:
-    path = unit.path(cache)
+def _work(unit: Unit, path: Path) -> tuple[Unit, dict[str, Any] | None]:
     if path.exists():
         return unit, json.loads(path.read_text())
     if not _claim(path):
@@ -396,7 +398,7 @@ def run_all(units: list[Unit], cache: Path, jobs: int) -> Iterator[tuple[Unit, d
     started = time.perf_counter()
     print(f"{len(units) - len(todo)} results cached, {len(todo)} to compute with {jobs} jobs", file=sys.stderr)
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        pending: set[Future[tuple[Unit, dict[str, Any] | None]]] = {pool.submit(_work, u, cache) for u in todo}
+        pending: set[Future[tuple[Unit, dict[str, Any] | None]]] = {pool.submit(_work, u, u.path(cache)) for u in todo}
         finished = 0
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -16,7 +16,7 @@ import yaml
 
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, Kube
-from disagg.reconcile.autoscale import Autoscaler, Index
+from disagg.scaling.loop import Autoscaler, Index
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
 from disagg.scaling.signals import Observations, QuerySet, histogram_quantile, prometheus_duration_seconds

@@ -12,6 +12,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from disagg.catalog.engines import Role
+
 EngineKind = Literal["vllm", "sglang"]
 KVConnector = Literal["nixl", "mooncake"]
 Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
@@ -407,4 +409,4 @@ class InferenceServiceStatus(CRDModel):
     """The decode pool."""
 
 
-ROLES: tuple[Literal["prefill", "decode"], ...] = ("prefill", "decode")
+ROLES: tuple[Role, Role] = ("prefill", "decode")
