@@ -738,3 +738,53 @@ def test_decode_with_a_tight_ttft_is_sized_on_two_ticks_not_one_scrape_of_its_ga
 
     assert second_tick(SETTINGS) == 4  # (150 + 300) / 2 sequences at ~73 per H200
     assert second_tick(replace(SETTINGS, min_horizon_ticks=1)) == 5  # 300 alone
+
+
+# Requests out of reach (issue 22): prompts whose prefill alone exceeds the TTFT target.
+def _long_prompt_run(prompt_buckets: tuple[tuple[float, float], ...], ticks: int = 30) -> tuple[int, str, float]:
+    """Steady ticks at 50k prompt tok/s on 8 ready replicas, the TTFT p90 at 3 s (over the 1-s target)
+    with requests queueing: because of the long prompts when `prompt_buckets` says so."""
+    state, decisions = PolicyState(), {}
+    current = {"prefill": 8, "decode": 4}
+    rate = 50_000 / 2000
+    # 80 % of the requests within 0.4 s, 20 % (the long prompts) at 2-4 s
+    ttft = ((0.25, rate * 0.4), (0.5, rate * 0.8), (1.0, rate * 0.8), (2.0, rate * 0.8), (4.0, rate),
+            (math.inf, rate))
+    for tick in range(ticks):
+        now = 100.0 + 15.0 * tick
+        pic = LoadPicture(
+            replace(prefill_signals(50_000, now, ready=current["prefill"], ttft_s=3.0, ttft_buckets=ttft,
+                                    prompt_buckets=prompt_buckets), waiting_requests=3.0),
+            decode_signals(9000, now, ready=4),
+        )
+        decisions, state = run(pic, current, state, now=now, settings=replace(SETTINGS, signal_window_s=0.0))
+        current = {role: d.desired for role, d in decisions.items()}
+    return current["prefill"], decisions["prefill"].reason, state.pool("prefill").slo_guard
+
+
+def test_prompts_too_long_for_the_ttft_target_do_not_drive_prefill_up() -> None:
+    # 20 % of the prompts over 10k tokens: on 2 x H100 their prefill alone takes over a second (the
+    # target is 1 s). Read over all requests, the p90 TTFT (3 s) says the SLO is broken and the guard
+    # grows the pool tick after tick; read over the requests in reach (p90 of 80 %: under 0.5 s) it holds.
+    rate = 50_000 / 2000
+    lengths = ((1000.0, rate * 0.4), (2000.0, rate * 0.8), (5000.0, rate * 0.8), (10000.0, rate * 0.8),
+               (20000.0, rate), (math.inf, rate))
+    blind, _, blind_guard = _long_prompt_run(())
+    told, reason, guard = _long_prompt_run(lengths)
+    assert blind_guard > 1.5 and blind > told, (blind, blind_guard, told)
+    assert guard == pytest.approx(1.0, abs=0.01), reason
+    assert "20.0% of requests out of reach (prompts over" in reason
+
+
+def test_the_share_out_of_reach_reaches_the_pool_decision() -> None:
+    rate = 25.0
+    lengths = ((1000.0, rate * 0.9), (5000.0, rate * 0.95), (50000.0, rate), (math.inf, rate))
+    pic = LoadPicture(prefill_signals(50_000, ready=8, prompt_buckets=lengths), decode_signals(9000, ready=4))
+    decisions, _ = run(pic, {"prefill": 8, "decode": 4})
+    out = decisions["prefill"].out_of_reach
+    assert out is not None and 0.03 < out[0] < 0.05, out  # prompts over ~5.5k tokens: 5 % minus a sliver
+    assert "more replicas do not shorten them" in out[1] and "2 x nvidia-h100" in out[1]
+    assert decisions["decode"].out_of_reach is None
+    short = LoadPicture(prefill_signals(50_000, ready=8, prompt_buckets=((1000.0, rate), (math.inf, rate))),
+                        decode_signals(9000, ready=4))
+    assert run(short, {"prefill": 8, "decode": 4})[0]["prefill"].out_of_reach is None

@@ -15,9 +15,7 @@ the requests in reach.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from disagg.capacity.models import ModelShape
 from disagg.capacity.roofline import (
@@ -30,6 +28,10 @@ from disagg.capacity.roofline import (
     prefill_seconds,
 )
 from disagg.catalog.accelerators import Accelerator
+
+if TYPE_CHECKING:  # numpy is the simulator's and the planner's (--trace), not the operator's
+    import numpy as np
+    import numpy.typing as npt
 
 
 @dataclass(frozen=True)
@@ -54,17 +56,15 @@ class Reach:
     itl_context: float
     """The longest context whose single-sequence decode step fits the ITL target (tokens)."""
 
-    def prompt_share(self, prompt_tokens: npt.NDArray[np.int64]) -> float:
-        """Share of these prompts longer than `longest_prompt`."""
-        return float(np.mean(prompt_tokens > self.longest_prompt)) if prompt_tokens.size else 0.0
-
 
 def unloaded_ttft_s(
     model: ModelShape, prefill: Phase, decode: Phase, prompt_tokens: float, *,
     eff: Efficiency = DEFAULT_EFFICIENCY, rdma: bool = True, batch_overhead_s: float = 0.0,
+    prefill_scale: float = 1.0,
 ) -> float:
-    """TTFT of one prompt on idle replicas: its prefill, the KV hand-off and one decode step."""
-    prefill_s = prefill_seconds(model, prefill.accelerator, prefill.tensor_parallel, prompt_tokens, eff)
+    """TTFT of one prompt on idle replicas: its prefill (the model's times `prefill_scale`, what the
+    engine measured over what the model predicts), the KV hand-off and one decode step."""
+    prefill_s = prefill_seconds(model, prefill.accelerator, prefill.tensor_parallel, prompt_tokens, eff) * prefill_scale
     link = kv_link_bytes_per_s(prefill.tensor_parallel, decode.tensor_parallel, rdma)
     handoff = kv_transfer_seconds(model, prompt_tokens, link, eff)
     first_step = decode_step_seconds(model, decode.accelerator, decode.tensor_parallel, 1.0, prompt_tokens, eff)
@@ -90,6 +90,18 @@ def _longest(fits: object, high: float) -> float:
     return low
 
 
+def longest_prompt(
+    model: ModelShape, prefill: Phase, decode: Phase, *, ttft_s: float, eff: Efficiency = DEFAULT_EFFICIENCY,
+    rdma: bool = True, batch_overhead_s: float = 0.0, prefill_scale: float = 1.0,
+) -> float:
+    """The longest prompt whose unloaded TTFT (`unloaded_ttft_s`) fits `ttft_s` (tokens; 0 when none does)."""
+    return _longest(
+        lambda tokens: unloaded_ttft_s(model, prefill, decode, tokens, eff=eff, rdma=rdma,
+                                       batch_overhead_s=batch_overhead_s, prefill_scale=prefill_scale) <= ttft_s,
+        float(model.max_context),
+    )
+
+
 def reach(
     model: ModelShape, prefill: Phase, decode: Phase, *, ttft_s: float, itl_s: float,
     eff: Efficiency = DEFAULT_EFFICIENCY, rdma: bool = True, batch_overhead_s: float = 0.0,
@@ -97,17 +109,14 @@ def reach(
     """The limits of what one replica of each pool serves within `ttft_s` and `itl_s`."""
     max_context = float(model.max_context)
     kv_tokens = kv_capacity_tokens(model, decode.accelerator, decode.tensor_parallel, eff)
-    longest_prompt = _longest(
-        lambda tokens: unloaded_ttft_s(model, prefill, decode, tokens, eff=eff, rdma=rdma,
-                                       batch_overhead_s=batch_overhead_s) <= ttft_s,
-        max_context,
-    )
+    prompt = longest_prompt(model, prefill, decode, ttft_s=ttft_s, eff=eff, rdma=rdma,
+                            batch_overhead_s=batch_overhead_s)
     itl_context = _longest(
         lambda tokens: decode_step_seconds(model, decode.accelerator, decode.tensor_parallel, 1.0, tokens, eff)
         <= itl_s,
         max_context,
     )
-    return Reach(longest_prompt, kv_tokens, max_context, itl_context)
+    return Reach(prompt, kv_tokens, max_context, itl_context)
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,8 @@ def out_of_reach(
     limits: Reach, prompt_tokens: npt.NDArray[np.int64], output_tokens: npt.NDArray[np.int64]
 ) -> OutOfReach:
     """Which of these requests no replica count serves within the targets, and why."""
+    import numpy as np
+
     prompt = prompt_tokens.astype(np.float64)
     output = output_tokens.astype(np.float64)
     fit = (prompt + output > limits.kv_tokens) | (prompt > limits.max_context)

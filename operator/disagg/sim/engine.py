@@ -57,6 +57,13 @@ FloatArray = npt.NDArray[np.float64]
 BUCKETS: FloatArray = np.geomspace(1e-3, 200.0, 121)
 
 
+def prompt_buckets(max_context: int) -> FloatArray:
+    """vLLM's prompt-length buckets (`vllm:request_prompt_tokens`): 1, 2, 5, 10, 20, 50, ... up to the
+    model's context length; the simulator exports the same, with an open last bucket."""
+    bounds = [m * 10**e for e in range(12) for m in (1, 2, 5) if m * 10**e <= max_context]
+    return np.asarray([*bounds, math.inf])
+
+
 @dataclass(frozen=True)
 class PoolSetup:
     """One simulated pool: its accelerator, tensor parallelism and scaling bounds."""
@@ -177,6 +184,8 @@ class _Snapshot:
     finished_output_tokens: float
     ttft_hist: FloatArray
     """The prefill engines' TTFT (arrival to the prefill's token)."""
+    prompt_hist: FloatArray
+    """Prompt lengths of the requests prefill finished (`prompt_buckets`)."""
     decode_ttft_hist: FloatArray
     """The decode engines' TTFT (the prefill's end to the first decoded token: the KV hand-off, admission
     and first step)."""
@@ -309,6 +318,8 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
     prompt = newest.prompt_tokens - oldest.prompt_tokens
     mean_prompt = prompt / done if done > 0 else None
     ttft_hist = newest.ttft_hist - oldest.ttft_hist
+    lengths = np.cumsum(newest.prompt_hist - oldest.prompt_hist) / span
+    bounds = prompt_buckets(setup.model.max_context)
     decode_ttft_hist = newest.decode_ttft_hist - oldest.decode_ttft_hist
     mean_output = (newest.finished_output_tokens - oldest.finished_output_tokens) / finished if finished else None
     prefill = PoolSignals(
@@ -322,6 +333,7 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         requests_last=float(newest.arrivals - last.arrivals),
         ttft_s=_quantile(ttft_hist, setup.percentile),
         ttft_buckets=_buckets(ttft_hist, span),
+        prompt_buckets=tuple(zip(bounds.tolist(), lengths.tolist(), strict=True)),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
         prefill_time_s=(newest.prefill_busy_s - oldest.prefill_busy_s) / done if done > 0 else None,
@@ -499,6 +511,9 @@ def simulate(
     generated = 0.0
     finished_output = 0.0
     ttft_hist = np.zeros(BUCKETS.size)
+    length_bounds = prompt_buckets(model.max_context)
+    prompt_hist = np.zeros(length_bounds.size)
+    length_bucket = np.minimum(np.searchsorted(length_bounds, prompt), length_bounds.size - 1)
     decode_ttft_hist = np.zeros(BUCKETS.size)
     itl_hist = np.zeros(BUCKETS.size)
 
@@ -521,6 +536,7 @@ def simulate(
             prefill_busy += service[request]
             engine_ttft[request] = done_at - arrivals[request]
             ttft_hist[_bucket(engine_ttft[request])] += 1
+            prompt_hist[length_bucket[request]] += 1
             prompt_tokens_done += prompt[request]
             counters["prefill_done"] += 1
             heapq.heappush(decode_inbox, (done_at + transfer[request], request))
@@ -677,6 +693,7 @@ def simulate(
                     finished=counters["finished"],
                     finished_output_tokens=finished_output,
                     ttft_hist=ttft_hist.copy(),
+                    prompt_hist=prompt_hist.copy(),
                     decode_ttft_hist=decode_ttft_hist.copy(),
                     itl_hist=itl_hist.copy(),
                     prefill_waiting=sum(len(r.queue) for r in prefill_replicas),

@@ -10,8 +10,9 @@ model of a replica and what is learnt online), `prefill` and `decode` (each pool
 SLO's error budget), `step` (a step up in load), `decide` (stabilisation, bounds, the accelerator budget).
 """
 
-from disagg.scaling.policy.budget import ErrorBudget, share_above
+from disagg.scaling.policy.budget import ErrorBudget
 from disagg.scaling.policy.decide import decide
+from disagg.scaling.policy.histogram import histogram_quantile, share_above
 from disagg.scaling.policy.model import fit_ttft_model
 from disagg.scaling.policy.picture import LoadPicture, PoolSignals
 from disagg.scaling.policy.settings import PolicySettings
@@ -27,5 +28,6 @@ __all__ = [
     "PoolSignals",
     "decide",
     "fit_ttft_model",
+    "histogram_quantile",
     "share_above",
 ]

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.catalog.engines import ENGINES
+from disagg.scaling.policy.histogram import share_above
 from disagg.scaling.policy.picture import LoadPicture
 from disagg.scaling.policy.settings import PolicySettings
 
@@ -23,24 +24,6 @@ class ErrorBudget(NamedTuple):
     requests: float
     over: float
     """Of those, the requests over the TTFT target."""
-
-
-def share_above(bound: float, buckets: tuple[tuple[float, float], ...]) -> float | None:
-    """Share of a cumulative histogram's observations above `bound`, linear within the bucket holding
-    it (histogram_quantile's assumption); None for an empty histogram."""
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    total = buckets[-1][1]
-    lower_bound, lower_count = 0.0, 0.0
-    for upper, count in buckets:
-        if bound <= upper:
-            if math.isinf(upper):
-                return (total - lower_count) / total
-            within = (bound - lower_bound) / (upper - lower_bound) if upper > lower_bound else 1.0
-            below = lower_count + (count - lower_count) * min(max(within, 0.0), 1.0)
-            return (total - below) / total
-        lower_bound, lower_count = upper, count
-    return 0.0
 
 
 def over_target(picture: LoadPicture, spec: InferenceServiceSpec) -> tuple[float, float] | None:
@@ -63,9 +46,11 @@ def over_target(picture: LoadPicture, spec: InferenceServiceSpec) -> tuple[float
 
 def count_budget(
     budget: ErrorBudget | None, picture: LoadPicture, spec: InferenceServiceSpec, settings: PolicySettings,
+    out_of_reach: float = 0.0,
 ) -> ErrorBudget | None:
     """The error budget after this tick. A tick adds the requests of the time since the last one it
-    counted (at most a rate window), at the share over the target its window shows."""
+    counted (at most a rate window), at the share over the target its window shows; of the requests in
+    reach only (`out_of_reach`: the share no replica count serves in time, all of them over the target)."""
     signals = picture.prefill
     assert signals is not None
     observed = over_target(picture, spec)
@@ -75,8 +60,9 @@ def count_budget(
         budget, since = ErrorBudget(signals.sampled_at, 0.0, 0.0), settings.signal_window_s
     else:
         since = min(signals.sampled_at - budget.sampled_at, settings.signal_window_s)
-    requests = observed[0] * since
-    over = requests * min(max(observed[1], 0.0), 1.0)
+    in_reach = 1.0 - min(max(out_of_reach, 0.0), 1.0)
+    requests = observed[0] * since * in_reach
+    over = observed[0] * since * min(max(observed[1] - (1.0 - in_reach), 0.0), in_reach)
     kept = math.exp(-(signals.sampled_at - budget.sampled_at) / settings.budget_window_s)
     return ErrorBudget(signals.sampled_at, budget.requests * kept + requests, budget.over * kept + over)
 

@@ -64,6 +64,7 @@ class _Tick:
     unavailable: dict[Role, str] = field(default_factory=dict)
     desired: dict[Role, int] = field(default_factory=dict)
     notes: dict[Role, str] = field(default_factory=dict)
+    out_of_reach: dict[Role, tuple[float, str]] = field(default_factory=dict)
 
 
 def _need(
@@ -106,6 +107,8 @@ def _recommend(
             continue
         tick.recommendation[role] = clamp(need.replicas, pool)
         tick.explanations[role] = need.explanation
+        if need.out_of_reach is not None:
+            tick.out_of_reach[role] = need.out_of_reach
         tick.memories[role] = _remember(memory, need, signals)
 
 
@@ -199,7 +202,8 @@ def _decisions(
             tick.memories[role] = replace(tick.memories[role], last_scale_at=now)
         note = tick.notes.get(role, "") + (budget_note if final != tick.desired[role] else "")
         decisions[role] = PoolDecision(
-            role, now_count, final, f"{role}: {tick.explanations[role]}{note}", final != now_count, True
+            role, now_count, final, f"{role}: {tick.explanations[role]}{note}", final != now_count, True,
+            tick.out_of_reach.get(role),
         )
     return decisions
 

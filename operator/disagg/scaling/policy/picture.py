@@ -31,6 +31,8 @@ class PoolSignals:
     """Time to first token at the SLO percentile, as the pool's engines measure it."""
     ttft_buckets: tuple[tuple[float, float], ...] = ()
     """The rate window's TTFT histogram: (upper bound, cumulative requests per second), ascending."""
+    prompt_buckets: tuple[tuple[float, float], ...] = ()
+    """The rate window's prompt-length histogram: (upper bound in tokens, cumulative requests per second)."""
     itl_s: float | None = None
     """Inter-token latency at the SLO percentile."""
     mean_prompt_tokens: float | None = None

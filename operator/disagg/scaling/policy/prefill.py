@@ -34,6 +34,7 @@ from disagg.scaling.policy.model import (
     update_correction,
 )
 from disagg.scaling.policy.picture import LoadPicture, PoolSignals
+from disagg.scaling.policy.reach import OutOfReach, prompts_out_of_reach, ttft_in_reach
 from disagg.scaling.policy.settings import PolicySettings
 from disagg.scaling.policy.state import Need, PoolMemory
 from disagg.scaling.policy.step import step_baseline, step_rate
@@ -60,6 +61,7 @@ class _Learnt:
     load_factor: float
     floor_s: float
     slo_guard: float
+    out_of_reach: OutOfReach | None
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,11 @@ def _load(signals: PoolSignals, memory: PoolMemory, settings: PolicySettings) ->
 
 
 def _learn(
-    signals: PoolSignals, spec: InferenceServiceSpec, capacity: Capacity, memory: PoolMemory, load: _Load,
-    budget: float, settings: PolicySettings,
+    signals: PoolSignals, spec: InferenceServiceSpec, capacities: tuple[Capacity, Capacity], memory: PoolMemory,
+    load: _Load, budget: float, settings: PolicySettings,
 ) -> _Learnt:
     slo = spec.slo
+    capacity = capacities[0]
     service = prefill_seconds(capacity.model, capacity.accelerator, capacity.tensor_parallel, load.mean_prompt,
                               settings.efficiency)
     service_correction = memory.service_correction
@@ -99,6 +102,8 @@ def _learn(
             replace(memory, correction=memory.service_correction), signals.prefill_time_s / service, settings
         )
     service *= service_correction
+    out_of_reach = prompts_out_of_reach(signals, spec, *capacities, service_correction, settings)
+    ttft = ttft_in_reach(signals, slo.percentile, out_of_reach)
     ready = signals.ready_replicas
     rate = load.tokens_per_s / load.mean_prompt
     is_steady = ready > 0 and steady(memory, signals, settings)
@@ -106,21 +111,21 @@ def _learn(
     # shorten) + queueing of an effective load (bursts within the rate window queue like more load than
     # the window's mean): both fitted to the recent steady ticks' observed TTFT.
     queue_samples = memory.queue_samples
-    if is_steady and signals.ttft_s is not None and rate > 0:
-        queue_samples = (*queue_samples, (ready, rate, service, signals.ttft_s))[-settings.memory_ticks:]
+    if is_steady and ttft is not None and rate > 0:
+        queue_samples = (*queue_samples, (ready, rate, service, ttft))[-settings.memory_ticks:]
     load_factor, floor = fit_ttft_model(queue_samples, slo.percentile, memory.load_factor,
                                         settings.load_factor_bounds)
     floor = floor if queue_samples else service
     # The SLO guard: the model is a model; a TTFT percentile above the target itself is the SLO broken.
     slo_guard = memory.slo_guard
-    if is_steady and signals.ttft_s is not None:
+    if is_steady and ttft is not None:
         # Broken with requests queueing (a window over only for a prompt longer than the target allows is
         # not: more replicas would not have helped).
-        broken = signals.ttft_s > slo.ttft_ms / 1000.0 and (signals.waiting_requests or 0.0) >= 1.0
+        broken = ttft > slo.ttft_ms / 1000.0 and (signals.waiting_requests or 0.0) >= 1.0
         slo_guard = next_guard(slo_guard, broken, memory, ready, settings)
     # A floor at the budget leaves nothing to size queueing against: keep a quarter of it for queueing.
     floor = min(max(floor, service), budget - 0.25 * (budget - service))
-    return _Learnt(service, service_correction, queue_samples, load_factor, floor, slo_guard)
+    return _Learnt(service, service_correction, queue_samples, load_factor, floor, slo_guard, out_of_reach)
 
 
 def _step(
@@ -161,7 +166,7 @@ def prefill_need(
     if isinstance(load, str):
         return load
     budget = prefill_budget(spec, capacity, decode_capacity or capacity, load.mean_prompt, settings)
-    learnt = _learn(signals, spec, capacity, memory, load, budget, settings)
+    learnt = _learn(signals, spec, (capacity, decode_capacity or capacity), memory, load, budget, settings)
 
     # Replay the recent windows' load against candidate pool sizes: the fewest replicas whose predicted
     # share of requests over the TTFT budget stays within the SLO's allowance.
@@ -176,7 +181,8 @@ def prefill_need(
     sized_service = learnt.service_correction * prefill_seconds(
         capacity.model, capacity.accelerator, capacity.tensor_parallel, sized_prompt, settings.efficiency)
     slo_allows = 1.0 - spec.slo.percentile / 100.0
-    error_budget = count_budget(memory.error_budget, picture, spec, settings)
+    out = learnt.out_of_reach
+    error_budget = count_budget(memory.error_budget, picture, spec, settings, out.share if out else 0.0)
     gain, budget_note = budget_gain(error_budget, slo_allows, settings)
     allowed = slo_allows * settings.miss_share * gain
     size = partial(
@@ -193,7 +199,7 @@ def prefill_need(
     explanation = _explain(signals, spec, load, learnt, sized, budget, allowed, budget_note)
     return Need(sized.replicas, memory.correction, learnt.service_correction, load.mean_prompt,
                 memory.mean_output_tokens, explanation, learnt.load_factor, learnt.queue_samples, learnt.slo_guard,
-                rate_samples, sized.step, error_budget)
+                rate_samples, sized.step, error_budget, (out.share, out.reason) if out and out.share > 0 else None)
 
 
 def _explain(
@@ -202,6 +208,12 @@ def _explain(
 ) -> str:
     slo = spec.slo
     observed = f", TTFT p{slo.percentile:g} {signals.ttft_s * 1000:.0f}ms" if signals.ttft_s is not None else ""
+    out = learnt.out_of_reach
+    if out is not None and out.share >= 0.0005:
+        ttft = ttft_in_reach(signals, slo.percentile, out)
+        in_reach = f" ({ttft * 1000:.0f}ms in reach)" if ttft is not None else ""
+        observed += (f"{in_reach}, {out.share:.1%} of requests out of reach (prompts over "
+                     f"{out.longest_prompt:,.0f} tokens), not sized for")
     per_replica = load.mean_prompt / learnt.service_s
     guard = f" (SLO guard x{learnt.slo_guard:.2f})" if learnt.slo_guard > 1.005 else ""
     return (

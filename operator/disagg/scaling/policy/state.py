@@ -41,6 +41,7 @@ class PoolMemory:
     """Ready replicas at the last tick, and since when (sample time) that count holds."""
     ready_since: float | None = None
     error_budget: ErrorBudget | None = None
+    out_of_reach: tuple[float, str] | None = None
     """Prefill only: requests, and those over the TTFT target, lately."""
 
 
@@ -65,6 +66,8 @@ class PoolDecision:
     """Why, with the numbers that drove it."""
     changed: bool
     metrics_available: bool
+    out_of_reach: tuple[float, str] | None = None
+    """The share of the pool's recent requests no replica count serves within the SLO, and why."""
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,4 @@ class Need:
     rate_samples: tuple[tuple[float, ...], ...] = ()
     step: tuple[float, float] | None = None
     error_budget: ErrorBudget | None = None
+    out_of_reach: tuple[float, str] | None = None
