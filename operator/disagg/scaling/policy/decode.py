@@ -51,8 +51,7 @@ def horizon(spec: InferenceServiceSpec, settings: PolicySettings) -> float:
     """The span of recent load decode is sized for: the queue ahead of it absorbs an overload of 25 % for
     about four times the TTFT it may add (at least `min_horizon_ticks` samples' rate windows, at most
     `max_horizon_s`)."""
-    budget = spec.slo.ttft_ms / 1000.0 * settings.target_fraction - spec.slo.itl_ms / 1000.0
-    budget = max(budget, spec.slo.ttft_ms / 1000.0 * 0.25)
+    budget = spec.slo.ttft_ms / 1000.0 * settings.target_fraction
     samples = settings.signal_window_s + (settings.min_horizon_ticks - 1) * settings.tick_s
     return min(max(settings.horizon_per_budget * budget, samples), settings.max_horizon_s)
 
@@ -143,7 +142,7 @@ def _admission_guard(
     if own_ttft is not None and signals.ready_replicas > 0 and steady(memory, signals, settings):
         ttft_target = spec.slo.ttft_ms / 1000.0
         allowance = ttft_target - prefill_budget(spec, prefill_capacity or capacity, capacity, mean_prompt,
-                                                 settings)
+                                                 settings, signals.itl_s)
         if prefill is not None and prefill.ttft_s is not None:
             allowance = max(allowance, ttft_target - prefill.ttft_s)
         guard = next_guard(guard, own_ttft > allowance, memory, signals.ready_replicas, settings)

@@ -116,6 +116,18 @@ def fit_ttft_model(
     return best[1], best[2]
 
 
+def fit_floor(samples: tuple[tuple[int, float, float, float], ...], percentile: float, load_factor: float) -> float:
+    """The floor F with which F + the M/M/c wait at `percentile` of `load_factor` x each sample's arrivals
+    best explains the TTFT observed at that percentile (the median residual; 0 without samples)."""
+    if not samples:
+        return 0.0
+    residuals = [
+        ttft - queue_wait_percentile(ready, min(load_factor * rate, 0.999 * ready / service), service, percentile)
+        for ready, rate, service, ttft in samples
+    ]
+    return max(_quantile(tuple(residuals), 0.5), 0.0)
+
+
 def next_guard(guard: float, broken: bool, memory: PoolMemory, ready: int, settings: PolicySettings) -> float:
     """A guard after one steady tick: up by `slo_guard_step` when the SLO was broken while the pool had
     what the policy last asked for (a pool still short of it breaks the SLO without the model being
@@ -128,14 +140,20 @@ def next_guard(guard: float, broken: bool, memory: PoolMemory, ready: int, setti
 
 
 def prefill_budget(
-    spec: InferenceServiceSpec, prefill: Capacity, decode: Capacity, mean_prompt: float, settings: PolicySettings
+    spec: InferenceServiceSpec, prefill: Capacity, decode: Capacity, mean_prompt: float, settings: PolicySettings,
+    observed_itl_s: float | None = None,
 ) -> float:
     """What the prefill side may take of the TTFT target: the rest goes to the KV hand-off and the first
-    decode step, with a margin."""
+    decode step, with a margin. The first step is a request's wait for the running step to end and its
+    own step: twice the ITL decode delivers, at most the ITL target (a looser ITL target must not shrink
+    prefill's share while decode's steps stay short)."""
     handoff = kv_transfer_seconds(
         prefill.model, mean_prompt,
         kv_link_bytes_per_s(prefill.tensor_parallel, decode.tensor_parallel, settings.kv_over_rdma),
         settings.efficiency,
     )
     ttft = spec.slo.ttft_ms / 1000.0
-    return max(ttft * settings.target_fraction - handoff - spec.slo.itl_ms / 1000.0, ttft * 0.25)
+    first_step = spec.slo.itl_ms / 1000.0
+    if observed_itl_s is not None:
+        first_step = min(first_step, 2.0 * observed_itl_s)
+    return max(ttft * settings.target_fraction - handoff - first_step, ttft * 0.25)

@@ -27,6 +27,7 @@ from disagg.scaling.policy.budget import budget_gain, count_budget
 from disagg.scaling.policy.model import (
     Capacity,
     first,
+    fit_floor,
     fit_ttft_model,
     next_guard,
     prefill_budget,
@@ -57,7 +58,7 @@ class _Learnt:
 
     service_s: float
     service_correction: float
-    queue_samples: tuple[tuple[int, float, float, float], ...]
+    queue_samples: tuple[tuple[int, float, float, float, float], ...]
     load_factor: float
     floor_s: float
     slo_guard: float
@@ -104,17 +105,23 @@ def _learn(
     service *= service_correction
     out_of_reach = prompts_out_of_reach(signals, spec, *capacities, service_correction, settings)
     ttft = ttft_in_reach(signals, slo.percentile, out_of_reach)
+    # the effective load is read where queueing shows: at a high percentile whatever the SLO's
+    fit_percentile = max(slo.percentile, settings.fit_percentile) if signals.ttft_buckets else slo.percentile
+    ttft_fit = ttft_in_reach(signals, fit_percentile, out_of_reach) if fit_percentile != slo.percentile else ttft
     ready = signals.ready_replicas
     rate = load.tokens_per_s / load.mean_prompt
     is_steady = ready > 0 and steady(memory, signals, settings)
     # The TTFT at the percentile = a floor (the long prompts' own prefill, which more replicas do not
     # shorten) + queueing of an effective load (bursts within the rate window queue like more load than
-    # the window's mean): both fitted to the recent steady ticks' observed TTFT.
+    # the window's mean): the load fitted to the recent steady ticks' TTFT at the fit percentile, the
+    # floor then to their TTFT at the SLO's.
     queue_samples = memory.queue_samples
-    if is_steady and ttft is not None and rate > 0:
-        queue_samples = (*queue_samples, (ready, rate, service, ttft))[-settings.memory_ticks:]
-    load_factor, floor = fit_ttft_model(queue_samples, slo.percentile, memory.load_factor,
-                                        settings.load_factor_bounds)
+    if is_steady and ttft is not None and ttft_fit is not None and rate > 0:
+        queue_samples = (*queue_samples, (ready, rate, service, ttft, ttft_fit))[-settings.memory_ticks:]
+    load_factor, floor = fit_ttft_model(tuple(s[:3] + s[4:] for s in queue_samples), fit_percentile,
+                                        memory.load_factor, settings.load_factor_bounds)
+    if fit_percentile != slo.percentile:
+        floor = fit_floor(tuple(s[:4] for s in queue_samples), slo.percentile, load_factor)
     floor = floor if queue_samples else service
     # The SLO guard: the model is a model; a TTFT percentile above the target itself is the SLO broken.
     slo_guard = memory.slo_guard
@@ -165,7 +172,8 @@ def prefill_need(
     load = _load(signals, memory, settings)
     if isinstance(load, str):
         return load
-    budget = prefill_budget(spec, capacity, decode_capacity or capacity, load.mean_prompt, settings)
+    budget = prefill_budget(spec, capacity, decode_capacity or capacity, load.mean_prompt, settings,
+                            picture.decode.itl_s if picture.decode is not None else None)
     learnt = _learn(signals, spec, (capacity, decode_capacity or capacity), memory, load, budget, settings)
 
     # Replay the recent windows' load against candidate pool sizes: the fewest replicas whose predicted

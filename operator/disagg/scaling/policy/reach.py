@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.capacity.reach import Phase, longest_prompt
-from disagg.scaling.policy.histogram import histogram_quantile, share_above
+from disagg.scaling.policy.histogram import histogram_quantile, tail_share
 from disagg.scaling.policy.model import Capacity
 from disagg.scaling.policy.picture import PoolSignals
 from disagg.scaling.policy.settings import PolicySettings
@@ -41,7 +41,7 @@ def prompts_out_of_reach(
         Phase(decode.accelerator, decode.tensor_parallel), ttft_s=spec.slo.ttft_ms / 1000.0,
         eff=settings.efficiency, rdma=settings.kv_over_rdma, prefill_scale=service_correction,
     )
-    share = share_above(longest, signals.prompt_buckets)
+    share = tail_share(longest, signals.prompt_buckets, float(prefill.model.max_context))
     if share is None:
         return None
     reason = (f"prompts over {longest:,.0f} tokens take longer than the {spec.slo.ttft_ms:g}ms TTFT "

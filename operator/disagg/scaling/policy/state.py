@@ -24,9 +24,9 @@ class PoolMemory:
     load_factor: float = 1.0
     """Prefill only: effective load / measured load (arrivals burstier than Poisson within the rate window
     queue like more load), fitted to the TTFT the pool reported."""
-    queue_samples: tuple[tuple[int, float, float, float], ...] = ()
-    """Prefill only: (ready replicas, requests/s, mean prefill s, TTFT at the SLO percentile) of recent
-    steady ticks, to which the effective load and the TTFT floor are fitted."""
+    queue_samples: tuple[tuple[int, float, float, float, float], ...] = ()
+    """Prefill only: (ready replicas, requests/s, mean prefill s, TTFT at the SLO percentile, TTFT at the
+    fit percentile) of recent steady ticks, to which the effective load and the TTFT floor are fitted."""
     slo_guard: float = 1.0
     """Prefill: extra effective-load factor while the observed TTFT breaks the SLO more often than the
     model expects (see `PolicySettings.slo_guard_step`); decode: extra share of sequences planned for
@@ -81,7 +81,7 @@ class Need:
     mean_output: float | None
     explanation: str
     load_factor: float = 1.0
-    queue_samples: tuple[tuple[int, float, float, float], ...] = ()
+    queue_samples: tuple[tuple[int, float, float, float, float], ...] = ()
     slo_guard: float = 1.0
     rate_samples: tuple[tuple[float, ...], ...] = ()
     step: tuple[float, float] | None = None
