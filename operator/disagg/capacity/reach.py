@@ -102,6 +102,15 @@ def longest_prompt(
     )
 
 
+def longest_context(model: ModelShape, decode: Phase, *, itl_s: float, eff: Efficiency = DEFAULT_EFFICIENCY) -> float:
+    """The longest context whose single-sequence decode step fits `itl_s` (tokens; 0 when none does)."""
+    return _longest(
+        lambda tokens: decode_step_seconds(model, decode.accelerator, decode.tensor_parallel, 1.0, tokens, eff)
+        <= itl_s,
+        float(model.max_context),
+    )
+
+
 def reach(
     model: ModelShape, prefill: Phase, decode: Phase, *, ttft_s: float, itl_s: float,
     eff: Efficiency = DEFAULT_EFFICIENCY, rdma: bool = True, batch_overhead_s: float = 0.0,
@@ -111,12 +120,7 @@ def reach(
     kv_tokens = kv_capacity_tokens(model, decode.accelerator, decode.tensor_parallel, eff)
     prompt = longest_prompt(model, prefill, decode, ttft_s=ttft_s, eff=eff, rdma=rdma,
                             batch_overhead_s=batch_overhead_s)
-    itl_context = _longest(
-        lambda tokens: decode_step_seconds(model, decode.accelerator, decode.tensor_parallel, 1.0, tokens, eff)
-        <= itl_s,
-        max_context,
-    )
-    return Reach(prompt, kv_tokens, max_context, itl_context)
+    return Reach(prompt, kv_tokens, max_context, longest_context(model, decode, itl_s=itl_s, eff=eff))
 
 
 @dataclass(frozen=True)

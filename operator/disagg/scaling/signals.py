@@ -205,6 +205,7 @@ class Observations:
             ttft_buckets=tuple(ttft_buckets),
             prompt_buckets=tuple(sorted(self.buckets.get("prompt_buckets", {}).get(key, []))),
             itl_s=histogram_quantile(q, self.buckets.get("itl_buckets", {}).get(key, [])),
+            itl_buckets=tuple(sorted(self.buckets.get("itl_buckets", {}).get(key, []))),
             mean_prompt_tokens=mean_prompt,
             mean_output_tokens=mean_output,
             prefill_time_s=get("prefill_time"),

@@ -351,6 +351,7 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         ttft_s=_quantile(decode_ttft_hist, setup.percentile),
         ttft_buckets=_buckets(decode_ttft_hist, span),
         itl_s=_quantile(newest.itl_hist - oldest.itl_hist, setup.percentile),
+        itl_buckets=_buckets(newest.itl_hist - oldest.itl_hist, span),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import Role
+from disagg.scaling.policy.budget import budget_gain
 from disagg.scaling.policy.decode import decode_need
 from disagg.scaling.policy.model import Capacity, capacity_of, clamp
 from disagg.scaling.policy.picture import LoadPicture, PoolSignals
@@ -51,6 +52,8 @@ def _remember(memory: PoolMemory, need: Need, signals: PoolSignals | None) -> Po
         mean_prompt_tokens=need.mean_prompt if need.mean_prompt is not None else memory.mean_prompt_tokens,
         mean_output_tokens=need.mean_output if need.mean_output is not None else memory.mean_output_tokens,
         error_budget=need.error_budget,
+        sized_since=memory.sized_since if memory.sized_since is not None
+        else (signals.sampled_at if signals is not None else None),
     )
 
 
@@ -65,6 +68,8 @@ class _Tick:
     desired: dict[Role, int] = field(default_factory=dict)
     notes: dict[Role, str] = field(default_factory=dict)
     out_of_reach: dict[Role, tuple[float, str]] = field(default_factory=dict)
+    remembered: dict[Role, int] = field(default_factory=dict)
+    """What the scale-down window remembers of each pool's recommendation (without a step's sizing)."""
 
 
 def _need(
@@ -110,6 +115,23 @@ def _recommend(
         if need.out_of_reach is not None:
             tick.out_of_reach[role] = need.out_of_reach
         tick.memories[role] = _remember(memory, need, signals)
+        if need.held_replicas is not None and clamp(need.held_replicas, pool) < tick.recommendation[role]:
+            tick.remembered[role] = clamp(need.held_replicas, pool)
+
+
+def _hold_steps(tick: _Tick, spec: InferenceServiceSpec, now: float, settings: PolicySettings) -> None:
+    """A count sized for a step up is held for the whole scale-down window while the service spends its
+    error budget (the bursts that follow are caught by the pool kept up), for `step_hold_s` only while it
+    leaves the budget well unspent (the load settles at what the replay of the new windows asks)."""
+    prefill = tick.memories.get("prefill")
+    slo_allows = 1.0 - spec.slo.percentile / 100.0
+    gain, _ = budget_gain(prefill.error_budget if prefill is not None else None, slo_allows, settings)
+    for role in list(tick.remembered):
+        if settings.step_hold_s is None or gain <= 1.0:
+            del tick.remembered[role]  # the window remembers the step's count
+            continue
+        tick.memories[role] = replace(tick.memories[role],
+                                      step_hold=(now + settings.step_hold_s, tick.recommendation[role]))
 
 
 def _stabilise(tick: _Tick, spec: InferenceServiceSpec, current: dict[str, int], now: float,
@@ -122,12 +144,15 @@ def _stabilise(tick: _Tick, spec: InferenceServiceSpec, current: dict[str, int],
         # A pool seen for the first time counts its current size as a recent recommendation: no
         # scale-down before a whole window of evidence says so.
         history = memory.recommendations or ((now, now_count),)
-        window = (*tuple((t, n) for t, n in history if now - t < settings.scale_down_window_s), (now, wanted))
+        window = (*tuple((t, n) for t, n in history if now - t < settings.scale_down_window_s),
+                  (now, tick.remembered.get(role, wanted)))
         tick.memories[role] = replace(memory, recommendations=window)
         if wanted >= now_count:
             tick.desired[role] = wanted
             continue
         stable = max(n for _, n in window)
+        if memory.step_hold is not None and now < memory.step_hold[0]:
+            stable = max(stable, memory.step_hold[1])
         step = max(1, math.ceil(settings.hysteresis * now_count))
         if stable <= now_count - step:
             tick.desired[role] = stable
@@ -224,6 +249,7 @@ def decide(
     """
     tick = _Tick(dict(state.pools))
     _recommend(tick, picture, spec, current, state, now, settings, catalog)
+    _hold_steps(tick, spec, now, settings)
     _stabilise(tick, spec, current, now, settings)
     decisions = _decisions(tick, spec, current, now)
     return decisions, PolicyState(tick.memories)

@@ -27,6 +27,7 @@ from disagg.scaling.policy.model import (
     update_correction,
 )
 from disagg.scaling.policy.picture import LoadPicture, PoolSignals
+from disagg.scaling.policy.reach import decode_out_of_reach, quantile_in_reach
 from disagg.scaling.policy.settings import PolicySettings
 from disagg.scaling.policy.state import Need, PoolMemory
 from disagg.scaling.policy.step import step_baseline, step_rate
@@ -100,7 +101,7 @@ def _held_prompt(signals: PoolSignals, capacity: Capacity, load: _Load, settings
 
 def _correction(
     signals: PoolSignals, spec: InferenceServiceSpec, capacity: Capacity, memory: PoolMemory, load: _Load,
-    held_prompt: float, settings: PolicySettings,
+    held_prompt: float, settings: PolicySettings, slow_share: float,
 ) -> float:
     """The mean step the pool really runs (running sequences / generated tokens per second) over the
     capacity model's step at the same batch and context; a step percentile above the target itself (the
@@ -113,9 +114,11 @@ def _correction(
         held_prompt + load.mean_output / 2.0, settings.efficiency,
     )
     ratio = running / generated / predicted if generated else None
-    if signals.itl_s is not None:
+    # the ITL of the requests in reach: a context whose step alone exceeds the target is not sped up
+    itl = quantile_in_reach(signals.itl_s, signals.itl_buckets, spec.slo.percentile, slow_share)
+    if itl is not None:
         itl_target_full = spec.slo.itl_ms / 1000.0
-        observed_itl = signals.itl_s
+        observed_itl = itl
         if generated:
             # A histogram claiming far more than twice the mean step is broken, not slow.
             observed_itl = min(observed_itl, 2.0 * running / generated)
@@ -128,7 +131,7 @@ def _correction(
 
 def _admission_guard(
     picture: LoadPicture, spec: InferenceServiceSpec, capacity: Capacity, prefill_capacity: Capacity | None,
-    memory: PoolMemory, mean_prompt: float, settings: PolicySettings,
+    memory: PoolMemory, mean_prompt: float, settings: PolicySettings, long_share: float,
 ) -> tuple[float, float | None]:
     """The guard and decode's own TTFT percentile. Decode's share of the TTFT (KV hand-off, admission,
     first step) waits when bursts fill the KV cache, which the mean over the horizon hides (heavy prompts
@@ -138,7 +141,10 @@ def _admission_guard(
     signals, prefill = picture.decode, picture.prefill
     assert signals is not None
     guard = memory.slo_guard
-    own_ttft = signals.ttft_s if ENGINES[spec.engine.kind].decode_ttft_from_handoff else None
+    own_ttft = None
+    if ENGINES[spec.engine.kind].decode_ttft_from_handoff:
+        # read over the requests in reach: the prompts too long for the target also hand over the most KV
+        own_ttft = quantile_in_reach(signals.ttft_s, signals.ttft_buckets, spec.slo.percentile, long_share)
     if own_ttft is not None and signals.ready_replicas > 0 and steady(memory, signals, settings):
         ttft_target = spec.slo.ttft_ms / 1000.0
         allowance = ttft_target - prefill_budget(spec, prefill_capacity or capacity, capacity, mean_prompt,
@@ -216,9 +222,10 @@ def decode_need(
     if isinstance(load, str):
         return load
     held_prompt = _held_prompt(signals, capacity, load, settings)
-    correction = _correction(signals, spec, capacity, memory, load, held_prompt, settings)
+    long_share, slow_share = decode_out_of_reach(picture, spec, prefill_capacity or capacity, capacity, settings)
+    correction = _correction(signals, spec, capacity, memory, load, held_prompt, settings, slow_share)
     guard, own_ttft = _admission_guard(picture, spec, capacity, prefill_capacity, memory, load.mean_prompt,
-                                       settings)
+                                       settings, long_share)
     plan = _Plan(held_prompt, correction, guard, spec.slo.itl_ms / 1000.0 * settings.itl_target_fraction)
     # Size for the mean load over the horizon the queue ahead of decode absorbs (request sizes vary a
     # lot from one rate window to the next when prompts are heavy-tailed).
@@ -230,7 +237,7 @@ def decode_need(
     sizing = _size(capacity, sum(x[1] for x in recent) / count, sum(x[2] for x in recent) / count * guard,
                    sum(x[3] for x in recent) / count, sum(x[4] for x in recent) / count, plan.itl_target,
                    correction, settings)
-    step, step_note = memory.step, ""
+    step, step_note, held = memory.step, "", sizing.replicas
     stepped = _stepped(picture, capacity, memory, load, plan, rate_samples, settings)
     if stepped is not None and stepped[0].replicas > sizing.replicas:
         sizing, step = stepped[0], (signals.sampled_at, stepped[1])
@@ -244,7 +251,7 @@ def decode_need(
         step = (signals.sampled_at, load.tokens_per_s)
     explanation = _explain(signals, spec, load, plan, sizing, own_ttft, step_note)
     return Need(sizing.replicas, correction, 1.0, load.mean_prompt, load.mean_output, explanation, slo_guard=guard,
-                rate_samples=rate_samples, step=step)
+                rate_samples=rate_samples, step=step, held_replicas=held)
 
 
 def _explain(

@@ -35,6 +35,8 @@ class PoolSignals:
     """The rate window's prompt-length histogram: (upper bound in tokens, cumulative requests per second)."""
     itl_s: float | None = None
     """Inter-token latency at the SLO percentile."""
+    itl_buckets: tuple[tuple[float, float], ...] = ()
+    """The rate window's inter-token latency histogram (per token), as `ttft_buckets`."""
     mean_prompt_tokens: float | None = None
     mean_output_tokens: float | None = None
     prefill_time_s: float | None = None

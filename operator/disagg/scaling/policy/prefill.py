@@ -130,8 +130,10 @@ def _learn(
         # not: more replicas would not have helped).
         broken = ttft > slo.ttft_ms / 1000.0 and (signals.waiting_requests or 0.0) >= 1.0
         slo_guard = next_guard(slo_guard, broken, memory, ready, settings)
-    # A floor at the budget leaves nothing to size queueing against: keep a quarter of it for queueing.
-    floor = min(max(floor, service), budget - 0.25 * (budget - service))
+    # A floor at the budget leaves nothing to size queueing against: keep a quarter of the room above the
+    # mean prefill for queueing, and at least a sixteenth of the budget when the mean prompt alone takes
+    # longer than the budget (a mean swollen by prompts out of reach: no count would do).
+    floor = min(max(floor, service), budget - 0.25 * max(budget - service, 0.25 * budget))
     return _Learnt(service, service_correction, queue_samples, load_factor, floor, slo_guard, out_of_reach)
 
 
@@ -190,7 +192,12 @@ def prefill_need(
         capacity.model, capacity.accelerator, capacity.tensor_parallel, sized_prompt, settings.efficiency)
     slo_allows = 1.0 - spec.slo.percentile / 100.0
     out = learnt.out_of_reach
-    error_budget = count_budget(memory.error_budget, picture, spec, settings, out.share if out else 0.0)
+    error_budget = memory.error_budget
+    # the count begins a scale-down window after the policy first sized the pool: a new service's first
+    # ramp-up says nothing of the slack the sizing leaves (it stayed the count's largest part for hours)
+    first = memory.sized_since if memory.sized_since is not None else signals.sampled_at
+    if error_budget is not None or signals.sampled_at - first >= settings.budget_after_s:
+        error_budget = count_budget(error_budget, picture, spec, settings, out.share if out else 0.0)
     gain, budget_note = budget_gain(error_budget, slo_allows, settings)
     allowed = slo_allows * settings.miss_share * gain
     size = partial(
@@ -201,13 +208,15 @@ def prefill_need(
     replicas, miss = size(windows, step_s=settings.tick_s, miss_share=allowed)
     sized = _Sized(replicas, f"{miss:.2%} of the last {settings.replay_s:.0f}s", memory.step)
     stepped = _step(signals, memory, load, windows, size, slo_allows, settings)
+    held = replicas
     if stepped is not None and stepped[0] > replicas:
         sized = _Sized(stepped[0], f"{stepped[1]:.2%} if the newest load ({stepped[2]} tok/s) lasts "
                                    f"{settings.persist_s:.0f}s", stepped[3])
     explanation = _explain(signals, spec, load, learnt, sized, budget, allowed, budget_note)
     return Need(sized.replicas, memory.correction, learnt.service_correction, load.mean_prompt,
                 memory.mean_output_tokens, explanation, learnt.load_factor, learnt.queue_samples, learnt.slo_guard,
-                rate_samples, sized.step, error_budget, (out.share, out.reason) if out and out.share > 0 else None)
+                rate_samples, sized.step, error_budget, (out.share, out.reason) if out and out.share > 0 else None,
+                held)
 
 
 def _explain(

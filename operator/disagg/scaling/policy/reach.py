@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from disagg.api.v1alpha1 import InferenceServiceSpec
-from disagg.capacity.reach import Phase, longest_prompt
+from disagg.capacity.reach import Phase, longest_context, longest_prompt
 from disagg.scaling.policy.histogram import histogram_quantile, tail_share
 from disagg.scaling.policy.model import Capacity
-from disagg.scaling.policy.picture import PoolSignals
+from disagg.scaling.policy.picture import LoadPicture, PoolSignals
 from disagg.scaling.policy.settings import PolicySettings
 
 
@@ -58,3 +58,30 @@ def ttft_in_reach(signals: PoolSignals, percentile: float, out: OutOfReach | Non
     if out.share >= 0.999:
         return None
     return histogram_quantile(percentile / 100.0 * (1.0 - out.share), signals.ttft_buckets)
+
+
+def quantile_in_reach(
+    value: float | None, buckets: tuple[tuple[float, float], ...], percentile: float, share_out: float
+) -> float | None:
+    """A latency percentile of the requests in reach, from a histogram whose top `share_out` are the
+    requests out of reach (`value`, the whole histogram's percentile, when none are)."""
+    if share_out <= 0.0 or not buckets:
+        return value
+    if share_out >= 0.999:
+        return None
+    return histogram_quantile(percentile / 100.0 * (1.0 - share_out), buckets)
+
+
+def decode_out_of_reach(
+    picture: LoadPicture, spec: InferenceServiceSpec, prefill: Capacity, decode: Capacity, settings: PolicySettings,
+) -> tuple[float, float]:
+    """For decode's readings: the share of requests whose prompt alone misses the TTFT target, and of
+    those whose context alone steps slower than the ITL target (from the prompt-length histogram)."""
+    signals = picture.prefill if picture.prefill is not None and picture.prefill.prompt_buckets else picture.decode
+    if signals is None or not signals.prompt_buckets:
+        return 0.0, 0.0
+    prompts = prompts_out_of_reach(signals, spec, prefill, decode, 1.0, settings)
+    context = longest_context(decode.model, Phase(decode.accelerator, decode.tensor_parallel),
+                              itl_s=spec.slo.itl_ms / 1000.0, eff=settings.efficiency)
+    steps = tail_share(context, signals.prompt_buckets, float(decode.model.max_context))
+    return (prompts.share if prompts is not None else 0.0), (steps or 0.0)

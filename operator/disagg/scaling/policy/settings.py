@@ -73,6 +73,12 @@ class PolicySettings:
     not one of the bursts the replay already provisions for (sizing every window as if it lasted cost
     7-28 % more accelerator-hours on the four production traces' hours for 0.0-0.2 points of attainment;
     at 1.5x still 0-10 %, at 2x nothing)."""
+    step_hold_s: float | None = 105.0
+    """A count sized for a step up (the newest load as if it lasted `persist_s`) is held this long while
+    the service leaves its error budget well unspent, then only as far as the rate windows' own
+    recommendations ask: by then the windows hold the step (persist_s + the rate window + a tick). While
+    the budget is spent, and with None, it is held for the whole scale-down window (the bursts that
+    follow a burst are caught by the pool kept up)."""
     step_noise_z: float = 4.0
     """The last scrape interval counts as a step only when its request count is this many standard
     deviations (Poisson) above what the recent load would bring in the same time: a 1-s interval at
@@ -92,6 +98,9 @@ class PolicySettings:
     max_budget_gain: float = 4.0
     """... by at most this factor (miss_share 0.5 x 4: the replay may plan for twice the SLO's allowance
     while the last hours kept well inside it) ..."""
+    budget_after_s: float = 1200.0
+    """... counting from this long after the policy first sized the pool (a new service's ramp-up, or
+    the benchmark's cold start, left its misses in the count for hours) ..."""
     budget_min_requests: float = 2000.0
     """... and only once the count holds this many requests (20 misses at a 1 % allowance; a share of
     fewer says little about a 1 % tail)."""

@@ -13,6 +13,9 @@ class PoolMemory:
 
     recommendations: tuple[tuple[float, int], ...] = ()
     """(time, replicas) recommended during the scale-down window."""
+    step_hold: tuple[float, int] | None = None
+    """(until, replicas): a count sized for a step up, held for `step_hold_s` only (the scale-down window
+    remembers what the step's ticks recommended without it)."""
     last_scale_at: float | None = None
     correction: float = 1.0
     """Decode only: observed / predicted step time, smoothed: multiplies the capacity model's steps."""
@@ -41,8 +44,9 @@ class PoolMemory:
     """Ready replicas at the last tick, and since when (sample time) that count holds."""
     ready_since: float | None = None
     error_budget: ErrorBudget | None = None
-    out_of_reach: tuple[float, str] | None = None
     """Prefill only: requests, and those over the TTFT target, lately."""
+    sized_since: float | None = None
+    """Sample time of the first signals the policy sized the pool from."""
 
 
 @dataclass(frozen=True)
@@ -87,3 +91,6 @@ class Need:
     step: tuple[float, float] | None = None
     error_budget: ErrorBudget | None = None
     out_of_reach: tuple[float, str] | None = None
+    held_replicas: int | None = None
+    """What the scale-down window remembers of this tick: `replicas` without a step's sizing (None: the
+    same)."""
