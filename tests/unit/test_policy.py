@@ -685,7 +685,7 @@ def _budget_run(service: InferenceServiceSpec, prefill_over: float, decode_over:
     """`ticks` ticks at a steady load whose TTFT histograms put the given shares over the target; the last
     tick's prefill recommendation (before the scale-down window) and reason. The budget counts from the
     first tick unless `settings` say otherwise."""
-    settings = settings or replace(SETTINGS, budget_after_s=0.0)
+    settings = settings or replace(SETTINGS, scale_down_window_s=0.0)  # the count begins a window after
     state, decisions = PolicyState(), {}
     rate = tokens_per_s / 2000
     for tick in range(ticks):
@@ -706,7 +706,7 @@ def test_an_error_budget_left_unspent_lets_prefill_plan_for_more_misses() -> Non
     # p90 SLO: 10 % may miss; the replay aims at half of that until the engines' histograms have shown,
     # over enough requests, that far fewer missed
     kept, kept_reason = _budget_run(spec(), prefill_over=0.0, decode_over=0.0, ticks=12)
-    spent, spent_reason = _budget_run(spec(), prefill_over=0.06, decode_over=0.0, ticks=12)
+    spent, spent_reason = _budget_run(spec(), prefill_over=0.09, decode_over=0.0, ticks=12)
     assert "error budget: 0.00% over the target" in kept_reason and "allowed 20.00%" in kept_reason
     assert "error budget" not in spent_reason and "allowed 5.00%" in spent_reason
     assert kept < spent
@@ -815,14 +815,14 @@ def test_the_tail_of_a_prompt_length_histogram_is_read_as_thinning_out() -> None
     assert tail_share(10_000.0, ((20_000.0, 0.0), (math.inf, 0.0)), 131_072.0) is None
 
 
-@pytest.mark.parametrize(("prefill_over", "held_for_the_window"), [(0.0, False), (0.06, True)])
+@pytest.mark.parametrize(("prefill_over", "held_for_the_window"), [(0.0, False), (0.09, True)])
 def test_a_burst_sized_as_a_step_is_held_for_the_window_only_while_the_error_budget_is_spent(
     prefill_over: float, held_for_the_window: bool
 ) -> None:
     # p90: 10 % may miss. Calm load, then one scrape interval at 4x (sized as if it lasted a minute), then
     # calm again. With the budget well unspent the step's count goes after `step_hold_s`; with it spent
-    # (6 % over the target) the whole scale-down window keeps it for the bursts that may follow.
-    settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0, budget_after_s=0.0, budget_min_requests=100.0)
+    # (9 % over the target) the whole scale-down window keeps it for the bursts that may follow.
+    settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0, budget_min_requests=100.0)
     state, current = PolicyState(), {"prefill": 2, "decode": 2}
     rate = 8.0
 
@@ -834,11 +834,11 @@ def test_a_burst_sized_as_a_step_is_held_for_the_window_only_while_the_error_bud
         decisions, state = run(pic, current, state, now=now, settings=settings)
         current = {role: d.desired for role, d in decisions.items()}
 
-    for step in range(150):
+    for step in range(700):  # the budget counts from a scale-down window (20 minutes) on
         tick(100.0 + 2 * step)
     calm = dict(current)
-    tick(400.0, last=4 * rate)
+    tick(1500.0, last=4 * rate)
     assert current["prefill"] > calm["prefill"]
     for step in range(1, 80):  # 160 s of calm: past the step's hold, within the 20-minute window
-        tick(400.0 + 2 * step)
+        tick(1500.0 + 2 * step)
     assert (current["prefill"] > calm["prefill"]) == held_for_the_window, (calm, current)

@@ -98,34 +98,30 @@ def format_table(results: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def simulate_main(argv: list[str]) -> int:
-    """Entry point of `disagg simulate`; returns the exit code."""
-    args = _parser().parse_args(argv)
+class _Refused(Exception):
+    """What `disagg simulate` prints instead of running (exit code 2)."""
+
+
+def _inputs(args: argparse.Namespace) -> tuple[AcceleratorCatalog, SimSetup, Workload, list[str]]:
+    """The catalogue, the setup, the workload and the policies the flags ask for; _Refused says why not."""
     try:
         catalog: AcceleratorCatalog = load_catalog(args.accelerator_catalog)
         model = _model(args)
         prefill_acc = catalog[args.prefill_accelerator]
         decode_acc = catalog[args.decode_accelerator]
         trace = read_trace(args.trace)
-    except (ModelConfigError, CatalogError, TraceError, KeyError) as error:
-        print(f"disagg simulate: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
-        return 2
-    names = list(POLICIES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown:
-        print(f"disagg simulate: unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}, all", file=sys.stderr)
-        return 2
-    try:
         workload = build_workload(
             trace, time_scale=args.time_scale, duration_s=args.duration, diurnal=args.diurnal, seed=args.seed
         )
-    except TraceError as error:
-        print(f"disagg simulate: {error}", file=sys.stderr)
-        return 2
+    except (ModelConfigError, CatalogError, TraceError, KeyError) as error:
+        raise _Refused(error.args[0] if isinstance(error, KeyError) else str(error)) from None
+    names = list(POLICIES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        raise _Refused(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}, all")
     problem = _nothing_measured(args, workload)
     if problem is not None:
-        print(f"disagg simulate: {problem}", file=sys.stderr)
-        return 2
+        raise _Refused(problem)
     setup = SimSetup(
         model=model,
         prefill=PoolSetup(prefill_acc, args.prefill_tp, 1, 1, args.max_replicas),
@@ -137,11 +133,20 @@ def simulate_main(argv: list[str]) -> int:
         dt=args.dt,
         warmup_s=max(args.warmup_s, 0.0),
     )
-    measured = workload
-    workload = with_warmup(workload, setup.warmup_s)
-    setup = initial_replicas(setup, workload)
+    return catalog, setup, workload, names
+
+
+def simulate_main(argv: list[str]) -> int:
+    """Entry point of `disagg simulate`; returns the exit code."""
+    args = _parser().parse_args(argv)
     try:
+        catalog, setup, measured, names = _inputs(args)
+        workload = with_warmup(measured, setup.warmup_s)
+        setup = initial_replicas(setup, workload)
         runs: list[SimResult] = [run_policy(name, setup, workload, catalog) for name in names]
+    except _Refused as refused:
+        print(f"disagg simulate: {refused}", file=sys.stderr)
+        return 2
     except NothingMeasured as error:
         print(f"disagg simulate: {_FLAGS.get(error.setting, '--duration')}: {error}", file=sys.stderr)
         return 2
@@ -151,9 +156,9 @@ def simulate_main(argv: list[str]) -> int:
     else:
         print(
             f"{measured.name}: {measured.requests} requests over {measured.duration_s / 3600:.2f} h "
-            f"({measured.mean_rate():.1f} req/s), {model.name}, prefill {prefill_acc.name} TP{args.prefill_tp}, "
-            f"decode {decode_acc.name} TP{args.decode_tp}, SLO TTFT {args.ttft_ms:.0f} ms / "
-            f"ITL {args.itl_ms:.0f} ms"
+            f"({measured.mean_rate():.1f} req/s), {setup.model.name}, prefill {setup.prefill.accelerator.name} "
+            f"TP{args.prefill_tp}, decode {setup.decode.accelerator.name} TP{args.decode_tp}, SLO TTFT "
+            f"{args.ttft_ms:.0f} ms / ITL {args.itl_ms:.0f} ms"
         )
         print(format_table(summaries))
     if args.plot is not None:

@@ -42,6 +42,7 @@ def _remember(memory: PoolMemory, need: Need, signals: PoolSignals | None) -> Po
         correction=need.correction,
         service_correction=need.service_correction,
         load_factor=need.load_factor,
+        fitted_load_factors=need.fitted_load_factors,
         queue_samples=need.queue_samples,
         slo_guard=need.slo_guard,
         rate_samples=need.rate_samples,
@@ -127,7 +128,7 @@ def _hold_steps(tick: _Tick, spec: InferenceServiceSpec, now: float, settings: P
     slo_allows = 1.0 - spec.slo.percentile / 100.0
     gain, _ = budget_gain(prefill.error_budget if prefill is not None else None, slo_allows, settings)
     for role in list(tick.remembered):
-        if settings.step_hold_s is None or gain <= 1.0:
+        if gain <= 1.0:
             del tick.remembered[role]  # the window remembers the step's count
             continue
         tick.memories[role] = replace(tick.memories[role],

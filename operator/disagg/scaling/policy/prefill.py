@@ -63,6 +63,7 @@ class _Learnt:
     floor_s: float
     slo_guard: float
     out_of_reach: OutOfReach | None
+    fitted_load_factors: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,18 @@ def _learn(
     queue_samples = memory.queue_samples
     if is_steady and ttft is not None and ttft_fit is not None and rate > 0:
         queue_samples = (*queue_samples, (ready, rate, service, ttft, ttft_fit))[-settings.memory_ticks:]
-    load_factor, floor = fit_ttft_model(tuple(s[:3] + s[4:] for s in queue_samples), fit_percentile,
-                                        memory.load_factor, settings.load_factor_bounds)
+    # fitted at the SLO's percentile and at the fit percentile, the lower one counts: a load factor read
+    # at p90, where the wait shows little, does not exceed the p99 one; one read at p99 does not size a
+    # p90 pool for the heavy tail of prompt sizes that only the p99 shows
+    fitted = memory.fitted_load_factors
+    at_slo, floor = fit_ttft_model(tuple(s[:4] for s in queue_samples), slo.percentile, fitted[0],
+                                   settings.load_factor_bounds)
+    at_fit = at_slo
     if fit_percentile != slo.percentile:
+        at_fit, _ = fit_ttft_model(tuple(s[:3] + s[4:] for s in queue_samples), fit_percentile, fitted[1],
+                                   settings.load_factor_bounds)
+    load_factor = min(at_slo, at_fit)
+    if load_factor != at_slo:
         floor = fit_floor(tuple(s[:4] for s in queue_samples), slo.percentile, load_factor)
     floor = floor if queue_samples else service
     # The SLO guard: the model is a model; a TTFT percentile above the target itself is the SLO broken.
@@ -134,7 +144,8 @@ def _learn(
     # mean prefill for queueing, and at least a sixteenth of the budget when the mean prompt alone takes
     # longer than the budget (a mean swollen by prompts out of reach: no count would do).
     floor = min(max(floor, service), budget - 0.25 * max(budget - service, 0.25 * budget))
-    return _Learnt(service, service_correction, queue_samples, load_factor, floor, slo_guard, out_of_reach)
+    return _Learnt(service, service_correction, queue_samples, load_factor, floor, slo_guard, out_of_reach,
+                   (at_slo, at_fit))
 
 
 def _step(
@@ -216,7 +227,7 @@ def prefill_need(
     return Need(sized.replicas, memory.correction, learnt.service_correction, load.mean_prompt,
                 memory.mean_output_tokens, explanation, learnt.load_factor, learnt.queue_samples, learnt.slo_guard,
                 rate_samples, sized.step, error_budget, (out.share, out.reason) if out and out.share > 0 else None,
-                held)
+                held, learnt.fitted_load_factors)
 
 
 def _explain(

@@ -27,6 +27,9 @@ class PoolMemory:
     load_factor: float = 1.0
     """Prefill only: effective load / measured load (arrivals burstier than Poisson within the rate window
     queue like more load), fitted to the TTFT the pool reported."""
+    fitted_load_factors: tuple[float, float] = (1.0, 1.0)
+    """Prefill only: the load factor fitted at the SLO's percentile and at the fit percentile (each fit
+    starts from its own last value; `load_factor` is the lower)."""
     queue_samples: tuple[tuple[int, float, float, float, float], ...] = ()
     """Prefill only: (ready replicas, requests/s, mean prefill s, TTFT at the SLO percentile, TTFT at the
     fit percentile) of recent steady ticks, to which the effective load and the TTFT floor are fitted."""
@@ -94,3 +97,4 @@ class Need:
     held_replicas: int | None = None
     """What the scale-down window remembers of this tick: `replicas` without a step's sizing (None: the
     same)."""
+    fitted_load_factors: tuple[float, float] = (1.0, 1.0)
