@@ -72,7 +72,7 @@ def budget_gain(budget: ErrorBudget | None, slo_allows: float, settings: PolicyS
     if budget is None or budget.requests < settings.budget_min_requests or slo_allows <= 0:
         return 1.0, ""
     share = budget.over / budget.requests
-    spend = settings.budget_spend * slo_allows
+    spend = settings.spend(slo_allows) * slo_allows
     gain = min(settings.max_budget_gain, spend / share) if share > 0 else settings.max_budget_gain
     if gain <= 1.0:
         return 1.0, ""
