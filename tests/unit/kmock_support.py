@@ -283,7 +283,9 @@ class ApplyingEmulator(kmock.KubernetesEmulator):
             return self._list_selected(request)
         return await super()._handle(request)
 
-    async def _published(self, request: kmock.Request, response: aiohttp.web.StreamResponse) -> aiohttp.web.StreamResponse:
+    async def _published(
+        self, request: kmock.Request, response: aiohttp.web.StreamResponse,
+    ) -> aiohttp.web.StreamResponse:
         """The answer to a write, after the object as written went to the resource's watches."""
         if (request.resource is not None and 200 <= response.status < 300 and isinstance(response, aiohttp.web.Response)
                 and isinstance(response.body, bytes)):

@@ -8,6 +8,7 @@ import asyncio
 import datetime
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 15.
     raise AssertionError(f"not within {timeout_s}s: {what}")
 
 
+@asynccontextmanager
 async def rig_for(api: ApplyingEmulator, settings: OperatorSettings) -> AsyncIterator[Rig]:
     metrics = OperatorMetrics()
     operator = Operator.build(settings, metrics, connect_to=clients_of(api))
@@ -97,7 +99,7 @@ async def rig_for(api: ApplyingEmulator, settings: OperatorSettings) -> AsyncIte
 
 @pytest.fixture()
 async def rig(kmock: ApplyingEmulator) -> AsyncIterator[Rig]:
-    async for running in rig_for(kmock, SETTINGS):
+    async with rig_for(kmock, SETTINGS) as running:
         yield running
 
 
@@ -140,7 +142,7 @@ async def test_reconciles_wait_for_the_informers_and_diff_against_their_cache(km
         await asyncio.to_thread(reconcile_service, first, kmock.get_object(ISVC, NAMESPACE, NAME) or {})
     mark = kmock.mark()
 
-    async for rig in rig_for(kmock, SETTINGS):
+    async with rig_for(kmock, SETTINGS) as rig:
         rig.operator.service_event(None, rig.service())  # kopf's listing at start-up
         # this one, and any the watches' first events of the pools bring (none of them writes)
         await eventually(lambda: rig.reconciles("unchanged") >= 1, "a reconcile")
@@ -154,7 +156,7 @@ async def test_reconciles_wait_for_the_informers_and_diff_against_their_cache(km
 
 
 async def test_a_pools_change_reconciles_its_service_and_resync_stops_at_its_deletion(kmock: ApplyingEmulator) -> None:
-    async for rig in rig_for(kmock, replace(SETTINGS, resync_seconds=0.3)):
+    async with rig_for(kmock, replace(SETTINGS, resync_seconds=0.3)) as rig:
         stored = rig.api.put_object(ISVC, example())
         rig.operator.service_event("ADDED", stored)
         await eventually(lambda: rig.reconciles("changed") == 1, "the create")

@@ -9,10 +9,10 @@ from typing import Any
 import yaml
 
 from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg.runtime.informers import ChildCache
 from disagg.kube.client import CHILD_KINDS, KINDS_BY_NAME, kind_of
 from disagg.reconcile import child_key
 from disagg.render import render_service
+from disagg.runtime.informers import ChildCache
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "01-vllm-nixl-llama70b.yaml"
 DEPLOYMENT = KINDS_BY_NAME[("apps/v1", "Deployment")]

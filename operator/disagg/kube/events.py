@@ -92,7 +92,7 @@ class EventPoster:
     def record(self, obj: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
         manifest = event_manifest(obj, event_type, reason, message, self.instance, self.clock())
         try:
-            pass
+            self._queue.put_nowait(manifest)
         except queue.Full:
             self._dropped += 1
             if self._dropped == 1 or self._dropped % 100 == 0:

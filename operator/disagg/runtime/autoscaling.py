@@ -11,7 +11,7 @@ from disagg.kube.client import Kube
 from disagg.kube.events import EventRecorder
 from disagg.kube.peering import PeeringCheck
 from disagg.metrics import OperatorMetrics
-from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index
+from disagg.scaling.loop import Autoscaler, AutoscalerThread, Index
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
 from disagg.scaling.signals import QuerySet

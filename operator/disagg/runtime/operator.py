@@ -18,7 +18,6 @@ from disagg.kube.client import CHILD_KINDS, Kube
 from disagg.kube.connect import connect
 from disagg.kube.events import EventPoster
 from disagg.metrics import OperatorMetrics
-from disagg.reconcile.autoscale import Index
 from disagg.reconcile.run import Reconciler
 from disagg.render import parse_scrapers
 from disagg.render.context import DEFAULT_METRICS_SCRAPERS
@@ -27,6 +26,7 @@ from disagg.runtime.informers import ChildCache, ChildInformers
 from disagg.runtime.queue import ServiceLocks
 from disagg.runtime.reconciles import Reconciles
 from disagg.runtime.resync import Resync
+from disagg.scaling.loop import Index
 from disagg.settings import OperatorSettings
 
 log = logging.getLogger("disagg")

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from disagg.metrics import OperatorMetrics
-from disagg.reconcile.autoscale import Index, pool_counts, resource_version
 from disagg.reconcile.run import CONFLICT_RETRY_S, Outcome, Reconciler, reconcile_service
 from disagg.runtime.queue import ReconcileQueue, ServiceLocks
+from disagg.scaling.loop import Index, pool_counts, resource_version
 from disagg.wellknown import SERVICE_LABEL
 
 log = logging.getLogger("disagg")
