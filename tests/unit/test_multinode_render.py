@@ -75,6 +75,12 @@ BAD_LAYOUTS = [
      ".parallelism", "not both"),
     ("a wiring flag in extraArgs", "spec.decode.extraArgs", ["--data-parallel-size-local=4"],
      "spec.decode.extraArgs[0]", "set by the operator"),
+    # spelled as vLLM's parser also reads it: '_' for '-', a unique prefix, a single-dash prefix
+    ("a wiring flag with underscores", "spec.decode.extraArgs", ["--enforce-eager", "--data_parallel_size_local=4"],
+     "spec.decode.extraArgs[1]", "set by the operator"),
+    ("a wiring flag abbreviated", "spec.decode.extraArgs", ["--data-parallel-a=10.0.0.1"],
+     "spec.decode.extraArgs[0]", "--data-parallel-address as vllm reads it"),
+    ("a short wiring flag abbreviated", "spec.decode.extraArgs", ["-e"], "spec.decode.extraArgs[0]", "-ep as vllm"),
     ("a budget below one group", "spec.acceleratorBudget", 12, "spec.decode.autoscaling.minReplicas",
      "(16 > 12)"),
     ("a budget below the pools' floor", "spec.acceleratorBudget", 20, "spec.acceleratorBudget", "24 accelerators"),

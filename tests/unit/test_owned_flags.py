@@ -21,6 +21,7 @@ import pytest
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.catalog.engines import (
+    MULTINODE_FLAGS,
     OWNED_FLAGS,
     OWNED_WITH_CPU_TIER,
     OWNED_WITH_DISK_TIER,
@@ -33,8 +34,16 @@ DATA = Path(__file__).resolve().parents[2] / "tests" / "data" / "engine_flags"
 ALL_OWNED = {engine: {**OWNED_FLAGS[engine], **OWNED_WITH_OBJECT_STORAGE[engine], **OWNED_WITH_CPU_TIER[engine],
                       **OWNED_WITH_DISK_TIER[engine]} for engine in OWNED_FLAGS}
 # option strings of one argparse action (the operator owns the action, so every name of it)
-ALIASES = {"vllm": [("--tensor-parallel-size", "-tp")],
-           "sglang": [("--tp-size", "--tensor-parallel-size"), ("--model-path", "--model")]}
+ALIASES = {
+    "vllm": [("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"), ("--data-parallel-size", "-dp"),
+             ("--data-parallel-size-local", "-dpl"), ("--data-parallel-address", "-dpa"),
+             ("--data-parallel-rpc-port", "-dpp"), ("--data-parallel-start-rank", "-dpr"), ("--nnodes", "-n"),
+             ("--node-rank", "-r"), ("--enable-expert-parallel", "-ep")],
+    "sglang": [("--tp-size", "--tensor-parallel-size"), ("--model-path", "--model"),
+               ("--pp-size", "--pipeline-parallel-size"), ("--dp-size", "--data-parallel-size"),
+               ("--ep-size", "--expert-parallel-size", "--ep")],
+}
+OWNED_SETS = {"always or with a feature": ALL_OWNED, "with several ranks or nodes": MULTINODE_FLAGS}
 
 
 def options(engine: str) -> list[str]:
@@ -89,10 +98,10 @@ def canonical(engine: str, option: str | None) -> str | None:
     return option
 
 
-def spellings(engine: str) -> list[str]:
+def spellings(engine: str, owned: dict[str, str]) -> list[str]:
     """Every prefix of every owned flag, with '=' and '.', '_' forms and single-dash forms, plus near misses."""
     found: set[str] = set()
-    for option in itertools.chain(ALL_OWNED[engine], ["--max-model-len", "--disaggregation-mode", "--tp",
+    for option in itertools.chain(owned, ["--max-model-len", "--disaggregation-mode", "--tp",
                                                         "--enable-metrics-for-all-schedulers"]):
         dashes = 2 if option.startswith("--") else 1
         for end in range(dashes + 1, len(option) + 1):
@@ -101,8 +110,9 @@ def spellings(engine: str) -> list[str]:
     return sorted(found)
 
 
-def test_shortest_prefixes_are_those_the_recorded_parsers_resolve() -> None:
-    for engine, owned in ALL_OWNED.items():
+@pytest.mark.parametrize("flags", OWNED_SETS)
+def test_shortest_prefixes_are_those_the_recorded_parsers_resolve(flags: str) -> None:
+    for engine, owned in OWNED_SETS[flags].items():
         names = options(engine)
         same = {option: set(group) for group in ALIASES[engine] for option in group}
         for option, shortest in owned.items():
@@ -116,14 +126,16 @@ def test_shortest_prefixes_are_those_the_recorded_parsers_resolve() -> None:
             assert shortest == expected, (engine, option)
 
 
+@pytest.mark.parametrize("flags", OWNED_SETS)
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
-def test_every_spelling_is_owned_exactly_when_the_engines_parser_sets_an_owned_flag(engine: str) -> None:
-    owned_actions = {canonical(engine, option) for option in ALL_OWNED[engine]}
+def test_every_spelling_is_owned_exactly_when_the_engines_parser_sets_an_owned_flag(engine: str, flags: str) -> None:
+    owned = OWNED_SETS[flags][engine]
+    owned_actions = {canonical(engine, option) for option in owned}
     wrong = []
-    for arg in spellings(engine):
+    for arg in spellings(engine, owned):
         by_parser = canonical(engine, sets(engine, arg))
         expected = by_parser if by_parser in owned_actions else None
-        found = canonical(engine, owned_flag(engine, arg, ALL_OWNED[engine]))
+        found = canonical(engine, owned_flag(engine, arg, owned))
         if found != expected:
             wrong.append(f"{arg}: the parser sets {by_parser}, owned_flag says {found}")
     assert not wrong, "\n".join(wrong)

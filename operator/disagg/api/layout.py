@@ -10,24 +10,10 @@ from typing import TYPE_CHECKING
 
 from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import Accelerator
+from disagg.catalog.engines import MULTINODE_FLAGS, owned_flag
 
 if TYPE_CHECKING:
     from disagg.api.validate import FieldError
-
-# Flags the operator sets for multi-node workers: in extraArgs they would fight its wiring.
-MULTINODE_FLAGS = {
-    "vllm": {
-        "--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp", "--data-parallel-size-local", "-dpl",
-        "--data-parallel-address", "-dpa", "--data-parallel-rpc-port", "-dpp", "--data-parallel-start-rank",
-        "-dpr", "--headless", "--nnodes", "-n", "--node-rank", "-r", "--master-addr", "--master-port",
-        "--enable-expert-parallel", "-ep", "--distributed-executor-backend",
-    },
-    "sglang": {
-        "--nnodes", "--node-rank", "--dist-init-addr", "--pp-size", "--pipeline-parallel-size", "--dp-size",
-        "--data-parallel-size", "--enable-dp-attention", "--ep-size", "--expert-parallel-size",
-    },
-}
-
 
 def layout_errors(
     role: str, pool: PoolSpec, spec: InferenceServiceSpec, accelerator: Accelerator | None
@@ -99,8 +85,9 @@ def _multinode_flag(field: str, arg: str, pool: PoolSpec, spec: InferenceService
     par = pool.parallelism
     if not (pool.multi_node or par.pipeline > 1 or par.data > 1 or par.expert):
         return []
-    flag = arg.split("=", 1)[0]
-    if flag in MULTINODE_FLAGS[spec.engine.kind]:
-        return [FieldError(field, f"{flag} is set by the operator from parallelism and nodes; remove it from "
-                           "extraArgs")]
+    # every spelling the engine's parser takes (`--pipeline_parallel_size`, `--pp-s=2`, `-e`), as for OWNED_FLAGS
+    flag = owned_flag(spec.engine.kind, arg, MULTINODE_FLAGS[spec.engine.kind])
+    if flag is not None:
+        return [FieldError(field, f"{arg!r} is {flag} as {spec.engine.kind} reads it, set by the operator from "
+                           "parallelism and nodes; remove it from extraArgs")]
     return []

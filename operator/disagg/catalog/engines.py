@@ -179,6 +179,28 @@ OWNED_WITH_CPU_TIER = {"vllm": {}, "sglang": {"--enable-hierarchical-cache": "--
                                               "--hicache-size": "--hicache-si"}}
 OWNED_WITH_DISK_TIER = {"vllm": {}, "sglang": {"--hicache-storage-backend": "--hicache-storage-backend"}}
 
+MULTINODE_FLAGS: dict[str, dict[str, str]] = {
+    # set for workers that run several ranks or span nodes, from parallelism and nodes (option string ->
+    # shortest prefix, as OWNED_FLAGS; tests/unit/test_owned_flags.py recomputes them)
+    "vllm": {
+        "--pipeline-parallel-size": "--pi", "-pp": "-pp", "--data-parallel-size": "--data-parallel-size",
+        "-dp": "-dp", "--data-parallel-size-local": "--data-parallel-size-", "-dpl": "-dpl",
+        "--data-parallel-address": "--data-parallel-a", "-dpa": "-dpa",
+        "--data-parallel-rpc-port": "--data-parallel-rp", "-dpp": "-dpp",
+        "--data-parallel-start-rank": "--data-parallel-st", "-dpr": "-dpr", "--headless": "--hea",
+        "--nnodes": "--nn", "-n": "-n", "--node-rank": "--nod", "-r": "-r", "--master-addr": "--master-a",
+        "--master-port": "--master-p", "--enable-expert-parallel": "--enable-ex", "-ep": "-e",
+        "--distributed-executor-backend": "--distributed-e",
+    },
+    "sglang": {
+        "--nnodes": "--nn", "--node-rank": "--nod", "--dist-init-addr": "--dist-i", "--pp-size": "--pp-s",
+        "--pipeline-parallel-size": "--pi", "--dp-size": "--dp", "--data-parallel-size": "--da",
+        "--enable-dp-attention": "--enable-dp-attention", "--ep-size": "--ep-s",
+        "--expert-parallel-size": "--expert-p", "--ep": "--ep",
+    },
+}
+"""Owned when a pool's workers run several ranks or span nodes (pipeline, data or expert parallelism)."""
+
 OWNED_ENV = (
     "POD_IP", "HF_HOME", "VLLM_NIXL_SIDE_CHANNEL_HOST", "VLLM_NIXL_SIDE_CHANNEL_PORT",
     "VLLM_MOONCAKE_BOOTSTRAP_PORT", "LMCACHE_LOCAL_CPU", "LMCACHE_MAX_LOCAL_CPU_SIZE", "LMCACHE_CHUNK_SIZE",
