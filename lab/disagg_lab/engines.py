@@ -62,7 +62,8 @@ from disagg.capacity.traces import TraceError, Workload, read_trace, scale_time
 from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog
 from disagg.catalog.engines import MOONCAKE_BOOTSTRAP_PORT, NIXL_SIDE_CHANNEL_PORT
 from disagg.sim.engine import DecodePool, PrefillReplica
-from disagg_lab.kube import ROLES, PodObservation, Role
+from disagg.wellknown import ROLES, Role
+from disagg_lab.kube import PodObservation
 from disagg_lab.metrics import ENGINE_METRICS, EngineMetrics, EngineStats, label_text, render_metrics
 from disagg_lab.offered import (
     DEFAULT_BASE_SHARE,

@@ -14,14 +14,11 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from disagg import GROUP, PLURAL, VERSION
+from disagg.wellknown import LWS_WORKER_INDEX_LABEL, MANAGED_SELECTOR, ROLE_LABEL, ROLES, SERVICE_LABEL, Role
 
 log = logging.getLogger("disagg_lab.kube")
 
-Role = Literal["prefill", "decode"]
-ROLES: tuple[Role, Role] = ("prefill", "decode")
-ROLE_LABEL = "disagg.dev/role"
-SERVICE_LABEL = "disagg.dev/service"
-POD_SELECTOR = "app.kubernetes.io/managed-by=disagg,disagg.dev/role in (prefill,decode)"
+POD_SELECTOR = f"{MANAGED_SELECTOR},{ROLE_LABEL} in ({','.join(ROLES)})"
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
@@ -87,7 +84,7 @@ def pod_observation(pod: Any) -> PodObservation | None:
     service = labels.get(SERVICE_LABEL)
     if role not in ROLES or not service:
         return None
-    if labels.get("leaderworkerset.sigs.k8s.io/worker-index", "0") != "0":
+    if labels.get(LWS_WORKER_INDEX_LABEL, "0") != "0":
         return None  # a multi-node worker's member: its leader serves the worker's HTTP and metrics
     status = pod.status
     conditions = (status.conditions or []) if status is not None else []

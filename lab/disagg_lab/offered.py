@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +35,9 @@ from disagg.capacity.sizing import size_decode, size_prefill
 from disagg.capacity.traces import Workload
 from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog
 from disagg.scaling.policy import PolicySettings
+from disagg.wellknown import ROLES as ROLES  # the lab's modules take them from here
+from disagg.wellknown import Role
 
-Role = Literal["prefill", "decode"]
-ROLES: tuple[Role, Role] = ("prefill", "decode")
 DEFAULT_PROMPT_TOKENS = 1024
 DEFAULT_OUTPUT_TOKENS = 1024
 DEFAULT_BASE_SHARE = 0.6

@@ -50,11 +50,12 @@ from typing import Any
 import aiohttp
 import yaml
 
+from disagg.wellknown import MANAGED_SELECTOR, ROLE_LABEL, ROUTER
 from disagg_lab.kube import Event, Watcher, admin_client, is_loopback
 
 log = logging.getLogger("disagg_lab.routers")
 
-ROUTER_SELECTOR = "app.kubernetes.io/managed-by=disagg,disagg.dev/role=router"
+ROUTER_SELECTOR = f"{MANAGED_SELECTOR},{ROLE_LABEL}={ROUTER}"
 ROUTER_PACKAGES: dict[str, str] = {"vllm-router": "0.1.17", "sglang-router": "0.3.2"}
 """PyPI package -> the version tests/data/engine_flags/ records (tests/unit/test_lab_routers.py checks)."""
 TOKEN_SECONDS = 3600

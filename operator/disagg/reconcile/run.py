@@ -44,6 +44,7 @@ from disagg.reconcile.status import (
 from disagg.render import Owner, render_children
 from disagg.render.context import DEFAULT_METRICS_SCRAPERS, RDMA_POD_SECURITY, kv_service_name
 from disagg.wellknown import (
+    AUTOSCALED_ANNOTATION,
     AUTOSCALER_FIELD_MANAGER,
     FIELD_MANAGER,
     INITIAL_REPLICAS_ANNOTATION,
@@ -321,7 +322,7 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
             if current is None or not owned_by(current, uid) or _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
                 continue
             # created autoscaled: the replicas its create is credited with are the API server's default
-            created_autoscaled = (current["metadata"].get("annotations") or {}).get("disagg.dev/autoscaled") == "true"
+            created_autoscaled = (current["metadata"].get("annotations") or {}).get(AUTOSCALED_ANNOTATION) == "true"
             if not _owns_replicas(current, None, but_a_create=created_autoscaled):
                 # Still the API server's default: never scaled since it was created, so it gets its
                 # initial count (unless that is the default too, see create_scaled below). Any other
