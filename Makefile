@@ -30,7 +30,7 @@ venv:
 crd: venv
 	@.venv/bin/disagg crd > crds/disagg.dev_inferenceservices.yaml
 	@cp crds/disagg.dev_inferenceservices.yaml charts/disagg-operator/crds/disagg.dev_inferenceservices.yaml
-	@.venv/bin/disagg reference --update README.md
+	@.venv/bin/disagg reference --update docs/reference.md
 
 bench: venv
 	@for b in bench/*.py; do echo "==> $$b"; .venv/bin/python "$$b" || exit 1; done

@@ -1,4 +1,4 @@
-"""The autoscaling benchmark's verdicts: what the README and the closing notes quote."""
+"""The autoscaling benchmark's verdicts: what docs/ and the closing notes quote."""
 
 from __future__ import annotations
 
