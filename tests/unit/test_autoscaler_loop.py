@@ -18,8 +18,9 @@ from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, Kube
 from disagg.scaling.loop import Autoscaler, Index
 from disagg.scaling.policy import PolicySettings
+from disagg.scaling.policy.histogram import histogram_quantile
 from disagg.scaling.prometheus import PrometheusSource
-from disagg.scaling.signals import Observations, QuerySet, histogram_quantile, prometheus_duration_seconds
+from disagg.scaling.signals import Observations, QuerySet, prometheus_duration_seconds
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "01-vllm-nixl-llama70b.yaml"
 NOW = 1_800_000_000.0

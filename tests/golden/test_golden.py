@@ -1,6 +1,6 @@
 """Golden tests: each example and each edge case renders to exactly the YAML under tests/golden/output.
 
-Regenerate after an intended change with `UPDATE_GOLDEN=1 pytest tests/unit/test_golden.py` and
+Regenerate after an intended change with `UPDATE_GOLDEN=1 pytest tests/golden/test_golden.py` and
 review the diff like code.
 """
 
