@@ -1,10 +1,10 @@
 # syntax=docker/dockerfile:1
 # The disagg operator image. Stage 1 builds the wheel and installs it with its dependencies into a
 # virtual environment; the final stage holds only that environment on the same slim Python base:
-# no compiler, no pip, no sources. tests/unit/test_dockerfile.py checks this file (hadolint, structure)
+# no compiler, no pip, no sources. tests/packaging/test_dockerfile.py checks this file (hadolint, structure)
 # and that the wheel it installs builds and runs from a clean virtual environment. The base image is
 # pinned by its (multi-platform) digest, the dependencies by requirements.lock with hashes
-# (pip-compile --generate-hashes from pyproject.toml; tests/unit/test_dockerfile.py keeps them in step).
+# (pip-compile --generate-hashes from pyproject.toml; tests/packaging/test_dockerfile.py keeps them in step).
 ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm@sha256:d29f48a31a8b408ed19272ca1e7b10ebae13b240a27e862d3d4217c528e2e0c3
 
 FROM ${PYTHON_IMAGE} AS build

@@ -5,7 +5,8 @@ PYTHON ?= python3
 
 help:
 	@echo "make demo         start the local cluster (built on first use), run the operator, apply an example"
-	@echo "make test         lint, types, unit/golden/kmock tests and the e2e suite on the local cluster"
+	@echo "make test         lint, types, unit/kmock/golden/packaging tests and the e2e suite on the local cluster"
+	@echo "make lint | types | unit | e2e   one stage of make test"
 	@echo "make cluster-up   start the local cluster; prints export KUBECONFIG=..."
 	@echo "make cluster-down stop it and remove its state"
 	@echo "make bench        run the benchmarks in bench/"
@@ -17,6 +18,9 @@ demo:
 
 test:
 	@hack/test.sh
+
+lint types unit e2e:
+	@hack/test.sh $@
 
 cluster-up: venv
 	@.venv/bin/python hack/cluster.py up
@@ -30,7 +34,7 @@ venv:
 crd: venv
 	@.venv/bin/disagg crd > crds/disagg.dev_inferenceservices.yaml
 	@cp crds/disagg.dev_inferenceservices.yaml charts/disagg-operator/crds/disagg.dev_inferenceservices.yaml
-	@.venv/bin/disagg reference --update README.md
+	@.venv/bin/disagg reference --update docs/reference.md
 
 bench: venv
 	@for b in bench/*.py; do echo "==> $$b"; .venv/bin/python "$$b" || exit 1; done
@@ -38,4 +42,4 @@ bench: venv
 bench-generalise: venv
 	@.venv/bin/python bench/generalise.py --jobs 2
 
-.PHONY: help demo test cluster-up cluster-down venv crd bench bench-generalise
+.PHONY: help demo test lint types unit e2e cluster-up cluster-down venv crd bench bench-generalise

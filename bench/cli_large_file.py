@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = (REPO / "examples" / "01-vllm-nixl-llama70b.yaml").read_text()
@@ -58,7 +59,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 5, 50], help="file sizes in MB")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "cli-large-file.json")
     args = parser.parse_args()
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as work:
         for megabytes in args.sizes:
             path = Path(work) / f"services-{megabytes:g}mb.yaml"

@@ -52,12 +52,11 @@ from typing import Any
 from kubernetes import config as kconfig
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
+sys.path.insert(0, str(REPO / "tests"))
 
-import test_autoscaling as rig_lib  # noqa: E402  (the e2e rig, reused)
-from operator_support import OperatorProcess, dump, isolate, remove_finalizers, wait_until  # noqa: E402
-
+import support.autoscaling_rig as rig_lib  # noqa: E402  (the e2e rig, reused)
 from disagg.scaling.signals import QuerySet  # noqa: E402
+from support.operators import OperatorProcess, dump, isolate, remove_finalizers, wait_until  # noqa: E402
 
 SCRAPE_INTERVAL_S = rig_lib.SCRAPE_INTERVAL_S
 ROLES = rig_lib.ROLES

@@ -12,7 +12,7 @@ Subcommands: up, down, status, env, bin-dir, sa-kubeconfig, prometheus-start, pr
 apiserver-restart, lws-restart.
 Progress goes to stderr; ``up`` and ``env`` print ``export KUBECONFIG=...`` as their last stdout line.
 The cluster dir is ``$DISAGG_CLUSTER_DIR`` (default /tmp/disagg-cluster). See
-the design notes (LOCAL-CLUSTER.md) for where each flag comes from.
+docs/local-cluster.md for why each non-default flag is set.
 """
 
 from __future__ import annotations

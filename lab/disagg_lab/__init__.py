@@ -1,7 +1,7 @@
 """The local cluster's lab: what plays the parts a real cluster has and this machine lacks.
 
 Development only: installed into the project's .venv by hack/venv.sh, never into the operator's image
-(tests/unit/test_dockerfile.py checks the image's files). kwok pods run no process, so:
+(tests/packaging/test_dockerfile.py checks the image's files). kwok pods run no process, so:
 
 - `disagg-lab fleet` plays the engine of every Ready prefill and decode pod on the pod's own loopback IP,
   speaking the engines' P/D protocols and stepping `disagg simulate`'s engine model live;

@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition")
     crd.set_defaults(func=cmd_crd)
     reference = sub.add_parser("reference", help="print the spec field reference (markdown)")
-    reference.add_argument("--update", metavar="README", help="rewrite the generated section of this file instead")
+    reference.add_argument("--update", metavar="FILE",
+                           help="rewrite the generated section of this file (docs/reference.md) instead")
     reference.set_defaults(func=cmd_reference)
     rbac = sub.add_parser("rbac", help="print the operator's ServiceAccount, ClusterRole and binding")
     rbac.add_argument("-n", "--namespace", default="disagg-system")

@@ -2,7 +2,7 @@
 
 Least privilege: the kinds it manages, read access to pods (for scheduling status; the routers it
 creates are granted the same, and RBAC only lets a subject grant what it holds), events, and the
-InferenceServices themselves. tests/unit/test_chart.py checks the chart's rules equal these.
+InferenceServices themselves. tests/packaging/test_chart.py checks the chart's rules equal these.
 """
 
 from __future__ import annotations

@@ -13,12 +13,13 @@ import pytest
 import yaml
 from kubernetes import client as kclient
 
+from support.paths import REPO
+
 if TYPE_CHECKING:
-    from conftest import LocalCluster
+    from support.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 CATALOG = yaml.safe_load((REPO / "operator" / "disagg" / "catalog" / "accelerators.yaml").read_text())["accelerators"]
 # accelerator type -> how many fake nodes hack/cluster.py creates
 EXPECTED_POOLS = {"nvidia-h100": 4, "nvidia-h200": 8, "nvidia-b200": 2, "amd-mi300x": 2, "aws-trainium2": 2}

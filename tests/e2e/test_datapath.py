@@ -29,12 +29,17 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from kubernetes import client as kclient
-from operator_support import (
+
+from disagg.api.v1alpha1 import InferenceServiceSpec
+from disagg.capacity.models import from_architecture
+from disagg.capacity.roofline import DecodeCost, kv_link_bytes_per_s, kv_transfer_seconds, prefill_seconds
+from disagg.catalog.accelerators import DEFAULT_CATALOG
+from disagg_lab.load import LoadClient, Result, Schedule, ServiceEndpoints
+from support.operators import (
     EXAMPLES,
     Cluster,
     E2ESession,
@@ -55,18 +60,11 @@ from operator_support import (
     wait_until,
 )
 
-from disagg.api.v1alpha1 import InferenceServiceSpec
-from disagg.capacity.models import from_architecture
-from disagg.capacity.roofline import DecodeCost, kv_link_bytes_per_s, kv_transfer_seconds, prefill_seconds
-from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg_lab.load import LoadClient, Result, Schedule, ServiceEndpoints
-
 if TYPE_CHECKING:
-    from conftest import LocalCluster
+    from support.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 SERVICES = {"vllm-a": "01-", "vllm-b": "01-", "sglang-a": "02-"}
 PROMPT_TOKENS, OUTPUT_TOKENS = 512, 32
 RATE = 3.0

@@ -46,14 +46,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from kubernetes import client as kclient
-from operator_support import (
+
+from disagg.api.validate import InvalidSpec, validate_service
+from disagg.catalog.accelerators import DEFAULT_CATALOG
+from disagg.catalog.engines import ENGINES
+from disagg.render import render_service
+from support.operators import (
     GROUP,
     MANAGED_BY_SELECTOR,
     PLURAL,
@@ -76,18 +80,13 @@ from operator_support import (
     operators_of,
     wait_until,
 )
-
-from disagg.api.validate import InvalidSpec, validate_service
-from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg.catalog.engines import ENGINES
-from disagg.render import render_service
+from support.paths import REPO
 
 if TYPE_CHECKING:
-    from conftest import LocalCluster
+    from support.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 PEERING_CRDS = REPO / "charts" / "disagg-operator" / "crds" / "kopf.dev_peerings.yaml"
 RESYNC_S = 5.0
 POOL_LABEL = "disagg.dev/fault-pool"
@@ -575,10 +574,11 @@ def test_cordoned_accelerator_nodes_leave_pods_pending_and_unschedulable(
         env.kubectl("uncordon", b200[1] if first_node == b200[0] else b200[0])
         cordoned.remove(b200[1] if first_node == b200[0] else b200[0])
         wait_condition(env, operators, ns, name, "DecodeReady", "True", "AllReplicasReady", timeout=30)
-        for pod_name, node in placement().items():
-            labels = env.cluster.core.read_node(node).metadata.labels or {}
-            assert node in b200 and all(labels.get(k) == v for k, v in accelerator.node_labels.items()), (
-                f"{pod_name} on {node} ({labels.get('node.kubernetes.io/instance-type')})")
+        for pod_name, placed in placement().items():
+            assert placed in b200, f"{pod_name} on {placed}"
+            labels = env.cluster.core.read_node(placed).metadata.labels or {}
+            assert all(labels.get(k) == v for k, v in accelerator.node_labels.items()), (
+                f"{pod_name} on {placed} ({labels.get('node.kubernetes.io/instance-type')})")
     finally:
         for node in cordoned:
             env.kubectl("uncordon", node, check=False)
@@ -648,8 +648,8 @@ def test_peering_standby_takes_over_after_sigkill(env: FaultEnv, ns: str, operat
 
 
 ACCELERATOR_TYPES = sorted(DEFAULT_CATALOG.names())
-UNICODE = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
-ARG = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=60).filter(
+UNICODE = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
+ARG = st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), min_size=1, max_size=60).filter(
     lambda a: not a.startswith("-"))
 ENV_NAME = st.from_regex(r"\AUSR_[A-Za-z0-9_.-]{0,30}\Z")
 LABEL = st.from_regex(r"\A[a-z0-9]([a-z0-9.-]{0,20}[a-z0-9])?\Z")
@@ -689,7 +689,7 @@ def valid_ish_spec(draw: st.DrawFn) -> dict[str, Any]:
     prefill_type, decode_type = draw(st.sampled_from(types)), draw(st.sampled_from(types))
     spec: dict[str, Any] = {
         "model": {
-            "name": draw(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1,
+            "name": draw(st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1,
                                  max_size=256).filter(lambda name: not name.startswith("-"))),
             "uri": draw(st.sampled_from(["hf://org/model", "pvc://weights/llama"]
                                         + (["s3://bucket/m", "gs://b/m"] if engine_kind == "vllm" else []))),

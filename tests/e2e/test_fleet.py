@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from kubernetes import client as kclient
-from operator_support import (
+
+from support.operators import (
     EXAMPLES,
     Cluster,
     E2ESession,
@@ -36,7 +37,6 @@ from operator_support import (
     bin_dir,
     diagnose,
     dump,
-    free_port,
     in_namespace,
     isolate,
     load_docs,
@@ -44,13 +44,13 @@ from operator_support import (
     remove_finalizers,
     wait_until,
 )
+from support.paths import REPO, free_port
 
 if TYPE_CHECKING:
-    from conftest import LocalCluster
+    from support.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 SERVICE = "llama-70b"
 RPS_BEFORE, RPS_AFTER = 4.0, 20.0
 PROMPT_TOKENS, OUTPUT_TOKENS = 512, 128

@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,13 +36,13 @@ import yaml
 from kubernetes import client as kclient
 
 from disagg.rbac import RULES
+from support.paths import REPO, free_port
 
 if TYPE_CHECKING:
-    from conftest import LocalCluster
+    from support.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "disagg-operator"
 DISAGG = Path(sys.executable).parent / "disagg"
 GROUP, VERSION, PLURAL = "disagg.dev", "v1alpha1", "inferenceservices"
@@ -76,11 +75,6 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 90, ever
         time.sleep(every)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -655,6 +649,7 @@ def test_admission_policy_confines_the_operator_and_it_still_works(
         deployment = kclient.AppsV1Api(kube_api).read_namespaced_deployment(f"{release}-disagg-operator",
                                                                             e2e_namespace)
         pod_spec = deployment.spec.template.spec
+        assert pod_spec is not None and pod_spec.service_account_name and pod_spec.containers[0].args
         sa_config = cluster.sa_kubeconfig(e2e_namespace, pod_spec.service_account_name, tmp_path / "sa.kubeconfig")
 
         def as_operator(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -713,8 +708,11 @@ def test_admission_policy_confines_the_operator_and_it_still_works(
         # an edit (applies, and the claim of created fields) goes through too
         custom.patch_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, "tiny",
                                               {"spec": {"engine": {"extraArgs": ["--max-num-seqs", "64"]}}})
-        wait_for("the edit applied", lambda: kclient.AppsV1Api(kube_api).read_namespaced_deployment(
-            "tiny-decode", apps).spec.template.spec.containers[0].args[-1] == "64", timeout=60, details=operator.log)
+        def edited() -> bool:
+            decode = kclient.AppsV1Api(kube_api).read_namespaced_deployment("tiny-decode", apps).spec.template.spec
+            return decode is not None and (decode.containers[0].args or [""])[-1] == "64"
+
+        wait_for("the edit applied", edited, timeout=60, details=operator.log)
         assert not re.search(r"ValidatingAdmissionPolicy|denied the request", operator.log()), operator.log()
     finally:
         if operator is not None:

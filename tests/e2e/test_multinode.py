@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from kubernetes import client as kclient
-from operator_support import (
+
+from support.operators import (
     MANAGED_BY_SELECTOR,
     ROLE_LABEL,
     SERVICE_LABEL,
@@ -44,13 +45,13 @@ from operator_support import (
     sa_kubeconfig,
     wait_until,
 )
+from support.paths import REPO
 
 if TYPE_CHECKING:
-    from conftest import LocalCluster
+    from support.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 SERVICE = yaml.safe_load((REPO / "tests" / "golden" / "input" / "multinode-vllm-deepseek.yaml").read_text())
 # prefill on an H100 node: the 2 decode groups then hold 2 of the 4 two-node H200 domains, and another
 # service on the shared cluster (the demo's decode) may hold H200 nodes of the others

@@ -19,7 +19,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from kubernetes import client as kclient
-from operator_support import (
+
+from disagg.catalog.accelerators import DEFAULT_CATALOG
+from disagg.render import render_service
+from support.operators import (
     CONDITION_TYPES,
     EXAMPLES,
     MANAGED_BY_SELECTOR,
@@ -48,11 +51,8 @@ from operator_support import (
     wait_until,
 )
 
-from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg.render import render_service
-
 if TYPE_CHECKING:
-    from conftest import LocalCluster
+    from support.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 

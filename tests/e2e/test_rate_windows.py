@@ -27,7 +27,7 @@ from disagg.settings import OperatorSettings
 from disagg_lab.targets import FLEET_LABEL, write_targets
 
 if TYPE_CHECKING:
-    from conftest import LocalCluster
+    from support.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from kubernetes import client as kclient
-from operator_support import (
+
+from support.operators import (
     SERVICE_LABEL,
     Cluster,
     E2ESession,
@@ -34,7 +35,7 @@ from operator_support import (
 )
 
 if TYPE_CHECKING:
-    from conftest import LocalCluster
+    from support.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 
@@ -92,7 +93,8 @@ def events(env: E2ESession, namespace: str, name: str, reason: str) -> list[Any]
 
 def service_state(env: E2ESession, namespace: str, name: str) -> dict[str, Any]:
     """What a takeover would change: everything but the server's read-only bookkeeping."""
-    obj = env.cluster.api.sanitize_for_serialization(env.cluster.core.read_namespaced_service(name, namespace))
+    obj = env.cluster.api.sanitize_for_serialization(  # type: ignore[no-untyped-call]
+        env.cluster.core.read_namespaced_service(name, namespace))
     assert isinstance(obj, dict)
     return obj
 

@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client as kclient
-from operator_support import Kubectl, bin_dir, disagg_cli, install_crd
 
 from disagg.api.validate import InvalidSpec, catalog_errors, parse_spec
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.kube.client import ApiError, Kube, kind_of
 from disagg.render import Owner, render_children
 from disagg.yamlio import yaml_flow
+from support.operators import Kubectl, bin_dir, disagg_cli, install_crd
 
 pytestmark = pytest.mark.e2e
 
@@ -304,7 +304,7 @@ ISVC_HEAD = "apiVersion: disagg.dev/v1alpha1\nkind: InferenceService\n"
 # whole manifests, as written: YAML and the document around the spec
 SPEC_YAML = "  model: {name: m, uri: hf://org/m}\n  prefill: {accelerator: {type: nvidia-h100}}\n" \
             "  decode: {accelerator: {type: nvidia-h200}}\n"
-RAW: list[tuple[str, str | None, str]] = [
+RAW: list[tuple[str, str, str]] = [
     ("yaml replicas 3.0", "raw-float-int", "  prefill: {replicas: 3.0, accelerator: {type: nvidia-h100}}\n"),
     ("yaml replicas 1e2", "raw-exponent-int", "  prefill: {replicas: 1e2, accelerator: {type: nvidia-h100}}\n"),
     ("yaml replicas 0x10", "raw-hex-int", "  prefill: {replicas: 0x10, accelerator: {type: nvidia-h100}}\n"),

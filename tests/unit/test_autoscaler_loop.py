@@ -7,7 +7,6 @@ import math
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qs, urlparse
 
@@ -18,10 +17,12 @@ from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, Kube
 from disagg.scaling.loop import Autoscaler, Index
 from disagg.scaling.policy import PolicySettings
+from disagg.scaling.policy.histogram import histogram_quantile
 from disagg.scaling.prometheus import PrometheusSource
-from disagg.scaling.signals import Observations, QuerySet, histogram_quantile, prometheus_duration_seconds
+from disagg.scaling.signals import Observations, QuerySet, prometheus_duration_seconds
+from support.paths import REPO
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "01-vllm-nixl-llama70b.yaml"
+EXAMPLE = REPO / "examples" / "01-vllm-nixl-llama70b.yaml"
 NOW = 1_800_000_000.0
 
 

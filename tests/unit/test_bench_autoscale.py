@@ -1,16 +1,17 @@
-"""The autoscaling benchmark's verdicts: what the README and the closing notes quote."""
+"""The autoscaling benchmark's verdicts: what docs/ and the closing notes quote."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "autoscale.py"
+from support.paths import REPO
+
+BENCH = REPO / "bench" / "autoscale.py"
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -13,8 +12,9 @@ import pytest
 
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.sim.traces import Workload
+from support.paths import REPO
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "generalise.py"
+BENCH = REPO / "bench" / "generalise.py"
 
 
 @pytest.fixture(scope="module")

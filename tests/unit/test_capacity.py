@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,7 +219,7 @@ def test_replay_sizing_counts_the_floor_and_the_effective_load() -> None:
     from disagg.capacity.sizing import size_prefill_attainment
 
     windows = [(60_000.0, 30.0)] * 20
-    kwargs = {"step_s": 15.0, "service_s": 0.2, "tokens_per_replica_s": 10_000.0, "ttft_budget_s": 1.0,
+    kwargs: dict[str, Any] = {"step_s": 15.0, "service_s": 0.2, "tokens_per_replica_s": 10_000.0, "ttft_budget_s": 1.0,
               "miss_share": 0.005}
     plain, _ = size_prefill_attainment(windows, **kwargs)
     floored, _ = size_prefill_attainment(windows, floor_s=0.7, **kwargs)  # long prompts eat the budget

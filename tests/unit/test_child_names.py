@@ -22,8 +22,8 @@ from disagg.api.v1alpha1 import MAX_NAME_LENGTH
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.render import render_service
+from support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 WORDS = ("a", "metrics", "prefill", "decode", "kv", "router", "engines")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

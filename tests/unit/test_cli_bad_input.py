@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from disagg import cli as cli_module
+from support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = (REPO / "examples" / "01-vllm-nixl-llama70b.yaml").read_text()
 SERVICE = textwrap.dedent("""\
     apiVersion: disagg.dev/v1alpha1

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +19,8 @@ from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.kube.client import CHILD_KINDS
 from disagg.rbac import RULES
 from disagg.render import render_service
+from support.paths import REPO, helm_binary
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "01-vllm-nixl-llama70b.yaml"
 CHART = REPO / "charts" / "disagg-operator"
 
@@ -115,11 +114,10 @@ def test_the_operator_holds_no_permission_on_secrets() -> None:
 
 @pytest.mark.parametrize("mode", [(), ("--set", "rbac.namespaced=true", "--set", "watchNamespaces={a,b}")])
 def test_the_charts_rbac_holds_no_permission_on_secrets(mode: tuple[str, ...]) -> None:
-    from test_chart import HELM
-
-    if HELM is None:
+    helm = helm_binary()
+    if helm is None:
         pytest.skip("helm binary not found")
-    out = subprocess.run([HELM, "template", "r", str(CHART), *mode], capture_output=True, text=True, timeout=60,
+    out = subprocess.run([helm, "template", "r", str(CHART), *mode], capture_output=True, text=True, timeout=60,
                          check=True).stdout
     roles = [d for d in yaml.safe_load_all(out) if d and d["kind"] in ("ClusterRole", "Role")]
     assert roles

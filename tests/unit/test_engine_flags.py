@@ -21,13 +21,13 @@ import json
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from support.paths import REPO
+
 DATA = REPO / "tests" / "data" / "engine_flags"
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 ROLE_LABEL = "disagg.dev/role"

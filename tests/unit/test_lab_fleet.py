@@ -8,7 +8,6 @@ import itertools
 import json
 import math
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ from disagg_lab.kube import PodObservation, pod_observation
 from disagg_lab.metrics import ENGINE_METRICS, Histogram
 from disagg_lab.offered import LoadError, LoadSpec, parse_load_arg, parse_load_spec
 from disagg_lab.targets import FLEET_LABEL, write_targets
+from support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = yaml.safe_load((REPO / "examples" / "01-vllm-nixl-llama70b.yaml").read_text())
 SGLANG_EXAMPLE = next(
     d for d in yaml.safe_load_all((REPO / "examples" / "02-sglang-mooncake.yaml").read_text())
@@ -344,6 +343,7 @@ def test_pod_observation_reads_role_service_readiness_and_ip() -> None:
     )
     obs = pod_observation(v1pod)
     assert obs == PodObservation("u1", "ns", "svc-decode-x", "svc", "decode", "127.100.3.4", True, False)
+    assert v1pod.status is not None and v1pod.status.conditions and v1pod.metadata is not None
     v1pod.status.conditions[0].status = "False"
     unready = pod_observation(v1pod)
     assert unready is not None and not unready.ready
@@ -355,10 +355,5 @@ def test_pod_observation_reads_role_service_readiness_and_ip() -> None:
 # the HTTP shell: pod sites on loopback addresses, control API (no cluster needed)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import copy
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from disagg_lab.engines import DecodeEngine, FleetSim, PrefillEngine
 from disagg_lab.kube import Event, PodObservation, ServiceObservation
 from disagg_lab.protocol import DECODE_POD_HEADER, KV_HEADER, PREFILL_POD_HEADER
 from disagg_lab.server import FleetServer
+from support.paths import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[2]
 VLLM = yaml.safe_load((REPO / "examples" / "01-vllm-nixl-llama70b.yaml").read_text())
 SGLANG = next(d for d in yaml.safe_load_all((REPO / "examples" / "02-sglang-mooncake.yaml").read_text())
               if d and d.get("kind") == "InferenceService")
@@ -33,11 +32,6 @@ RECOMPUTE = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_consumer
                         "kv_load_failure_policy": "recompute"})
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def pod(service: str, role: str, ip: str, *, args: tuple[str, ...] = (), env: tuple[tuple[str, str], ...] = ()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +15,7 @@ from kubernetes import client as kclient
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.render import render_service
 from disagg_lab.routers import ROUTER_PACKAGES, Probe, container_argv, container_env, expand, router_package
-
-REPO = Path(__file__).resolve().parents[2]
+from support.paths import REPO
 
 
 def test_pinned_router_versions_are_the_engine_flag_tests() -> None:

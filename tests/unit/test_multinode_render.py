@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +15,8 @@ from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.render import render_service
 from disagg.scaling.policy import LoadPicture, PolicySettings, PolicyState, PoolSignals, decide
+from support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 FLAGS = {name: set((REPO / "tests" / "data" / "engine_flags" / f"{name}.txt").read_text().split())
          for name in ("vllm", "sglang", "vllm-router")}
 DEEPSEEK = yaml.safe_load((REPO / "tests" / "golden" / "input" / "multinode-vllm-deepseek.yaml").read_text())
@@ -46,7 +45,8 @@ def docs_of(body: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def container(template: dict[str, Any]) -> dict[str, Any]:
-    (engine,) = template["spec"]["containers"]
+    containers: list[dict[str, Any]] = template["spec"]["containers"]
+    (engine,) = containers
     return engine
 
 

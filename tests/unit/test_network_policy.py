@@ -1,5 +1,5 @@
 """The engines' NetworkPolicy, by its semantics: a table of (source pod, its namespace, destination
-port) -> admitted, evaluated with tests/unit/network_policy.py (tested first on known cases).
+port) -> admitted, evaluated with tests/support/network_policy.py (tested first on known cases).
 
 Only this service's router and the metrics scrapers reach an engine's HTTP port (the OpenAI API,
 /metrics, SGLang's admin endpoints); the KV ports, and any other, only this service's own engine pods;
@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
-from network_policy import Pod, admitted, selects
 
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.render import parse_scrapers, render_service
+from support.network_policy import Pod, admitted, selects
+from support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 INPUTS = sorted((REPO / "examples").glob("*.yaml")) + sorted((REPO / "tests" / "golden" / "input").glob("*.yaml"))
 
 

@@ -13,7 +13,6 @@ import contextlib
 import copy
 import io
 import itertools
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,12 +28,13 @@ from disagg.catalog.engines import (
     owned_flag,
 )
 from disagg.render import render_service
+from support.paths import REPO
 
-DATA = Path(__file__).resolve().parents[2] / "tests" / "data" / "engine_flags"
+DATA = REPO / "tests" / "data" / "engine_flags"
 ALL_OWNED = {engine: {**OWNED_FLAGS[engine], **OWNED_WITH_OBJECT_STORAGE[engine], **OWNED_WITH_CPU_TIER[engine],
                       **OWNED_WITH_DISK_TIER[engine]} for engine in OWNED_FLAGS}
 # option strings of one argparse action (the operator owns the action, so every name of it)
-ALIASES = {
+ALIASES: dict[str, list[tuple[str, ...]]] = {
     "vllm": [("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"), ("--data-parallel-size", "-dp"),
              ("--data-parallel-size-local", "-dpl"), ("--data-parallel-address", "-dpa"),
              ("--data-parallel-rpc-port", "-dpp"), ("--data-parallel-start-rank", "-dpr"), ("--nnodes", "-n"),
@@ -43,7 +43,8 @@ ALIASES = {
                ("--pp-size", "--pipeline-parallel-size"), ("--dp-size", "--data-parallel-size"),
                ("--ep-size", "--expert-parallel-size", "--ep")],
 }
-OWNED_SETS = {"always or with a feature": ALL_OWNED, "with several ranks or nodes": MULTINODE_FLAGS}
+OWNED_SETS: dict[str, dict[str, dict[str, str]]] = {
+    "always or with a feature": ALL_OWNED, "with several ranks or nodes": MULTINODE_FLAGS}
 
 
 def options(engine: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Engine and router pods against the Pod Security Standards (tests/unit/pod_security.py, a checker of
+"""Engine and router pods against the Pod Security Standards (tests/support/pod_security.py, a checker of
 the documented rules, itself tested first on known pods).
 
 Every example and golden input: the router's pods and the engines' pods pass `restricted`, except an
@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 import yaml
-from pod_security import baseline, restricted
 
 from disagg.api.validate import parse_spec
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.reconcile.status import pod_security_condition
 from disagg.render import render_service
 from disagg.render.context import ENGINE_HOME, RDMA_POD_SECURITY
+from support.paths import REPO
+from support.pod_security import baseline, restricted
 
-REPO = Path(__file__).resolve().parents[2]
 INPUTS = sorted((REPO / "examples").glob("*.yaml")) + sorted((REPO / "tests" / "golden" / "input").glob("*.yaml"))
 
 GOOD: dict[str, Any] = {

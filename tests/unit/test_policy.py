@@ -70,8 +70,14 @@ def picture(prefill_tps: float, decode_tps: float, now: float = 100.0) -> LoadPi
 
 
 def run(pic: LoadPicture | None, current: dict[str, int], state: PolicyState | None = None, now: float = 100.0,
-        service: InferenceServiceSpec | None = None, settings: PolicySettings = SETTINGS):
+        service: InferenceServiceSpec | None = None, settings: PolicySettings = SETTINGS,
+        ) -> tuple[dict[str, PoolDecision], PolicyState]:
     return decide(pic, service or spec(), current, state or PolicyState(), now, settings, DEFAULT_CATALOG)
+
+
+def _present(signals: PoolSignals | None) -> PoolSignals:
+    assert signals is not None
+    return signals
 
 
 # Load -> replicas: more load never means fewer replicas, and the counts meet the capacity model.
@@ -502,8 +508,8 @@ def test_a_step_seen_in_the_last_scrape_interval_scales_both_pools_before_the_wi
     now = 400.0
     stepped = _both(8.0, now, current, last_rate)
     if last_rate is None:
-        stepped = LoadPicture(replace(stepped.prefill, request_rate_last=None, requests_last=None),
-                              replace(stepped.decode, request_rate_last=None, requests_last=None))
+        stepped = LoadPicture(replace(_present(stepped.prefill), request_rate_last=None, requests_last=None),
+                              replace(_present(stepped.decode), request_rate_last=None, requests_last=None))
     decisions, _ = run(stepped, current, state, now=now, settings=settings)
     # What the pools need once the window shows the step (4x the calm), for comparison.
     settled, _ = run(_both(32.0, now, current), current, state, now=now, settings=settings)
@@ -560,7 +566,7 @@ def test_decode_reads_a_step_from_the_requests_entering_prefill_not_its_own_clum
     state, current = _calm_then(settings)
     now = 400.0
     pic = _both(8.0, now, current, interval_s=1.0)
-    clumped = LoadPicture(pic.prefill, replace(pic.decode, request_rate_last=28.0, requests_last=28.0))
+    clumped = LoadPicture(pic.prefill, replace(_present(pic.decode), request_rate_last=28.0, requests_last=28.0))
     decisions, _ = run(clumped, current, state, now=now, settings=settings)
     assert not decisions["decode"].changed, decisions["decode"].reason
     alone = LoadPicture(None, clumped.decode)  # no prefill signals: decode's own count is all there is
@@ -639,7 +645,8 @@ def test_decode_admission_guard_adds_replicas_while_decode_s_own_ttft_breaks_wha
     service = spec(engine={"kind": engine})
     settings = replace(SETTINGS, signal_window_s=0.0)
 
-    def ticks(own_ttft_s: float, first: int, count: int, state: PolicyState, current: dict[str, int]):
+    def ticks(own_ttft_s: float, first: int, count: int, state: PolicyState, current: dict[str, int],
+              ) -> tuple[dict[str, PoolDecision], PolicyState, dict[str, int]]:
         for step in range(first, first + count):
             now = 100.0 + 15 * step
             pic = LoadPicture(prefill_signals(30_000, now, ready=current["prefill"], ttft_s=0.4),
@@ -686,7 +693,7 @@ def _budget_run(service: InferenceServiceSpec, prefill_over: float, decode_over:
     tick's prefill recommendation (before the scale-down window) and reason. The budget counts from the
     first tick unless `settings` say otherwise."""
     settings = settings or replace(SETTINGS, scale_down_window_s=0.0)  # the count begins a window after
-    state, decisions = PolicyState(), {}
+    state, decisions = PolicyState(), dict[str, PoolDecision]()
     rate = tokens_per_s / 2000
     for tick in range(ticks):
         now = 100.0 + 15.0 * tick
@@ -756,7 +763,7 @@ def test_decode_with_a_tight_ttft_is_sized_on_two_ticks_not_one_scrape_of_its_ga
 def _long_prompt_run(prompt_buckets: tuple[tuple[float, float], ...], ticks: int = 30) -> tuple[int, str, float]:
     """Steady ticks at 50k prompt tok/s on 8 ready replicas, the TTFT p90 at 3 s (over the 1-s target)
     with requests queueing: because of the long prompts when `prompt_buckets` says so."""
-    state, decisions = PolicyState(), {}
+    state, decisions = PolicyState(), dict[str, PoolDecision]()
     current = {"prefill": 8, "decode": 4}
     rate = 50_000 / 2000
     # 80 % of the requests within 0.4 s, 20 % (the long prompts) at 2-4 s
@@ -831,7 +838,7 @@ def test_a_burst_sized_as_a_step_is_held_for_the_window_only_while_the_error_bud
     def tick(now: float, last: float | None = None) -> None:
         nonlocal state, current
         pic = _both(rate, now, current, last)
-        pic = LoadPicture(replace(pic.prefill, ttft_s=0.3, ttft_buckets=_ttft_histogram(rate, prefill_over)),
+        pic = LoadPicture(replace(_present(pic.prefill), ttft_s=0.3, ttft_buckets=_ttft_histogram(rate, prefill_over)),
                           pic.decode)
         decisions, state = run(pic, current, state, now=now, settings=settings)
         current = {role: d.desired for role, d in decisions.items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -20,8 +19,9 @@ from disagg.scaling.policy import PolicySettings
 from disagg.scaling.signals import prometheus_duration_seconds
 from disagg.settings import OperatorSettings
 from disagg.sim.engine import SimSetup
+from support.paths import REPO
 
-CHART_VALUES = Path(__file__).resolve().parents[2] / "charts" / "disagg-operator" / "values.yaml"
+CHART_VALUES = REPO / "charts" / "disagg-operator" / "values.yaml"
 MEASURED = PolicySettings()
 
 

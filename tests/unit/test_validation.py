@@ -10,6 +10,7 @@ import yaml
 
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import DEFAULT_CATALOG
+from support.paths import REPO
 
 
 def base() -> dict[str, Any]:
@@ -167,9 +168,8 @@ def test_every_error_is_reported_at_once() -> None:
 
 
 def test_examples_are_valid() -> None:
-    from pathlib import Path
 
-    for path in sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml")):
+    for path in sorted(REPO.joinpath("examples").glob("*.yaml")):
         body = yaml.safe_load(path.read_text())
         validate_service(copy.deepcopy(body), DEFAULT_CATALOG)
 

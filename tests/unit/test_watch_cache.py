@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -13,8 +12,9 @@ from disagg.kube.client import CHILD_KINDS, KINDS_BY_NAME, kind_of
 from disagg.reconcile import child_key
 from disagg.render import render_service
 from disagg.runtime.informers import ChildCache
+from support.paths import REPO
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "01-vllm-nixl-llama70b.yaml"
+EXAMPLE = REPO / "examples" / "01-vllm-nixl-llama70b.yaml"
 DEPLOYMENT = KINDS_BY_NAME[("apps/v1", "Deployment")]
 
 

@@ -1,4 +1,4 @@
-"""The field reference in the README, generated from the same schema as the CRD."""
+"""The field reference (docs/reference.md), generated from the same schema as the CRD."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _rows(node: dict[str, Any], path: str, required: set[str]) -> list[str]:
 
 
 def update_readme(path: str) -> None:
-    """Replaces the generated section of a README with the current field reference."""
+    """Replaces the generated section of a file with the current field reference."""
     from pathlib import Path
 
     readme = Path(path)

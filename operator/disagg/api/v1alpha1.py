@@ -361,7 +361,7 @@ class EngineSpec(CRDModel):
     """HTTP port of the engine's OpenAI server (also serves /metrics and /health)."""
     extra_args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=64)
     """Extra command-line arguments appended to both pools' engine command (not the flags the operator
-    sets, in any spelling the engine reads: see the README)."""
+    sets, in any spelling the engine reads: see docs/validation.md)."""
     env: list[EnvVar] = Field(default_factory=list, max_length=64, json_schema_extra={
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
     """Extra environment variables for both pools' engine containers (e.g. HF_TOKEN from a Secret; each

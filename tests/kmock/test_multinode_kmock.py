@@ -6,22 +6,20 @@ from __future__ import annotations
 import asyncio
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kmock_support import ApplyingEmulator, writes
-from test_reconcile_kmock import CATALOG, ISVC, NOW, STATUS, Harness, condition, harness
 
 from disagg.kube.client import LEADER_WORKER_SET, Kind
 from disagg.kube.discovery import OptionalKind
 from disagg.reconcile.run import Reconciler, reconcile_service
+from support.kmock import ApplyingEmulator, writes
+from support.kmock_harness import CATALOG, ISVC, NOW, STATUS, Harness, condition
+from support.paths import REPO
 
 pytestmark = pytest.mark.kmock(cls=ApplyingEmulator)
-__all__ = ["harness"]
 
-REPO = Path(__file__).resolve().parents[2]
 DEEPSEEK = yaml.safe_load((REPO / "tests" / "golden" / "input" / "multinode-vllm-deepseek.yaml").read_text())
 
 
@@ -37,13 +35,16 @@ async def test_without_leaderworkersets_a_multi_node_spec_only_gets_a_condition(
 
     async def reconcile() -> list[str]:
         stored = harness.api.get_object(ISVC, "serving", "deepseek")
+        assert stored is not None
         mark = harness.api.mark()
         await asyncio.to_thread(reconcile_service, reconciler, stored)
         return [w.name for w in writes(harness.api.requests_since(mark))]
 
     assert await reconcile() == [STATUS.replace("llama-70b", "deepseek")]
     assert harness.children() == {}
-    ready = condition(harness.api.get_object(ISVC, "serving", "deepseek")["status"], "Ready")
+    stored = harness.api.get_object(ISVC, "serving", "deepseek")
+    assert stored is not None
+    ready = condition(stored["status"], "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "LeaderWorkerSetUnavailable")
     assert "the decode workers span several nodes" in ready["message"]
     assert "does not serve leaderworkersets" in ready["message"] and "sigs.k8s.io/lws" in ready["message"]

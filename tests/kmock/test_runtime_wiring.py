@@ -10,13 +10,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import kmock
 import pytest
 import yaml
-from kmock_support import ApplyingEmulator, writes
 from kubernetes import client as k8s
 
 from disagg.catalog.accelerators import load_catalog
@@ -25,10 +23,11 @@ from disagg.metrics import OperatorMetrics
 from disagg.reconcile.run import Reconciler, reconcile_service
 from disagg.runtime.operator import Operator
 from disagg.settings import OperatorSettings
+from support.kmock import ApplyingEmulator, writes
+from support.paths import REPO
 
 pytestmark = pytest.mark.kmock(cls=ApplyingEmulator)
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "01-vllm-nixl-llama70b.yaml"
 NAMESPACE, NAME = "serving", "llama-70b"
 ISVC = "disagg.dev/v1alpha1/inferenceservices"

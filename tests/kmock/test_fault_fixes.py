@@ -7,13 +7,10 @@ import copy
 import json
 import logging
 import threading
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import yaml
-from kmock_support import ApplyingEmulator
-from test_reconcile_kmock import DEPLOYMENTS, ISVC, NAME, NAMESPACE, Harness, harness, managers_of_replicas
 
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import DEFAULT_CATALOG
@@ -25,10 +22,11 @@ from disagg.scaling import loop as autoscale_module
 from disagg.scaling.loop import Autoscaler, Index
 from disagg.scaling.policy import PolicySettings
 from disagg.yamlio import yaml_flow
+from support.kmock import ApplyingEmulator
+from support.kmock_harness import DEPLOYMENTS, ISVC, NAME, NAMESPACE, Harness, managers_of_replicas
+from support.paths import REPO
 
-__all__ = ["harness"]  # the kmock harness fixture, shared with test_reconcile_kmock
-
-EXAMPLE = Path(__file__).parents[2] / "examples" / "01-vllm-nixl-llama70b.yaml"
+EXAMPLE = REPO / "examples" / "01-vllm-nixl-llama70b.yaml"
 EVERY_CHARACTER = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
 
 
@@ -126,7 +124,7 @@ def indexed(*bodies: dict[str, Any], deployments: bool = True) -> Index:
 def test_a_service_the_policy_fails_on_does_not_stop_the_tick(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real = autoscale_module.decide
+    real = autoscale_module.decide  # type: ignore[attr-defined]  # the loop's own import, patched below
 
     def decide(picture: Any, spec: Any, *args: Any) -> Any:
         if spec.model.name == "broken":

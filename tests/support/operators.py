@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,8 @@ import yaml
 from kubernetes import client as kclient
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[2]
+from support.paths import REPO, free_port
+
 CLUSTER_PY = REPO / "hack" / "cluster.py"
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
@@ -52,12 +52,6 @@ T = TypeVar("T")
 # processes and kubectl
 
 
-def free_port() -> int:
-    """A TCP port that is free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def bin_dir() -> Path:

@@ -9,9 +9,7 @@ which runs the same chart against the local cluster (tests/e2e/test_helm.py).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -25,22 +23,13 @@ from disagg.cli import build_parser
 from disagg.rbac import RULES
 from disagg.scaling.signals import BY
 from disagg.wellknown import SERVICE_LABEL
+from support.paths import REPO, helm_binary
 
-REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "disagg-operator"
 RELEASE, NAMESPACE = "rel", "disagg-system"
 # resources of RULES that are cluster-scoped (namespaced mode grants them through a ClusterRole)
 CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces"}
 ROLE_LABEL = "disagg.dev/role"
-
-
-def helm_binary() -> str | None:
-    cache = Path(os.environ.get("DISAGG_CACHE", str(Path.home() / ".cache" / "disagg")))
-    found = shutil.which("helm") or shutil.which("helm", path=str(cache / "bin"))
-    if found:
-        return found
-    built = sorted(cache.glob("helm/*/bin/helm"))
-    return str(built[-1]) if built else None
 
 
 HELM = helm_binary()

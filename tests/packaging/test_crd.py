@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 
 from disagg.api.crd import build_crd, crd_yaml
+from support.paths import REPO
 
-ROOT = Path(__file__).parents[2]
+ROOT = REPO
 CRD_FILE = ROOT / "crds" / "disagg.dev_inferenceservices.yaml"
 
 

@@ -9,14 +9,12 @@ from typing import Any
 
 import pytest
 import yaml
-from kmock_support import ApplyingEmulator, Write, writes
-from test_reconcile_kmock import EXAMPLE, ISVC, STATUS, Harness, condition, harness
 
 from disagg.kube.client import ApiError
 from disagg.reconcile import run as run_module
 from disagg.reconcile.run import Outcome, Reconciler, reconcile_service
-
-__all__ = ["harness"]  # the kmock harness fixture, shared with test_reconcile_kmock
+from support.kmock import ApplyingEmulator, Write, writes
+from support.kmock_harness import EXAMPLE, ISVC, STATUS, Harness, condition
 
 pytestmark = pytest.mark.kmock(cls=ApplyingEmulator)
 

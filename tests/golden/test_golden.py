@@ -1,6 +1,6 @@
 """Golden tests: each example and each edge case renders to exactly the YAML under tests/golden/output.
 
-Regenerate after an intended change with `UPDATE_GOLDEN=1 pytest tests/unit/test_golden.py` and
+Regenerate after an intended change with `UPDATE_GOLDEN=1 pytest tests/golden/test_golden.py` and
 review the diff like code.
 """
 
@@ -15,8 +15,9 @@ import yaml
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.render import render_service
 from disagg.yamlio import dump_all
+from support.paths import REPO
 
-ROOT = Path(__file__).parents[2]
+ROOT = REPO
 GOLDEN = ROOT / "tests" / "golden"
 INPUTS = sorted((ROOT / "examples").glob("*.yaml")) + sorted((GOLDEN / "input").glob("*.yaml"))
 
