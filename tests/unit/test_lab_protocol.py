@@ -31,6 +31,7 @@ SGLANG = next(d for d in yaml.safe_load_all((REPO / "examples" / "02-sglang-moon
               if d and d.get("kind") == "InferenceService")
 RECOMPUTE = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_consumer",
                         "kv_load_failure_policy": "recompute"})
+PRODUCER = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_producer"})
 
 
 def free_port() -> int:
@@ -117,9 +118,10 @@ def test_the_engines_step_the_simulators_engine_model() -> None:
 
 async def test_vllm_pd_hand_off_is_pulled_once_and_otherwise_recomputed(tmp_path: Path) -> None:
     model = VLLM["spec"]["model"]["name"]
-    pods = [pod("a", "prefill", "127.100.250.1"), pod("a", "decode", "127.100.250.2", args=("--kv-transfer-config",
-            RECOMPUTE)), pod("a", "decode", "127.100.250.3"), pod("b", "decode", "127.100.250.4",
-            args=("--kv-transfer-config", RECOMPUTE))]
+    pods = [pod("a", "prefill", "127.100.250.1", args=("--kv-transfer-config", PRODUCER)),
+            pod("a", "decode", "127.100.250.2", args=("--kv-transfer-config", RECOMPUTE)),
+            pod("a", "decode", "127.100.250.3", args=("--kv-transfer-config", PRODUCER.replace("producer", "consumer"))),
+            pod("b", "decode", "127.100.250.4", args=("--kv-transfer-config", RECOMPUTE))]
     async with lab({"a": VLLM, "b": VLLM}, pods, tmp_path) as env:
         prompt = " ".join(["word"] * 2000)
         leg = {"model": model, "prompt": prompt, "max_tokens": 1, "stream": False,
