@@ -401,7 +401,6 @@ class FleetServer:
         if self.pod_api is not None:
             self._in_background(self.pod_api.set_ready, pod.namespace, pod.name, False,
                                 pod.restart_count + container.restarts, "ContainerRestarting", reason)
-        self._events.put_nowait(Event("pods", "RETRY", "", ()))
 
     def _kubelet_tick(self) -> None:
         """Crashes to kill, restarts that are due, and the readiness probe of unhealthy engines."""
@@ -412,10 +411,13 @@ class FleetServer:
             task = asyncio.create_task(self.kill(uid, reason))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        for waiting in self.containers.values():
-            if waiting.restart_at is not None and waiting.restart_at <= now:
-                waiting.restart_at = None
-                self._events.put_nowait(Event("pods", "RETRY", "", ()))
+        due = [c for c in self.containers.values() if c.restart_at is not None and c.restart_at <= now]
+        for waiting in due:
+            waiting.restart_at = None
+        if due:
+            restart = asyncio.create_task(self.reconcile())
+            self._background.add(restart)
+            restart.add_done_callback(self._background.discard)
         if self.pod_api is None:
             return
         for uid, served in self.sim.pods.items():

@@ -120,7 +120,7 @@ async def test_vllm_pd_hand_off_is_pulled_once_and_otherwise_recomputed(tmp_path
     model = VLLM["spec"]["model"]["name"]
     pods = [pod("a", "prefill", "127.100.250.1", args=("--kv-transfer-config", PRODUCER)),
             pod("a", "decode", "127.100.250.2", args=("--kv-transfer-config", RECOMPUTE)),
-            pod("a", "decode", "127.100.250.3", args=("--kv-transfer-config", PRODUCER.replace("producer", "consumer"))),
+            pod("a", "decode", "127.100.250.3", args=("--kv-transfer-config", PRODUCER.replace("prod", "cons"))),
             pod("b", "decode", "127.100.250.4", args=("--kv-transfer-config", RECOMPUTE))]
     async with lab({"a": VLLM, "b": VLLM}, pods, tmp_path) as env:
         prompt = " ".join(["word"] * 2000)
