@@ -41,6 +41,7 @@ from disagg.metrics import OperatorMetrics
 from disagg.reconcile import POOL_KINDS, ChildKey, child_key, pack, unpack
 from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index, pool_counts, resource_version
 from disagg.reconcile.run import CONFLICT_RETRY_S, Reconciler, reconcile_service
+from disagg.reconcile.victims import VictimMarker
 from disagg.render import parse_scrapers
 from disagg.render.context import DEFAULT_METRICS_SCRAPERS, MANAGED_BY, SERVICE_LABEL
 from disagg.scaling.policy import PolicySettings
@@ -452,6 +453,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             scrape_interval_s=disagg_settings.scrape_interval_s,
             lock_for=locks,
             ready=lambda: children.synced.is_set(),
+            victims=VictimMarker(state["reconciler"].kube, source.query) if source is not None else None,
             on_scale=lambda role, direction: metrics.scaling_decisions.labels(role=role, direction=direction).inc(),
         )
         if disagg_settings.peering is not None:

@@ -25,6 +25,7 @@ from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, DEPLOYMENT, LEADER_WORKER_SET, ApiError, Kube
 from disagg.reconcile.status import Cond, merge_conditions
+from disagg.reconcile.victims import VictimMarker
 from disagg.scaling.policy import LoadPicture, PolicySettings, PolicyState, PoolDecision, decide
 from disagg.scaling.prometheus import PrometheusSource, PrometheusUnavailable
 from disagg.scaling.signals import Observations
@@ -119,6 +120,8 @@ class Autoscaler:
     ready: Callable[[], bool] = lambda: True
     """False until the watch caches have their first listing: a pool missing from a partial cache
     would read as not created yet."""
+    victims: VictimMarker | None = None
+    """Chooses which pods a scale-down removes (their deletion cost), from their load in Prometheus."""
     scrape_interval_s: float | None = None
     """How often the engines are scraped as the operator was told (`--scrape-interval`): the rate window
     spans one interval less. A service whose engines are scraped at another interval gets a Warning."""
@@ -258,6 +261,12 @@ class Autoscaler:
             if decision.changed and decision.desired != decision.current and pool is not None:
                 if self._actuated.get((namespace, deployment)) != decision.desired:
                     kind = LEADER_WORKER_SET if getattr(spec, role).multi_node else DEPLOYMENT
+                    if decision.desired < decision.current and kind is DEPLOYMENT and self.victims is not None:
+                        chosen = self.victims.mark(namespace, name, role,
+                                                   f"disagg.dev/service={name},disagg.dev/role={role}",
+                                                   decision.current - decision.desired)
+                        log.info("scaling %s down: %s leave (fewest requests in flight, least KV)", deployment,
+                                 ", ".join(chosen) or "the ReplicaSet controller's choice")
                     # by whole groups for a LeaderWorkerSet; only the object this service owns
                     self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER, kind,
                                     uid=pool["metadata"]["uid"])
