@@ -76,10 +76,23 @@ def pool_counts(deployment: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def workload_of(service: Mapping[str, Any], role: str) -> str:
+    """The Deployment (or LeaderWorkerSet) serving a pool: `<name>-<role>`, or the other slot's after a
+    rollout (status.<role>.workload, reconcile/rollout.py)."""
+    meta = service.get("metadata") or {}
+    pool = ((service.get("status") or {}).get(role) or {})
+    return str(pool.get("workload") or f"{meta.get('name', '')}-{role}")
+
+
+def rolling_out(service: Mapping[str, Any]) -> bool:
+    """A rollout to a new revision is under way: the autoscaler holds both slots until it is over."""
+    return bool((service.get("status") or {}).get("rollout"))
+
+
 def pool_of(index: Index, service: Mapping[str, Any], role: str) -> dict[str, Any] | None:
     """The counts of a service's pool Deployment, if there is one that the service owns."""
     meta = service.get("metadata") or {}
-    deployment = index.deployments.get((meta.get("namespace", ""), f"{meta.get('name', '')}-{role}"))
+    deployment = index.deployments.get((meta.get("namespace", ""), workload_of(service, role)))
     if deployment is None or meta.get("uid") not in deployment.get("metadata", {}).get("owners", []):
         return None
     return deployment
@@ -141,6 +154,8 @@ class Autoscaler:
                 spec = validate_service(body, self.catalog)
             except (InvalidSpec, ValidationError):
                 continue  # reconcile reports InvalidSpec and leaves the pools as they are; so does this
+            if rolling_out(body):
+                continue  # both revisions' pools hold their size until the old one is gone
             if any(getattr(spec, role).autoscaling is not None for role in ROLES):
                 found.append((key, body, spec))
         return found
@@ -252,7 +267,7 @@ class Autoscaler:
         old_status: dict[str, Any] = body.get("status") or {}
         status_patch: dict[str, Any] = {}
         for role, decision in decisions.items():
-            deployment = f"{name}-{role}"
+            deployment = workload_of(body, role)
             pool_status = dict(old_status.get(role) or {})
             pool_status["desiredReplicas"] = decision.desired
             # without metrics the policy only ever holds (or clamps into min/max): act on it either way;
@@ -264,7 +279,7 @@ class Autoscaler:
                     if decision.desired < decision.current and kind is DEPLOYMENT and self.victims is not None:
                         chosen = self.victims.mark(namespace, name, role,
                                                    f"disagg.dev/service={name},disagg.dev/role={role}",
-                                                   decision.current - decision.desired)
+                                                   decision.current - decision.desired)  # one slot, no rollout
                         log.info("scaling %s down: %s leave (fewest requests in flight, least KV)", deployment,
                                  ", ".join(chosen) or "the ReplicaSet controller's choice")
                     # by whole groups for a LeaderWorkerSet; only the object this service owns
