@@ -9,6 +9,7 @@ help:
 	@echo "make cluster-up   start the local cluster; prints export KUBECONFIG=..."
 	@echo "make cluster-down stop it and remove its state"
 	@echo "make bench        run the benchmarks in bench/"
+	@echo "make bench-generalise  the autoscaling generalisation benchmark alone (~50 min on 2 cores, resumable)"
 	@echo "make crd          regenerate crds/ (and the chart's copy) from the models"
 
 demo:
@@ -34,4 +35,7 @@ crd: venv
 bench: venv
 	@for b in bench/*.py; do echo "==> $$b"; .venv/bin/python "$$b" || exit 1; done
 
-.PHONY: help demo test cluster-up cluster-down venv crd bench
+bench-generalise: venv
+	@.venv/bin/python bench/generalise.py --jobs 2
+
+.PHONY: help demo test cluster-up cluster-down venv crd bench bench-generalise

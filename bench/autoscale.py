@@ -55,7 +55,9 @@ from disagg.sim.runner import (
 from disagg.sim.traces import build_workload, read_trace, with_warmup
 
 ROOT = Path(__file__).resolve().parent.parent
-TRACES = ROOT.parent / "shared" / "traces"
+TRACES = next((parent / "shared" / "traces" for parent in ROOT.parents if (parent / "shared" / "traces").is_dir()),
+              ROOT.parent / "shared" / "traces")
+"""../shared/traces from the main checkout, ../../shared/traces from a worktree under wt/."""
 RESULTS = ROOT / "bench" / "results" / "autoscale.json"
 PAIRS = {
     "h100-h200": (("nvidia-h100", 2), ("nvidia-h200", 1)),

@@ -39,11 +39,11 @@ from disagg.kube.peering import PeeringCheck
 from disagg.kube.watch import KindWatch
 from disagg.metrics import OperatorMetrics
 from disagg.reconcile import POOL_KINDS, ChildKey, child_key, pack, unpack
-from disagg.reconcile.autoscale import Autoscaler, AutoscalerThread, Index, pool_counts, resource_version
 from disagg.reconcile.run import CONFLICT_RETRY_S, Reconciler, reconcile_service
 from disagg.reconcile.victims import VictimMarker
 from disagg.render import parse_scrapers
 from disagg.render.context import DEFAULT_METRICS_SCRAPERS, MANAGED_BY, SERVICE_LABEL
+from disagg.scaling.loop import Autoscaler, AutoscalerThread, Index, pool_counts, resource_version
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
 from disagg.scaling.signals import QuerySet

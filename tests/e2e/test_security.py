@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import yaml
 from kubernetes import client as kclient
 from operator_support import (
     SERVICE_LABEL,
@@ -22,6 +23,7 @@ from operator_support import (
     Operators,
     bin_dir,
     condition,
+    disagg_cli,
     dump,
     is_ready,
     isolate,
@@ -163,7 +165,10 @@ def test_services_whose_children_collided_under_the_old_names_both_become_ready(
     assert [r.uid for r in endpoint.metadata.owner_references] == [uids["a-metrics"]]
     for name, uid in uids.items():
         children = env.cluster.children(ns, f"{SERVICE_LABEL}={name}")
-        assert len(children) == 13, (name, sorted(key(c) for c in children))
+        rendered = disagg_cli("render", "-f", "-", input=dump([small_service(name, ns)]))
+        assert rendered.returncode == 0, rendered.stderr
+        expected = sorted((d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(rendered.stdout) if d)
+        assert sorted(key(c) for c in children) == expected, name
         for child in children:
             assert [r["uid"] for r in child["metadata"]["ownerReferences"]] == [uid], (name, key(child))
 

@@ -16,7 +16,7 @@ import yaml
 
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, Kube
-from disagg.reconcile.autoscale import Autoscaler, Index
+from disagg.scaling.loop import Autoscaler, Index
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
 from disagg.scaling.signals import Observations, QuerySet, histogram_quantile, prometheus_duration_seconds
@@ -312,3 +312,34 @@ def test_a_service_deleted_and_created_again_is_warned_again(prometheus: FakePro
     for _ in range(3):
         scaler.tick()
     assert sum(1 for _, reason, _ in events if reason == "ScrapeIntervalMismatch") == 2
+
+
+def test_the_share_of_requests_out_of_reach_goes_to_the_pool_status(prometheus: FakePrometheus) -> None:
+    # The example's 500-ms TTFT on 2 x H100: prompts over ~5.5k tokens take longer to prefill alone
+    answers = prometheus.answers
+    answers["sampled_at"] = [sample("svc-0", r, NOW - 2) for r in ("prefill", "decode")]
+    answers["request_rate"] = [sample("svc-0", r, 10) for r in ("prefill", "decode")]
+    answers["prompt_tps"] = [sample("svc-0", "prefill", 10 * 1500)]
+
+    def lengths(long_share: float) -> list[dict[str, Any]]:
+        cumulative = [(1000, 0.5), (2000, 0.8), (5000, 1 - long_share), (10000, 1.0), ("+Inf", 1.0)]
+        return [sample("svc-0", "prefill", 10 * share, le=str(bound)) for bound, share in cumulative]
+
+    answers["prompt_buckets"] = lengths(0.1)
+    kube = FakeKube()
+    index = services(1)
+    scaler, _ = autoscaler(index, PrometheusSource(url=prometheus.url), kube)
+    report = scaler.tick()
+    (_, _, status) = kube.status[-1]
+    out = status["prefill"].get("outOfReach")
+    assert out is not None, report.decisions
+    assert 5.0 < out["percent"] < 10.0 and "TTFT target" in out["reason"], out
+    assert "outOfReach" not in status.get("decode", {})
+    index.services[("ns", "svc-0")]["status"] = status  # what the status write left
+    writes = len(kube.status)
+    answers["prompt_buckets"] = lengths(0.105)  # about the same share: no write for it
+    scaler.tick()
+    assert len(kube.status) == writes
+    answers["prompt_buckets"] = lengths(0.0)  # none out of reach any more: the field goes
+    scaler.tick()
+    assert kube.status[-1][2]["prefill"]["outOfReach"] is None

@@ -18,11 +18,11 @@ from test_reconcile_kmock import DEPLOYMENTS, ISVC, NAME, NAMESPACE, Harness, ha
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, Kube
-from disagg.reconcile import autoscale as autoscale_module
 from disagg.reconcile import stamp
-from disagg.reconcile.autoscale import Autoscaler, Index
 from disagg.reconcile.diff import contains
 from disagg.render import render_service
+from disagg.scaling import loop as autoscale_module
+from disagg.scaling.loop import Autoscaler, Index
 from disagg.scaling.policy import PolicySettings
 from disagg.yamlio import yaml_flow
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -57,3 +58,24 @@ def test_cli_outputs_and_manifest(capsys: pytest.CaptureFixture[str]) -> None:
     assert spec.model.architecture is not None and spec.model.architecture.layers == 80
     assert plan_main(["--rate", "10"]) == 2
     assert "--isl" in capsys.readouterr().err
+
+
+def test_plan_of_a_trace_says_up_front_which_requests_no_replica_count_serves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # one prompt in ten is 60k tokens: on one H100 its prefill alone takes seconds, over the 1-s target
+    trace = tmp_path / "long.jsonl"
+    trace.write_text("".join(
+        json.dumps({"timestamp": i * 200, "input_length": 60_000 if i % 10 == 0 else 1_000,
+                    "output_length": 100, "hash_ids": []}) + "\n" for i in range(200)
+    ))
+    args = ["--trace", str(trace), "--ttft-ms", "1000", "--percentile", "99", "--prefill-accelerators", "nvidia-h100",
+            "--decode-accelerators", "nvidia-h200", "--model", "llama-3.1-8b"]
+    assert plan_main(args) == 0
+    text = capsys.readouterr().out
+    assert "out of reach: 10 % of the trace's requests" in text and "prompts over" in text
+    assert "no replica count meets it" in text  # 10 % is more than the 1 % a p99 SLO allows
+    assert plan_main([*args, "-o", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)["outOfReach"]
+    assert out["percent"] == 10.0 and out["longPrompts"]["percent"] == 10.0 and not out["sloReachable"]
+    assert 1_000 < out["longPrompts"]["overTokens"] < 60_000

@@ -680,9 +680,12 @@ def _ttft_histogram(rate: float, over_share: float, target_s: float = 1.0) -> tu
 
 
 def _budget_run(service: InferenceServiceSpec, prefill_over: float, decode_over: float, ticks: int,
-                tokens_per_s: float = 50_000.0) -> tuple[int, str]:
+                tokens_per_s: float = 50_000.0,
+                settings: PolicySettings | None = None) -> tuple[int, str]:
     """`ticks` ticks at a steady load whose TTFT histograms put the given shares over the target; the last
-    tick's prefill recommendation (before the scale-down window) and reason."""
+    tick's prefill recommendation (before the scale-down window) and reason. The budget counts from the
+    first tick unless `settings` say otherwise."""
+    settings = settings or replace(SETTINGS, scale_down_window_s=0.0)  # the count begins a window after
     state, decisions = PolicyState(), {}
     rate = tokens_per_s / 2000
     for tick in range(ticks):
@@ -692,7 +695,7 @@ def _budget_run(service: InferenceServiceSpec, prefill_over: float, decode_over:
                             ttft_buckets=_ttft_histogram(rate, prefill_over)),
             decode_signals(9000, now, ready=4, ttft_s=0.05, ttft_buckets=_ttft_histogram(rate, decode_over)),
         )
-        decisions, state = run(pic, {"prefill": 8, "decode": 4}, state, now=now, service=service)
+        decisions, state = run(pic, {"prefill": 8, "decode": 4}, state, now=now, service=service, settings=settings)
     reason = decisions["prefill"].reason
     recommended = re.search(r"-> (\d+) for", reason)
     assert recommended is not None, reason
@@ -703,10 +706,19 @@ def test_an_error_budget_left_unspent_lets_prefill_plan_for_more_misses() -> Non
     # p90 SLO: 10 % may miss; the replay aims at half of that until the engines' histograms have shown,
     # over enough requests, that far fewer missed
     kept, kept_reason = _budget_run(spec(), prefill_over=0.0, decode_over=0.0, ticks=12)
-    spent, spent_reason = _budget_run(spec(), prefill_over=0.06, decode_over=0.0, ticks=12)
+    spent, spent_reason = _budget_run(spec(), prefill_over=0.09, decode_over=0.0, ticks=12)
     assert "error budget: 0.00% over the target" in kept_reason and "allowed 20.00%" in kept_reason
     assert "error budget" not in spent_reason and "allowed 5.00%" in spent_reason
     assert kept < spent
+
+
+def test_the_error_budget_counts_from_a_scale_down_window_after_the_pool_was_first_sized() -> None:
+    # a new service's ramp-up (or the benchmark's cold start) is not the slack the sizing leaves: its
+    # misses stayed the largest part of the count for hours
+    _, early = _budget_run(spec(), prefill_over=0.0, decode_over=0.0, ticks=12, settings=SETTINGS)
+    assert "error budget" not in early
+    _, later = _budget_run(spec(), prefill_over=0.0, decode_over=0.0, ticks=12 + 80, settings=SETTINGS)
+    assert "error budget: 0.00% over the target" in later
 
 
 def test_the_error_budget_waits_for_enough_requests() -> None:
@@ -738,3 +750,97 @@ def test_decode_with_a_tight_ttft_is_sized_on_two_ticks_not_one_scrape_of_its_ga
 
     assert second_tick(SETTINGS) == 4  # (150 + 300) / 2 sequences at ~73 per H200
     assert second_tick(replace(SETTINGS, min_horizon_ticks=1)) == 5  # 300 alone
+
+
+# Requests out of reach (issue 22): prompts whose prefill alone exceeds the TTFT target.
+def _long_prompt_run(prompt_buckets: tuple[tuple[float, float], ...], ticks: int = 30) -> tuple[int, str, float]:
+    """Steady ticks at 50k prompt tok/s on 8 ready replicas, the TTFT p90 at 3 s (over the 1-s target)
+    with requests queueing: because of the long prompts when `prompt_buckets` says so."""
+    state, decisions = PolicyState(), {}
+    current = {"prefill": 8, "decode": 4}
+    rate = 50_000 / 2000
+    # 80 % of the requests within 0.4 s, 20 % (the long prompts) at 2-4 s
+    ttft = ((0.25, rate * 0.4), (0.5, rate * 0.8), (1.0, rate * 0.8), (2.0, rate * 0.8), (4.0, rate),
+            (math.inf, rate))
+    for tick in range(ticks):
+        now = 100.0 + 15.0 * tick
+        pic = LoadPicture(
+            replace(prefill_signals(50_000, now, ready=current["prefill"], ttft_s=3.0, ttft_buckets=ttft,
+                                    prompt_buckets=prompt_buckets), waiting_requests=3.0),
+            decode_signals(9000, now, ready=4),
+        )
+        decisions, state = run(pic, current, state, now=now, settings=replace(SETTINGS, signal_window_s=0.0))
+        current = {role: d.desired for role, d in decisions.items()}
+    return current["prefill"], decisions["prefill"].reason, state.pool("prefill").slo_guard
+
+
+def test_prompts_too_long_for_the_ttft_target_do_not_drive_prefill_up() -> None:
+    # 20 % of the prompts over 10k tokens: on 2 x H100 their prefill alone takes over a second (the
+    # target is 1 s). Read over all requests, the p90 TTFT (3 s) says the SLO is broken and the guard
+    # grows the pool tick after tick; read over the requests in reach (p90 of 80 %: under 0.5 s) it holds.
+    rate = 50_000 / 2000
+    lengths = ((1000.0, rate * 0.4), (2000.0, rate * 0.8), (5000.0, rate * 0.8), (10000.0, rate * 0.8),
+               (20000.0, rate), (math.inf, rate))
+    blind, _, blind_guard = _long_prompt_run(())
+    told, reason, guard = _long_prompt_run(lengths)
+    assert blind_guard > 1.5 and blind > told, (blind, blind_guard, told)
+    assert guard == pytest.approx(1.0, abs=0.01), reason
+    assert "20.0% of requests out of reach (prompts over" in reason
+
+
+def test_the_share_out_of_reach_reaches_the_pool_decision() -> None:
+    rate = 25.0
+    lengths = ((1000.0, rate * 0.9), (5000.0, rate * 0.95), (50000.0, rate), (math.inf, rate))
+    pic = LoadPicture(prefill_signals(50_000, ready=8, prompt_buckets=lengths), decode_signals(9000, ready=4))
+    decisions, _ = run(pic, {"prefill": 8, "decode": 4})
+    out = decisions["prefill"].out_of_reach
+    assert out is not None and 0.03 < out[0] < 0.05, out  # prompts over ~5.5k tokens: 5 % minus a sliver
+    assert "more replicas do not shorten them" in out[1] and "2 x nvidia-h100" in out[1]
+    assert decisions["decode"].out_of_reach is None
+    short = LoadPicture(prefill_signals(50_000, ready=8, prompt_buckets=((1000.0, rate), (math.inf, rate))),
+                        decode_signals(9000, ready=4))
+    assert run(short, {"prefill": 8, "decode": 4})[0]["prefill"].out_of_reach is None
+
+
+def test_the_tail_of_a_prompt_length_histogram_is_read_as_thinning_out() -> None:
+    from disagg.scaling.policy.histogram import tail_share
+
+    # 1-2-5 buckets: most prompts 20k-50k near the bottom, fewer 50k-100k, a few above
+    buckets = ((20_000.0, 0.70), (50_000.0, 0.95), (100_000.0, 0.99), (math.inf, 1.0))
+    steep = tail_share(85_000.0, buckets, 131_072.0)
+    # thinning out across 50k-100k (as from 50k-100k to the open bucket): 0.0172; read linearly 0.022,
+    # linearly in the logarithm 0.019
+    assert steep is not None and 0.01 < steep < 0.018, steep
+    assert tail_share(100_000.0, buckets, 131_072.0) == pytest.approx(0.01)
+    # the open last bucket ends at the model's context: a bound at the context leaves nothing above it
+    assert tail_share(131_072.0, buckets, 131_072.0) == pytest.approx(0.0)
+    assert tail_share(10_000.0, ((20_000.0, 0.0), (math.inf, 0.0)), 131_072.0) is None
+
+
+@pytest.mark.parametrize(("prefill_over", "held_for_the_window"), [(0.0, False), (0.09, True)])
+def test_a_burst_sized_as_a_step_is_held_for_the_window_only_while_the_error_budget_is_spent(
+    prefill_over: float, held_for_the_window: bool
+) -> None:
+    # p90: 10 % may miss. Calm load, then one scrape interval at 4x (sized as if it lasted a minute), then
+    # calm again. With the budget well unspent the step's count goes after `step_hold_s`; with it spent
+    # (9 % over the target) the whole scale-down window keeps it for the bursts that may follow.
+    settings = replace(SETTINGS, tick_s=2.0, signal_window_s=6.0, budget_min_requests=100.0)
+    state, current = PolicyState(), {"prefill": 2, "decode": 2}
+    rate = 8.0
+
+    def tick(now: float, last: float | None = None) -> None:
+        nonlocal state, current
+        pic = _both(rate, now, current, last)
+        pic = LoadPicture(replace(pic.prefill, ttft_s=0.3, ttft_buckets=_ttft_histogram(rate, prefill_over)),
+                          pic.decode)
+        decisions, state = run(pic, current, state, now=now, settings=settings)
+        current = {role: d.desired for role, d in decisions.items()}
+
+    for step in range(700):  # the budget counts from a scale-down window (20 minutes) on
+        tick(100.0 + 2 * step)
+    calm = dict(current)
+    tick(1500.0, last=4 * rate)
+    assert current["prefill"] > calm["prefill"]
+    for step in range(1, 80):  # 160 s of calm: past the step's hold, within the 20-minute window
+        tick(1500.0 + 2 * step)
+    assert (current["prefill"] > calm["prefill"]) == held_for_the_window, (calm, current)

@@ -216,3 +216,43 @@ def test_static_best_trades_between_the_pools_when_that_is_cheaper() -> None:
     for p, d in [(counts["prefill"] - 1, counts["decode"] + 1), (counts["prefill"], counts["decode"] - 1)]:
         if p >= 1 and d >= 1 and 2 * p + d < cost:
             assert run_static(SETUP, load, {"prefill": p, "decode": d}).attainment() < 0.99
+
+
+def test_a_run_that_measures_nothing_is_refused_not_reported() -> None:
+    from dataclasses import replace
+
+    from disagg.sim.engine import NothingMeasured
+    from disagg.sim.traces import with_warmup
+
+    load = poisson(4.0, 600.0)
+    static = StaticController({"prefill": 1, "decode": 1})
+    cases = [
+        # a warm-up as long as the workload: it used to report 100 % attainment at 0 accelerator-hours
+        (replace(SETUP, warmup_s=300.0), with_warmup(load.window(0.0, 300.0), 299.0), "warmup_s"),
+        (replace(SETUP, startup_s=300.0), load.window(0.0, 200.0), "duration_s"),
+        (replace(SETUP, warmup_s=120.0), replace(load.window(0.0, 100.0), duration_s=600.0), "requests"),
+    ]
+    for setup, workload, setting in cases:
+        with pytest.raises(NothingMeasured) as refused:
+            simulate(setup, workload, static)
+        assert refused.value.setting == setting
+    with pytest.raises(TraceError, match="at least as long as the workload"):
+        with_warmup(load, 600.0)
+
+
+def test_simulate_cli_names_the_flag_of_a_run_that_measures_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(
+        json.dumps({"timestamp": t * 500, "input_length": 1200, "output_length": 100, "hash_ids": []}) + "\n"
+        for t in range(1200)
+    ))  # 600 s
+    for flags, named in [
+        (["--warmup-s", "600"], "--warmup-s 600"),
+        (["--duration", "30"], "--duration"),
+        (["--time-scale", "100"], "--time-scale"),
+    ]:
+        assert simulate_main(["--trace", str(trace), "--dt", "0.5", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"disagg simulate: {named}") and "Traceback" not in err

@@ -27,6 +27,7 @@ from disagg.catalog.engines import (
     OWNED_WITH_DISK_TIER,
     OWNED_WITH_OBJECT_STORAGE,
     ROUTER_METRICS_PORT,
+    Role,
     kv_port,
     owned_flag,
     owned_flag_cel,
@@ -1043,6 +1044,15 @@ class ScaleRecord(CRDModel):
     """Why, with the numbers that drove it."""
 
 
+class OutOfReach(CRDModel):
+    """Requests no replica count serves within the SLO: the autoscaler does not size the pool for them."""
+
+    percent: float
+    """Share of the pool's requests in the last rate window that are out of reach, in percent."""
+    reason: str
+    """Why they are out of reach (e.g. prompts whose prefill alone exceeds the TTFT target)."""
+
+
 class PoolStatus(CRDModel):
     """Observed state of one pool."""
 
@@ -1054,6 +1064,8 @@ class PoolStatus(CRDModel):
     """Replicas the autoscaler wants."""
     last_scale: ScaleRecord | None = None
     """The last scaling change."""
+    out_of_reach: OutOfReach | None = None
+    """Requests out of reach lately, when there are any (prefill: prompts too long for the TTFT target)."""
     summary: str | None = None
     """Ready/desired replicas as text (e.g. "2/3"), for `kubectl get`."""
     workload: str | None = None
@@ -1100,4 +1112,4 @@ class InferenceServiceStatus(CRDModel):
     """A rollout to a new revision, while one is under way."""
 
 
-ROLES: tuple[Literal["prefill", "decode"], ...] = ("prefill", "decode")
+ROLES: tuple[Role, Role] = ("prefill", "decode")

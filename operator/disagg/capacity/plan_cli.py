@@ -6,14 +6,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.capacity.models import ModelConfigError, ModelShape, builtin_model, from_hf_config, to_architecture
 from disagg.capacity.multinode import UnknownEfficiency
 from disagg.capacity.plan import SLO, PhasePlan, Plan, PlanError, Workload, plan
+from disagg.capacity.reach import Phase, out_of_reach, reach
 from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog, CatalogError, load_catalog
 from disagg.yamlio import dump_yaml
+
+if TYPE_CHECKING:  # traces need numpy, which only `--trace` does
+    from disagg.capacity.traces import Workload as Trace
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,11 +58,16 @@ def _model(args: argparse.Namespace) -> ModelShape:
     return shape.with_dtypes(args.weight_dtype, args.kv_dtype)
 
 
-def _load(args: argparse.Namespace) -> Workload:
-    if args.trace is not None:
-        from disagg.capacity.traces import read_trace
+def _trace(path: Path | None) -> Trace | None:
+    if path is None:
+        return None
+    from disagg.capacity.traces import read_trace
 
-        trace = read_trace(args.trace)
+    return read_trace(path)
+
+
+def _load(args: argparse.Namespace, trace: Trace | None) -> Workload:
+    if trace is not None:
         rate = trace.mean_rate() if args.rate is None else args.rate
         isl = float(trace.prompt_tokens.mean()) if args.isl is None else args.isl
         osl = float(trace.output_tokens.mean()) if args.osl is None else args.osl
@@ -73,7 +82,46 @@ def _load(args: argparse.Namespace) -> Workload:
     return Workload(args.rate, args.isl, args.osl)
 
 
-def plan_to_dict(result: Plan) -> dict[str, Any]:
+def trace_out_of_reach(result: Plan, trace: Trace) -> dict[str, Any]:
+    """The trace's requests the planned replicas cannot serve within the SLO at any count, and why."""
+    limits = reach(result.model, Phase(result.prefill.accelerator, result.prefill.tensor_parallel),
+                   Phase(result.decode.accelerator, result.decode.tensor_parallel), ttft_s=result.slo.ttft_s,
+                   itl_s=result.slo.itl_s)
+    shares = out_of_reach(limits, trace.prompt_tokens, trace.output_tokens).shares()
+    return {
+        "percent": round(shares["any"] * 100, 2),
+        "longPrompts": {"percent": round(shares["ttft"] * 100, 2), "overTokens": round(limits.longest_prompt)},
+        "tooLongForKvCache": {"percent": round(shares["fit"] * 100, 2),
+                              "overTokens": round(min(limits.kv_tokens, limits.max_context))},
+        "contextsTooLongForItl": {"percent": round(shares["itl"] * 100, 2), "overTokens": round(limits.itl_context)},
+        "sloReachable": shares["any"] <= 1.0 - result.slo.percentile / 100.0,
+    }
+
+
+def format_out_of_reach(result: Plan, out: dict[str, Any]) -> str:
+    """What `trace_out_of_reach` found, in words."""
+    if out["percent"] <= 0:
+        return "out of reach: none of the trace's requests (every prompt and context fits the targets)"
+    parts = []
+    if out["longPrompts"]["percent"] > 0:
+        parts.append(f"{out['longPrompts']['percent']:g} % prompts over {out['longPrompts']['overTokens']:,} tokens, "
+                     f"whose prefill alone on {result.prefill.tensor_parallel} x {result.prefill.accelerator.name} "
+                     f"exceeds the {result.slo.ttft_s * 1000:.0f} ms TTFT target")
+    if out["tooLongForKvCache"]["percent"] > 0:
+        parts.append(f"{out['tooLongForKvCache']['percent']:g} % longer than a decode replica holds "
+                     f"({out['tooLongForKvCache']['overTokens']:,} tokens)")
+    if out["contextsTooLongForItl"]["percent"] > 0:
+        parts.append(f"{out['contextsTooLongForItl']['percent']:g} % contexts over "
+                     f"{out['contextsTooLongForItl']['overTokens']:,} tokens, whose single-sequence step exceeds "
+                     f"the {result.slo.itl_s * 1000:.0f} ms ITL target")
+    verdict = ("" if out["sloReachable"] else
+               f"; more than the {100 - result.slo.percentile:g} % the p{result.slo.percentile:g} SLO allows: "
+               "no replica count meets it (a larger TP or a looser target would)")
+    return (f"out of reach: {out['percent']:g} % of the trace's requests at any replica count "
+            f"({'; '.join(parts)}); the autoscaler does not size for them{verdict}")
+
+
+def plan_to_dict(result: Plan, out: dict[str, Any] | None = None) -> dict[str, Any]:
     """The plan as plain data (the json and yaml outputs)."""
 
     def phase(p: PhasePlan) -> dict[str, Any]:
@@ -102,6 +150,8 @@ def plan_to_dict(result: Plan) -> dict[str, Any]:
         "usdPerHour": round(result.usd_per_hour, 2) if result.priced else None,
         "tokensPerDollar": round(result.tokens_per_dollar) if result.priced else None,
     }
+    if out is not None:
+        body["outOfReach"] = out
     agg = result.aggregated
     if agg is not None:
         tokens_per_hour = result.workload.rate * (result.workload.isl + result.workload.osl) * 3600.0
@@ -255,7 +305,8 @@ def plan_main(argv: list[str]) -> int:
     try:
         catalog: AcceleratorCatalog = load_catalog(args.accelerator_catalog)
         model = _model(args)
-        load = _load(args)
+        trace = _trace(args.trace)
+        load = _load(args, trace)
         slo = SLO(args.ttft_ms / 1000.0, args.itl_ms / 1000.0, args.percentile)
         if args.max_nodes < 1:
             raise ValueError(f"--max-nodes must be >= 1, got {args.max_nodes}")
@@ -274,7 +325,7 @@ def plan_main(argv: list[str]) -> int:
     except KeyError as error:
         print(f"disagg plan: {error.args[0]}", file=sys.stderr)
         return 2
-    except (ModelConfigError, CatalogError, PlanError, UnknownEfficiency, ValueError) as error:
+    except (ModelConfigError, CatalogError, PlanError, UnknownEfficiency, ValueError) as error:  # TraceError too
         print(f"disagg plan: {error}", file=sys.stderr)
         return 2
     if args.emit_manifest:
@@ -285,10 +336,13 @@ def plan_main(argv: list[str]) -> int:
             print(f"disagg plan: {error}", file=sys.stderr)
             return 2
         return 0
+    out = trace_out_of_reach(result, trace) if trace is not None else None
     if args.output == "json":
-        print(json.dumps(plan_to_dict(result), indent=2))
+        print(json.dumps(plan_to_dict(result, out), indent=2))
     elif args.output == "yaml":
-        print(dump_yaml(plan_to_dict(result)), end="")
+        print(dump_yaml(plan_to_dict(result, out)), end="")
     else:
         print(format_plan(result))
+        if out is not None:
+            print(format_out_of_reach(result, out))
     return 0

@@ -172,7 +172,11 @@ def with_warmup(workload: Workload, seconds: float) -> Workload:
     original workload entered in steady state."""
     if seconds <= 0:
         return workload
-    seconds = min(seconds, workload.duration_s)
+    if seconds >= workload.duration_s:
+        raise TraceError(
+            f"a warm-up of {seconds:g} s is at least as long as the workload ({workload.duration_s:g} s): "
+            "it replays the workload's own last seconds, so nothing new would be measured"
+        )
     tail = workload.window(workload.duration_s - seconds, workload.duration_s)
     return Workload(
         workload.name,

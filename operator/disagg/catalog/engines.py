@@ -33,6 +33,8 @@ class MetricNames:
     ttft_histogram: str
     itl_histogram: tuple[str, ...]
     e2e_histogram: str
+    prompt_histogram: str
+    """Prompt tokens per request: which requests are too long for any replica count to serve in time."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ VLLM_METRICS = MetricNames(
     ttft_histogram="vllm:time_to_first_token_seconds",
     itl_histogram=("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
     e2e_histogram="vllm:e2e_request_latency_seconds",
+    prompt_histogram="vllm:request_prompt_tokens",
 )
 
 SGLANG_METRICS = MetricNames(
@@ -74,6 +77,7 @@ SGLANG_METRICS = MetricNames(
     ttft_histogram="sglang:time_to_first_token_seconds",
     itl_histogram=("sglang:inter_token_latency_seconds",),
     e2e_histogram="sglang:e2e_request_latency_seconds",
+    prompt_histogram="sglang:prompt_tokens_histogram",
 )
 
 ENGINES: dict[str, Engine] = {

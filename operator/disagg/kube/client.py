@@ -217,10 +217,15 @@ class Kube:
         )
         return result
 
-    def claim_fields(self, kind: Kind, namespace: str, name: str, field_manager: str = FIELD_MANAGER) -> None:
+    def claim_fields(
+        self, kind: Kind, namespace: str, name: str, field_manager: str = FIELD_MANAGER, leave: tuple[str, ...] = ()
+    ) -> None:
         """Makes the fields `field_manager` set by create/update its server-side apply fields (as
         kubectl's client-side-to-server-side upgrade does), so that a later apply removes the ones it
-        no longer sends. A no-op when it has none; ApiError 409/422 when the object changed meanwhile."""
+        no longer sends; the fields of `spec` named in `leave` are given up instead (the API server
+        credits a create with the fields it defaults, such as an autoscaled Deployment's replicas, which
+        a later apply would then reset). A no-op when it has none; ApiError 409/422 when the object
+        changed meanwhile."""
         current = self.get(kind, namespace, name)
         if current is None:
             return
@@ -237,6 +242,9 @@ class Kube:
         fields: dict[str, Any] = {}
         for entry in [*applied, *updates]:
             fields = _union_fields(fields, entry.get("fieldsV1") or {})
+        spec_fields = fields.get("f:spec")
+        if isinstance(spec_fields, dict) and leave:
+            fields = {**fields, "f:spec": {k: v for k, v in spec_fields.items() if k[2:] not in leave}}
         claimed = {**(applied or updates)[0], "operation": "Apply", "fieldsV1": fields}
         rest = [e for e in entries if not (mine(e, "Update") or mine(e, "Apply"))]
         patch = [

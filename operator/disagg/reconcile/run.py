@@ -197,10 +197,15 @@ def live_children(
     return children
 
 
-def _owns_replicas(deployment: dict[str, Any], manager: str | None) -> bool:
-    """Whether `manager` (None: any manager) owns the Deployment's spec.replicas."""
+def _owns_replicas(deployment: dict[str, Any], manager: str | None, but_a_create: bool = False) -> bool:
+    """Whether `manager` (None: any manager) owns the pool's spec.replicas. With `but_a_create`, not
+    counting the operator's own create: the API server credits the creator with the replicas it
+    defaults (an autoscaled pool is created without them), which are still the default."""
     for entry in deployment.get("metadata", {}).get("managedFields", []) or []:
         if manager is not None and entry.get("manager") != manager:
+            continue
+        if but_a_create and (entry.get("manager"), entry.get("operation"), entry.get("subresource")) == (
+                FIELD_MANAGER, "Update", None):
             continue
         if "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {}):
             return True
@@ -335,7 +340,9 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
             current = live.get(child_key(manifest))
             if current is None or not owned_by(current, uid) or _owns_replicas(current, AUTOSCALER_FIELD_MANAGER):
                 continue
-            if not _owns_replicas(current, None):
+            # created autoscaled: the replicas its create is credited with are the API server's default
+            created_autoscaled = (current["metadata"].get("annotations") or {}).get("disagg.dev/autoscaled") == "true"
+            if not _owns_replicas(current, None, but_a_create=created_autoscaled):
                 # Still the API server's default: never scaled since it was created, so it gets its
                 # initial count (unless that is the default too, see create_scaled below). Any other
                 # count was set by hand through the scale subresource, which records no owner for a
@@ -462,7 +469,8 @@ def _write_children(
                 if contains(manifest, current):
                     return current
             if _set_by_update(current):
-                ctx.kube.claim_fields(kind, meta["namespace"], meta["name"])
+                autoscaled = manifest["kind"] in POOL_KINDS and "replicas" not in manifest["spec"]
+                ctx.kube.claim_fields(kind, meta["namespace"], meta["name"], leave=("replicas",) if autoscaled else ())
             return ctx.kube.apply(manifest, read_back=read_back, uid=current["metadata"].get("uid"))
         except ApiError as error:
             if error.status in (409, 422) and "uid" in error.message:

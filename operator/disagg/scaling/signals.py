@@ -33,6 +33,7 @@ from typing import Any
 
 from disagg.catalog.engines import ENGINES, MetricNames
 from disagg.scaling.policy import LoadPicture, PoolSignals
+from disagg.scaling.policy.histogram import histogram_quantile
 
 BY = "namespace, disagg_service, disagg_role"
 Key = tuple[str, str, str]  # (namespace, service, role)
@@ -87,6 +88,7 @@ class QuerySet:
         ttft_count = _names(lambda m: _one(m.ttft_histogram + "_count"))
         finished = _names(lambda m: _one(m.e2e_histogram + "_count"))
         itl = _names(lambda m: tuple(h + "_bucket" for h in m.itl_histogram))
+        prompt_lengths = _names(lambda m: _one(m.prompt_histogram + "_bucket"))
         prefill_sum = "vllm:request_prefill_time_seconds_sum"
         prefill_count = "vllm:request_prefill_time_seconds_count"
         return {
@@ -106,31 +108,12 @@ class QuerySet:
             "finish_rate_sizes": f'sum by ({BY}) (rate({{__name__=~"{finished}"}}[{sw}]))',
             "ttft_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{ttft}"}}[{w}]))',
             "itl_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{itl}"}}[{w}]))',
+            # prompt lengths: the requests too long for any replica count to serve within the TTFT target
+            "prompt_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{prompt_lengths}"}}[{w}]))',
             "prefill_time": f"sum by ({BY}) (rate({prefill_sum}[{w}])) / sum by ({BY}) (rate({prefill_count}[{w}]))",
             # the newest sample of any pod of the pool: older than the staleness limit = blind
             "sampled_at": f'max by ({BY}) (timestamp({{__name__=~"{running}"}}))',
         }
-
-
-def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """Prometheus' histogram_quantile over (upper bound, cumulative rate) pairs."""
-    if not buckets:
-        return None
-    buckets = sorted(buckets)
-    total = buckets[-1][1]
-    if total <= 0 or math.isnan(total):
-        return None
-    rank = q * total
-    lower_bound, lower_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if math.isinf(bound):
-                return lower_bound  # the answer is above the highest finite bucket: its bound
-            if count == lower_count:
-                return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
-        lower_bound, lower_count = bound, count
-    return buckets[-1][0]
 
 
 def _key(metric: dict[str, str]) -> Key | None:
@@ -220,7 +203,9 @@ class Observations:
             kv_usage=kv_usage,
             ttft_s=histogram_quantile(q, ttft_buckets),
             ttft_buckets=tuple(ttft_buckets),
+            prompt_buckets=tuple(sorted(self.buckets.get("prompt_buckets", {}).get(key, []))),
             itl_s=histogram_quantile(q, self.buckets.get("itl_buckets", {}).get(key, [])),
+            itl_buckets=tuple(sorted(self.buckets.get("itl_buckets", {}).get(key, []))),
             mean_prompt_tokens=mean_prompt,
             mean_output_tokens=mean_output,
             prefill_time_s=get("prefill_time"),

@@ -13,7 +13,7 @@ measures the real engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from disagg.capacity.roofline import decode_step_seconds, decode_tokens_per_s, prefill_tokens_per_s
@@ -269,6 +269,49 @@ def run_static(setup: SimSetup, workload: Workload, counts: dict[str, int]) -> S
     return simulate(trial, workload, StaticController(dict(counts)))
 
 
+def _smallest(first: int, test: Callable[[int], bool], high: int) -> int:
+    """The smallest count passing `test` (monotone) up to `high`: exponential, then binary search."""
+    low = 1
+    probe = max(1, min(first, high))
+    while not test(probe):
+        low = probe + 1
+        if probe >= high:
+            return high
+        probe = min(high, probe * 2)
+    high_ok = probe
+    while low < high_ok:
+        mid = (low + high_ok) // 2
+        if test(mid):
+            high_ok = mid
+        else:
+            low = mid + 1
+    return high_ok
+
+
+def _trade(best: tuple[int, int], ok: Callable[[int, int], bool], setup: SimSetup) -> tuple[int, int]:
+    """Trades between the pools while one is cheaper in accelerators and still reaches the target: one
+    prefill replica fewer for one or two decode replicas more, and back (their misses share one
+    allowance)."""
+    per_p, per_d = setup.prefill.accelerators_per_replica, setup.decode.accelerators_per_replica
+    max_p, max_d = setup.prefill.max_replicas, setup.decode.max_replicas
+
+    def cost(pair: tuple[int, int]) -> int:
+        return pair[0] * per_p + pair[1] * per_d
+
+    improved = True
+    while improved:
+        improved = False
+        p, d = best
+        moves = [(p - 1, d), (p, d - 1), (p - 1, d + 1), (p - 1, d + 2), (p + 1, d - 1), (p + 1, d - 2)]
+        for move in sorted(moves, key=cost):
+            if cost(move) >= cost(best) or not (1 <= move[0] <= max_p and 1 <= move[1] <= max_d):
+                continue
+            if ok(*move):
+                best, improved = move, True
+                break
+    return best
+
+
 def find_static_best(
     setup: SimSetup,
     workload: Workload,
@@ -282,9 +325,8 @@ def find_static_best(
     Found in hindsight by search: the fewest decode replicas that reach the target with prefill
     generously sized, then the fewest prefill replicas with that decode pool, then one more pass of each
     (the pools interact through the decode queue); then trades between the pools while that is cheaper
-    in accelerators (one prefill replica fewer for one or two decode replicas more, and back), since the
-    misses of both pools share the same allowance. When no allocation within the pools' maxima reaches
-    the target, the maxima are returned.
+    in accelerators (`_trade`). When no allocation within the pools' maxima reaches the target, the
+    maxima are returned.
     """
     cache: dict[tuple[int, int], SimResult] = {}
 
@@ -299,52 +341,15 @@ def find_static_best(
     def ok(prefill: int, decode: int) -> bool:
         return run(prefill, decode).attainment() >= target
 
-    def smallest(candidates: Iterable[int], test: Callable[[int], bool], high: int) -> int:
-        # Exponential then binary search for the smallest count passing `test` (monotone), up to `high`.
-        low = 1
-        probe = max(1, min(next(iter(candidates)), high))
-        while not test(probe):
-            low = probe + 1
-            if probe >= high:
-                return high
-            probe = min(high, probe * 2)
-        high_ok = probe
-        while low < high_ok:
-            mid = (low + high_ok) // 2
-            if test(mid):
-                high_ok = mid
-            else:
-                low = mid + 1
-        return high_ok
-
     guess = start or {"prefill": 4, "decode": 4}
     max_p, max_d = setup.prefill.max_replicas, setup.decode.max_replicas
     generous_p = min(max_p, max(3 * guess["prefill"], guess["prefill"] + 6))
-    decode = smallest([guess["decode"]], lambda d: ok(generous_p, d), max_d)
-    prefill = smallest([guess["prefill"]], lambda p: ok(p, decode), max_p)
-    decode = smallest([max(1, decode - 2)], lambda d: ok(prefill, d), max_d)
+    decode = _smallest(guess["decode"], lambda d: ok(generous_p, d), max_d)
+    prefill = _smallest(guess["prefill"], lambda p: ok(p, decode), max_p)
+    decode = _smallest(max(1, decode - 2), lambda d: ok(prefill, d), max_d)
     if not ok(prefill, decode):
-        prefill = smallest([prefill], lambda p: ok(p, decode), max_p)
-    best = (prefill, decode)
-    if not ok(*best):
-        best = (max_p, max_d)
-    else:
-        per_p, per_d = setup.prefill.accelerators_per_replica, setup.decode.accelerators_per_replica
-
-        def cost(pair: tuple[int, int]) -> int:
-            return pair[0] * per_p + pair[1] * per_d
-
-        improved = True
-        while improved:
-            improved = False
-            p, d = best
-            moves = [(p - 1, d), (p, d - 1), (p - 1, d + 1), (p - 1, d + 2), (p + 1, d - 1), (p + 1, d - 2)]
-            for move in sorted(moves, key=cost):
-                if cost(move) >= cost(best) or not (1 <= move[0] <= max_p and 1 <= move[1] <= max_d):
-                    continue
-                if ok(*move):
-                    best, improved = move, True
-                    break
+        prefill = _smallest(prefill, lambda p: ok(p, decode), max_p)
+    best = _trade((prefill, decode), ok, setup) if ok(prefill, decode) else (max_p, max_d)
     result = run(*best)
     result.policy = "static-best"
     return {"prefill": best[0], "decode": best[1]}, result

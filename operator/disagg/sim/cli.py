@@ -9,9 +9,9 @@ from pathlib import Path
 
 from disagg.capacity.models import ModelConfigError, ModelShape, builtin_model, from_hf_config
 from disagg.catalog.accelerators import AcceleratorCatalog, CatalogError, load_catalog
-from disagg.sim.engine import PoolSetup, SimResult, SimSetup
+from disagg.sim.engine import NothingMeasured, PoolSetup, SimResult, SimSetup
 from disagg.sim.runner import POLICIES, initial_replicas, run_policy
-from disagg.sim.traces import TraceError, build_workload, read_trace, with_warmup
+from disagg.sim.traces import TraceError, Workload, build_workload, read_trace, with_warmup
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +54,27 @@ def _model(args: argparse.Namespace) -> ModelShape:
     return builtin_model(args.model)
 
 
+_FLAGS = {"warmup_s": "--warmup-s", "startup_s": "--startup-s", "duration_s": "--duration", "requests": "--duration"}
+"""The flag behind each setting a refused simulation names."""
+
+
+def _nothing_measured(args: argparse.Namespace, workload: Workload) -> str | None:
+    """Why these flags would measure nothing, naming the flag; None when they measure something."""
+    length = f"{workload.duration_s:.4g} s" + (
+        "" if args.duration is not None else f", the trace at --time-scale {args.time_scale:g}"
+    )
+    if args.warmup_s > 0 and args.warmup_s >= workload.duration_s:
+        return (f"--warmup-s {args.warmup_s:g} is at least as long as the workload ({length}): nothing would be "
+                "measured; use a shorter warm-up")
+    if workload.duration_s < args.startup_s:
+        flag = "--duration" if args.duration is not None else "--time-scale"
+        return (f"{flag}: the workload ({length}) is shorter than one replica start-up (--startup-s "
+                f"{args.startup_s:g}): no scaling decision could take effect")
+    if workload.requests == 0:
+        return f"--duration: no request arrives in the first {workload.duration_s:g} s of the trace (empty window)"
+    return None
+
+
 def format_table(results: list[dict[str, object]]) -> str:
     """Policies as rows: attainment, latency percentiles, accelerator-hours, cost."""
     header = (
@@ -77,30 +98,30 @@ def format_table(results: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def simulate_main(argv: list[str]) -> int:
-    """Entry point of `disagg simulate`; returns the exit code."""
-    args = _parser().parse_args(argv)
+class _Refused(Exception):
+    """What `disagg simulate` prints instead of running (exit code 2)."""
+
+
+def _inputs(args: argparse.Namespace) -> tuple[AcceleratorCatalog, SimSetup, Workload, list[str]]:
+    """The catalogue, the setup, the workload and the policies the flags ask for; _Refused says why not."""
     try:
         catalog: AcceleratorCatalog = load_catalog(args.accelerator_catalog)
         model = _model(args)
         prefill_acc = catalog[args.prefill_accelerator]
         decode_acc = catalog[args.decode_accelerator]
         trace = read_trace(args.trace)
-    except (ModelConfigError, CatalogError, TraceError, KeyError) as error:
-        print(f"disagg simulate: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
-        return 2
-    names = list(POLICIES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown:
-        print(f"disagg simulate: unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}, all", file=sys.stderr)
-        return 2
-    try:
         workload = build_workload(
             trace, time_scale=args.time_scale, duration_s=args.duration, diurnal=args.diurnal, seed=args.seed
         )
-    except TraceError as error:
-        print(f"disagg simulate: {error}", file=sys.stderr)
-        return 2
+    except (ModelConfigError, CatalogError, TraceError, KeyError) as error:
+        raise _Refused(error.args[0] if isinstance(error, KeyError) else str(error)) from None
+    names = list(POLICIES) if args.policy == "all" else [p.strip() for p in args.policy.split(",")]
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        raise _Refused(f"unknown policy {unknown[0]!r}; known: {', '.join(POLICIES)}, all")
+    problem = _nothing_measured(args, workload)
+    if problem is not None:
+        raise _Refused(problem)
     setup = SimSetup(
         model=model,
         prefill=PoolSetup(prefill_acc, args.prefill_tp, 1, 1, args.max_replicas),
@@ -112,19 +133,32 @@ def simulate_main(argv: list[str]) -> int:
         dt=args.dt,
         warmup_s=max(args.warmup_s, 0.0),
     )
-    measured = workload
-    workload = with_warmup(workload, setup.warmup_s)
-    setup = initial_replicas(setup, workload)
-    runs: list[SimResult] = [run_policy(name, setup, workload, catalog) for name in names]
+    return catalog, setup, workload, names
+
+
+def simulate_main(argv: list[str]) -> int:
+    """Entry point of `disagg simulate`; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        catalog, setup, measured, names = _inputs(args)
+        workload = with_warmup(measured, setup.warmup_s)
+        setup = initial_replicas(setup, workload)
+        runs: list[SimResult] = [run_policy(name, setup, workload, catalog) for name in names]
+    except _Refused as refused:
+        print(f"disagg simulate: {refused}", file=sys.stderr)
+        return 2
+    except NothingMeasured as error:
+        print(f"disagg simulate: {_FLAGS.get(error.setting, '--duration')}: {error}", file=sys.stderr)
+        return 2
     summaries = [run.summary() for run in runs]
     if args.output == "json":
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
     else:
         print(
             f"{measured.name}: {measured.requests} requests over {measured.duration_s / 3600:.2f} h "
-            f"({measured.mean_rate():.1f} req/s), {model.name}, prefill {prefill_acc.name} TP{args.prefill_tp}, "
-            f"decode {decode_acc.name} TP{args.decode_tp}, SLO TTFT {args.ttft_ms:.0f} ms / "
-            f"ITL {args.itl_ms:.0f} ms"
+            f"({measured.mean_rate():.1f} req/s), {setup.model.name}, prefill {setup.prefill.accelerator.name} "
+            f"TP{args.prefill_tp}, decode {setup.decode.accelerator.name} TP{args.decode_tp}, SLO TTFT "
+            f"{args.ttft_ms:.0f} ms / ITL {args.itl_ms:.0f} ms"
         )
         print(format_table(summaries))
     if args.plot is not None:

@@ -66,6 +66,13 @@ FloatArray = npt.NDArray[np.float64]
 BUCKETS: FloatArray = np.geomspace(1e-3, 200.0, 121)
 
 
+def prompt_buckets(max_context: int) -> FloatArray:
+    """vLLM's prompt-length buckets (`vllm:request_prompt_tokens`): 1, 2, 5, 10, 20, 50, ... up to the
+    model's context length; the simulator exports the same, with an open last bucket."""
+    bounds = [m * 10**e for e in range(12) for m in (1, 2, 5) if m * 10**e <= max_context]
+    return np.asarray([*bounds, math.inf])
+
+
 @dataclass(frozen=True)
 class PoolSetup:
     """One simulated pool: its accelerator, tensor parallelism and scaling bounds."""
@@ -109,6 +116,41 @@ class SimSetup:
     warmup_s: float = 0.0
     """The first `warmup_s` seconds of the workload run with the controller in the loop but are neither
     billed nor measured: results describe a service already running (steady state), not a cold start."""
+
+
+class NothingMeasured(ValueError):
+    """A simulation that would measure nothing (a warm-up covering the workload, a measured span shorter
+    than one replica start-up, no request to measure): refused rather than reported as a result."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+        """The SimSetup or Workload field at fault (`warmup_s`, `startup_s`, `duration_s`, `requests`)."""
+
+
+def check_measurable(setup: SimSetup, workload: Workload) -> None:
+    """Raises NothingMeasured unless `workload` (warm-up included) leaves something to measure."""
+    measured_s = workload.duration_s - setup.warmup_s
+    if setup.warmup_s > 0 and setup.warmup_s >= measured_s:
+        # the warm-up replays the workload's own last `warmup_s` (with_warmup): it cannot be longer
+        raise NothingMeasured(
+            "warmup_s",
+            f"the warm-up ({setup.warmup_s:g} s) is at least as long as the workload it warms up "
+            f"({max(measured_s, 0.0):g} s): nothing, or only a replay of the warm-up, would be measured",
+        )
+    if measured_s < setup.startup_s:
+        raise NothingMeasured(
+            "duration_s",
+            f"the measured span ({measured_s:g} s) is shorter than one replica start-up ({setup.startup_s:g} s): "
+            "no scaling decision could take effect within it",
+        )
+    first_measured = int(np.searchsorted(workload.arrivals, setup.warmup_s))
+    if first_measured >= workload.requests:
+        raise NothingMeasured(
+            "requests",
+            f"no request arrives in the measured span ({setup.warmup_s:g} s to {workload.duration_s:g} s): "
+            "the trace window is empty",
+        )
 
 
 class Controller(Protocol):
@@ -208,6 +250,8 @@ class _Snapshot:
     finished_output_tokens: float
     ttft_hist: FloatArray
     """The prefill engines' TTFT (arrival to the prefill's token)."""
+    prompt_hist: FloatArray
+    """Prompt lengths of the requests prefill finished (`prompt_buckets`)."""
     decode_ttft_hist: FloatArray
     """The decode engines' TTFT (the prefill's end to the first decoded token: the KV hand-off, admission
     and first step)."""
@@ -255,8 +299,8 @@ class SimResult:
     decisions: list[tuple[float, str, str]] = field(default_factory=list)
 
     def attainment(self) -> float:
-        if self.requests == 0:
-            return 1.0
+        if self.requests == 0:  # simulate() refuses such runs; never report them as met
+            return math.nan
         ok_ttft = self.ttft_s <= self.ttft_target_s
         ok_itl = np.isnan(self.itl_s) | (self.itl_s <= self.itl_target_s)
         return float(np.mean(ok_ttft & ok_itl))
@@ -340,6 +384,8 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
     prompt = newest.prompt_tokens - oldest.prompt_tokens
     mean_prompt = prompt / done if done > 0 else None
     ttft_hist = newest.ttft_hist - oldest.ttft_hist
+    lengths = np.cumsum(newest.prompt_hist - oldest.prompt_hist) / span
+    bounds = prompt_buckets(setup.model.max_context)
     decode_ttft_hist = newest.decode_ttft_hist - oldest.decode_ttft_hist
     mean_output = (newest.finished_output_tokens - oldest.finished_output_tokens) / finished if finished else None
     prefill = PoolSignals(
@@ -353,6 +399,7 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         requests_last=float(newest.arrivals - last.arrivals),
         ttft_s=_quantile(ttft_hist, setup.percentile),
         ttft_buckets=_buckets(ttft_hist, span),
+        prompt_buckets=tuple(zip(bounds.tolist(), lengths.tolist(), strict=True)),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
         prefill_time_s=(newest.prefill_busy_s - oldest.prefill_busy_s) / done if done > 0 else None,
@@ -370,6 +417,7 @@ def _picture(snapshots: list[_Snapshot], now: float, setup: SimSetup) -> LoadPic
         ttft_s=_quantile(decode_ttft_hist, setup.percentile),
         ttft_buckets=_buckets(decode_ttft_hist, span),
         itl_s=_quantile(newest.itl_hist - oldest.itl_hist, setup.percentile),
+        itl_buckets=_buckets(newest.itl_hist - oldest.itl_hist, span),
         mean_prompt_tokens=mean_prompt,
         mean_output_tokens=mean_output,
     )
@@ -572,7 +620,10 @@ def _fill_timeline(
 def simulate(
     setup: SimSetup, workload: Workload, controller: Controller, *, record_decisions: bool = False
 ) -> SimResult:
-    """Replay `workload` through the pools of `setup` with `controller` deciding replicas."""
+    """Replay `workload` through the pools of `setup` with `controller` deciding replicas.
+
+    Raises NothingMeasured for a run that would measure nothing (see `check_measurable`)."""
+    check_measurable(setup, workload)
     wall_start = time.perf_counter()
     model = setup.model
     eff = setup.engine
@@ -618,6 +669,9 @@ def simulate(
     generated = 0.0
     finished_output = 0.0
     ttft_hist = np.zeros(BUCKETS.size)
+    length_bounds = prompt_buckets(model.max_context)
+    prompt_hist = np.zeros(length_bounds.size)
+    length_bucket = np.minimum(np.searchsorted(length_bounds, prompt), length_bounds.size - 1)
     decode_ttft_hist = np.zeros(BUCKETS.size)
     itl_hist = np.zeros(BUCKETS.size)
 
@@ -640,6 +694,7 @@ def simulate(
                 prefill_busy += seconds
                 engine_ttft[request] = done_at - arrivals[request]
                 ttft_hist[_bucket(engine_ttft[request])] += 1
+                prompt_hist[length_bucket[request]] += 1
                 prompt_tokens_done += tokens
                 counters["prefill_done"] += 1
                 heapq.heappush(decode_inbox, (done_at + transfer[request], request))
@@ -749,6 +804,7 @@ def simulate(
                     finished=counters["finished"],
                     finished_output_tokens=finished_output,
                     ttft_hist=ttft_hist.copy(),
+                    prompt_hist=prompt_hist.copy(),
                     decode_ttft_hist=decode_ttft_hist.copy(),
                     itl_hist=itl_hist.copy(),
                     prefill_waiting=sum(len(r.queue) for r in prefill_replicas),

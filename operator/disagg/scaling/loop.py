@@ -173,47 +173,99 @@ class Autoscaler:
             del self._misscraped[gone]
         if not services:
             return report
-        observations: Observations | None = None
-        if self.source is None:
-            report.metrics_problem = "no Prometheus configured (disagg run --prometheus-url)"
-        else:
-            try:
-                observations = self.source.observe()
-                report.queried = True
-            except PrometheusUnavailable as error:
-                report.metrics_problem = f"Prometheus unavailable: {error}"
+        observations = self._observe(report)
         now = self.clock()
         for key, body, spec in services:
-            namespace, name = key
-            current: dict[str, int] = {}
-            ready: dict[str, int] = {}
-            for role in ROLES:
-                deployment = pool_of(self.index, body, role)
-                if deployment is not None:
-                    current[role] = int(deployment.get("spec", {}).get("replicas", 0))
-                    ready[role] = int((deployment.get("status") or {}).get("readyReplicas", 0))
-            picture = None
-            try:
-                if observations is not None:
-                    picture = observations.picture(namespace, name, ready, spec.slo.percentile)
-                decisions, state = decide(
-                    picture, spec, current, self.states.get(key, PolicyState()), now, self.settings, self.catalog
-                )
-            except Exception:
-                # one service's failure must not stop the others' autoscaling (the tick goes on)
-                if key not in self._failing:
-                    log.exception("autoscaling %s/%s: the policy failed; holding its pools", namespace, name)
-                self._failing.add(key)
-                continue
-            self._failing.discard(key)
-            self.states[key] = state
-            report.decisions[key] = decisions
-            self._check_scrape_interval(key, body, picture)
-            try:
-                self._act(body, spec, decisions, report, now)
-            except ApiError as error:
-                log.warning("autoscaling %s/%s: %s", namespace, name, error)
+            self._autoscale(key, body, spec, observations, report, now)
         return report
+
+    def _observe(self, report: TickReport) -> Observations | None:
+        """This tick's query results, or None (with the reason in the report)."""
+        if self.source is None:
+            report.metrics_problem = "no Prometheus configured (disagg run --prometheus-url)"
+            return None
+        try:
+            observations = self.source.observe()
+        except PrometheusUnavailable as error:
+            report.metrics_problem = f"Prometheus unavailable: {error}"
+            return None
+        report.queried = True
+        return observations
+
+    def _autoscale(
+        self, key: ServiceKey, body: dict[str, Any], spec: InferenceServiceSpec, observations: Observations | None,
+        report: TickReport, now: float,
+    ) -> None:
+        """Decide one service's pools and act on the decisions."""
+        namespace, name = key
+        current: dict[str, int] = {}
+        ready: dict[str, int] = {}
+        for role in ROLES:
+            deployment = pool_of(self.index, body, role)
+            if deployment is not None:
+                current[role] = int(deployment.get("spec", {}).get("replicas", 0))
+                ready[role] = int((deployment.get("status") or {}).get("readyReplicas", 0))
+        picture = None
+        try:
+            if observations is not None:
+                picture = observations.picture(namespace, name, ready, spec.slo.percentile)
+            decisions, state = decide(
+                picture, spec, current, self.states.get(key, PolicyState()), now, self.settings, self.catalog
+            )
+        except Exception:
+            # one service's failure must not stop the others' autoscaling (the tick goes on)
+            if key not in self._failing:
+                log.exception("autoscaling %s/%s: the policy failed; holding its pools", namespace, name)
+            self._failing.add(key)
+            return
+        self._failing.discard(key)
+        self.states[key] = state
+        report.decisions[key] = decisions
+        self._check_scrape_interval(key, body, picture)
+        try:
+            self._act(body, spec, decisions, report, now)
+        except ApiError as error:
+            log.warning("autoscaling %s/%s: %s", namespace, name, error)
+
+    def _act_on_pool(
+        self, body: dict[str, Any], spec: InferenceServiceSpec, decision: PoolDecision, pool_status: dict[str, Any],
+        report: TickReport, now: float,
+    ) -> dict[str, Any]:
+        """Scale one pool as decided (once per change); returns its status as it should now be."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        role, deployment = decision.role, workload_of(body, decision.role)
+        pool_status["desiredReplicas"] = decision.desired
+        reach = out_of_reach_status(decision, pool_status.get("outOfReach"))
+        if reach is not None:
+            pool_status["outOfReach"] = reach
+        elif "outOfReach" in pool_status:
+            pool_status["outOfReach"] = None  # the merge patch removes it
+        # without metrics the policy only ever holds (or clamps into min/max): act on it either way;
+        # a pool not created yet is left to reconcile (it creates it with its initial replicas)
+        pool = pool_of(self.index, body, role)
+        if not (decision.changed and decision.desired != decision.current and pool is not None):
+            self._actuated.pop((namespace, deployment), None)
+            return pool_status
+        if self._actuated.get((namespace, deployment)) == decision.desired:
+            return pool_status
+        # by whole groups for a LeaderWorkerSet; only the object this service owns
+        kind = LEADER_WORKER_SET if getattr(spec, role).multi_node else DEPLOYMENT
+        if decision.desired < decision.current and kind is DEPLOYMENT and self.victims is not None:
+            chosen = self.victims.mark(namespace, name, role, f"disagg.dev/service={name},disagg.dev/role={role}",
+                                       decision.current - decision.desired)
+            log.info("scaling %s down: %s leave (fewest requests in flight, least KV)", deployment,
+                     ", ".join(chosen) or "the ReplicaSet controller's choice")
+        self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER, kind,
+                        uid=pool["metadata"]["uid"])
+        self._actuated[(namespace, deployment)] = decision.desired
+        report.scaled.append((namespace, deployment, decision.current, decision.desired, decision.reason))
+        self.on_scale(role, "up" if decision.desired > decision.current else "down")
+        self.record_event(body, "Normal", "Scaled",
+                          f"{role} {decision.current} -> {decision.desired}: {decision.reason}")
+        pool_status["lastScale"] = {
+            "time": _rfc3339(now), "from": decision.current, "to": decision.desired, "reason": decision.reason,
+        }
+        return pool_status
 
     def _check_scrape_interval(self, key: ServiceKey, body: dict[str, Any], picture: LoadPicture | None) -> None:
         """Warn (once while it lasts) when the engines' last scrape interval, as Prometheus' irate and
@@ -267,42 +319,7 @@ class Autoscaler:
         old_status: dict[str, Any] = body.get("status") or {}
         status_patch: dict[str, Any] = {}
         for role, decision in decisions.items():
-            deployment = workload_of(body, role)
-            pool_status = dict(old_status.get(role) or {})
-            pool_status["desiredReplicas"] = decision.desired
-            # without metrics the policy only ever holds (or clamps into min/max): act on it either way;
-            # a pool not created yet is left to reconcile (it creates it with its initial replicas)
-            pool = pool_of(self.index, body, role)
-            if decision.changed and decision.desired != decision.current and pool is not None:
-                if self._actuated.get((namespace, deployment)) != decision.desired:
-                    kind = LEADER_WORKER_SET if getattr(spec, role).multi_node else DEPLOYMENT
-                    if decision.desired < decision.current and kind is DEPLOYMENT and self.victims is not None:
-                        chosen = self.victims.mark(namespace, name, role,
-                                                   f"disagg.dev/service={name},disagg.dev/role={role}",
-                                                   decision.current - decision.desired)  # one slot, no rollout
-                        log.info("scaling %s down: %s leave (fewest requests in flight, least KV)", deployment,
-                                 ", ".join(chosen) or "the ReplicaSet controller's choice")
-                    # by whole groups for a LeaderWorkerSet; only the object this service owns
-                    self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER, kind,
-                                    uid=pool["metadata"]["uid"])
-                    self._actuated[(namespace, deployment)] = decision.desired
-                    report.scaled.append(
-                        (namespace, deployment, decision.current, decision.desired, decision.reason)
-                    )
-                    direction = "up" if decision.desired > decision.current else "down"
-                    self.on_scale(role, direction)
-                    self.record_event(
-                        body, "Normal", "Scaled",
-                        f"{role} {decision.current} -> {decision.desired}: {decision.reason}",
-                    )
-                    pool_status["lastScale"] = {
-                        "time": _rfc3339(now),
-                        "from": decision.current,
-                        "to": decision.desired,
-                        "reason": decision.reason,
-                    }
-            else:
-                self._actuated.pop((namespace, deployment), None)
+            pool_status = self._act_on_pool(body, spec, decision, dict(old_status.get(role) or {}), report, now)
             if pool_status != (old_status.get(role) or {}):
                 status_patch[role] = pool_status
         blind = [d for d in decisions.values() if not d.metrics_available]
@@ -332,6 +349,20 @@ class Autoscaler:
             written = self.kube.patch_status(namespace, name, status_patch)
             if written:
                 self.index.remember(written)
+
+
+def out_of_reach_status(decision: PoolDecision, written: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pool's `outOfReach` status for this decision: the written one while the share stays within a
+    quarter of it (at least a point: a status write per tick for a moving share is not worth it)."""
+    if decision.out_of_reach is None:
+        return None
+    share, reason = decision.out_of_reach
+    percent = round(share * 100.0, 1)
+    if written is not None and written.get("reason") == reason:
+        before = float(written.get("percent", -100.0))
+        if abs(percent - before) < max(1.0, 0.25 * before):
+            return written
+    return {"percent": percent, "reason": reason}
 
 
 class AutoscalerThread:
