@@ -31,7 +31,6 @@ from disagg.kube.client import (
 )
 from disagg.reconcile import POOL_KINDS, ChildKey, child_key, owned_by, pack, plan_children, stamp, unpack
 from disagg.reconcile.diff import contains
-from disagg.reconcile.rollout import RolloutPlan, plan_rollout
 from disagg.reconcile.status import (
     Cond,
     PodTrouble,
@@ -44,7 +43,7 @@ from disagg.reconcile.status import (
     pod_trouble,
     pool_status,
 )
-from disagg.render import Owner, Placement, render_children, spec_revision
+from disagg.render import Owner, render_children
 from disagg.render.context import (
     DEFAULT_METRICS_SCRAPERS,
     RDMA_POD_SECURITY,
@@ -52,7 +51,6 @@ from disagg.render.context import (
     SERVICE_LABEL,
     kv_service_name,
 )
-from disagg.render.revision import SLOT_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +93,7 @@ class Reconciler:
     Service with a cluster IP can take ~0.3 s to create (the API server allocates the IPs one at a
     time); applied in turn, a new service's 13 children waited for it."""
     _pods_checked: dict[tuple[str, str], float] = field(default_factory=dict)
-    _rollout_troubles: dict[tuple[str, str], PodTrouble] = field(default_factory=dict)
-    _desired: dict[str, tuple[int, Placement, bytes]] = field(default_factory=dict)
+    _desired: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     """Rendered children by service uid, for the generation they were rendered from: the spec only
     changes with the generation, so the other reconciles (status, resync) never render again. Kept as
     compressed JSON (~2 KiB a service instead of ~100 KiB of dicts) and decoded per reconcile, which
@@ -105,34 +102,20 @@ class Reconciler:
     """The last failure of each service (by uid) whose traceback was logged: a failure that repeats
     on every resync is logged in one line after the first."""
 
-    _revisions: dict[str, tuple[int, str]] = field(default_factory=dict)
-    """The spec's revision by service uid, for the generation it was computed from."""
-
     def desired_children(
-        self, owner: Owner, generation: int | None, spec: InferenceServiceSpec, placement: Placement | None = None
+        self, owner: Owner, generation: int | None, spec: InferenceServiceSpec
     ) -> list[dict[str, Any]]:
-        placement = placement or Placement()
         cached = self._desired.get(owner.uid or "") if owner.uid else None
-        if cached is not None and generation is not None and cached[:2] == (generation, placement):
-            children: list[dict[str, Any]] = unpack(cached[2])
-            return children
-        desired = [stamp(m) for m in render_children(owner, spec, self.catalog, self.metrics_scrapers, placement)]
-        if owner.uid and generation is not None:
-            self._desired[owner.uid] = (generation, placement, pack(desired))
-        return desired
-
-    def revision(self, owner: Owner, generation: int | None, spec: InferenceServiceSpec) -> str:
-        cached = self._revisions.get(owner.uid or "") if owner.uid else None
         if cached is not None and generation is not None and cached[0] == generation:
-            return cached[1]
-        revision = spec_revision(owner, spec, self.catalog)
+            children: list[dict[str, Any]] = unpack(cached[1])
+            return children
+        desired = [stamp(m) for m in render_children(owner, spec, self.catalog, self.metrics_scrapers)]
         if owner.uid and generation is not None:
-            self._revisions[owner.uid] = (generation, revision)
-        return revision
+            self._desired[owner.uid] = (generation, pack(desired))
+        return desired
 
     def forget(self, uid: str | None) -> None:
         self._desired.pop(uid or "", None)
-        self._revisions.pop(uid or "", None)
         self._failures.pop(uid or "", None)
 
 
@@ -321,13 +304,8 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
 
     lister = ctx.live_children or partial(live_children, ctx.kube, with_lws=ctx.lws_available())
     live = lister(namespace, name)
-    owner = Owner(name, namespace, uid)
-    kinds: dict[str, tuple[str, str]] = {
-        role: ((LEADER_WORKER_SET.api_version, LEADER_WORKER_SET.kind) if getattr(spec, role).multi_node
-               else (DEPLOYMENT.api_version, DEPLOYMENT.kind)) for role in ROLES}
-    rollout = plan_rollout(name, spec, ctx.revision(owner, generation, spec), live, kinds)
-    desired = ctx.desired_children(owner, generation, spec, rollout.placement)
-    plan = plan_children(desired, live, uid, keep=rollout.keep)
+    desired = ctx.desired_children(Owner(name, namespace, uid), generation, spec)
+    plan = plan_children(desired, live, uid)
 
     # An autoscaled pool's replicas belong to the autoscaler's field manager. Hand the field over
     # before an apply that omits it, or server-side apply would reset it to the default. A pool whose
@@ -359,7 +337,6 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
             scaled[child_key(manifest)] = _scale(ctx.kube, manifest, replicas, current["metadata"].get("uid"))
 
     results: dict[ChildKey, dict[str, Any]] = {child_key(obj): obj for obj in plan.unchanged}
-    results.update((key, live[key]) for key in rollout.keep if key in live)
     results.update((k, v) for k, v in scaled.items() if k in results)
     outcome.conflicts = [conflict_with(obj) for obj in plan.conflicts]
     # What the API server refuses to store (a spec valid here, but not as a child: e.g. a nodeSelector
@@ -405,7 +382,7 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
         names = ", ".join(f"{kind}/{child}" for _, kind, child in outcome.deleted)
         ctx.record_event(body, "Normal", "Pruned", f"deleted children no longer in the spec: {names}")
 
-    new_status = _observe(ctx, body, spec, results, old_status, now, rollout, kinds)
+    new_status = _observe(ctx, body, spec, results, old_status, now)
     if outcome.conflicts:
         message = "; ".join(str(c) for c in outcome.conflicts)
         new_status["conditions"] = merge_conditions(
@@ -510,33 +487,35 @@ def _observe(
     children: dict[ChildKey, dict[str, Any]],
     old_status: dict[str, Any],
     now: str,
-    rollout: RolloutPlan | None = None,
-    kinds: dict[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
-    kinds = kinds or {role: (DEPLOYMENT.api_version, DEPLOYMENT.kind) for role in ROLES}
-    rollout = rollout or RolloutPlan(Placement(), "a", "")
-    serving = rollout.serving_pools(kinds, name)
     deployments: dict[str, dict[str, Any] | None] = {}
     troubles: dict[str, PodTrouble | None] = {}
     for role in (*ROLES, "router"):
-        key = serving[role] if role in ROLES else ("apps/v1", "Deployment", f"{name}-router")
-        deployments[role] = children.get(key)
-        troubles[role] = _trouble(ctx, namespace, name, role, key[2], deployments[role], old_status)
-    blocked = rollout.blocked
-    message = rollout.message
-    for role, key in rollout.target_pools.items():
-        trouble = _trouble(ctx, namespace, name, role, key[2], children.get(key), old_status, rollout=True)
-        if trouble is not None and trouble.unschedulable:
-            blocked = "Unschedulable"
-            message = (f"the {role} pool of revision {rollout.target} cannot be scheduled ({trouble.unschedulable} "
-                       f"pods: {trouble.message}); revision {rollout.serving_revision} goes on serving")
+        deployment = children.get(("apps/v1", "Deployment", f"{name}-{role}"))
+        if role in ROLES and getattr(spec, role).multi_node:
+            deployment = children.get((LEADER_WORKER_SET.api_version, LEADER_WORKER_SET.kind, f"{name}-{role}"))
+        deployments[role] = deployment
+        desired, ready, _, _ = deployment_counts(deployment)
+        troubles[role] = None
+        if deployment is not None and ready < desired:
+            # pods to explain the shortfall with exist only once the Deployment's controller made them (a
+            # new service's first reconcile would list 3 empty selections: 3,000 requests for 1,000)
+            pods_made = int((deployment.get("status") or {}).get("replicas", 0)) > 0
+            last = ctx._pods_checked.get((namespace, f"{name}-{role}"), 0.0)
+            if pods_made and time.monotonic() - last >= ctx.pod_check_interval_s:
+                ctx._pods_checked[(namespace, f"{name}-{role}")] = time.monotonic()
+                pods = ctx.kube.list(POD, namespace, f"{SERVICE_LABEL}={name},{ROLE_LABEL}={role}", cached=True)
+                troubles[role] = pod_trouble(pods)
+            else:
+                troubles[role] = _previous_trouble(old_status, role)  # none made, or checked moments ago
+        else:
+            ctx._pods_checked.pop((namespace, f"{name}-{role}"), None)
     kv_present = all(("v1", "Service", kv_service_name(name, role)) in children for role in ROLES)
     conditions = merge_conditions(
         old_status.get("conditions", []),
-        [*compute_conditions(deployments, troubles, kv_present), pod_security_condition(spec, RDMA_POD_SECURITY),
-         _progressing(rollout, blocked, message)],
+        [*compute_conditions(deployments, troubles, kv_present), pod_security_condition(spec, RDMA_POD_SECURITY)],
         meta.get("generation"),
         now,
     )
@@ -545,64 +524,10 @@ def _observe(
         "observedGeneration": meta.get("generation"),
         "endpoint": endpoint(name, namespace, spec.router.port),
         "conditions": conditions,
-        "revision": rollout.serving_revision,
-        "rollout": _rollout_status(rollout, children, blocked, message, old_status.get("rollout"), now),
     }
     for role in ROLES:
-        status[role] = {**pool_status(spec, role, deployments[role], old_status.get(role)),
-                        "workload": serving[role][2]}
+        status[role] = pool_status(spec, role, deployments[role], old_status.get(role))
     return status
-
-
-def _trouble(ctx: Reconciler, namespace: str, name: str, role: str, workload: str, pool: dict[str, Any] | None,
-             old_status: dict[str, Any], rollout: bool = False) -> PodTrouble | None:
-    """Why a pool's pods are not all Ready (the scheduler's reason), checked at most every pod_check_interval_s."""
-    desired, ready, _, _ = deployment_counts(pool)
-    if pool is None or ready >= desired:
-        ctx._pods_checked.pop((namespace, workload), None)
-        return None
-    # pods to explain the shortfall with exist only once the Deployment's controller made them (a new
-    # service's first reconcile would list 3 empty selections: 3,000 requests for 1,000)
-    pods_made = int((pool.get("status") or {}).get("replicas", 0)) > 0
-    last = ctx._pods_checked.get((namespace, workload), 0.0)
-    if pods_made and time.monotonic() - last >= ctx.pod_check_interval_s:
-        ctx._pods_checked[(namespace, workload)] = time.monotonic()
-        slot = ((pool.get("metadata") or {}).get("labels") or {}).get(SLOT_LABEL)
-        selector = f"{SERVICE_LABEL}={name},{ROLE_LABEL}={role}"
-        if role in ROLES:  # this slot's pods only
-            selector += f",{SLOT_LABEL}={slot}" if slot else f",!{SLOT_LABEL}"
-        trouble = pod_trouble(ctx.kube.list(POD, namespace, selector, cached=True))
-        if rollout:
-            ctx._rollout_troubles[(namespace, workload)] = trouble
-        return trouble
-    if rollout:
-        return ctx._rollout_troubles.get((namespace, workload))
-    return _previous_trouble(old_status, role)  # none made, or checked moments ago
-
-
-def _progressing(rollout: RolloutPlan, blocked: str | None, message: str) -> Cond:
-    """Whether a rollout goes on (Kubernetes' Deployment conventions: Progressing)."""
-    if blocked is not None:
-        return Cond("Progressing", "False", blocked, message)
-    if rollout.target is None and rollout.phase == "Complete":
-        return Cond("Progressing", "True", "RevisionServing", f"revision {rollout.serving_revision} serves")
-    return Cond("Progressing", "True", f"Rollout{rollout.phase}", message)
-
-
-def _rollout_status(rollout: RolloutPlan, children: dict[ChildKey, dict[str, Any]], blocked: str | None,
-                    message: str, old: dict[str, Any] | None, now: str) -> dict[str, Any] | None:
-    if rollout.phase == "Complete":
-        return None
-    target = rollout.target or rollout.serving_revision
-    out: dict[str, Any] = {
-        "from": rollout.serving_revision if rollout.target else (old or {}).get("from", rollout.serving_revision),
-        "to": target, "phase": "Blocked" if blocked else rollout.phase, "message": message,
-        "startedAt": (old or {}).get("startedAt") if (old or {}).get("to") == target else now,
-    }
-    for role, key in rollout.target_pools.items():
-        desired, ready, _, _ = deployment_counts(children.get(key))
-        out[role] = f"{ready}/{desired}"
-    return out
 
 
 def _previous_trouble(status: dict[str, Any], role: str) -> PodTrouble | None:
@@ -633,11 +558,6 @@ def _announce_transitions(ctx: Reconciler, body: dict[str, Any], old: dict[str, 
     before = {c.get("type"): (c.get("status"), c.get("reason")) for c in old.get("conditions", []) or []}
     for cond in new.get("conditions", []):
         if before.get(cond["type"]) == (cond["status"], cond["reason"]):
-            continue
-        if cond["type"] == "Progressing":  # each step of a rollout, and a rollout that cannot go on
-            if cond["type"] in before or cond["reason"] != "RevisionServing":
-                ctx.record_event(body, "Normal" if cond["status"] == "True" else "Warning", cond["reason"],
-                                 cond["message"])
             continue
         if cond["type"] != "Ready" and cond["reason"] != "Unschedulable" and (
                 cond["type"], cond["status"]) != ("PodSecurity", "False"):

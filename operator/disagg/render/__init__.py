@@ -21,13 +21,10 @@ from disagg.render.context import (
     STARTUP_PERIOD_S,
     Owner,
     Pool,
-    contract,
     labels,
     pool_values,
     router_values,
-    with_revision,
 )
-from disagg.render.revision import Placement, revision_of
 from disagg.yamlio import load_all
 
 _env = jinja2.Environment(
@@ -83,25 +80,15 @@ def _tidy(manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def spec_revision(owner: Owner, spec: InferenceServiceSpec, catalog: AcceleratorCatalog) -> str:
-    """The revision of what the spec's engines run (render/revision.py)."""
-    return revision_of({role: contract(pool_values(owner, spec, role, catalog)) for role in ROLES})
-
-
 def render_children(
     owner: Owner, spec: InferenceServiceSpec, catalog: AcceleratorCatalog,
     metrics_scrapers: tuple[NetworkPolicyPeer, ...] = DEFAULT_METRICS_SCRAPERS,
-    placement: Placement | None = None,
 ) -> list[dict[str, Any]]:
     """Every child object of one InferenceService, from its validated spec; `metrics_scrapers` are the
-    operator's default for a spec that names none; `placement` the slot of its pools and the revision its
-    routers serve (default: slot a, its own revision)."""
-    placement = placement or Placement()
+    operator's default for a spec that names none."""
     common = {"namespace": owner.namespace, "owner_refs": owner.reference(), "name": owner.name}
-    base: dict[str, Pool] = {role: pool_values(owner, spec, role, catalog, placement.slot) for role in ROLES}
-    revision = revision_of({role: contract(pool) for role, pool in base.items()})
-    pools = {role: with_revision(pool, revision, placement.initial_replicas.get(role)) for role, pool in base.items()}
-    router = router_values(owner, spec, placement.router_revision or revision)
+    pools: dict[str, Pool] = {role: pool_values(owner, spec, role, catalog) for role in ROLES}
+    router = router_values(owner, spec)
     docs: list[dict[str, Any]] = []
     docs += _documents("router.yaml.j2", router=router, **common)
     for role in ROLES:
@@ -154,4 +141,4 @@ def parse_scrapers(text: str) -> tuple[NetworkPolicyPeer, ...]:
                                    for e in error.errors())) from None
 
 
-__all__ = ["Owner", "Placement", "parse_scrapers", "render_children", "render_service", "spec_revision"]
+__all__ = ["Owner", "parse_scrapers", "render_children", "render_service"]

@@ -6,7 +6,7 @@ values, which is what makes `disagg render` and the golden tests exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from disagg import GROUP, KIND, VERSION
@@ -16,7 +16,6 @@ from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port, vllm_kv_transfer_config
 from disagg.render import multinode
 from disagg.render.drain import ROUTER_DEREGISTER_S, pool_drain, router_grace_seconds
-from disagg.render.revision import REVISION_LABEL, SLOT_LABEL, engine_contract, pool_name
 
 MANAGED_BY = "disagg"
 SERVICE_LABEL = f"{GROUP}/service"
@@ -137,13 +136,6 @@ class Pool:
 
     role: Role
     name: str
-    """The Deployment (or LeaderWorkerSet): `<name>-<role>` in slot a, `<name>--<role>-b` in slot b."""
-    pdb_name: str
-    """The pool's PodDisruptionBudget, over both slots."""
-    role_selector: dict[str, str]
-    """The role's pods in both slots (the PodDisruptionBudget, the KV Service)."""
-    role_labels: dict[str, str]
-    """Labels of what serves the role in both slots (no slot, no revision)."""
     kv_service: str
     replicas: int | None
     initial_replicas: int
@@ -288,10 +280,9 @@ def _gib(quantity: str) -> int:
 
 
 def pool_values(
-    owner: Owner, spec: InferenceServiceSpec, role: Role, catalog: AcceleratorCatalog, slot: str = "a"
+    owner: Owner, spec: InferenceServiceSpec, role: Role, catalog: AcceleratorCatalog
 ) -> Pool:
-    """The values of one pool's Deployment in one slot (render/revision.py); without its revision label
-    (`with_revision`)."""
+    """The values of one pool's Deployment."""
     pool: PoolSpec = getattr(spec, role)
     engine = ENGINES[spec.engine.kind]
     acc = pool.accelerator
@@ -341,19 +332,14 @@ def pool_values(
     initial = pool.replicas
     if pool.autoscaling is not None:
         initial = min(max(pool.replicas, pool.autoscaling.min_replicas), pool.autoscaling.max_replicas)
-    slot_labels = {} if slot == "a" else {SLOT_LABEL: slot}
     return Pool(
         role=role,
-        name=pool_name(owner.name, role, slot),
-        pdb_name=f"{owner.name}-{role}",
-        role_selector=selector(owner, role),
-        role_labels=labels(owner, role, spec.engine.kind),
+        name=f"{owner.name}-{role}",
         kv_service=kv_service_name(owner.name, role),
         replicas=None if autoscaled else pool.replicas,
         initial_replicas=initial,
-        labels={**labels(owner, role, spec.engine.kind), **slot_labels},
-        # slot a's selector is the one Deployments have had (a selector cannot change); slot b's adds its slot
-        selector={**selector(owner, role), **slot_labels},
+        labels=labels(owner, role, spec.engine.kind),
+        selector=selector(owner, role),
         image=image,
         command=command,
         args=args,
@@ -375,17 +361,6 @@ def pool_values(
         prestop=drain.prestop,
         group=group,
     )
-
-
-def contract(pool: Pool) -> dict[str, Any]:
-    """What the pool's engine runs (render/revision.py)."""
-    return engine_contract(pool.image, pool.command, pool.args, pool.env)
-
-
-def with_revision(pool: Pool, revision: str, initial_replicas: int | None = None) -> Pool:
-    """The pool with its revision label (its pods', its own), and another initial size if given."""
-    return replace(pool, labels={**pool.labels, REVISION_LABEL: revision},
-                   initial_replicas=pool.initial_replicas if initial_replicas is None else initial_replicas)
 
 
 def _pod_security(spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -432,10 +407,6 @@ class Router:
     """terminationGracePeriodSeconds: the preStop sleep, then the longest request's stream."""
     prestop_sleep_s: int
     """The preStop hook's sleep: clients stop picking the endpoint before the router stops accepting."""
-    revision: str
-    """The revision of the workers its routers select."""
-    pod_labels: dict[str, str]
-    """The router Deployment's and its pods' labels: with the revision they serve."""
     metrics_service: str
     """Headless Service `<name>--metrics` (was `<name>-metrics`, and before that `<name>-router` with a
     cluster IP: the reconcile of a service made before creates the new one and deletes the old)."""
@@ -446,13 +417,11 @@ ROUTER_HEALTH_CHECK_TIMEOUT_S = 2
 ROUTER_HEALTH_FAILURE_THRESHOLD = 2
 
 
-def router_values(owner: Owner, spec: InferenceServiceSpec, revision: str = "") -> Router:
-    """The router, selecting the workers of one revision (render/revision.py); "": of any."""
+def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
     engine = ENGINES[spec.engine.kind]
     namespace = owner.namespace or "default"
-    pinned = [f"{REVISION_LABEL}={revision}"] if revision else []
-    prefill_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=prefill", *pinned]
-    decode_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=decode", *pinned]
+    prefill_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=prefill"]
+    decode_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=decode"]
     # a multi-node worker serves HTTP on its leader only: the router discovers leaders
     if spec.prefill.multi_node:
         prefill_selector.append(f"{multinode.WORKER_INDEX_LABEL}=0")
@@ -492,7 +461,6 @@ def router_values(owner: Owner, spec: InferenceServiceSpec, revision: str = "") 
         name=f"{owner.name}-router",
         replicas=spec.router.replicas,
         labels=labels(owner, "router", app),
-        pod_labels={**labels(owner, "router", app), **({REVISION_LABEL: revision} if revision else {})},
         selector=selector(owner, "router"),
         image=spec.router.image or engine.router_image,
         command=command,
@@ -503,6 +471,5 @@ def router_values(owner: Owner, spec: InferenceServiceSpec, revision: str = "") 
         liveness_path=liveness,
         grace_s=router_grace_seconds(spec),
         prestop_sleep_s=ROUTER_DEREGISTER_S,
-        revision=revision,
         metrics_service=part_name(owner.name, "metrics"),
     )

@@ -76,23 +76,10 @@ def pool_counts(deployment: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def workload_of(service: Mapping[str, Any], role: str) -> str:
-    """The Deployment (or LeaderWorkerSet) serving a pool: `<name>-<role>`, or the other slot's after a
-    rollout (status.<role>.workload, reconcile/rollout.py)."""
-    meta = service.get("metadata") or {}
-    pool = ((service.get("status") or {}).get(role) or {})
-    return str(pool.get("workload") or f"{meta.get('name', '')}-{role}")
-
-
-def rolling_out(service: Mapping[str, Any]) -> bool:
-    """A rollout to a new revision is under way: the autoscaler holds both slots until it is over."""
-    return bool((service.get("status") or {}).get("rollout"))
-
-
 def pool_of(index: Index, service: Mapping[str, Any], role: str) -> dict[str, Any] | None:
     """The counts of a service's pool Deployment, if there is one that the service owns."""
     meta = service.get("metadata") or {}
-    deployment = index.deployments.get((meta.get("namespace", ""), workload_of(service, role)))
+    deployment = index.deployments.get((meta.get("namespace", ""), f"{meta.get('name', '')}-{role}"))
     if deployment is None or meta.get("uid") not in deployment.get("metadata", {}).get("owners", []):
         return None
     return deployment
@@ -154,8 +141,6 @@ class Autoscaler:
                 spec = validate_service(body, self.catalog)
             except (InvalidSpec, ValidationError):
                 continue  # reconcile reports InvalidSpec and leaves the pools as they are; so does this
-            if rolling_out(body):
-                continue  # both revisions' pools hold their size until the old one is gone
             if any(getattr(spec, role).autoscaling is not None for role in ROLES):
                 found.append((key, body, spec))
         return found
@@ -233,7 +218,7 @@ class Autoscaler:
     ) -> dict[str, Any]:
         """Scale one pool as decided (once per change); returns its status as it should now be."""
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        role, deployment = decision.role, workload_of(body, decision.role)
+        role, deployment = decision.role, f"{name}-{decision.role}"
         pool_status["desiredReplicas"] = decision.desired
         reach = out_of_reach_status(decision, pool_status.get("outOfReach"))
         if reach is not None:
