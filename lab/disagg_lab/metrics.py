@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from disagg.catalog.engines import ENGINES
@@ -270,6 +270,24 @@ def label_text(labels: Iterable[tuple[str, str]]) -> str:
     return ",".join(f'{name}="{_escape(value)}"' for name, value in labels)
 
 
+def _kv_transfer_counters(kind: str, labels: str, stats: EngineStats, head: Callable[[str, str], None],
+                          add: Callable[[str], None]) -> None:
+    """The engines' own KV-transfer counters."""
+    if kind == "vllm":
+        head("vllm:prompt_tokens_by_source", "counter")
+        for source, value in (("local_compute", stats.prompt_local), ("external_kv_transfer", stats.prompt_external)):
+            add(f'vllm:prompt_tokens_by_source_total{{{labels},source="{source}"}} {_fmt(value)}')
+        for name, value in (("vllm:nixl_num_failed_transfers", stats.kv_transfer_failed),
+                            ("vllm:nixl_num_kv_expired_reqs", stats.kv_expired)):
+            head(name, "counter")
+            add(f"{name}_total{{{labels}}} {_fmt(value)}")
+        return
+    for name, value in (("sglang:num_transfer_failed_reqs_total", stats.kv_transfer_failed),
+                        ("sglang:num_bootstrap_failed_reqs_total", 0)):
+        head(name, "counter")
+        add(f"{name}{{{labels}}} {_fmt(value)}")
+
+
 def render_metrics(metrics: EngineMetrics, labels: str, gauges: tuple[int, int, float], stats: EngineStats) -> str:
     """The engine's /metrics page (text format 0.0.4); `labels` is the pod's label text."""
     running, waiting, kv_usage = gauges
@@ -298,19 +316,7 @@ def render_metrics(metrics: EngineMetrics, labels: str, gauges: tuple[int, int, 
         add(f"# HELP {name} {text}")
         add(f"# TYPE {name} counter")
         add(f"{name}{{{labels}}} {_fmt(getattr(stats, attribute))}")
-    if metrics.kind == "vllm":
-        head("vllm:prompt_tokens_by_source", "counter")
-        for source, value in (("local_compute", stats.prompt_local), ("external_kv_transfer", stats.prompt_external)):
-            add(f'vllm:prompt_tokens_by_source_total{{{labels},source="{source}"}} {_fmt(value)}')
-        for name, value in (("vllm:nixl_num_failed_transfers", stats.kv_transfer_failed),
-                            ("vllm:nixl_num_kv_expired_reqs", stats.kv_expired)):
-            head(name, "counter")
-            add(f"{name}_total{{{labels}}} {_fmt(value)}")
-    else:
-        for name, value in (("sglang:num_transfer_failed_reqs_total", stats.kv_transfer_failed),
-                            ("sglang:num_bootstrap_failed_reqs_total", 0)):
-            head(name, "counter")
-            add(f"{name}{{{labels}}} {_fmt(value)}")
+    _kv_transfer_counters(metrics.kind, labels, stats, head, add)
     histograms: list[tuple[str | None, Histogram]] = [
         (metrics.ttft, stats.ttft), (metrics.itl, stats.itl), (metrics.e2e, stats.e2e),
         (metrics.queue_time, stats.queue_time), (metrics.prefill_time, stats.prefill_time),

@@ -445,6 +445,11 @@ class Supervisor:
 
     async def reconcile(self) -> None:
         wanted = {uid: pod for uid, pod in self.pods.items() if self.wanted(pod)}
+        await self._stop_unwanted(wanted)
+        await self._start_wanted(wanted)
+
+    async def _stop_unwanted(self, wanted: dict[str, Any]) -> None:
+        """Terminates the routers of deleted pods (their preStop and grace) and stops those of pods gone."""
         for uid, router in list(self.routers.items()):
             pod = wanted.get(uid)
             if pod is not None and pod.metadata.deletion_timestamp is not None:
@@ -461,6 +466,9 @@ class Supervisor:
                         await asyncio.wait_for(router.task, timeout=STOP_GRACE_S + 15)
                 log.info("%s: stopped (the pod is gone or no longer running)", router.ref)
                 del self.routers[uid]
+
+    async def _start_wanted(self, wanted: dict[str, Any]) -> None:
+        """Starts a router for every wanted pod without one."""
         for uid, pod in sorted(wanted.items(), key=lambda item: (item[1].metadata.namespace, item[1].metadata.name)):
             if uid in self.routers:
                 if self.routers[uid].terminating is None:

@@ -285,6 +285,15 @@ class FleetServer:
             if (wanted is None or wanted.ip != current.pod.ip or current.service is not self.sim.services.get(
                     (wanted.namespace, wanted.service)) or current.port != current.service.spec.engine.port):
                 await self._stop_pod(uid)
+        await self._serve_new(desired, problems)
+        for uid, reason in problems.items():
+            if self.problems.get(uid) != reason and uid in self.observed:
+                log.warning("pod %s/%s: %s", self.observed[uid].namespace, self.observed[uid].name, reason)
+        self.problems = problems
+        self._write_targets()
+
+    async def _serve_new(self, desired: dict[str, PodObservation], problems: dict[str, str]) -> None:
+        """Starts an engine at every desired pod's address that has none yet (its problem noted if it cannot)."""
         assert self._pod_runner is not None
         for uid, pod in sorted(desired.items(), key=lambda item: (item[1].namespace, item[1].name)):
             if uid in self.sim.pods:
@@ -306,11 +315,6 @@ class FleetServer:
             log.info("serving %s (%s, %s) at http://%s:%d", sim_pod.ref, pod.role, sim_pod.engine.config.kind,
                      pod.ip, sim_pod.port)
             self._started(uid, pod)
-        for uid, reason in problems.items():
-            if self.problems.get(uid) != reason and uid in self.observed:
-                log.warning("pod %s/%s: %s", self.observed[uid].namespace, self.observed[uid].name, reason)
-        self.problems = problems
-        self._write_targets()
 
     # -- the kubelet (kubelet.py): finalizer, termination, restarts, readiness
 

@@ -455,6 +455,7 @@ def build_registry(settings: OperatorSettings, metrics: OperatorMetrics) -> kopf
             ready=lambda: children.synced.is_set(),
             victims=VictimMarker(state["reconciler"].kube, source.query) if source is not None else None,
             on_scale=lambda role, direction: metrics.scaling_decisions.labels(role=role, direction=direction).inc(),
+            on_kv_path=lambda namespace, name, ok: metrics.kv_transfer_ready.labels(namespace, name).set(int(ok)),
         )
         if disagg_settings.peering is not None:
             autoscaler.is_active = PeeringCheck(
