@@ -222,6 +222,18 @@ COMPAT_FLAGS = ("--revision", "--kv-cache-dtype", "--block-size", "--page-size",
 """Flags whose values two engines must share to exchange KV (with the image, the model and the connector)."""
 
 
+def _engine_model(raw_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a service's spec the simulated engines are made from: not its pools' sizes, autoscaling or
+    images (an engine's image is its pod's: `compat_key`), nor its router or drain. An edit of those changes
+    pods, never the engines already running (a real engine does not see the InferenceService)."""
+    spec = {k: v for k, v in raw_spec.items() if k not in ("router", "drain")}
+    for role in ("prefill", "decode"):
+        pool = spec.get(role)
+        if isinstance(pool, Mapping):
+            spec[role] = {k: v for k, v in pool.items() if k not in ("replicas", "autoscaling", "image")}
+    return spec
+
+
 def compat_key(pod: PodObservation) -> str:
     """A short key of what a prefill and a decode engine must agree on to exchange KV, from the pod's
     container: the image, the model, the flags of `COMPAT_FLAGS` and the KV connector (not the role)."""
@@ -797,6 +809,9 @@ class FleetSim:
         key = (namespace, name)
         existing = self.services.get(key)
         if existing is not None and existing.raw_spec == raw_spec:
+            return None
+        if existing is not None and _engine_model(existing.raw_spec) == _engine_model(raw_spec):
+            existing.raw_spec = dict(raw_spec)  # a pool resized, a router or drain edit: the engines run on
             return None
         try:
             spec = InferenceServiceSpec.model_validate(dict(raw_spec))
