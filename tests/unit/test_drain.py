@@ -20,7 +20,7 @@ import yaml
 from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.catalog.accelerators import load_catalog
 from disagg.render import render_service
-from disagg.render.drain import DEREGISTER_S, EXIT_MARGIN_S, drain_seconds, pool_drain, router_grace_seconds
+from disagg.render.drain import DEREGISTER_S, EXIT_MARGIN_S, QUIET_S, drain_seconds, pool_drain, router_grace_seconds
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM = yaml.safe_load((REPO / "examples" / "01-vllm-nixl-llama70b.yaml").read_text())
@@ -38,7 +38,7 @@ def test_bounds_follow_the_slo_and_the_longest_output() -> None:
     spec = spec_of(VLLM, slo={"ttftMs": 500, "itlMs": 50}, drain={"maxOutputTokens": 1000})
     assert drain_seconds(spec, "decode") == 51  # 0.5 s + 1000 tokens x 50 ms
     assert drain_seconds(spec, "prefill") == 15  # 10 x 0.5 s + 10 s for the decodes to pull
-    assert pool_drain(spec, "decode").grace_s == DEREGISTER_S + 51 + EXIT_MARGIN_S
+    assert pool_drain(spec, "decode").grace_s == DEREGISTER_S + 51 + QUIET_S + EXIT_MARGIN_S
     slower = spec_of(VLLM, slo={"ttftMs": 500, "itlMs": 100}, drain={"maxOutputTokens": 1000})
     assert drain_seconds(slower, "decode") == 101
     fixed = spec_of(VLLM, drain={"timeoutSeconds": 42})
@@ -78,10 +78,12 @@ def test_pods_get_the_drain_the_router_a_preStop_sleep(example: dict[str, Any]) 
 
 class _Metrics(BaseHTTPRequestHandler):
     busy: Callable[[], float] = staticmethod(lambda: 0.0)
+    finished: Callable[[], float] = staticmethod(lambda: 3.0)
 
     def do_GET(self) -> None:
         value = type(self).busy()
         body = (f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{engine=\"0\"}} {value}\n"
+                f"vllm:e2e_request_latency_seconds_count{{engine=\"0\"}} {type(self).finished()}\n"
                 f"vllm:num_requests_waiting{{engine=\"0\"}} 0.0\nvllm:kv_cache_usage_perc{{engine=\"0\"}} 0.0\n"
                 f"vllm:num_requests_running_other 7.0\n").encode()
         self.send_response(200)
@@ -94,8 +96,8 @@ class _Metrics(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def engine_metrics(busy: Callable[[], float]) -> Iterator[int]:
-    handler = type("Handler", (_Metrics,), {"busy": staticmethod(busy)})
+def engine_metrics(busy: Callable[[], float], finished: Callable[[], float] = lambda: 3.0) -> Iterator[int]:
+    handler = type("Handler", (_Metrics,), {"busy": staticmethod(busy), "finished": staticmethod(finished)})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -106,11 +108,14 @@ def engine_metrics(busy: Callable[[], float]) -> Iterator[int]:
         server.server_close()
 
 
+QUIET_TEST_S = 1.0
+
+
 def run_prestop(port: int, wait: float, bound: float) -> float:
     """The rendered preStop command of a vLLM prefill pod, with this port and waits; how long it ran."""
     command = list(pool_drain(spec_of(VLLM), "prefill").prestop)
     command[0] = sys.executable  # python3 of this environment; the engines' images have theirs
-    command[3:6] = [str(port), str(wait), str(bound)]
+    command[3:7] = [str(port), str(wait), str(bound), str(QUIET_TEST_S)]
     started = time.monotonic()
     subprocess.run(command, env={"POD_IP": "127.0.0.1"}, check=True, timeout=bound + wait + 10)
     return time.monotonic() - started
@@ -120,7 +125,16 @@ def test_prestop_waits_until_nothing_is_in_flight() -> None:
     started = time.monotonic()
     with engine_metrics(lambda: 2.0 if time.monotonic() - started < 1.5 else 0.0) as port:
         took = run_prestop(port, wait=0.2, bound=20.0)
-    assert 1.5 <= took <= 4.0, took  # after the engine went idle (two quiet polls), long before the bound
+    # after the engine went idle and stayed so for the quiet time, long before the bound
+    assert 1.0 + QUIET_TEST_S <= took <= 4.0 + QUIET_TEST_S, took
+
+
+def test_prestop_waits_while_a_router_still_sends_short_requests() -> None:
+    # nothing running at any poll, but requests keep finishing for 3 s: a router that has not dropped the worker
+    started = time.monotonic()
+    with engine_metrics(lambda: 0.0, lambda: float(int(min(time.monotonic() - started, 3.0) * 4))) as port:
+        took = run_prestop(port, wait=0.2, bound=20.0)
+    assert 2.5 + QUIET_TEST_S <= took <= 5.0 + QUIET_TEST_S, took
 
 
 def test_prestop_gives_up_at_its_bound_and_when_the_engine_is_gone() -> None:

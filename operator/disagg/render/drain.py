@@ -7,10 +7,11 @@ hook, SIGTERM, SIGKILL at the end of the grace period. What each step does here:
    (their pod watch); the preStop hook waits `DEREGISTER_S` so that what a router sent just before arrives.
 2. The hook then waits until the engine has nothing in flight, read from its own /metrics: requests running
    and waiting, and for a vLLM prefill worker the KV caches it still holds for decodes (vLLM's shutdown does
-   not wait for KV transfers: a decode that pulls after the prefill exited would recompute the prompt). At
-   most the drain bound.
+   not wait for KV transfers: a decode that pulls after the prefill exited would recompute the prompt), and
+   until it has finished no request for `QUIET_S` (a router that drops the worker late still sends it
+   requests). At most the drain bound.
 3. SIGTERM: vLLM finishes what is left for `--shutdown-timeout` (its default, 0, aborts it), SGLang until done.
-4. The grace period is the first wait, the drain bound and a margin for the process to exit: past it the
+4. The grace period is the first wait, the drain bound, the quiet time and a margin for the process to exit: past it the
    kubelet kills what is left.
 
 The router pods sleep `ROUTER_DEREGISTER_S` in their preStop hook (clients and kube-proxy stop using the
@@ -38,18 +39,29 @@ PREFILL_TTFT_FACTOR = 10
 KV_PULL_S = 10
 """...plus this long for its decodes to pull the KV caches it holds."""
 
+QUIET_S = 5
+"""The hook ends once the engine has had nothing running or waiting, and finished no request, for this long: a
+router may drop the worker late (vllm-router handles pod events one at a time, and waits for a new worker's
+health check before the next event), and the requests it still sends keep the worker busy or finishing."""
+
 # Polls the engine's /metrics (at $POD_IP: the engine listens on all interfaces) until the gauges named on the
-# command line sum to zero twice in a row, after a first wait; at most a bound. Standard library only: the
-# engines' images have Python.
+# command line sum to zero and its count of finished requests stays still for a quiet time, after a first wait;
+# at most a bound. Arguments: port, first wait, bound, quiet time, the finished-requests counter, the gauges.
+# Standard library only: the engines' images have Python.
 DRAIN_SCRIPT = (
     "import os,sys,time,urllib.request as u\n"
-    "a=sys.argv[1:];url='http://%s:%s/metrics'%(os.environ.get('POD_IP','127.0.0.1'),a[0]);names=set(a[3:])\n"
-    "time.sleep(float(a[1]));end=time.time()+float(a[2]);quiet=0\n"
-    "while time.time()<end and quiet<2:\n"
+    "a=sys.argv[1:];url='http://%s:%s/metrics'%(os.environ.get('POD_IP','127.0.0.1'),a[0]);names=set(a[5:])\n"
+    "time.sleep(float(a[1]));end=time.time()+float(a[2]);last=None;since=time.time()\n"
+    "while time.time()<end:\n"
     " try:text=u.urlopen(url,timeout=2).read().decode()\n"
     " except Exception:break\n"
-    " busy=sum(float(l.rsplit(None,1)[1]) for l in text.splitlines() if l.split('{',1)[0].split(' ',1)[0] in names)\n"
-    " quiet=quiet+1 if busy==0 else 0\n"
+    " busy=done=0.0\n"
+    " for l in text.splitlines():\n"
+    "  n=l.split('{',1)[0].split(' ',1)[0]\n"
+    "  if n in names:busy+=float(l.rsplit(None,1)[1])\n"
+    "  elif n==a[4]:done+=float(l.rsplit(None,1)[1])\n"
+    " if busy>0 or done!=last:last=done;since=time.time()\n"
+    " elif time.time()-since>=float(a[3]):break\n"
     " time.sleep(0.5)\n"
 )
 
@@ -84,9 +96,11 @@ def pool_drain(spec: InferenceServiceSpec, role: Role) -> Drain:
     gauges = [names.running_requests[0], names.waiting_requests[0]]
     if spec.engine.kind == "vllm" and role == "prefill":
         gauges.append(names.kv_cache_usage[0])  # KV caches held until their decode pulls them
-    prestop = ["python3", "-c", DRAIN_SCRIPT, str(spec.engine.port), str(DEREGISTER_S), str(drain_s), *gauges]
+    finished = f"{ENGINES[spec.engine.kind].metrics.e2e_histogram}_count"
+    prestop = ["python3", "-c", DRAIN_SCRIPT, str(spec.engine.port), str(DEREGISTER_S), str(drain_s), str(QUIET_S),
+               finished, *gauges]
     args = ["--shutdown-timeout", str(drain_s)] if spec.engine.kind == "vllm" else []
-    return Drain(drain_s=drain_s, grace_s=DEREGISTER_S + drain_s + EXIT_MARGIN_S, prestop=prestop,
+    return Drain(drain_s=drain_s, grace_s=DEREGISTER_S + drain_s + QUIET_S + EXIT_MARGIN_S, prestop=prestop,
                  engine_args=args)
 
 
