@@ -23,6 +23,7 @@ Service's ready endpoints.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,6 +108,12 @@ class Operations:
     def pods(self, service: str, role: str) -> list[Any]:
         return self.session.cluster.pods(self.namespace, f"disagg.dev/service={service},disagg.dev/role={role}")
 
+    def pods_left(self, service: str, role: str) -> list[Any]:
+        """The pool's pods, terminating ones included (they are gone when their engine has exited)."""
+        pods: list[Any] = self.session.cluster.core.list_namespaced_pod(
+            self.namespace, label_selector=f"disagg.dev/service={service},disagg.dev/role={role}").items
+        return pods
+
     def endpoints(self, service: str) -> ServiceEndpoints:
         return ServiceEndpoints(lambda: self.api, self.namespace, service)
 
@@ -172,6 +179,14 @@ def test_a_decode_scale_down_by_two_under_load_loses_no_request(operations: Oper
     counters_before = {p["pod"]: p for p in env.lab.get("/state")["pods"]}
     schedule = Schedule(steps=((0.0, RATE),), prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS)
     edited_at: list[float] = []
+    gone_at: dict[str, float] = {}
+
+    async def watch_pods() -> None:
+        while len(gone_at) < len(SERVICES):
+            for name in SERVICES:
+                if name not in gone_at and len(await asyncio.to_thread(env.pods_left, name, "decode")) == DECODE_AFTER:
+                    gone_at[name] = time.time()
+            await asyncio.sleep(0.5)
 
     async def scenario() -> list[list[Result]]:
         loads = [asyncio.create_task(_load(env, name, schedule, LOAD_S, seed)) for seed, name in enumerate(SERVICES)]
@@ -179,19 +194,22 @@ def test_a_decode_scale_down_by_two_under_load_loses_no_request(operations: Oper
         edited_at.append(time.time())
         for name in SERVICES:
             await asyncio.to_thread(_set_decode_replicas, env, name, DECODE_AFTER)
-        return list(await asyncio.gather(*loads))
+        watch = asyncio.create_task(watch_pods())
+        done = list(await asyncio.gather(*loads))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watch, timeout=60.0)
+        return done
 
     results = dict(zip(SERVICES, asyncio.run(scenario()), strict=True))
     edit = edited_at[0]
 
     def scaled_down() -> bool:
         for name in SERVICES:
-            left = env.pods(name, "decode")
+            left = env.pods_left(name, "decode")
             assert len(left) == DECODE_AFTER, f"{name}: decode pods {[p.metadata.name for p in left]}"
         return True
 
-    wait_until(scaled_down, 90, "both decode pools down to one pod", env.diagnostics, interval=0.5)
-    gone_at = time.time()
+    wait_until(scaled_down, 30, "both decode pools down to one pod", env.diagnostics, interval=0.5)
     counters = {p["pod"]: p for p in env.lab.get("/state")["pods"]}
     for name, got in results.items():
         remaining = {p.metadata.name for p in env.pods(name, "decode")}
@@ -203,7 +221,8 @@ def test_a_decode_scale_down_by_two_under_load_loses_no_request(operations: Oper
                       for pod, p in counters.items() if p["service"] == name)
         print(f"operations e2e: {name}: decode {DECODE_BEFORE} -> {DECODE_AFTER} under {RATE:g} requests/s: "
               f"{len(failed)} of {len(got)} failed; {len(carried)} requests on the leaving workers ended after the "
-              f"edit; pods gone {gone_at - edit:.1f} s after it; mixed hand-offs refused {refused}")
+              f"edit; the pods gone {gone_at.get(name, time.time()) - edit:.1f} s after it; mixed hand-offs refused "
+              f"{refused}")
         assert len(got) >= RATE * LOAD_S * 0.5, f"{name}: only {len(got)} requests sent"
         assert not failed, f"{name}: {len(failed)} of {len(got)} failed, first: {failed[:3]}\n{env.diagnostics()}"
         assert len(removed) == DECODE_BEFORE - DECODE_AFTER, (name, removed)
