@@ -63,14 +63,14 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.e2e
 
 SERVICES = {"vllm": "01-", "sglang": "02-"}
-PROMPT_TOKENS, OUTPUT_TOKENS = 256, 96
+PROMPT_TOKENS, OUTPUT_TOKENS = 256, 128
 RATE = 4.0
 LOAD_S = 24.0
 EDIT_AT_S = 6.0
 DECODE_BEFORE, DECODE_AFTER = 3, 1
 KV_WAIT_S = 20.0
 """The KV-path verdict follows traffic within this: two scrapes (2 s), the 10-s rate window, a 2-s tick."""
-ROLL_WAIT_S = 50.0
+ROLL_WAIT_S = 60.0
 """...and the new decode worker takes traffic within this after the edit: vllm-router handles pod events one at a
 time and waits for a new worker's health check (30 s apart) before it takes the next one (here the old
 worker's deletion); the lab's pods are Ready before their engine answers."""
