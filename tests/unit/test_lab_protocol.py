@@ -233,3 +233,19 @@ async def test_faults_make_an_engine_unhealthy_or_take_it_down(tmp_path: Path) -
             assert resp.status == 200
         async with env.http.put(control, json={"fault": "melted"}) as resp:
             assert resp.status == 400
+
+
+def test_an_edit_that_leaves_the_engines_as_they_are_keeps_them_running() -> None:
+    sim = FleetSim(load_catalog(), seed=0)
+    assert sim.upsert_service("ns", "a", VLLM["spec"]) is None
+    decode = sim.add_pod(pod("a", "decode", "127.100.250.2"))
+    resized = copy.deepcopy(VLLM["spec"])
+    resized["decode"]["replicas"] = 7
+    resized["decode"]["image"] = "vllm/vllm-openai:v0.33.0"
+    resized["router"] = {"replicas": 3}
+    assert sim.upsert_service("ns", "a", resized) is None
+    assert sim.pods.get(decode.pod.uid) is decode  # a real engine does not see the InferenceService
+    other_model = copy.deepcopy(resized)
+    other_model["model"]["name"] = "another/model"
+    assert sim.upsert_service("ns", "a", other_model) is None
+    assert decode.pod.uid not in sim.pods  # the engines are made again from the new spec
