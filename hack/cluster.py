@@ -9,7 +9,7 @@ The LeaderWorkerSet controller (sigs.k8s.io/lws, built the same way) runs as a h
 API server, with its webhooks served on loopback and registered by URL.
 
 Subcommands: up, down, status, env, bin-dir, sa-kubeconfig, prometheus-start, prometheus-stop,
-apiserver-restart, lws-restart.
+apiserver-restart, lws-restart, kwok-restart.
 Progress goes to stderr; ``up`` and ``env`` print ``export KUBECONFIG=...`` as their last stdout line.
 The cluster dir is ``$DISAGG_CLUSTER_DIR`` (default /tmp/disagg-cluster). See
 docs/local-cluster.md for why each non-default flag is set.
@@ -185,6 +185,10 @@ class Paths:
     @property
     def lws(self) -> Path:
         return self.root / "lws"
+
+    @property
+    def kwok_pod_delete_stage(self) -> Path:
+        return self.root / "kwok-stages" / "pod-delete.yaml"
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -410,7 +414,7 @@ class Cluster:
                     f"--config={stages / 'node' / 'heartbeat-with-lease' / 'node-heartbeat-with-lease.yaml'}",
                     f"--config={stages / 'pod' / 'fast' / 'pod-ready.yaml'}",
                     f"--config={stages / 'pod' / 'fast' / 'pod-complete.yaml'}",
-                    f"--config={stages / 'pod' / 'fast' / 'pod-delete.yaml'}",
+                    f"--config={p.kwok_pod_delete_stage}",
                 ],
                 lambda: self._http_health(f"http://{HOST}:{KWOK_PORT}/healthz"),
                 KWOK_PORT,
@@ -795,6 +799,29 @@ class Cluster:
                 "client-key-data": self._b64(pki / f"{name}.key"),
             }
             self._write_private(path, yaml.safe_dump(self.kubeconfig_dict(name, creds), sort_keys=False))
+
+    def write_kwok_stages(self) -> None:
+        """kwok's pod-delete stage, but for pods without finalizers only. kwok's own (`fast`) removes a deleted
+        pod at once, grace period or not; a real kubelet removes it when its containers have stopped. The
+        lab's engine kubelet holds a finalizer on the pods whose engines it runs (lab/disagg_lab/kubelet.py)
+        and takes it off when the engine has exited; kwok removes the pod then. Pods nobody holds are
+        removed at once, as before."""
+        stage = {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1",
+            "kind": "Stage",
+            "metadata": {"name": "pod-delete"},
+            "spec": {
+                "resourceRef": {"apiGroup": "v1", "kind": "Pod"},
+                "selector": {"matchExpressions": [
+                    {"key": ".metadata.deletionTimestamp", "operator": "Exists"},
+                    {"key": ".metadata.finalizers", "operator": "DoesNotExist"},
+                ]},
+                "next": {"delete": True},
+            },
+        }
+        path = self.p.kwok_pod_delete_stage
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("# written by hack/cluster.py (write_kwok_stages)\n" + yaml.safe_dump(stage, sort_keys=False))
 
     def write_prometheus_config(self) -> None:
         d = self.p.prometheus
@@ -1300,6 +1327,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             c.write_pki()
             c.write_kubeconfigs()
             c.write_prometheus_config()
+            c.write_kwok_stages()
             for name in COMPONENT_ORDER:
                 if name == "prometheus":
                     continue
@@ -1451,6 +1479,8 @@ def _single(name: str, action: str) -> int:
                 c.write_kubeconfigs()
                 c.start_lws()
                 return 0
+            if name == "kwok":
+                c.write_kwok_stages()
             c.start(name)
     return 0
 
@@ -1491,6 +1521,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("lws-restart", help="stop and start the LeaderWorkerSet controller only").set_defaults(
         func=lambda a: _single("lws-controller", "restart")
+    )
+    sub.add_parser("kwok-restart", help="stop and start kwok only (rewriting its pod-delete stage)").set_defaults(
+        func=lambda a: _single("kwok", "restart")
     )
     args = parser.parse_args(argv)
     try:

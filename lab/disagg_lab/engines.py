@@ -26,6 +26,18 @@ SGLang (the router sends the same request to prefill and decode at once)
     the pod's environment), as SGLang's decode does. A prefilled room whose decode never registers is
     dropped after `SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT` (300 s).
 
+Versions, restarts and shutdown (what the operations lab needs)
+    Each engine carries an identity (`engine_id`, new at every start of its process) and a revision key
+    (`compat_key`: image, model, model revision, KV dtype, block size, tensor parallelism and connector, as
+    the pod's container says them). A hand-off between engines of different revision keys is refused and
+    counted on the decode engine (`kv_refused`): vLLM's decode recomputes the prompt (its failure policy),
+    SGLang's fails the request. Real engines compare only part of this (NIXL's handshake: block size, KV
+    layout, TP); the lab refuses every mix, so that a mixed pair cannot hide. A peer that comes back at an
+    address with a new identity crashes the engine that had talked to the old one, as the pinned versions
+    do: a vLLM decode pulling from a restarted prefill (vllm#49238, NIXL `loadRemoteMD`), an SGLang prefill
+    sending to a restarted decode (smg#2503). A crash is put in `FleetSim.crashed` for the kubelet.
+    `shutdown()` is SIGTERM: new requests are refused (503) and the kubelet waits for `in_flight()`.
+
 Listeners hear each request's events at their exact model times: a prefill leg's answer, each decode
 token (the k-th token when the replica's step clock passes the sequence's start + k), the end, or a
 failure. Decode slots are stepped ahead of time (`tick(now, ahead)`), so token times are known before
@@ -133,7 +145,8 @@ class LiveRequest:
     started: bool = False
     """Decode: admitted at least once."""
     kv_source: str = ""
-    """Decode: 'transferred' or 'recomputed'; prefill of injected load: 'injected'."""
+    """Decode: 'transferred', 'recomputed' or 'refused' (the prefill runs another revision); prefill of
+    injected load: 'injected'."""
     prefill_pod: str = ""
     """Decode: namespace/name of the prefill pod whose KV it received."""
     hold_kv: bool = False
@@ -205,6 +218,52 @@ def kv_load_failure_policy(pod: PodObservation) -> str:
     return "fail"
 
 
+COMPAT_FLAGS = ("--revision", "--kv-cache-dtype", "--block-size", "--page-size", "--tensor-parallel-size",
+                "--tp-size", "--dtype", "--disaggregation-transfer-backend")
+"""Flags whose values two engines must share to exchange KV (with the image, the model and the connector)."""
+
+
+def _engine_model(raw_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a service's spec the simulated engines are made from: not its pools' sizes, autoscaling or
+    images (an engine's image is its pod's: `compat_key`), nor its router or drain. An edit of those changes
+    pods, never the engines already running (a real engine does not see the InferenceService)."""
+    spec = {k: v for k, v in raw_spec.items() if k not in ("router", "drain")}
+    for role in ("prefill", "decode"):
+        pool = spec.get(role)
+        if isinstance(pool, Mapping):
+            spec[role] = {k: v for k, v in pool.items() if k not in ("replicas", "autoscaling", "image")}
+    return spec
+
+
+def compat_key(pod: PodObservation) -> str:
+    """A short key of what a prefill and a decode engine must agree on to exchange KV, from the pod's
+    container: the image, the model, the flags of `COMPAT_FLAGS` and the KV connector (not the role)."""
+    model = pod.arg_value("--model-path") or pod.arg_value("--model")
+    if model is None and len(pod.args) > 2 and pod.args[:2] == ("vllm", "serve"):
+        model = pod.args[2]
+    connector = ""
+    raw = pod.arg_value("--kv-transfer-config")
+    if raw:
+        try:
+            config = json.loads(raw)
+        except json.JSONDecodeError:
+            config = {}
+        connector = str(config.get("kv_connector", "")) if isinstance(config, dict) else ""
+    parts = [pod.image, str(model), connector, *(f"{flag}={pod.arg_value(flag)}" for flag in COMPAT_FLAGS)]
+    return f"{zlib.crc32(chr(0).join(parts).encode()):08x}"
+
+
+def shutdown_timeout(pod: PodObservation) -> float | None:
+    """How long the engine finishes its requests after SIGTERM: vLLM's `--shutdown-timeout` (0, its default,
+    aborts them at once); None for SGLang, which waits for them however long they take."""
+    if pod.arg_value("--shutdown-timeout") is None:
+        return None if pod.arg_value("--model-path") is not None else 0.0
+    try:
+        return max(0.0, float(pod.arg_value("--shutdown-timeout") or 0))
+    except ValueError:
+        return 0.0
+
+
 def _env_seconds(pod: PodObservation, name: str, default: float) -> float:
     value = pod.env_value(name)
     try:
@@ -228,6 +287,12 @@ class PrefillEngine:
         self._service: dict[int, float] = {}
         self.engine_id = str(uuid.uuid4())
         """vLLM's engine id (a uuid per engine start), which decode legs must echo."""
+        self.compat = compat_key(pod)
+        self.shutdown_timeout = shutdown_timeout(pod)
+        self.draining = False
+        """SIGTERM received: new requests are refused, the ones in flight go on."""
+        self.peers: dict[str, str] = {}
+        """SGLang: decode pod IP -> the engine id this engine last sent KV to there."""
         port = pod.env_value("VLLM_NIXL_SIDE_CHANNEL_PORT")
         self.side_channel_port = int(port) if port and port.isdigit() else NIXL_SIDE_CHANNEL_PORT
         bootstrap = pod.arg_value("--disaggregation-bootstrap-port")
@@ -280,6 +345,13 @@ class PrefillEngine:
             self._announce()
         return done
 
+    def in_flight(self) -> int:
+        """Requests this engine is still working on (SIGTERM waits for them)."""
+        return self.replica.running + self.replica.waiting
+
+    def shutdown(self) -> None:
+        self.draining = True
+
     def gauges(self) -> tuple[int, int, float]:
         """(running, waiting, KV usage): the running batch and the KV caches held for decodes."""
         capacity = self.config.kv_capacity_tokens
@@ -305,6 +377,18 @@ class DecodeEngine:
         self.waiting_timeout_s = _env_seconds(pod, "SGLANG_DISAGGREGATION_WAITING_TIMEOUT", SGLANG_WAITING_TIMEOUT_S)
         self.step_seconds = 0.0
         self.tokens_per_s = 0.0
+        self.engine_id = str(uuid.uuid4())
+        self.compat = compat_key(pod)
+        self.shutdown_timeout = shutdown_timeout(pod)
+        self.draining = False
+        self.peers: dict[tuple[str, int], str] = {}
+        """vLLM: (prefill host, side-channel port) -> the engine id this engine last pulled KV from there."""
+
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def shutdown(self) -> None:
+        self.draining = True
 
     def submit(self, request: LiveRequest) -> bool:
         if len(self.waiting) >= MAX_QUEUE:
@@ -315,9 +399,10 @@ class DecodeEngine:
 
     def recompute(self, request: LiveRequest, now: float) -> None:
         """No usable hand-off: this engine prefills the prompt itself before decoding it."""
-        request.kv_source = "recomputed"
+        request.kv_source = "refused" if request.kv_source == "refused" else "recomputed"
         request.ready_at = now + self.config.prefill_seconds(request.prompt)
         self.stats.recomputed += 1
+        self.stats.prompt_local += request.prompt
 
     def expire(self, now: float) -> list[LiveRequest]:
         """Fails the waiting requests whose KV never came by their deadline."""
@@ -431,6 +516,11 @@ class SimPod:
             "kv_received_total": stats.kv_received,
             "prompts_recomputed_total": stats.recomputed,
             "kv_load_failures_total": stats.kv_failed,
+            "kv_refused_total": stats.kv_refused,
+            "engine_id": self.engine.engine_id,
+            "revision": self.engine.compat,
+            "draining": self.engine.draining,
+            "in_flight": self.engine.in_flight(),
             "ttft_p90_s": _round(stats.ttft.quantile(0.9)),
         }
         if isinstance(self.engine, DecodeEngine):
@@ -670,6 +760,8 @@ class FleetSim:
         self.kv_holds: dict[tuple[str, str], KVHold] = {}
         """(engine id, request id) -> a KV cache a vLLM prefill engine keeps for its decode."""
         self.rooms: dict[tuple[str, int, int], Room] = {}
+        self.crashed: dict[str, str] = {}
+        """uid -> why the engine of that pod crashed (a peer came back with a new identity): for the kubelet."""
         self._ids = itertools.count(1)
         for spec in [self.default_load, *self.loads.values()]:
             self.workload(spec)  # fail fast on a missing or bad trace
@@ -718,6 +810,9 @@ class FleetSim:
         key = (namespace, name)
         existing = self.services.get(key)
         if existing is not None and existing.raw_spec == raw_spec:
+            return None
+        if existing is not None and _engine_model(existing.raw_spec) == _engine_model(raw_spec):
+            existing.raw_spec = dict(raw_spec)  # a pool resized, a router or drain edit: the engines run on
             return None
         try:
             spec = InferenceServiceSpec.model_validate(dict(raw_spec))
@@ -835,24 +930,46 @@ class FleetSim:
                 }
 
     def claim_kv(self, decode: SimPod, params: Mapping[str, Any], request: LiveRequest, now: float) -> str | None:
-        """vLLM decode leg: pulls the KV cache its parameters name (None), or says why it cannot."""
+        """vLLM decode leg: pulls the KV cache its parameters name (None), or says why it cannot. A prefill of
+        another revision is refused (`kv_source` 'refused'); a prefill engine that came back at an address
+        this decode pulled from before, with a new identity, crashes the decode (`crashed`)."""
         host, port = params.get("remote_host"), params.get("remote_port")
         holder = self.pod_at(str(host), "prefill") if isinstance(host, str) else None
+        assert isinstance(decode.engine, DecodeEngine)
         if holder is None or not isinstance(holder.engine, PrefillEngine) or holder.fault == "down":
+            decode.engine.stats.kv_transfer_failed += 1
             return f"no prefill engine answers at {host}:{port}"
         engine = holder.engine
         if holder.service is not decode.service:
             return f"{holder.ref} is another service's prefill engine (its KV port is closed to this one)"
         if port != engine.side_channel_port or params.get("remote_engine_id") != engine.engine_id:
             return f"{host}:{port} is not engine {params.get('remote_engine_id')}"
+        peer = (str(host), int(port))
+        known = decode.engine.peers.get(peer)
+        if known is not None and known != engine.engine_id:
+            self.crashed[decode.pod.uid] = (f"segfault in NIXL loadRemoteMD: {holder.ref} at {host}:{port} came back "
+                                            f"as engine {engine.engine_id[:8]} (was {known[:8]})")
+            return f"the decode engine crashed handshaking with {host}:{port}"
+        decode.engine.peers[peer] = engine.engine_id
         key = (engine.engine_id, str(params.get("remote_request_id")))
+        if engine.compat != decode.engine.compat:
+            hold = self.kv_holds.pop(key, None)
+            if hold is not None:
+                engine.held_tokens -= hold.tokens
+            decode.engine.stats.kv_refused += 1
+            decode.engine.stats.kv_transfer_failed += 1
+            request.kv_source = "refused"
+            request.prefill_pod = holder.ref
+            return (f"{holder.ref} runs revision {engine.compat}, this engine {decode.engine.compat}: the KV layouts "
+                    "differ (hand-off refused)")
         hold = self.kv_holds.pop(key, None)
         if hold is None:
             return f"engine {engine.engine_id} holds no KV cache for {key[1]} (consumed or expired)"
         engine.held_tokens -= hold.tokens
         engine.stats.kv_sent += 1
-        assert isinstance(decode.engine, DecodeEngine)
         decode.engine.stats.kv_received += 1
+        decode.engine.stats.kv_bytes.observe(request.prompt * decode.engine.config.model.kv_bytes_per_token)
+        decode.engine.stats.prompt_external += request.prompt
         request.kv_source = "transferred"
         request.prefill_pod = holder.ref
         request.ready_at = now + decode.engine.config.transfer_seconds(request.prompt)
@@ -888,13 +1005,43 @@ class FleetSim:
         del self.rooms[key]
         if decode is None or holder is None or holder.service is not decode.service:
             return  # the decode waits until its deadline: SGLang fails it then
-        assert isinstance(decode.engine, DecodeEngine)
+        assert isinstance(decode.engine, DecodeEngine) and isinstance(holder.engine, PrefillEngine)
+        at = max(room.prefill_done_at, request.received)
+        known = holder.engine.peers.get(decode.pod.ip)
+        if known is not None and known != decode.engine.engine_id:
+            self.crashed[holder.pod.uid] = (f"segfault in NIXL add_remote_agent: {decode.ref} at {decode.pod.ip} came "
+                                            f"back as engine {decode.engine.engine_id[:8]} (was {known[:8]})")
+            self._fail_transfer(decode.engine, request, at, "KV transfer failed: the prefill engine crashed")
+            return
+        holder.engine.peers[decode.pod.ip] = decode.engine.engine_id
+        if holder.engine.compat != decode.engine.compat:
+            decode.engine.stats.kv_refused += 1
+            request.kv_source = "refused"
+            request.prefill_pod = holder.ref
+            self._fail_transfer(decode.engine, request, at,
+                                f"KV transfer refused: {holder.ref} runs revision {holder.engine.compat}, this engine "
+                                f"{decode.engine.compat}")
+            return
         holder.engine.stats.kv_sent += 1
         decode.engine.stats.kv_received += 1
+        transfer_s = decode.engine.config.transfer_seconds(request.prompt)
+        decode.engine.stats.kv_transfer_ms.observe(transfer_s * 1000.0)
+        decode.engine.stats.prompt_external += request.prompt
         request.kv_source = "transferred"
         request.prefill_pod = holder.ref
-        request.ready_at = max(room.prefill_done_at, request.received) + decode.engine.config.transfer_seconds(
-            request.prompt)
+        request.ready_at = at + transfer_s
+
+    @staticmethod
+    def _fail_transfer(engine: DecodeEngine, request: LiveRequest, at: float, message: str) -> None:
+        """SGLang: the decode fails a request whose KV cannot come (it does not recompute)."""
+        if request in engine.waiting:
+            engine.waiting.remove(request)
+        engine.stats.kv_transfer_failed += 1
+        engine.stats.kv_failed += 1
+        engine.stats.failed += 1
+        request.done = True
+        if request.listener is not None:
+            request.listener.failed(at, 500, message)
 
     def abort(self, pod: SimPod, request: LiveRequest) -> None:
         """A request's client went away before it finished."""
@@ -937,6 +1084,7 @@ class FleetSim:
                 pod = self.pods.get(hold.holder_uid)
                 if pod is not None and isinstance(pod.engine, PrefillEngine):
                     pod.engine.held_tokens -= hold.tokens
+                    pod.engine.stats.kv_expired += 1
         for room_key, room in list(self.rooms.items()):
             if room.decode is None and now - room.created > SGLANG_BOOTSTRAP_TIMEOUT_S:
                 del self.rooms[room_key]

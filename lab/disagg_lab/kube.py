@@ -15,6 +15,16 @@ from urllib.parse import urlparse
 
 from disagg import GROUP, PLURAL, VERSION
 from disagg.wellknown import LWS_WORKER_INDEX_LABEL, MANAGED_SELECTOR, ROLE_LABEL, ROLES, SERVICE_LABEL, Role
+from disagg_lab.podspec import (
+    DEFAULT_GRACE_S,
+    Hook,
+    ReadinessProbe,
+    container_env,
+    deletion_deadline,
+    grace_seconds,
+    prestop_hook,
+    readiness_probe,
+)
 
 log = logging.getLogger("disagg_lab.kube")
 
@@ -61,7 +71,18 @@ class PodObservation:
     env: tuple[tuple[str, str], ...] = ()
     """The engine container's environment variables with literal values."""
     annotations: tuple[tuple[str, str], ...] = field(default=())
-
+    running: bool = True
+    """The pod's phase is Running (kwok started its container)."""
+    image: str = ""
+    finalizers: tuple[str, ...] = ()
+    deadline: float | None = None
+    """Being deleted: when the kubelet kills what still runs (unix time, the deletionTimestamp)."""
+    grace_s: float = DEFAULT_GRACE_S
+    prestop: Hook | None = None
+    hook_env: tuple[tuple[str, str], ...] = ()
+    """The engine container's environment as its hooks see it (literal values and the downward API)."""
+    readiness: ReadinessProbe = field(default_factory=ReadinessProbe)
+    restart_count: int = 0
     def env_value(self, name: str) -> str | None:
         return dict(self.env).get(name)
 
@@ -95,14 +116,26 @@ def pod_observation(pod: Any) -> PodObservation | None:
     engine = containers[0] if containers else None
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    hook_env: dict[str, str] = {}
+    hook: Hook | None = None
+    probe = ReadinessProbe()
     if engine is not None:
         args = tuple(str(a) for a in [*(engine.command or []), *(engine.args or [])])
         env = tuple((str(e.name), str(e.value)) for e in (engine.env or []) if e.value is not None)
+        hook_env = container_env(pod, engine, strict=False)
+        hook = prestop_hook(pod, engine, hook_env)
+        probe = readiness_probe(engine)
+    statuses = (status.container_statuses or []) if status is not None else []
     return PodObservation(
         uid=str(meta.uid), namespace=str(meta.namespace), name=str(meta.name), service=str(service),
         role="prefill" if role == "prefill" else "decode", ip=str((status.pod_ip if status else None) or ""),
         ready=bool(ready), deleting=meta.deletion_timestamp is not None, args=args, env=env,
         annotations=tuple(sorted((meta.annotations or {}).items())),
+        running=status is not None and status.phase == "Running",
+        image=str(engine.image or "") if engine is not None else "",
+        finalizers=tuple(meta.finalizers or ()), deadline=deletion_deadline(pod), grace_s=grace_seconds(pod),
+        prestop=hook, hook_env=tuple(sorted(hook_env.items())), readiness=probe,
+        restart_count=max((int(c.restart_count or 0) for c in statuses), default=0),
     )
 
 

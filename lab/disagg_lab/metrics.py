@@ -4,7 +4,11 @@ Names come from the engine catalogue (what the autoscaler queries); the few extr
 export, and their histogram buckets, are copied from the engines' sources. The lab adds four counters
 of its own (`disagg_lab_*`), which no engine has, so that a test can prove where each request's KV cache
 came from: prefills served, KV caches handed off (prefill side), KV caches received (decode side) and
-prompts recomputed (decode side, for a decode request without a usable hand-off).
+prompts recomputed (decode side, for a decode request without a usable hand-off), and hand-offs refused
+between engines of different revisions (decode side). The engines' own KV-transfer families are there
+too, as the engines name them (what the operator's KV-path check queries): vLLM's NIXL connector
+(`vllm:nixl_bytes_transferred`, `vllm:nixl_num_failed_transfers`, `vllm:nixl_num_kv_expired_reqs`) and
+`vllm:prompt_tokens_by_source`, SGLang's `sglang:kv_transfer_latency_ms`, `sglang:num_transfer_failed_reqs`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from disagg.catalog.engines import ENGINES
@@ -26,6 +30,8 @@ LAB_COUNTERS: tuple[tuple[str, str, str], ...] = (
      "Prompts this decode engine prefilled itself for lack of a usable hand-off (lab counter)."),
     ("kv_failed", "disagg_lab_kv_load_failures_total",
      "Hand-offs this decode engine could not load: missing, foreign or consumed (lab counter)."),
+    ("kv_refused", "disagg_lab_kv_refused_total",
+     "Hand-offs this decode engine refused: the prefill engine runs another revision (lab counter)."),
 )
 """(attribute of EngineStats, metric name, help)."""
 
@@ -41,6 +47,9 @@ VLLM_REQUEST_LATENCY_BUCKETS = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
     960.0, 1920.0, 7680.0,
 )
+NIXL_BYTES_BUCKETS = tuple(float(2 ** exponent) for exponent in range(20, 36))
+"""vLLM's `vllm:nixl_bytes_transferred` buckets: 1 MiB to 32 GiB in powers of two."""
+SGLANG_KV_TRANSFER_MS_BUCKETS = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0)
 SGLANG_TTFT_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400)
 SGLANG_ITL_BUCKETS = (
     0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060, 0.080, 0.100, 0.200,
@@ -209,9 +218,10 @@ class Histogram:
 class EngineStats:
     """Counters and histograms of one simulated engine."""
 
-    __slots__ = ("decode_time", "dropped", "e2e", "failed", "generation_tokens", "itl", "kv_failed", "kv_received",
-                 "kv_sent", "preemptions", "prefill_time", "prefills", "prompt_tokens", "queue_time", "recomputed",
-                 "requests", "ttft")
+    __slots__ = ("decode_time", "dropped", "e2e", "failed", "generation_tokens", "itl", "kv_bytes", "kv_expired",
+                 "kv_failed", "kv_received", "kv_refused", "kv_sent", "kv_transfer_failed", "kv_transfer_ms",
+                 "preemptions", "prefill_time", "prefills", "prompt_external", "prompt_local", "prompt_tokens",
+                 "queue_time", "recomputed", "requests", "ttft")
 
     def __init__(self, metrics: EngineMetrics) -> None:
         self.prefills = 0
@@ -219,6 +229,16 @@ class EngineStats:
         self.kv_received = 0
         self.recomputed = 0
         self.kv_failed = 0
+        self.kv_refused = 0
+        self.kv_transfer_failed = 0
+        """Transfers the engine counts as failed (vLLM's NIXL failures, SGLang's transfer failures)."""
+        self.kv_expired = 0
+        self.prompt_local = 0
+        """Decode: prompt tokens it computed itself."""
+        self.prompt_external = 0
+        """Decode: prompt tokens whose KV came from a prefill engine."""
+        self.kv_bytes = Histogram(NIXL_BYTES_BUCKETS)
+        self.kv_transfer_ms = Histogram(SGLANG_KV_TRANSFER_MS_BUCKETS)
         self.failed = 0
         self.preemptions = 0
         self.prompt_tokens = 0
@@ -250,6 +270,24 @@ def label_text(labels: Iterable[tuple[str, str]]) -> str:
     return ",".join(f'{name}="{_escape(value)}"' for name, value in labels)
 
 
+def _kv_transfer_counters(kind: str, labels: str, stats: EngineStats, head: Callable[[str, str], None],
+                          add: Callable[[str], None]) -> None:
+    """The engines' own KV-transfer counters."""
+    if kind == "vllm":
+        head("vllm:prompt_tokens_by_source", "counter")
+        for source, value in (("local_compute", stats.prompt_local), ("external_kv_transfer", stats.prompt_external)):
+            add(f'vllm:prompt_tokens_by_source_total{{{labels},source="{source}"}} {_fmt(value)}')
+        for name, value in (("vllm:nixl_num_failed_transfers", stats.kv_transfer_failed),
+                            ("vllm:nixl_num_kv_expired_reqs", stats.kv_expired)):
+            head(name, "counter")
+            add(f"{name}_total{{{labels}}} {_fmt(value)}")
+        return
+    for name, value in (("sglang:num_transfer_failed_reqs_total", stats.kv_transfer_failed),
+                        ("sglang:num_bootstrap_failed_reqs_total", 0)):
+        head(name, "counter")
+        add(f"{name}{{{labels}}} {_fmt(value)}")
+
+
 def render_metrics(metrics: EngineMetrics, labels: str, gauges: tuple[int, int, float], stats: EngineStats) -> str:
     """The engine's /metrics page (text format 0.0.4); `labels` is the pod's label text."""
     running, waiting, kv_usage = gauges
@@ -278,10 +316,13 @@ def render_metrics(metrics: EngineMetrics, labels: str, gauges: tuple[int, int, 
         add(f"# HELP {name} {text}")
         add(f"# TYPE {name} counter")
         add(f"{name}{{{labels}}} {_fmt(getattr(stats, attribute))}")
+    _kv_transfer_counters(metrics.kind, labels, stats, head, add)
     histograms: list[tuple[str | None, Histogram]] = [
         (metrics.ttft, stats.ttft), (metrics.itl, stats.itl), (metrics.e2e, stats.e2e),
         (metrics.queue_time, stats.queue_time), (metrics.prefill_time, stats.prefill_time),
         (metrics.decode_time, stats.decode_time),
+        ("vllm:nixl_bytes_transferred" if metrics.kind == "vllm" else "sglang:kv_transfer_latency_ms",
+         stats.kv_bytes if metrics.kind == "vllm" else stats.kv_transfer_ms),
     ]
     for hist_name, histogram in histograms:
         if hist_name is None:

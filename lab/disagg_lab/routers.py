@@ -20,7 +20,10 @@ a loopback IP, this supervisor:
   `ContainersReady`, the container status) follows the readiness probe from NotReady at start; a
   liveness failure or an exit restarts the process after a back-off (1 s doubling to 30 s; the
   kubelet's is 10 s to 5 min), counting `restartCount`;
-- stops it (SIGTERM, then SIGKILL after a few seconds) when the pod is deleted or stops Running.
+- terminates it as the kubelet does when the pod is deleted: the container's preStop hook (a sleep, as the
+  operator renders it), then SIGTERM, then SIGKILL when the pod's grace period ends (both routers drain on
+  SIGTERM: they stop accepting and finish what is in flight); a finalizer of the lab's keeps the pod until
+  then (kwok would remove it at once). A pod that stops Running without being deleted is stopped at once.
 
 Logs per pod: <log dir>/<namespace>_<pod>.log (default <cluster dir>/lab/routers/). Bounded: at most
 `--max-routers` processes; every wait has a timeout.
@@ -35,7 +38,6 @@ import datetime
 import fcntl
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -51,7 +53,9 @@ import aiohttp
 import yaml
 
 from disagg.wellknown import MANAGED_SELECTOR, ROLE_LABEL, ROUTER
-from disagg_lab.kube import Event, Watcher, admin_client, is_loopback
+from disagg_lab.kube import Event, PodObservation, Watcher, admin_client, is_loopback
+from disagg_lab.kubelet import FINALIZER, PodApi, run_hook
+from disagg_lab.podspec import container_env, deletion_deadline, expand, grace_seconds, prestop_hook
 
 log = logging.getLogger("disagg_lab.routers")
 
@@ -107,54 +111,6 @@ def ensure_router(package: str, version: str, root: Path | None = None) -> Path:
     return venv
 
 
-_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
-
-
-def expand(text: str, env: Mapping[str, str]) -> str:
-    """The kubelet's `$(VAR)` expansion: defined variables are replaced, `$$` is a literal `$`, anything else
-    stays as written."""
-
-    def replace(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match.group(1)
-        return env[name] if name in env else match.group(0)
-
-    return _REFERENCE.sub(replace, text)
-
-
-def _field(pod: Any, path: str) -> str:
-    """A downward-API fieldRef of the pod."""
-    meta, spec, status = pod.metadata, pod.spec, pod.status
-    simple = {
-        "metadata.name": meta.name, "metadata.namespace": meta.namespace, "metadata.uid": meta.uid,
-        "spec.nodeName": spec.node_name, "spec.serviceAccountName": spec.service_account_name,
-        "status.podIP": status.pod_ip if status else None, "status.hostIP": status.host_ip if status else None,
-    }
-    if path in simple:
-        return str(simple[path] or "")
-    match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
-    if match:
-        values = (meta.labels if match.group(1) == "labels" else meta.annotations) or {}
-        return str(values.get(match.group(2), ""))
-    raise ValueError(f"unsupported fieldRef {path!r}")
-
-
-def container_env(pod: Any, container: Any) -> dict[str, str]:
-    """The container's environment as the kubelet builds it (literal values and fieldRefs)."""
-    env: dict[str, str] = {}
-    for var in container.env or []:
-        if var.value is not None:
-            env[var.name] = expand(var.value, env)
-        elif var.value_from is not None and var.value_from.field_ref is not None:
-            env[var.name] = _field(pod, var.value_from.field_ref.field_path)
-        elif var.value_from is not None:
-            raise ValueError(f"env {var.name}: only literal values and fieldRefs are supported by the lab")
-        else:
-            env[var.name] = ""
-    return env
-
-
 def container_argv(pod: Any, container: Any, env: Mapping[str, str]) -> list[str]:
     """command + args with `$(VAR)` expanded and the wildcard listen address made the pod's IP."""
     ip = pod.status.pod_ip
@@ -204,6 +160,8 @@ class Router:
     process: asyncio.subprocess.Process | None = None
     task: asyncio.Task[None] | None = None
     stopping: bool = False
+    terminating: asyncio.Task[None] | None = None
+    finalized: bool = False
     last_probe: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -233,6 +191,7 @@ class Supervisor:
         self._thread_stop = threading.Event()
         self._api: Any = None
         self._http: aiohttp.ClientSession | None = None
+        self.pod_api: PodApi | None = None
 
     # -- kubernetes
 
@@ -260,9 +219,9 @@ class Supervisor:
                 self.pods[pod.metadata.uid] = pod
 
     def wanted(self, pod: Any) -> bool:
+        """A Running pod with a loopback IP (a deleted one too: its router drains until the grace ends)."""
         status = pod.status
-        return (pod.metadata.deletion_timestamp is None and status is not None and status.phase == "Running"
-                and bool(status.pod_ip) and is_loopback(status.pod_ip))
+        return status is not None and status.phase == "Running" and bool(status.pod_ip) and is_loopback(status.pod_ip)
 
     async def patch_status(self, router: Router, ready: bool, running: bool, reason: str, message: str) -> None:
         """The pod's Ready/ContainersReady conditions and container status, as the kubelet reports them."""
@@ -362,14 +321,14 @@ class Supervisor:
         log.info("%s: started %s (pid %d) on %s", router.ref, package, process.pid, pod.status.pod_ip)
         return process
 
-    async def _stop_process(self, router: Router) -> None:
+    async def _stop_process(self, router: Router, grace_s: float = STOP_GRACE_S) -> None:
         process = router.process
         if process is None or process.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(process.wait(), timeout=STOP_GRACE_S)
+            await asyncio.wait_for(process.wait(), timeout=max(0.0, grace_s))
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
@@ -390,7 +349,14 @@ class Supervisor:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
             self.problems.pop(router.uid, None)
+            if not router.finalized and self.pod_api is not None:
+                router.finalized = True
+                await asyncio.to_thread(self.pod_api.add_finalizer, router.namespace, router.name)
             reason = await self._watch_process(router)
+            if router.terminating is not None:  # terminate() signals the process and kills it at the grace end
+                while router.process.returncode is None:
+                    await asyncio.sleep(0.2)
+                break
             await self._stop_process(router)
             if router.stopping:
                 break
@@ -448,12 +414,52 @@ class Supervisor:
             await asyncio.sleep(0.2)
         return "stopping"
 
+    async def terminate(self, router: Router) -> None:
+        """The pod was deleted: preStop hook, SIGTERM, SIGKILL at the grace period's end, then the finalizer
+        comes off."""
+        loop = asyncio.get_running_loop()
+        pod = router.pod
+        container = pod.spec.containers[0]
+        deadline_unix = deletion_deadline(pod)
+        remaining = max(0.0, deadline_unix - time.time()) if deadline_unix is not None else grace_seconds(pod)
+        deadline = loop.time() + remaining
+        try:
+            hook = prestop_hook(pod, container, container_env(pod, container, strict=False))
+            if hook is not None:
+                observed = PodObservation(uid=router.uid, namespace=router.namespace, name=router.name, service="",
+                                          role="decode", ip=str(pod.status.pod_ip), ready=False)
+                done = await run_hook(hook, observed, deadline - loop.time())
+                log.info("%s: deleted; preStop hook done: %s", router.ref, done)
+            router.stopping = True
+            await self._stop_process(router, deadline - loop.time())
+            if router.task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(router.task, timeout=15)
+            log.info("%s: terminated (%.1f s of %.0f s grace)", router.ref, remaining - (deadline - loop.time()),
+                     remaining)
+        finally:
+            self.routers.pop(router.uid, None)
+            if self.pod_api is not None:
+                await asyncio.to_thread(self.pod_api.remove_finalizer, router.namespace, router.name)
+
     # -- all routers
 
     async def reconcile(self) -> None:
         wanted = {uid: pod for uid, pod in self.pods.items() if self.wanted(pod)}
+        await self._stop_unwanted(wanted)
+        await self._start_wanted(wanted)
+
+    async def _stop_unwanted(self, wanted: dict[str, Any]) -> None:
+        """Terminates the routers of deleted pods (their preStop and grace) and stops those of pods gone."""
         for uid, router in list(self.routers.items()):
             pod = wanted.get(uid)
+            if pod is not None and pod.metadata.deletion_timestamp is not None:
+                if router.terminating is None:
+                    router.pod = pod
+                    router.terminating = asyncio.create_task(self.terminate(router), name=f"terminate-{router.ref}")
+                continue
+            if router.terminating is not None:
+                continue
             if pod is None or pod.status.pod_ip != router.pod.status.pod_ip:
                 router.stopping = True
                 if router.task is not None:
@@ -461,9 +467,17 @@ class Supervisor:
                         await asyncio.wait_for(router.task, timeout=STOP_GRACE_S + 15)
                 log.info("%s: stopped (the pod is gone or no longer running)", router.ref)
                 del self.routers[uid]
+
+    async def _start_wanted(self, wanted: dict[str, Any]) -> None:
+        """Starts a router for every wanted pod without one."""
         for uid, pod in sorted(wanted.items(), key=lambda item: (item[1].metadata.namespace, item[1].metadata.name)):
             if uid in self.routers:
-                self.routers[uid].pod = pod
+                if self.routers[uid].terminating is None:
+                    self.routers[uid].pod = pod
+                continue
+            if pod.metadata.deletion_timestamp is not None:
+                if FINALIZER in (pod.metadata.finalizers or []) and self.pod_api is not None:
+                    await asyncio.to_thread(self.pod_api.remove_finalizer, pod.metadata.namespace, pod.metadata.name)
                 continue
             if len(self.routers) >= self.max_routers:
                 self.problems[uid] = f"more than {self.max_routers} router pods: not run"
@@ -495,6 +509,7 @@ class Supervisor:
                 loop.add_signal_handler(sig, self.stop)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._api = self.client()
+        self.pod_api = PodApi(self.client)
         self._http = aiohttp.ClientSession()
 
         def post(event: Event) -> None:
@@ -523,6 +538,13 @@ class Supervisor:
             tasks = [r.task for r in self.routers.values() if r.task is not None]
             if tasks:
                 await asyncio.wait(tasks, timeout=STOP_GRACE_S + 15)
+            held = [(p.metadata.namespace, p.metadata.name) for p in self.pods.values()
+                    if FINALIZER in (p.metadata.finalizers or [])]
+            held += [(r.namespace, r.name) for r in self.routers.values() if r.finalized]
+            if held and self.pod_api is not None:
+                api = self.pod_api
+                await asyncio.gather(*(asyncio.to_thread(api.remove_finalizer, ns, name) for ns, name in set(held)),
+                                     return_exceptions=True)
             await self._http.close()
             log.info("stopped")
 

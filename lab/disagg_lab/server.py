@@ -10,8 +10,12 @@ times (a prefill leg when its batch ends, each decode token when its step ends).
 Control API: `PUT /load/NS/NAME` (injected load: `{"rps": 8}`, `{"x": 4}`, `{"spec": "steps:..."}`, with
 optional `prompt_tokens`/`output_tokens`), `DELETE /load/NS/NAME`, `GET /load`, `PUT /fault/NS/POD`
 (`{"fault": "unhealthy"}`: /health and requests answer 503; `"down"`: nothing listens, as after an
-engine crash, and in-flight requests are lost; `null`: healthy again, a restarted engine), `GET /state`,
-`GET /healthz`.
+engine crash, and in-flight requests are lost; `"kill"`: the engine process is killed (SIGKILL) and the
+kubelet restarts it in place after `restart_s`, a new engine at the same address; `null`: healthy again, a
+restarted engine), `GET /state`, `GET /healthz`.
+
+The engine pods' kubelet, as far as kwok does not play it (termination with preStop hook, SIGTERM and
+grace period; restarts; readiness), is `kubelet.py`'s, driven from here.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from disagg_lab.kube import (
     admin_client,
     is_loopback,
 )
+from disagg_lab.kubelet import DEFAULT_RESTART_S, FINALIZER, Container, PodApi, run_hook
 from disagg_lab.metrics import EXPOSITION_CONTENT_TYPE
 from disagg_lab.offered import MAX_RPS, LoadError, LoadSpec, parse_load_spec, parse_service_key
 from disagg_lab.protocol import (
@@ -71,7 +76,7 @@ REQUEST_TIMEOUT_S = 3600.0
 """Longest any one request is kept open (the engines' own deadlines come much sooner)."""
 ENGINE_VERSIONS = {"vllm": "0.33.0", "sglang": "0.5.23"}
 """The versions tests/data/engine_flags records."""
-FAULTS = ("unhealthy", "down")
+FAULTS = ("unhealthy", "down", "kill")
 
 
 def default_models_dir() -> Path:
@@ -123,6 +128,8 @@ class FleetServer:
         allow_remote_apiserver: bool = False,
         make_client: Callable[[], Any] | None = None,
         models_dir: Path | None = None,
+        restart_s: float = DEFAULT_RESTART_S,
+        pod_api: PodApi | None = None,
     ) -> None:
         self.sim = sim
         self.models_dir = models_dir or default_models_dir()
@@ -151,6 +158,11 @@ class FleetServer:
         self._control_runner: web.AppRunner | None = None
         self._ids = itertools.count(1)
         self.started_wall = time.time()
+        self.restart_s = restart_s
+        self.pod_api = pod_api
+        """The kubelet's writes (finalizers, readiness); None: none (tests without a cluster)."""
+        self.containers: dict[str, Container] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self.origin: float | None = None
         """Event-loop time of the model's time 0."""
         self.watch_synced: set[str] = set()
@@ -209,6 +221,10 @@ class FleetServer:
                 self.observed.pop(item.uid, None)
             else:
                 self.observed[item.uid] = item
+        for uid in [u for u in self.containers if u not in self.observed]:
+            container = self.containers.pop(uid)
+            if container.terminating is not None:
+                container.terminating.cancel()
 
     def _forget_service(self, key: tuple[str, str]) -> None:
         self.service_specs.pop(key, None)
@@ -235,7 +251,19 @@ class FleetServer:
         desired: dict[str, PodObservation] = {}
         problems: dict[str, str] = {}
         for uid, pod in self.observed.items():
-            if not pod.ready or pod.deleting or not pod.ip:
+            if not pod.ip or not (pod.running or pod.ready):
+                continue
+            container = self.containers.setdefault(uid, Container(uid))
+            if container.exited:
+                continue
+            if pod.deleting:
+                if uid not in self.sim.pods:  # no engine runs (never started, restarting, down): nothing to stop
+                    self._exit(uid)
+                    continue
+                if container.terminating is None:
+                    container.terminating = asyncio.create_task(self._terminate(uid), name=f"terminate-{pod.name}")
+            elif container.restart_at is not None:
+                problems[uid] = "the engine is restarting (its process was killed)"
                 continue
             key = (pod.namespace, pod.service)
             if key not in self.sim.services:
@@ -257,6 +285,15 @@ class FleetServer:
             if (wanted is None or wanted.ip != current.pod.ip or current.service is not self.sim.services.get(
                     (wanted.namespace, wanted.service)) or current.port != current.service.spec.engine.port):
                 await self._stop_pod(uid)
+        await self._serve_new(desired, problems)
+        for uid, reason in problems.items():
+            if self.problems.get(uid) != reason and uid in self.observed:
+                log.warning("pod %s/%s: %s", self.observed[uid].namespace, self.observed[uid].name, reason)
+        self.problems = problems
+        self._write_targets()
+
+    async def _serve_new(self, desired: dict[str, PodObservation], problems: dict[str, str]) -> None:
+        """Starts an engine at every desired pod's address that has none yet (its problem noted if it cannot)."""
         assert self._pod_runner is not None
         for uid, pod in sorted(desired.items(), key=lambda item: (item[1].namespace, item[1].name)):
             if uid in self.sim.pods:
@@ -277,11 +314,137 @@ class FleetServer:
             self.by_address[sim_pod.key] = sim_pod
             log.info("serving %s (%s, %s) at http://%s:%d", sim_pod.ref, pod.role, sim_pod.engine.config.kind,
                      pod.ip, sim_pod.port)
-        for uid, reason in problems.items():
-            if self.problems.get(uid) != reason and uid in self.observed:
-                log.warning("pod %s/%s: %s", self.observed[uid].namespace, self.observed[uid].name, reason)
-        self.problems = problems
-        self._write_targets()
+            self._started(uid, pod)
+
+    # -- the kubelet (kubelet.py): finalizer, termination, restarts, readiness
+
+    def _in_background(self, call: Callable[..., Any], *args: Any) -> None:
+        """An API write in a thread, not awaited (its outcome is logged)."""
+        task = asyncio.create_task(asyncio.to_thread(call, *args))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _started(self, uid: str, pod: PodObservation) -> None:
+        """An engine process started on the pod: the finalizer that keeps the pod until it exits, and Ready
+        again after a restart."""
+        container = self.containers.setdefault(uid, Container(uid))
+        if self.pod_api is None:
+            return
+        if FINALIZER not in pod.finalizers and not container.finalized:
+            container.finalized = True
+            self._in_background(self.pod_api.add_finalizer, pod.namespace, pod.name)
+        if container.restarts or container.ready is False:
+            container.ready = True
+            self._in_background(self.pod_api.set_ready, pod.namespace, pod.name, True,
+                                pod.restart_count + container.restarts, "", "")
+
+    def _exit(self, uid: str) -> None:
+        """The container is gone for good: the lab's finalizer comes off (kwok then removes the pod)."""
+        container = self.containers.setdefault(uid, Container(uid))
+        container.exited = True
+        pod = self.observed.get(uid)
+        if pod is not None and self.pod_api is not None and (FINALIZER in pod.finalizers or container.finalized):
+            self._in_background(self.pod_api.remove_finalizer, pod.namespace, pod.name)
+
+    def _busy(self, served: SimPod) -> bool:
+        """Whether an engine still works on something SIGTERM waits for (SGLang's prefill: rooms it prefilled
+        whose decode has not taken the KV yet)."""
+        if served.engine.in_flight():
+            return True
+        uid = served.pod.uid
+        return served.engine.config.kind == "sglang" and any(r.prefill_uid == uid for r in self.sim.rooms.values())
+
+    async def _terminate(self, uid: str) -> None:
+        """A deleted pod's container: preStop hook, SIGTERM (the engine's shutdown), then the process exits
+        when done or is killed at the grace period's end."""
+        loop = asyncio.get_running_loop()
+        pod = self.observed[uid]
+        container = self.containers[uid]
+        remaining = max(0.0, pod.deadline - time.time()) if pod.deadline is not None else pod.grace_s
+        deadline = loop.time() + remaining
+        hook = "none" if pod.prestop is None else (" ".join(pod.prestop.command)[:80] or f"sleep {pod.prestop.sleep_s}")
+        log.info("%s/%s: deleted, %.0f s of grace: preStop %s", pod.namespace, pod.name, remaining, hook)
+        try:
+            if pod.prestop is not None:
+                container.hook = await run_hook(pod.prestop, pod, deadline - loop.time())
+                log.info("%s/%s: preStop hook done: %s", pod.namespace, pod.name,
+                         {k: v for k, v in container.hook.items() if k != "output"})
+            served = self.sim.pods.get(uid)
+            if served is not None:
+                engine = served.engine
+                engine.shutdown()
+                timeout = engine.shutdown_timeout
+                end = deadline if timeout is None else min(deadline, loop.time() + timeout)
+                while loop.time() < end and self._busy(served):
+                    await asyncio.sleep(TICK_S)
+                left = engine.in_flight()
+                why = "killed at the grace period's end" if loop.time() >= deadline else "its shutdown timeout"
+                log.info("%s/%s: SIGTERM: %s", pod.namespace, pod.name,
+                         f"{left} requests still in flight are lost ({why})" if left else "exited, nothing in flight")
+            await self._stop_pod(uid)
+        finally:
+            self._exit(uid)
+
+    async def kill(self, uid: str, reason: str) -> None:
+        """The engine process dies (SIGKILL, a crash): in-flight requests are lost; the kubelet restarts it in
+        place after `restart_s`, unless the pod is being deleted."""
+        container = self.containers.setdefault(uid, Container(uid))
+        pod = self.observed.get(uid)
+        if container.exited or pod is None:
+            return
+        log.warning("%s/%s: the engine process died (%s)", pod.namespace, pod.name, reason)
+        await self._stop_pod(uid)
+        if container.terminating is not None or pod.deleting:
+            if container.terminating is not None:
+                container.terminating.cancel()
+            self._exit(uid)
+            return
+        container.restarts += 1
+        container.restart_at = asyncio.get_running_loop().time() + self.restart_s
+        container.ready = False
+        if self.pod_api is not None:
+            self._in_background(self.pod_api.set_ready, pod.namespace, pod.name, False,
+                                pod.restart_count + container.restarts, "ContainerRestarting", reason)
+
+    def _kubelet_tick(self) -> None:
+        """Crashes to kill, restarts that are due, and the readiness probe of unhealthy engines."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for uid, reason in list(self.sim.crashed.items()):
+            del self.sim.crashed[uid]
+            task = asyncio.create_task(self.kill(uid, reason))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        due = [c for c in self.containers.values() if c.restart_at is not None and c.restart_at <= now]
+        for waiting in due:
+            waiting.restart_at = None
+        if due:
+            restart = asyncio.create_task(self.reconcile())
+            self._background.add(restart)
+            restart.add_done_callback(self._background.discard)
+        if self.pod_api is None:
+            return
+        for uid, served in self.sim.pods.items():
+            container = self.containers.get(uid)
+            if container is None or container.terminating is not None or now < container.next_probe:
+                continue
+            probe = served.pod.readiness
+            container.next_probe = now + probe.period_s
+            healthy = served.fault is None and not served.engine.draining
+            if healthy:
+                container.probe_failures, container.probe_successes = 0, container.probe_successes + 1
+            else:
+                container.probe_failures, container.probe_successes = container.probe_failures + 1, 0
+            pod = served.pod
+            if not healthy and container.probe_failures >= probe.failure_threshold and container.ready is not False:
+                container.ready = False
+                self._in_background(self.pod_api.set_ready, pod.namespace, pod.name, False,
+                                    pod.restart_count + container.restarts, "ReadinessProbeFailed",
+                                    "Readiness probe failed: HTTP probe failed with statuscode: 503")
+            elif healthy and container.ready is False and container.probe_successes >= probe.success_threshold:
+                container.ready = True
+                self._in_background(self.pod_api.set_ready, pod.namespace, pod.name, True,
+                                    pod.restart_count + container.restarts, "", "")
 
     def _write_targets(self, final: bool = False) -> None:
         if self.targets_file is None:
@@ -337,7 +500,7 @@ class FleetServer:
         pod = self._pod_of(request)
         if pod is None:
             return self._gone(request)
-        return web.Response(status=503 if pod.fault == "unhealthy" else 200)
+        return web.Response(status=503 if pod.fault == "unhealthy" or pod.engine.draining else 200)
 
     async def _version(self, request: web.Request) -> web.Response:
         pod = self._pod_of(request)
@@ -407,6 +570,8 @@ class FleetServer:
         kind = pod.engine.config.kind
         if pod.fault == "unhealthy":
             return self._error(kind, 503, "the engine is unhealthy")
+        if pod.engine.draining:
+            return self._error(kind, 503, "the server is shutting down")
         try:
             generation = parse_generation(await request.json(), api)
         except (ValueError, json.JSONDecodeError) as error:
@@ -471,6 +636,8 @@ class FleetServer:
             params = generation.kv_transfer_params
             if params and params.get("do_remote_prefill"):
                 reason = self.sim.claim_kv(pod, params, live, now)
+                if pod.pod.uid in self.sim.crashed:  # the process died under this request
+                    return self._error(kind, 500, reason or "the engine crashed")
                 if reason is not None:
                     engine.stats.kv_failed += 1
                     if engine.failure_policy != "recompute":
@@ -496,7 +663,9 @@ class FleetServer:
             item = await self._next(listener)
             if item[0] == "failed":
                 if response is None:
-                    return self._error(kind, int(item[1]), str(item[2]))
+                    failure = self._error(kind, int(item[1]), str(item[2]))
+                    failure.headers.update(self._decode_headers(pod, live, stream=False))
+                    return failure
                 await response.write(Reply.event(error_body(kind, int(item[1]), str(item[2]))) + Reply.event("[DONE]"))
                 await response.write_eof()
                 return response
@@ -613,6 +782,10 @@ class FleetServer:
         if uid is None:
             return web.json_response({"error": f"no engine pod {namespace}/{name} is observed"}, status=404)
         served = self.sim.pods.get(uid)
+        if fault == "kill":
+            await self.kill(uid, "killed (SIGKILL) through the control API")
+            log.info("fault of %s/%s: killed", namespace, name)
+            return web.json_response({"pod": f"{namespace}/{name}", "fault": fault, "applied_at_unix": time.time()})
         if fault == "down":
             self.down.add(uid)
         else:
@@ -659,6 +832,7 @@ class FleetServer:
         last_retry = loop.time()
         while not self._stop.is_set():
             self.sim.tick(self.now(), ahead=TICK_S)
+            self._kubelet_tick()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=TICK_S)
             if self.problems and loop.time() - last_retry > 5.0:  # e.g. an address that was still in use
@@ -682,6 +856,8 @@ class FleetServer:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         self.client().close()  # fail fast: kubeconfig readable, API server on loopback
+        if self.pod_api is None:
+            self.pod_api = PodApi(self.client)
         await self.start_http()
         post = self._post(loop)
         scopes: list[str | None] = list(self.namespaces) if self.namespaces else [None]
@@ -722,12 +898,28 @@ class FleetServer:
         log.info("control API on http://%s:%d (GET /state, GET /load, PUT /load/NS/NAME, PUT /fault/NS/POD)",
                  self.control_host, self.control_port)
 
+    async def _release_finalizers(self) -> None:
+        """The fleet stops: its finalizers come off every pod (their engines stop with the fleet), so that
+        nothing waits on a lab that is gone."""
+        api = self.pod_api
+        if api is None:
+            return
+        held = [p for uid, p in self.observed.items()
+                if FINALIZER in p.finalizers or (uid in self.containers and self.containers[uid].finalized)]
+        if held:
+            await asyncio.gather(*(asyncio.to_thread(api.remove_finalizer, p.namespace, p.name) for p in held),
+                                 return_exceptions=True)
+
     async def shutdown(self) -> None:
         """Stops every pod's site, takes our targets out of the targets file, closes the servers."""
+        for container in self.containers.values():
+            if container.terminating is not None:
+                container.terminating.cancel()
         for uid in list(self.sim.pods):
             await self._stop_pod(uid)
         for uid in list(self.sites):
             await self._stop_pod(uid)
+        await self._release_finalizers()
         self._write_targets(final=True)
         if self._pod_runner is not None:
             await self._pod_runner.cleanup()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
 @dataclass
@@ -42,6 +42,12 @@ class OperatorMetrics:
         self.prometheus_query_seconds = Histogram(
             "disagg_prometheus_query_duration_seconds", "Latency of one PromQL query", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.kv_transfer_ready = Gauge(
+            "disagg_kv_transfer_ready",
+            "1 while a service's decode workers receive their prompts' KV from prefill, 0 while they recompute "
+            "prompts or KV transfers fail (from the engines' counters; absent without traffic)",
+            ["namespace", "service"], registry=r,
         )
         self.prometheus_query_failures = Counter(
             "disagg_prometheus_query_failures_total", "PromQL queries that failed", registry=r

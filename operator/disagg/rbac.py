@@ -1,7 +1,8 @@
 """The permissions the operator needs, as one list both `disagg rbac` and the Helm chart print.
 
-Least privilege: the kinds it manages, read access to pods (for scheduling status; the routers it
-creates are granted the same, and RBAC only lets a subject grant what it holds), events, and the
+Least privilege: the kinds it manages, pods (read, for scheduling status: the routers it creates are
+granted list and watch, and RBAC only lets a subject grant what it holds; patch and delete, for the
+deletion cost of a scale-down and to replace a restarted engine or a stuck router), events, and the
 InferenceServices themselves. tests/packaging/test_chart.py checks the chart's rules equal these.
 """
 
@@ -24,7 +25,10 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": MANAGE},
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": MANAGE},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": MANAGE},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": READ},
+    # pods: read for scheduling status; patch for the scale-down's pod-deletion-cost; delete to replace an
+    # engine restarted in place (its peers would break on its new identity) and a router that keeps a
+    # recovered worker out
+    {"apiGroups": [""], "resources": ["pods"], "verbs": [*READ, "patch", "delete"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch", "update"]},
     # kopf discovers resources and, with peering, coordinates replicas through its peering objects
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},

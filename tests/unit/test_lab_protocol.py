@@ -4,100 +4,27 @@ take the engine model's time (no cluster: pods are handed to the fleet server di
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
-import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from disagg.catalog.accelerators import load_catalog
 from disagg.sim.engine import DecodePool, PrefillReplica
 from disagg_lab.engines import DecodeEngine, FleetSim, PrefillEngine
-from disagg_lab.kube import Event, PodObservation, ServiceObservation
 from disagg_lab.protocol import DECODE_POD_HEADER, KV_HEADER, PREFILL_POD_HEADER
-from disagg_lab.server import FleetServer
-from support.paths import REPO, free_port
-
-VLLM = yaml.safe_load((REPO / "examples" / "01-vllm-nixl-llama70b.yaml").read_text())
-SGLANG = next(d for d in yaml.safe_load_all((REPO / "examples" / "02-sglang-mooncake.yaml").read_text())
-              if d and d.get("kind") == "InferenceService")
-RECOMPUTE = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_consumer",
-                        "kv_load_failure_policy": "recompute"})
-
-
-
-
-def pod(service: str, role: str, ip: str, *, args: tuple[str, ...] = (), env: tuple[tuple[str, str], ...] = ()
-        ) -> PodObservation:
-    name = f"{service}-{role}-{ip.rsplit('.', 1)[1]}"
-    return PodObservation(uid=name, namespace="ns", name=name, service=service, role=role,  # type: ignore[arg-type]
-                          ip=ip, ready=True, args=args, env=env)
-
-
-@dataclass
-class Lab:
-    server: FleetServer
-    sim: FleetSim
-    port: int
-    control: int
-    http: aiohttp.ClientSession
-
-    def url(self, ip: str, path: str) -> str:
-        return f"http://{ip}:{self.port}{path}"
-
-    def engine(self, name: str) -> Any:
-        (found,) = [p.engine for p in self.sim.pods.values() if p.pod.name == name]
-        return found
-
-
-@contextlib.asynccontextmanager
-async def lab(services: dict[str, dict[str, Any]], pods: list[PodObservation], tmp_path: Path) -> AsyncIterator[Lab]:
-    port, control = free_port(), free_port()
-    sim = FleetSim(load_catalog(), seed=0)
-    server = FleetServer(sim, namespaces=["ns"], kubeconfig=None, targets_file=None, control_port=control,
-                         models_dir=tmp_path / "models")
-    await server.start_http()
-    specs = []
-    for name, example in services.items():
-        spec = copy.deepcopy(example["spec"])
-        spec["engine"]["port"] = port
-        specs.append(ServiceObservation("ns", name, spec))
-    server.apply(Event("services", "SYNC", "ns", tuple(specs)))
-    server.apply(Event("pods", "SYNC", "ns", tuple(pods)))
-    await server.reconcile()
-    assert not server.problems, server.problems
-    ticker = asyncio.create_task(server._ticker())
-    try:
-        async with aiohttp.ClientSession() as http:
-            yield Lab(server, sim, port, control, http)
-    finally:
-        server.stop()
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-        await server.shutdown()
-
-
-async def sse(response: aiohttp.ClientResponse) -> tuple[list[dict[str, Any]], list[float]]:
-    """The events of a stream (until [DONE]) and when each arrived."""
-    events: list[dict[str, Any]] = []
-    times: list[float] = []
-    async for raw in response.content:
-        line = raw.decode().strip()
-        if not line.startswith("data: "):
-            continue
-        if line == "data: [DONE]":
-            break
-        events.append(json.loads(line.removeprefix("data: ")))
-        times.append(time.monotonic())
-    return events, times
+from support.lab_engines import (
+    PRODUCER,
+    RECOMPUTE,
+    SGLANG,
+    VLLM,
+    lab,
+    pod,
+    sse,
+)
 
 
 def test_the_engines_step_the_simulators_engine_model() -> None:
@@ -111,9 +38,10 @@ def test_the_engines_step_the_simulators_engine_model() -> None:
 
 async def test_vllm_pd_hand_off_is_pulled_once_and_otherwise_recomputed(tmp_path: Path) -> None:
     model = VLLM["spec"]["model"]["name"]
-    pods = [pod("a", "prefill", "127.100.250.1"), pod("a", "decode", "127.100.250.2", args=("--kv-transfer-config",
-            RECOMPUTE)), pod("a", "decode", "127.100.250.3"), pod("b", "decode", "127.100.250.4",
-            args=("--kv-transfer-config", RECOMPUTE))]
+    pods = [pod("a", "prefill", "127.100.250.1", args=("--kv-transfer-config", PRODUCER)),
+            pod("a", "decode", "127.100.250.2", args=("--kv-transfer-config", RECOMPUTE)),
+            pod("a", "decode", "127.100.250.3", args=("--kv-transfer-config", PRODUCER.replace("prod", "cons"))),
+            pod("b", "decode", "127.100.250.4", args=("--kv-transfer-config", RECOMPUTE))]
     async with lab({"a": VLLM, "b": VLLM}, pods, tmp_path) as env:
         prompt = " ".join(["word"] * 2000)
         leg = {"model": model, "prompt": prompt, "max_tokens": 1, "stream": False,
@@ -225,3 +153,19 @@ async def test_faults_make_an_engine_unhealthy_or_take_it_down(tmp_path: Path) -
             assert resp.status == 200
         async with env.http.put(control, json={"fault": "melted"}) as resp:
             assert resp.status == 400
+
+
+def test_an_edit_that_leaves_the_engines_as_they_are_keeps_them_running() -> None:
+    sim = FleetSim(load_catalog(), seed=0)
+    assert sim.upsert_service("ns", "a", VLLM["spec"]) is None
+    decode = sim.add_pod(pod("a", "decode", "127.100.250.2"))
+    resized = copy.deepcopy(VLLM["spec"])
+    resized["decode"]["replicas"] = 7
+    resized["decode"]["image"] = "vllm/vllm-openai:v0.33.0"
+    resized["router"] = {"replicas": 3}
+    assert sim.upsert_service("ns", "a", resized) is None
+    assert sim.pods.get(decode.pod.uid) is decode  # a real engine does not see the InferenceService
+    other_model = copy.deepcopy(resized)
+    other_model["model"]["name"] = "another/model"
+    assert sim.upsert_service("ns", "a", other_model) is None
+    assert decode.pod.uid not in sim.pods  # the engines are made again from the new spec

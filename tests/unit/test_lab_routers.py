@@ -14,7 +14,8 @@ from kubernetes import client as kclient
 
 from disagg.catalog.accelerators import DEFAULT_CATALOG
 from disagg.render import render_service
-from disagg_lab.routers import ROUTER_PACKAGES, Probe, container_argv, container_env, expand, router_package
+from disagg_lab.podspec import container_env, expand
+from disagg_lab.routers import ROUTER_PACKAGES, Probe, container_argv, router_package
 from support.paths import REPO
 
 

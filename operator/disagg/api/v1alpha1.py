@@ -491,6 +491,18 @@ class SLOSpec(CRDModel):
     """Percentile at which the targets must hold."""
 
 
+class DrainSpec(CRDModel):
+    """How a worker leaves (scale-down, rollout, node drain, eviction): it leaves the routers' rotation, finishes
+    what it holds within a bound, then exits. The bound of a decode worker is the time to first token plus the
+    longest allowed output at the inter-token target (`slo`); of a prefill worker, ten times the time to first
+    token plus the time its decodes take to pull the KV caches it holds."""
+
+    max_output_tokens: int = Field(default=2048, ge=1, le=1_000_000)
+    """The longest output a request may ask for (what decode drains for at slo.itlMs a token)."""
+    timeout_seconds: int | None = Field(default=None, ge=1, le=86_400)
+    """Bound of the drain of both pools, instead of the one derived from the SLO and maxOutputTokens."""
+
+
 class AcceleratorRequest(CRDModel):
     """The accelerators one pod of the pool gets: a catalogue type, or an explicit resource and nodes."""
 
@@ -869,6 +881,8 @@ class InferenceServiceSpec(CRDModel):
     """The request router and the service's endpoint."""
     slo: SLOSpec = Field(default_factory=SLOSpec)
     """Latency targets."""
+    drain: DrainSpec = Field(default_factory=DrainSpec)
+    """How long a leaving worker may take to finish its requests."""
     network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
     """Who may reach the engines (the router, the KV peers and the metrics scrapers)."""
     accelerator_budget: int | None = Field(default=None, ge=1, le=100_000)

@@ -163,7 +163,7 @@ OWNED_FLAGS: dict[str, dict[str, str]] = {
     "vllm": {
         "--host": "--ho", "--port": "--por", "--served-model-name": "--ser",
         "--tensor-parallel-size": "--te", "-tp": "-t", "--kv-transfer-config": "--kv-t",
-        "--model": "--model", "--revision": "--rev",
+        "--model": "--model", "--revision": "--rev", "--shutdown-timeout": "--shu",
     },
     "sglang": {
         "--host": "--ho", "--port": "--po", "--served-model-name": "--se",

@@ -291,6 +291,17 @@ class Kube:
         )
         return result
 
+    def annotate(self, kind: Kind, namespace: str, name: str, annotations: dict[str, str | None],
+                 uid: str | None = None) -> dict[str, Any]:
+        """Merge-patches annotations of one object (None removes one); with `uid`, only the object of that uid
+        (the API server refuses the patch of a replaced object)."""
+        metadata: dict[str, Any] = {"annotations": annotations}
+        if uid is not None:
+            metadata["uid"] = uid
+        result: dict[str, Any] = self.request("PATCH", kind.path(namespace, name), body={"metadata": metadata},
+                                              content_type="application/merge-patch+json")
+        return result
+
     def scale(
         self, namespace: str, name: str, replicas: int, field_manager: str, kind: Kind = DEPLOYMENT,
         uid: str | None = None,

@@ -516,9 +516,12 @@ def _observe(
         else:
             ctx._pods_checked.pop((namespace, f"{name}-{role}"), None)
     kv_present = all(("v1", "Service", kv_service_name(name, role)) in children for role in ROLES)
+    kv_from_traffic = next((c for c in old_status.get("conditions", []) or [] if c.get("type") == "KVTransferReady"),
+                           None)
     conditions = merge_conditions(
         old_status.get("conditions", []),
-        [*compute_conditions(deployments, troubles, kv_present), pod_security_condition(spec, RDMA_POD_SECURITY)],
+        [*compute_conditions(deployments, troubles, kv_present, kv_from_traffic),
+         pod_security_condition(spec, RDMA_POD_SECURITY)],
         meta.get("generation"),
         now,
     )

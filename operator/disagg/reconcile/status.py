@@ -9,6 +9,12 @@ from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.wellknown import ROLES
 
 CONDITION_TYPES = ("Ready", "PrefillReady", "DecodeReady", "RouterReady", "KVTransferReady")
+KV_FROM_TRAFFIC = ("Transferring", "KVTransferDegraded")
+"""KVTransferReady reasons the autoscaling loop sets from the engines' counters (`kv_traffic_condition`);
+reconcile keeps them while the structure (Services, a ready worker per pool) holds."""
+RECOMPUTED_SHARE = 0.1
+"""Above this share of the decode's prompt tokens computed locally, the KV path is degraded (a working
+hand-off leaves at most the last token or block to the decode)."""
 
 
 @dataclass(frozen=True)
@@ -87,12 +93,30 @@ def pool_condition(
     return Cond(ctype, "False", "ReplicasNotReady", f"{ready}/{desired} replicas ready")
 
 
+def kv_traffic_condition(handed_off: float, recomputed: float, failed: float) -> Cond | None:
+    """KVTransferReady from the decode workers' counters over the rate window (per second); None without
+    traffic (nothing to judge: the structural condition stands)."""
+    if handed_off <= 0 and recomputed <= 0 and failed <= 0:
+        return None
+    share = recomputed / (handed_off + recomputed) if handed_off + recomputed > 0 else 0.0
+    if failed > 0 or share > RECOMPUTED_SHARE:
+        return Cond("KVTransferReady", "False", "KVTransferDegraded",
+                    f"decode recomputes {share:.0%} of prompt tokens, {failed:.3g} failed KV transfers/s: prefill "
+                    "work is done twice (check the KV-transfer Services, the connector and both pools' revisions)")
+    return Cond("KVTransferReady", "True", "Transferring",
+                f"decode receives the KV of its prompts from prefill ({handed_off:.3g}/s, {share:.0%} recomputed)")
+
+
 def compute_conditions(
     deployments: dict[str, dict[str, Any] | None],
     troubles: dict[str, PodTrouble | None],
     kv_services_present: bool,
+    kv_from_traffic: dict[str, Any] | None = None,
 ) -> list[Cond]:
-    """Conditions from the children: one per pool, the router, the KV path, and Ready over all."""
+    """Conditions from the children: one per pool, the router, the KV path, and Ready over all.
+
+    `kv_from_traffic` is the KVTransferReady the autoscaling loop last set from traffic: it stands while the
+    structure holds. A degraded KV path still serves: Ready stays True and says so."""
     prefill = pool_condition("Prefill", deployments.get("prefill"), troubles.get("prefill"))
     decode = pool_condition("Decode", deployments.get("decode"), troubles.get("decode"))
     router = pool_condition("Router", deployments.get("router"), troubles.get("router"))
@@ -100,16 +124,21 @@ def compute_conditions(
     _, decode_ready, _, _ = deployment_counts(deployments.get("decode"))
     if not kv_services_present:
         kv = Cond("KVTransferReady", "False", "ServicesMissing", "the KV-transfer Services do not exist yet")
+    elif prefill_ready and decode_ready and kv_from_traffic and kv_from_traffic.get("reason") in KV_FROM_TRAFFIC:
+        kv = Cond("KVTransferReady", str(kv_from_traffic.get("status")), str(kv_from_traffic.get("reason")),
+                  str(kv_from_traffic.get("message", "")))
     elif prefill_ready and decode_ready:
         kv = Cond("KVTransferReady", "True", "PeersReady",
                   f"{prefill_ready} prefill and {decode_ready} decode workers ready to exchange KV")
     else:
         kv = Cond("KVTransferReady", "False", "NoPeers", "KV transfer needs at least one ready worker per pool")
     parts = [prefill, decode, router, kv]
-    failing = [c for c in parts if c.status != "True"]
+    failing = [c for c in parts if c.status != "True" and c.reason != "KVTransferDegraded"]
     if failing:
         first = failing[0]
         ready = Cond("Ready", "False", first.reason, "; ".join(f"{c.type}: {c.message}" for c in failing))
+    elif kv.status != "True":
+        ready = Cond("Ready", "True", "Serving", f"serving, but the KV path is degraded: {kv.message}")
     else:
         ready = Cond("Ready", "True", "Serving", "prefill, decode, router and KV transfer are ready")
     return [ready, *parts]

@@ -15,6 +15,7 @@ from disagg.api.v1alpha1 import CHILD_SEPARATOR, InferenceServiceSpec, NetworkPo
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.catalog.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port, vllm_kv_transfer_config
 from disagg.render import multinode
+from disagg.render.drain import ROUTER_DEREGISTER_S, pool_drain, router_grace_seconds
 from disagg.wellknown import (
     LWS_WORKER_INDEX_LABEL,
     MANAGED_BY,
@@ -163,6 +164,8 @@ class Pool:
     pod_security: str
     """The Pod Security level the pods meet and why (an annotation: the rendered object's comment)."""
     termination_grace_s: int
+    prestop: list[str]
+    """The engine container's preStop command: wait for the routers, then for the requests in flight."""
     group: multinode.Group | None = None
     """A worker over several nodes: the LeaderWorkerSet group's leader and workers (None: a Deployment)."""
 
@@ -263,6 +266,7 @@ def _engine_command(
             if tiers.disk is not None:
                 args += ["--hicache-storage-backend", "file"]
                 env += [{"name": "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "value": KV_DISK_DIR}]
+    args += pool_drain(spec, role).engine_args
     args += list(engine.extra_args) + list(pool.extra_args)
     env += [var.manifest() for var in engine.env]
     return command, args, env
@@ -305,6 +309,7 @@ def pool_values(
     # bootstrap servers); SGLang's decode side opens no listening KV port of its own.
     kv_ports = [] if spec.engine.kind == "sglang" and role == "decode" else [port_kv]
     command, args, env = _engine_command(spec, role, source, port_kv)
+    drain = pool_drain(spec, role)
     group = multinode.group(spec, pool, command, args, env) if pool.multi_node else None
     ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
     ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]
@@ -354,8 +359,9 @@ def pool_values(
         mounts=mounts,
         annotations=annotations,
         **_pod_security(spec),
-        # decode holds live sequences: give in-flight requests time to finish before the kill
-        termination_grace_s=120 if role == "decode" else 30,
+        # a leaving worker finishes what it holds first (render/drain.py)
+        termination_grace_s=drain.grace_s,
+        prestop=drain.prestop,
         group=group,
     )
 
@@ -400,6 +406,10 @@ class Router:
     liveness_path: str
     """Alive while the process answers (vllm-router /liveness, sglang-router /health): a worker going
     down must not restart the router nor take it out of its Service."""
+    grace_s: int
+    """terminationGracePeriodSeconds: the preStop sleep, then the longest request's stream."""
+    prestop_sleep_s: int
+    """The preStop hook's sleep: clients stop picking the endpoint before the router stops accepting."""
     metrics_service: str
     """Headless Service `<name>--metrics` (was `<name>-metrics`, and before that `<name>-router` with a
     cluster IP: the reconcile of a service made before creates the new one and deletes the old)."""
@@ -445,7 +455,9 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         liveness = "/liveness"
     else:
         command = ["python3", "-m", "sglang_router.launch_router"]
-        args = ["--pd-disaggregation", *common]
+        # its own bound on finishing streams after SIGTERM (default 180 s), inside the pod's grace period
+        args = ["--pd-disaggregation", *common, "--shutdown-grace-period-secs",
+                str(router_grace_seconds(spec) - ROUTER_DEREGISTER_S)]
         app = "sglang-router"
         liveness = "/health"
     return Router(
@@ -460,5 +472,7 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         metrics_port=ROUTER_METRICS_PORT,
         readiness_path="/readiness",
         liveness_path=liveness,
+        grace_s=router_grace_seconds(spec),
+        prestop_sleep_s=ROUTER_DEREGISTER_S,
         metrics_service=part_name(owner.name, "metrics"),
     )

@@ -11,6 +11,7 @@ from disagg.kube.client import Kube
 from disagg.kube.events import EventRecorder
 from disagg.kube.peering import PeeringCheck
 from disagg.metrics import OperatorMetrics
+from disagg.reconcile.victims import VictimMarker
 from disagg.scaling.loop import Autoscaler, AutoscalerThread, Index
 from disagg.scaling.policy import PolicySettings
 from disagg.scaling.prometheus import PrometheusSource
@@ -81,7 +82,9 @@ class AutoscalerLoop:
             lock_for=lock_for,
             ready=ready,
             is_active=is_active,
+            victims=VictimMarker(kube, self.source.query) if self.source is not None else None,
             on_scale=lambda role, direction: metrics.scaling_decisions.labels(role=role, direction=direction).inc(),
+            on_kv_path=lambda namespace, name, ok: metrics.kv_transfer_ready.labels(namespace, name).set(int(ok)),
         )
         self.thread = AutoscalerThread(
             self.autoscaler, settings.autoscale_tick_s,

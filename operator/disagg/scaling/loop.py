@@ -24,7 +24,8 @@ from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, DEPLOYMENT, LEADER_WORKER_SET, ApiError, Kube
-from disagg.reconcile.status import Cond, merge_conditions
+from disagg.reconcile.status import KV_FROM_TRAFFIC, Cond, kv_traffic_condition, merge_conditions
+from disagg.reconcile.victims import VictimMarker
 from disagg.scaling.policy import LoadPicture, PolicySettings, PolicyState, PoolDecision, decide
 from disagg.scaling.prometheus import PrometheusSource, PrometheusUnavailable
 from disagg.scaling.signals import Observations
@@ -113,12 +114,16 @@ class Autoscaler:
     index: Index
     lock_for: Callable[[str, str], threading.Lock]
     on_scale: Callable[[str, str], None] = lambda role, direction: None
+    on_kv_path: Callable[[str, str, bool], None] = lambda namespace, name, ok: None
+    """Called each tick with a service's KV-path verdict from traffic (operator metrics)."""
     clock: Callable[[], float] = time.time
     is_active: Callable[[], bool] = lambda: True
     """False while another operator of the peering group is the active one."""
     ready: Callable[[], bool] = lambda: True
     """False until the watch caches have their first listing: a pool missing from a partial cache
     would read as not created yet."""
+    victims: VictimMarker | None = None
+    """Chooses which pods a scale-down removes (their deletion cost), from their load in Prometheus."""
     scrape_interval_s: float | None = None
     """How often the engines are scraped as the operator was told (`--scrape-interval`): the rate window
     spans one interval less. A service whose engines are scraped at another interval gets a Warning."""
@@ -129,7 +134,8 @@ class Autoscaler:
     """Services whose engines were scraped at another interval than `scrape_interval_s`: for how many
     ticks in a row (a missed scrape doubles one interval; three ticks are a setting, and warned once)."""
 
-    def _autoscaled(self) -> list[tuple[ServiceKey, dict[str, Any], InferenceServiceSpec]]:
+    def _valid(self) -> list[tuple[ServiceKey, dict[str, Any], InferenceServiceSpec]]:
+        """Every service with a valid spec (the KV path is checked for all; the autoscaled ones are scaled)."""
         found = []
         for key, body in list(self.index.services.items()):
             if body.get("metadata", {}).get("deletionTimestamp"):
@@ -138,8 +144,7 @@ class Autoscaler:
                 spec = validate_service(body, self.catalog)
             except (InvalidSpec, ValidationError):
                 continue  # reconcile reports InvalidSpec and leaves the pools as they are; so does this
-            if any(getattr(spec, role).autoscaling is not None for role in ROLES):
-                found.append((key, body, spec))
+            found.append((key, body, spec))
         return found
 
     def tick(self) -> TickReport:
@@ -147,19 +152,52 @@ class Autoscaler:
         report = TickReport()
         if not self.ready() or not self.is_active():
             return report
-        services = self._autoscaled()
+        valid = self._valid()
+        services = [(key, body, spec) for key, body, spec in valid
+                    if any(getattr(spec, role).autoscaling is not None for role in ROLES)]
         live = {key for key, _, _ in services}
         for gone in [key for key in self.states if key not in live]:
             del self.states[gone]
         for gone in [key for key in self._misscraped if key not in live]:
             del self._misscraped[gone]
-        if not services:
+        if not valid:
             return report
         observations = self._observe(report)
         now = self.clock()
         for key, body, spec in services:
             self._autoscale(key, body, spec, observations, report, now)
+        if observations is not None:
+            for key, _, _ in valid:
+                self._check_kv_path(key, observations, now)
         return report
+
+    def _check_kv_path(self, key: ServiceKey, observations: Observations, now: float) -> None:
+        """KVTransferReady from the decode workers' counters: set here when the traffic's verdict changes, kept
+        by reconcile while the Services and a ready worker per pool are there (it sets the structural one)."""
+        traffic = observations.kv_traffic(*key)
+        cond = None if traffic is None else kv_traffic_condition(traffic.handed_off, traffic.recomputed,
+                                                                 traffic.failed)
+        if cond is None:
+            return  # no traffic: nothing to judge
+        self.on_kv_path(key[0], key[1], cond.status == "True")
+        with self.lock_for(*key):
+            body = self.index.services.get(key)
+            if body is None:
+                return
+            conditions = (body.get("status") or {}).get("conditions", []) or []
+            current = next((c for c in conditions if c.get("type") == "KVTransferReady"), None)
+            # only over the structural verdict that the KV path can work (reconcile's PeersReady) or our own
+            if current is None or current.get("reason") not in ("PeersReady", *KV_FROM_TRAFFIC):
+                return
+            if (current.get("status"), current.get("reason")) == (cond.status, cond.reason):
+                return
+            merged = merge_conditions(conditions, [cond], body["metadata"].get("generation"), _rfc3339(now))
+            written = self.kube.patch_status(key[0], key[1], {"conditions": merged})
+            if written:
+                self.index.remember(written)
+        log.info("KV path of %s/%s: %s (%s)", key[0], key[1], cond.reason, cond.message)
+        if cond.status == "False":
+            self.record_event(body, "Warning", cond.reason, cond.message)
 
     def _observe(self, report: TickReport) -> Observations | None:
         """This tick's query results, or None (with the reason in the report)."""
@@ -232,6 +270,11 @@ class Autoscaler:
             return pool_status
         # by whole groups for a LeaderWorkerSet; only the object this service owns
         kind = LEADER_WORKER_SET if getattr(spec, role).multi_node else DEPLOYMENT
+        if decision.desired < decision.current and kind is DEPLOYMENT and self.victims is not None:
+            chosen = self.victims.mark(namespace, name, role, f"disagg.dev/service={name},disagg.dev/role={role}",
+                                       decision.current - decision.desired)
+            log.info("scaling %s down: %s leave (fewest requests in flight, least KV)", deployment,
+                     ", ".join(chosen) or "the ReplicaSet controller's choice")
         self.kube.scale(namespace, deployment, decision.desired, AUTOSCALER_FIELD_MANAGER, kind,
                         uid=pool["metadata"]["uid"])
         self._actuated[(namespace, deployment)] = decision.desired

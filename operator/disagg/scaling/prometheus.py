@@ -44,6 +44,19 @@ class PrometheusSource:
         retry = Retry(total=1, backoff_factor=0.1, status_forcelist=(502, 503, 504), allowed_methods=("GET", "POST"))
         return PrometheusConnect(url=self.url, headers=headers, session=session, timeout=self.timeout_s, retry=retry)
 
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """One instant query outside the tick's set (e.g. a pool's per-pod load before a scale-down)."""
+        started = time.monotonic()
+        try:
+            result: list[dict[str, Any]] = self._client().custom_query(promql)
+        except (PrometheusApiClientException, requests.RequestException, ValueError) as error:
+            if self.on_query is not None:
+                self.on_query(time.monotonic() - started, False)
+            raise PrometheusUnavailable(f"query failed: {error}") from None
+        if self.on_query is not None:
+            self.on_query(time.monotonic() - started, True)
+        return result
+
     def observe(self) -> Observations:
         """Every query of the tick; PrometheusUnavailable if any fails (partial data is not trusted)."""
         client = self._client()

@@ -60,6 +60,26 @@ def prometheus_duration_seconds(text: str) -> float:
     return sum(int(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
+# The engines' own evidence of the KV path, counted on the decode side: vLLM counts prompt tokens by where
+# their KV came from (handed off by a prefill worker, or computed locally: the decode recomputed the prompt)
+# and its NIXL connector's failed transfers; SGLang times every transfer it received and counts the requests
+# whose transfer failed (it does not recompute).
+KV_HANDED = 'vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}'
+KV_HANDED_SGLANG = "sglang:kv_transfer_latency_ms_count"
+KV_RECOMPUTED = 'vllm:prompt_tokens_by_source_total{source="local_compute"}'
+KV_FAILED = "vllm:nixl_num_failed_transfers_total|sglang:num_transfer_failed_reqs_total"
+
+
+@dataclass(frozen=True)
+class KVTraffic:
+    """The KV path of one service over the rate window, from its decode workers' counters (per second; vLLM in
+    prompt tokens, SGLang in requests)."""
+
+    handed_off: float
+    recomputed: float
+    failed: float
+
+
 def _one(name: str) -> tuple[str]:
     return (name,)
 
@@ -111,6 +131,9 @@ class QuerySet:
             # prompt lengths: the requests too long for any replica count to serve within the TTFT target
             "prompt_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{prompt_lengths}"}}[{w}]))',
             "prefill_time": f"sum by ({BY}) (rate({prefill_sum}[{w}])) / sum by ({BY}) (rate({prefill_count}[{w}]))",
+            "kv_handed": f"sum by ({BY}) (rate({KV_HANDED}[{w}])) or sum by ({BY}) (rate({KV_HANDED_SGLANG}[{w}]))",
+            "kv_recomputed": f"sum by ({BY}) (rate({KV_RECOMPUTED}[{w}]))",
+            "kv_failed": f'sum by ({BY}) (rate({{__name__=~"{KV_FAILED}"}}[{w}]))',
             # the newest sample of any pod of the pool: older than the staleness limit = blind
             "sampled_at": f'max by ({BY}) (timestamp({{__name__=~"{running}"}}))',
         }
@@ -210,6 +233,14 @@ class Observations:
             mean_output_tokens=mean_output,
             prefill_time_s=get("prefill_time"),
         )
+
+    def kv_traffic(self, namespace: str, service: str) -> KVTraffic | None:
+        """What the service's decode workers say about the KV path; None when they report nothing."""
+        key = (namespace, service, "decode")
+        values = {name: self.scalars.get(name, {}).get(key) for name in ("kv_handed", "kv_recomputed", "kv_failed")}
+        if all(v is None for v in values.values()):
+            return None
+        return KVTraffic(values["kv_handed"] or 0.0, values["kv_recomputed"] or 0.0, values["kv_failed"] or 0.0)
 
     def picture(self, namespace: str, service: str, ready: dict[str, int], percentile: float) -> LoadPicture:
         return LoadPicture(

@@ -16,9 +16,10 @@ What is simulated (each replica from the roofline capacity model with the engine
   request's first token is emitted by its first decode step; its mean ITL is (finish - first token) /
   (output - 1). Requests that can never fit (longer than the model's context or a replica's KV cache)
   are rejected and count as SLO misses.
-- Replicas: a new replica costs money from the decision and serves after `startup_s`. Removed prefill
-  replicas stop receiving work and finish their queue; removed decode replicas (the ones with the fewest
-  sequences) stop admitting and finish their sequences. Both are billed until they are empty.
+- Replicas: a new replica costs money from the decision and serves after `startup_s`. A scale-down removes
+  the replicas the operator would (`disagg.scaling.victims`: not ready first, then the fewest requests in
+  flight, then the least KV held); removed prefill replicas stop receiving work and finish their queue,
+  removed decode replicas stop admitting and finish their sequences. Both are billed until they are empty.
 - Metrics: every `scrape_interval_s` a scrape records counters, gauges and histograms, as Prometheus would
   from the engines; the policy sees rates and histogram quantiles over `rate_window_s`, computed from
   scrapes at least `scrape_delay_s` old. Latency signals come from log-spaced histogram buckets.
@@ -56,6 +57,7 @@ from disagg.capacity.roofline import (
 )
 from disagg.catalog.accelerators import Accelerator
 from disagg.scaling.policy import LoadPicture, PoolSignals
+from disagg.scaling.victims import WorkerLoad, choose_victims
 from disagg.sim.traces import Workload
 
 FloatArray = npt.NDArray[np.float64]
@@ -481,6 +483,24 @@ class DecodePool:
     def free_kv(self, slot: int) -> float:
         return float(self.capacity - self.reserved[slot])
 
+    def scale_down(self, count: int) -> list[int]:
+        """Removes `count` replicas as the operator chooses them (scaling/victims.py): a starting one stops at
+        once, a ready one stops admitting and drains its sequences. The slots removed."""
+        slots = np.flatnonzero((self.state == self.STARTING) | (self.state == self.READY))
+        chosen = [int(name) for name in choose_victims([self.load(int(slot)) for slot in slots], count)]
+        for slot in chosen:
+            if self.state[slot] == self.STARTING or self.batch[slot] <= 0:
+                self.state[slot] = self.FREE
+            else:
+                self.state[slot] = self.DRAINING
+        return chosen
+
+    def load(self, slot: int) -> WorkerLoad:
+        """What the operator's scale-down choice reads of a replica (its engine's gauges)."""
+        kv = float(self.reserved[slot] / self.capacity) if self.capacity > 0 else 0.0
+        return WorkerLoad(str(slot), bool(self.state[slot] == self.READY), float(self.batch[slot]), kv,
+                          float(self.ready_at[slot]))
+
     def admit(self, slot: int, request: int, prompt: float, output: float) -> float:
         """Starts a sequence on `slot` (the caller checked `free_kv`); its step time right after joining,
         which is when its first token comes out."""
@@ -567,6 +587,13 @@ class DecodePool:
                 self.batch[slot] = self.sum_prompt[slot] = self.sum_start[slot] = 0.0
                 self.reserved[slot] = 0.0
         return active, steps_s, advance, tokens, finished
+
+
+def prefill_victims(replicas: list[PrefillReplica[K]], now: float, count: int) -> list[PrefillReplica[K]]:
+    """The prefill replicas a scale-down removes, as the operator chooses them (scaling/victims.py)."""
+    loads = [WorkerLoad(str(i), r.ready_at <= now, float(r.running + r.waiting), 0.0, r.ready_at)
+             for i, r in enumerate(replicas)]
+    return [replicas[int(name)] for name in choose_victims(loads, count)]
 
 
 def _per_prompt(formula: Callable[[float], float], prompts: FloatArray) -> FloatArray:
@@ -815,12 +842,8 @@ def simulate(
                         )
                     else:
                         surplus = current[role] - target
-                        # Not-yet-ready replicas go first (newest first), then the least busy drain.
-                        order = sorted(
-                            prefill_replicas,
-                            key=lambda r: (r.ready_at <= now, max(r.busy_until, now) + r.queued_work),
-                        )
-                        for replica in order[:surplus]:
+                        # the operator's choice (scaling/victims.py): not ready first, then the least busy
+                        for replica in prefill_victims(prefill_replicas, now, surplus):
                             prefill_replicas.remove(replica)
                             if replica.ready_at > now or (not replica.batch and not replica.queue):
                                 continue
@@ -834,17 +857,7 @@ def simulate(
                             decode.add(now, now + setup.startup_s)
                     else:
                         surplus = current[role] - target
-                        starting_slots = np.flatnonzero(decode.state == 1)
-                        starting_slots = starting_slots[np.argsort(-decode.ready_at[starting_slots])]
-                        for slot_value in starting_slots[:surplus]:
-                            decode.state[int(slot_value)] = 0
-                        surplus -= min(surplus, starting_slots.size)
-                        if surplus:
-                            ready_slots = np.flatnonzero(decode.state == 2)
-                            ready_slots = ready_slots[np.argsort(decode.batch[ready_slots], kind="stable")]
-                            for slot_value in ready_slots[:surplus]:
-                                slot = int(slot_value)
-                                decode.state[slot] = 3 if decode.batch[slot] > 0 else 0
+                        decode.scale_down(surplus)
                     if measuring:
                         max_replicas["decode"] = max(
                             max_replicas["decode"], int(np.count_nonzero((decode.state == 1) | (decode.state == 2)))

@@ -1,0 +1,278 @@
+"""e2e: planned events under steady streaming load lose no request, for both engines.
+
+One namespace holds `vllm` (examples/01: vLLM over NIXL) and `sglang` (examples/02: SGLang over Mooncake),
+each with one prefill worker, three decode workers and one router pod. This module's operator creates their
+children; `disagg-lab fleet` plays the engines and their pods' kubelet (finalizer, the preStop hook run for
+real, SIGTERM, SIGKILL at the grace period's end: lab/disagg_lab/kubelet.py), `disagg-lab routers` runs the
+real vllm-router and sglang-router of the router pods, and the `openai` client streams through the
+Service's ready endpoints.
+
+(a) both decode pools scaled down by two (spec.decode.replicas 3 -> 1) while the client streams into both:
+    no request fails, the leaving workers finish the requests they hold (some end after the edit: the
+    drain carried them), no request is sent to a leaving worker once the routers dropped it, every request
+    goes prefill -> decode with the KV handed off, and no engine refused a mixed hand-off. Without the
+    drain (preStop hook, vLLM's --shutdown-timeout) the lab's kubelet kills what is in flight at SIGTERM
+    and requests fail.
+(b) the decode image of `vllm` changed in place under load (what the operator does today for any change): the
+    operator's KV-path check, from the decode workers' counters in the real Prometheus, goes from
+    `Transferring` to `KVTransferDegraded` with a Warning Event while the new decode workers refuse the old
+    prefill's KV and recompute every prompt (the engines count the mixed hand-offs: what a version-safe
+    rollout must prevent). No request fails: vLLM recomputes and the old decode worker drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from kubernetes import client as kclient
+
+from disagg_lab.load import LoadClient, Result, Schedule, ServiceEndpoints
+from support.operators import (
+    EXAMPLES,
+    GROUP,
+    PLURAL,
+    VERSION,
+    Cluster,
+    E2ESession,
+    Kubectl,
+    LabProcesses,
+    OperatorProcess,
+    bin_dir,
+    condition,
+    diagnose,
+    dump,
+    in_namespace,
+    is_ready,
+    isolate,
+    load_docs,
+    operator_session,
+    remove_finalizers,
+    routers_ready,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from support.cluster import LocalCluster
+
+pytestmark = pytest.mark.e2e
+
+SERVICES = {"vllm": "01-", "sglang": "02-"}
+PROMPT_TOKENS, OUTPUT_TOKENS = 256, 128
+RATE = 4.0
+LOAD_S = 24.0
+EDIT_AT_S = 6.0
+DECODE_BEFORE, DECODE_AFTER = 3, 1
+KV_WAIT_S = 20.0
+"""The KV-path verdict follows traffic within this: two scrapes (2 s), the 10-s rate window, a 2-s tick."""
+ROLL_WAIT_S = 60.0
+"""...and the new decode worker takes traffic within this after the edit: vllm-router handles pod events one at a
+time and waits for a new worker's health check (30 s apart) before it takes the next one (here the old
+worker's deletion); the lab's pods are Ready before their engine answers."""
+PROMETHEUS_FLAGS = ("--prometheus-url", "http://127.0.0.1:9090", "--autoscale-tick", "2",
+                    "--prometheus-rate-window", "10s", "--scrape-interval", "2", "--prometheus-timeout", "2")
+ROUTERS_DROP_S = 5.0
+"""After the edit, the routers have dropped the leaving workers within this (their pod watch sees the
+deletion within a second; the preStop hook's first wait is 3 s)."""
+
+
+def manifest(namespace: str, name: str) -> dict[str, Any]:
+    (example,) = [p for p in EXAMPLES if p.name.startswith(SERVICES[name])]
+    (service,) = [in_namespace(d, namespace) for d in load_docs(example) if d.get("kind") == "InferenceService"]
+    service["metadata"]["name"] = name
+    spec = service["spec"]
+    spec["router"] = {**(spec.get("router") or {}), "replicas": 1}
+    spec["prefill"]["replicas"] = 1
+    spec["decode"]["replicas"] = DECODE_BEFORE
+    for role in ("prefill", "decode"):
+        spec[role].pop("autoscaling", None)
+    return service
+
+
+@dataclass
+class Operations:
+    session: E2ESession
+    namespace: str
+    operator: OperatorProcess
+    lab: LabProcesses
+    api: kclient.ApiClient
+
+    def diagnostics(self) -> str:
+        return "\n".join([diagnose(self.session.kubectl, [self.namespace], [self.operator]), self.lab.log_tail(60)])
+
+    def pods(self, service: str, role: str) -> list[Any]:
+        return self.session.cluster.pods(self.namespace, f"disagg.dev/service={service},disagg.dev/role={role}")
+
+    def pods_left(self, service: str, role: str) -> list[Any]:
+        """The pool's pods, terminating ones included (they are gone when their engine has exited)."""
+        pods: list[Any] = self.session.cluster.core.list_namespaced_pod(
+            self.namespace, label_selector=f"disagg.dev/service={service},disagg.dev/role={role}").items
+        return pods
+
+    def endpoints(self, service: str) -> ServiceEndpoints:
+        return ServiceEndpoints(lambda: self.api, self.namespace, service)
+
+
+@pytest.fixture(scope="module")
+def operations(cluster: LocalCluster, kube_api: kclient.ApiClient,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operations]:
+    workdir = tmp_path_factory.mktemp("operations-e2e")
+    kubectl = Kubectl(bin_dir() / "kubectl", cluster.kubeconfig)
+    with operator_session(kubectl, Cluster(kube_api), workdir, "operations-e2e") as session:
+        namespace = f"e2e-operations-{session.session}"
+        kubectl("create", "namespace", namespace)
+        kubectl("label", "namespace", namespace, "e2e=true")
+        operator = OperatorProcess("operator", (namespace,), session.operator_kubeconfig, workdir / "operator.log",
+                                   30.0, extra_args=PROMETHEUS_FLAGS)
+        lab = LabProcesses(namespace, workdir, cluster.kubeconfig, targets_file=cluster.engines_file)
+        env = Operations(session, namespace, operator, lab, kube_api)
+        try:
+            isolate(kubectl, session.session, namespace)
+            operator.start().wait_healthy(timeout=30)
+            lab.start()
+            kubectl("apply", "-f", "-", input=dump([manifest(namespace, name) for name in SERVICES]))
+
+            def all_ready() -> bool:
+                for name in SERVICES:
+                    svc = session.cluster.service(namespace, name)
+                    assert is_ready(svc), f"{name}: Ready {condition(svc, 'Ready')}"
+                    assert routers_ready(env.pods(name, "router")), f"{name}: router not started and Ready yet"
+                served = [(p["service"], p["role"]) for p in lab.get("/state")["pods"]]
+                for name in SERVICES:
+                    assert served.count((name, "decode")) == DECODE_BEFORE, f"the fleet serves {sorted(served)}"
+                return True
+
+            wait_until(all_ready, 180, "the services Ready with their routers started and probed",
+                       env.diagnostics, interval=1.0)
+            yield env
+        finally:
+            lab.stop()
+            operator.stop()
+            remove_finalizers(session.cluster, namespace)
+            kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+async def _load(env: Operations, service: str, schedule: Schedule, seconds: float, seed: int) -> list[Result]:
+    endpoints = env.endpoints(service).start()
+    client = LoadClient(endpoints, timeout_s=60.0)
+    try:
+        return await client.run(schedule.plan(seconds, 1000, seed))
+    finally:
+        await client.close()
+        endpoints.stop()
+
+
+def _set_decode_replicas(env: Operations, service: str, replicas: int) -> None:
+    env.session.cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, env.namespace, PLURAL, service, {"spec": {"decode": {"replicas": replicas}}},
+        _content_type="application/merge-patch+json")
+
+
+def test_a_decode_scale_down_by_two_under_load_loses_no_request(operations: Operations) -> None:
+    env = operations
+    before = {name: {p.metadata.name for p in env.pods(name, "decode")} for name in SERVICES}
+    counters_before = {p["pod"]: p for p in env.lab.get("/state")["pods"]}
+    schedule = Schedule(steps=((0.0, RATE),), prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS)
+    edited_at: list[float] = []
+    gone_at: dict[str, float] = {}
+
+    async def watch_pods() -> None:
+        while len(gone_at) < len(SERVICES):
+            for name in SERVICES:
+                if name not in gone_at and len(await asyncio.to_thread(env.pods_left, name, "decode")) == DECODE_AFTER:
+                    gone_at[name] = time.time()
+            await asyncio.sleep(0.5)
+
+    async def scenario() -> list[list[Result]]:
+        loads = [asyncio.create_task(_load(env, name, schedule, LOAD_S, seed)) for seed, name in enumerate(SERVICES)]
+        await asyncio.sleep(EDIT_AT_S)
+        edited_at.append(time.time())
+        for name in SERVICES:
+            await asyncio.to_thread(_set_decode_replicas, env, name, DECODE_AFTER)
+        watch = asyncio.create_task(watch_pods())
+        done = list(await asyncio.gather(*loads))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watch, timeout=60.0)
+        return done
+
+    results = dict(zip(SERVICES, asyncio.run(scenario()), strict=True))
+    edit = edited_at[0]
+
+    def scaled_down() -> bool:
+        for name in SERVICES:
+            left = env.pods_left(name, "decode")
+            assert len(left) == DECODE_AFTER, f"{name}: decode pods {[p.metadata.name for p in left]}"
+        return True
+
+    wait_until(scaled_down, 30, "both decode pools down to one pod", env.diagnostics, interval=0.5)
+    counters = {p["pod"]: p for p in env.lab.get("/state")["pods"]}
+    for name, got in results.items():
+        remaining = {p.metadata.name for p in env.pods(name, "decode")}
+        removed = {f"{env.namespace}/{pod}" for pod in before[name] - remaining}
+        failed = [r.record() for r in got if not r.ok]
+        carried = [r for r in got if r.decode_pod in removed and r.sent_at + (r.duration_s or 0.0) > edit]
+        late = [r.record() for r in got if r.decode_pod in removed and r.sent_at > edit + ROUTERS_DROP_S]
+        refused = sum(p.get("kv_refused_total", 0) - counters_before.get(pod, {}).get("kv_refused_total", 0)
+                      for pod, p in counters.items() if p["service"] == name)
+        print(f"operations e2e: {name}: decode {DECODE_BEFORE} -> {DECODE_AFTER} under {RATE:g} requests/s: "
+              f"{len(failed)} of {len(got)} failed; {len(carried)} requests on the leaving workers ended after the "
+              f"edit; the pods gone {gone_at.get(name, time.time()) - edit:.1f} s after it; mixed hand-offs refused "
+              f"{refused}")
+        assert len(got) >= RATE * LOAD_S * 0.5, f"{name}: only {len(got)} requests sent"
+        assert not failed, f"{name}: {len(failed)} of {len(got)} failed, first: {failed[:3]}\n{env.diagnostics()}"
+        assert len(removed) == DECODE_BEFORE - DECODE_AFTER, (name, removed)
+        assert carried, f"{name}: no request was in flight on a leaving worker: the drain was not exercised"
+        assert not late, f"{name}: requests sent to a leaving worker {ROUTERS_DROP_S:g} s after the edit: {late[:3]}"
+        assert all(r.kv == "transferred" for r in got), [r.record() for r in got if r.kv != "transferred"][:3]
+        assert refused == 0, (name, refused)
+
+
+def _kv_condition(env: Operations, service: str) -> dict[str, Any]:
+    return condition(env.session.cluster.service(env.namespace, service), "KVTransferReady") or {}
+
+
+def test_b_a_mixed_version_decode_is_seen_as_kv_transfer_degraded(operations: Operations) -> None:
+    env = operations
+    name = "vllm"
+    schedule = Schedule(steps=((0.0, 3.0),), prompt_tokens=PROMPT_TOKENS, output_tokens=32)
+    seen: list[tuple[float, str]] = []
+
+    async def wait_kv(reason: str, within: float) -> bool:
+        end = time.time() + within
+        while time.time() < end:
+            cond = await asyncio.to_thread(_kv_condition, env, name)
+            if not seen or seen[-1][1] != cond.get("reason"):
+                seen.append((time.time(), str(cond.get("reason"))))
+            if cond.get("reason") == reason:
+                return True
+            await asyncio.sleep(1.0)
+        return False
+
+    async def scenario() -> tuple[list[Result], bool, float, bool]:
+        load = asyncio.create_task(_load(env, name, schedule, KV_WAIT_S + ROLL_WAIT_S, 41))
+        transferring = await wait_kv("Transferring", KV_WAIT_S)
+        edited = time.time()
+        await asyncio.to_thread(
+            env.session.cluster.custom.patch_namespaced_custom_object, GROUP, VERSION, env.namespace, PLURAL, name,
+            {"spec": {"decode": {"image": "vllm/vllm-openai:v0.33.0"}}}, _content_type="application/merge-patch+json")
+        degraded = await wait_kv("KVTransferDegraded", ROLL_WAIT_S)
+        return await load, transferring, edited, degraded
+
+    got, transferring, edited, degraded = asyncio.run(scenario())
+    failed = [r.record() for r in got if not r.ok]
+    mixed = [r for r in got if r.kv == "refused"]
+    events = env.session.cluster.core.list_namespaced_event(
+        env.namespace, field_selector=f"involvedObject.name={name},reason=KVTransferDegraded").items
+    print(f"operations e2e: {name}: decode image changed in place under 3 requests/s: {len(mixed)} of {len(got)} "
+          f"requests served by a mixed-revision pair (KV refused, prompt recomputed), {len(failed)} failed; "
+          f"KVTransferReady {[(round(t - edited, 1), r) for t, r in seen]} (s after the edit)")
+    assert transferring, f"KVTransferReady never Transferring under load: {seen}\n{env.diagnostics()}"
+    assert mixed, "no mixed hand-off: the in-place rollout did not pair an old prefill with a new decode"
+    assert degraded, f"KVTransferReady never KVTransferDegraded while decode recomputed: {seen}\n{env.diagnostics()}"
+    assert events and all(e.type == "Warning" for e in events), [(e.type, e.message) for e in events]
+    assert not failed, f"{len(failed)} of {len(got)} failed: {failed[:3]}"
