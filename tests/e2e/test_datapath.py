@@ -28,7 +28,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -38,24 +37,12 @@ from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.capacity.models import from_architecture
 from disagg.capacity.roofline import DecodeCost, kv_link_bytes_per_s, kv_transfer_seconds, prefill_seconds
 from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg_lab.load import LoadClient, Result, Schedule, ServiceEndpoints
+from disagg_lab.load import LoadClient, Result, Schedule
+from support.lab_services import LabServices, lab_services
 from support.operators import (
     EXAMPLES,
-    Cluster,
-    E2ESession,
-    Kubectl,
-    LabProcesses,
-    OperatorProcess,
-    bin_dir,
-    condition,
-    diagnose,
-    dump,
     in_namespace,
-    is_ready,
-    isolate,
     load_docs,
-    operator_session,
-    remove_finalizers,
     routers_ready,
     wait_until,
 )
@@ -89,70 +76,15 @@ def manifest(namespace: str, name: str) -> dict[str, Any]:
     return service
 
 
-@dataclass
-class DataPath:
-    session: E2ESession
-    namespace: str
-    operator: OperatorProcess
-    lab: LabProcesses
-    api: kclient.ApiClient
-
-    def diagnostics(self) -> str:
-        return "\n".join([diagnose(self.session.kubectl, [self.namespace], [self.operator]), self.lab.log_tail()])
-
-    def routers(self, service: str) -> list[Any]:
-        return self.session.cluster.pods(self.namespace, f"disagg.dev/service={service},disagg.dev/role=router")
-
-    def endpoints(self, service: str) -> ServiceEndpoints:
-        return ServiceEndpoints(lambda: self.api, self.namespace, service)
-
-
 @pytest.fixture(scope="module")
 def datapath(cluster: LocalCluster, kube_api: kclient.ApiClient,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataPath]:
-    workdir = tmp_path_factory.mktemp("datapath-e2e")
-    kubectl = Kubectl(bin_dir() / "kubectl", cluster.kubeconfig)
-    with operator_session(kubectl, Cluster(kube_api), workdir, "datapath-e2e") as session:
-        namespace = f"e2e-datapath-{session.session}"
-        kubectl("create", "namespace", namespace)
-        kubectl("label", "namespace", namespace, "e2e=true")
-        operator = OperatorProcess("operator", (namespace,), session.operator_kubeconfig, workdir / "operator.log",
-                                   30.0)
-        lab = LabProcesses(namespace, workdir, cluster.kubeconfig)
-        env = DataPath(session, namespace, operator, lab, kube_api)
-        try:
-            isolate(kubectl, session.session, namespace)
-            operator.start().wait_healthy(timeout=30)
-            lab.start()
-            kubectl("apply", "-f", "-", input=dump([manifest(namespace, name) for name in SERVICES]))
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServices]:
+    def fleet_ready(served: list[tuple[str, str]]) -> None:
+        assert len(set(served)) == 2 * len(SERVICES), f"the fleet serves {sorted(set(served))}"
 
-            def all_ready() -> bool:
-                for name in SERVICES:
-                    svc = session.cluster.service(namespace, name)
-                    assert is_ready(svc), f"{name}: Ready {condition(svc, 'Ready')}"
-                    assert routers_ready(env.routers(name)), f"{name}: routers not started and Ready yet"
-                served = {(p["service"], p["role"]) for p in lab.get("/state")["pods"]}
-                assert len(served) == 2 * len(SERVICES), f"the fleet serves {sorted(served)}"
-                return True
-
-            wait_until(all_ready, 180, "the services Ready with their routers started and probed",
-                       env.diagnostics, interval=1.0)
-            yield env
-        finally:
-            lab.stop()
-            operator.stop()
-            remove_finalizers(session.cluster, namespace)
-            kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-
-
-async def _load(env: DataPath, service: str, schedule: Schedule, seconds: float, seed: int) -> list[Result]:
-    endpoints = env.endpoints(service).start()
-    client = LoadClient(endpoints, timeout_s=60.0)
-    try:
-        return await client.run(schedule.plan(seconds, 1000, seed))
-    finally:
-        await client.close()
-        endpoints.stop()
+    with lab_services(cluster, kube_api, tmp_path_factory.mktemp("datapath-e2e"), "datapath-e2e",
+                      lambda namespace: [manifest(namespace, name) for name in SERVICES], fleet_ready) as env:
+        yield env
 
 
 def _model(name: str, namespace: str) -> tuple[float, float, float]:
@@ -173,13 +105,13 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def test_a_steady_load_goes_prefill_to_decode_inside_each_service(datapath: DataPath) -> None:
+def test_a_steady_load_goes_prefill_to_decode_inside_each_service(datapath: LabServices) -> None:
     env = datapath
     before = {name: env.lab.pods(name) for name in SERVICES}
     schedule = Schedule(steps=((0.0, RATE),), prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS)
 
     async def all_services() -> list[list[Result]]:
-        return await asyncio.gather(*(_load(env, name, schedule, STEADY_S, seed) for seed, name in
+        return await asyncio.gather(*(env.load(name, schedule, STEADY_S, seed) for seed, name in
                                       enumerate(SERVICES)))
 
     results = dict(zip(SERVICES, asyncio.run(all_services()), strict=True))
@@ -214,7 +146,7 @@ def test_a_steady_load_goes_prefill_to_decode_inside_each_service(datapath: Data
 class ReadyWatch(threading.Thread):
     """Samples the routers' Ready conditions every second; remembers every NotReady seen."""
 
-    def __init__(self, env: DataPath, service: str) -> None:
+    def __init__(self, env: LabServices, service: str) -> None:
         super().__init__(daemon=True)
         self.env, self.service = env, service
         self.not_ready: list[tuple[float, str]] = []
@@ -223,12 +155,12 @@ class ReadyWatch(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.wait(1.0):
             with contextlib.suppress(Exception):
-                for pod in self.env.routers(self.service):
+                for pod in self.env.pods(self.service, "router"):
                     if not any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []):
                         self.not_ready.append((time.time(), pod.metadata.name))
 
 
-def test_c_one_decode_down_keeps_the_routers_ready_and_errors_stop(datapath: DataPath) -> None:
+def test_c_one_decode_down_keeps_the_routers_ready_and_errors_stop(datapath: LabServices) -> None:
     env = datapath
     name = "vllm-a"
     (victim, *_) = [p["pod"] for p in env.lab.pods(name) if p["role"] == "decode"]
@@ -238,7 +170,7 @@ def test_c_one_decode_down_keeps_the_routers_ready_and_errors_stop(datapath: Dat
     fault_at: list[float] = []
 
     async def scenario() -> list[Result]:
-        load = asyncio.create_task(_load(env, name, schedule, 40.0, 11))
+        load = asyncio.create_task(env.load(name, schedule, 40.0, 11))
         await asyncio.sleep(5.0)
         fault_at.append(time.time())
         await asyncio.to_thread(env.lab.put, f"/fault/{env.namespace}/{victim}", {"fault": "down"})
@@ -261,7 +193,7 @@ def test_c_one_decode_down_keeps_the_routers_ready_and_errors_stop(datapath: Dat
     assert not late, f"errors went on 20 s after the fault: {late[:3]}"
 
 
-def test_d_a_deleted_router_pod_is_replaced_and_its_endpoint_returns(datapath: DataPath) -> None:
+def test_d_a_deleted_router_pod_is_replaced_and_its_endpoint_returns(datapath: LabServices) -> None:
     env = datapath
     name = "sglang-a"
     schedule = Schedule(steps=((0.0, 3.0),), prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS)
@@ -273,7 +205,7 @@ def test_d_a_deleted_router_pod_is_replaced_and_its_endpoint_returns(datapath: D
         try:
             load = asyncio.create_task(client.run(schedule.plan(40.0, 1000, 21)))
             await asyncio.sleep(5.0)
-            (victim, *_) = env.routers(name)
+            (victim, *_) = env.pods(name, "router")
             deleted_at.append(time.time())
             await asyncio.to_thread(env.session.cluster.core.delete_namespaced_pod, victim.metadata.name,
                                     env.namespace)
@@ -295,9 +227,9 @@ def test_d_a_deleted_router_pod_is_replaced_and_its_endpoint_returns(datapath: D
     assert len(failed) <= 5, [r.record() for r in failed][:5]
 
 
-def test_e_an_exited_router_is_restarted(datapath: DataPath) -> None:
+def test_e_an_exited_router_is_restarted(datapath: LabServices) -> None:
     env = datapath
-    (pod, *_) = env.routers("vllm-b")
+    (pod, *_) = env.pods("vllm-b", "router")
     name = pod.metadata.name
     log = (env.lab.workdir / "routers.log").read_text()
     pids = re.findall(rf"{env.namespace}/{name}: started \S+ \(pid (\d+)\)", log)
@@ -306,7 +238,7 @@ def test_e_an_exited_router_is_restarted(datapath: DataPath) -> None:
     os.kill(int(pids[-1]), signal.SIGKILL)  # the router process the lab started for this test's pod
 
     def restarted() -> bool:
-        (now,) = [p for p in env.routers("vllm-b") if p.metadata.name == name]
+        (now,) = [p for p in env.pods("vllm-b", "router") if p.metadata.name == name]
         status = now.status.container_statuses[0]
         assert status.restart_count == 1, f"restartCount {status.restart_count}"
         assert routers_ready([now]), "not Ready again yet"
@@ -314,6 +246,6 @@ def test_e_an_exited_router_is_restarted(datapath: DataPath) -> None:
 
     wait_until(restarted, 60, f"{name} restarted and Ready", env.diagnostics, interval=0.5)
     print(f"datapath e2e: a router process killed: restarted and Ready again after {time.time() - killed_at:.1f} s")
-    results = asyncio.run(_load(env, "vllm-b", Schedule(steps=((0.0, 2.0),), prompt_tokens=PROMPT_TOKENS,
+    results = asyncio.run(env.load("vllm-b", Schedule(steps=((0.0, 2.0),), prompt_tokens=PROMPT_TOKENS,
                                                           output_tokens=OUTPUT_TOKENS), 4.0, 31))
     assert results and all(r.ok for r in results), [r.record() for r in results if not r.ok]

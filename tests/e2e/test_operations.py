@@ -26,34 +26,21 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from kubernetes import client as kclient
 
-from disagg_lab.load import LoadClient, Result, Schedule, ServiceEndpoints
+from disagg_lab.load import Result, Schedule
+from support.lab_services import LabServices, lab_services
 from support.operators import (
     EXAMPLES,
     GROUP,
     PLURAL,
     VERSION,
-    Cluster,
-    E2ESession,
-    Kubectl,
-    LabProcesses,
-    OperatorProcess,
-    bin_dir,
     condition,
-    diagnose,
-    dump,
     in_namespace,
-    is_ready,
-    isolate,
     load_docs,
-    operator_session,
-    remove_finalizers,
-    routers_ready,
     wait_until,
 )
 
@@ -94,86 +81,26 @@ def manifest(namespace: str, name: str) -> dict[str, Any]:
     return service
 
 
-@dataclass
-class Operations:
-    session: E2ESession
-    namespace: str
-    operator: OperatorProcess
-    lab: LabProcesses
-    api: kclient.ApiClient
-
-    def diagnostics(self) -> str:
-        return "\n".join([diagnose(self.session.kubectl, [self.namespace], [self.operator]), self.lab.log_tail(60)])
-
-    def pods(self, service: str, role: str) -> list[Any]:
-        return self.session.cluster.pods(self.namespace, f"disagg.dev/service={service},disagg.dev/role={role}")
-
-    def pods_left(self, service: str, role: str) -> list[Any]:
-        """The pool's pods, terminating ones included (they are gone when their engine has exited)."""
-        pods: list[Any] = self.session.cluster.core.list_namespaced_pod(
-            self.namespace, label_selector=f"disagg.dev/service={service},disagg.dev/role={role}").items
-        return pods
-
-    def endpoints(self, service: str) -> ServiceEndpoints:
-        return ServiceEndpoints(lambda: self.api, self.namespace, service)
-
-
 @pytest.fixture(scope="module")
 def operations(cluster: LocalCluster, kube_api: kclient.ApiClient,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operations]:
-    workdir = tmp_path_factory.mktemp("operations-e2e")
-    kubectl = Kubectl(bin_dir() / "kubectl", cluster.kubeconfig)
-    with operator_session(kubectl, Cluster(kube_api), workdir, "operations-e2e") as session:
-        namespace = f"e2e-operations-{session.session}"
-        kubectl("create", "namespace", namespace)
-        kubectl("label", "namespace", namespace, "e2e=true")
-        operator = OperatorProcess("operator", (namespace,), session.operator_kubeconfig, workdir / "operator.log",
-                                   30.0, extra_args=PROMETHEUS_FLAGS)
-        lab = LabProcesses(namespace, workdir, cluster.kubeconfig, targets_file=cluster.engines_file)
-        env = Operations(session, namespace, operator, lab, kube_api)
-        try:
-            isolate(kubectl, session.session, namespace)
-            operator.start().wait_healthy(timeout=30)
-            lab.start()
-            kubectl("apply", "-f", "-", input=dump([manifest(namespace, name) for name in SERVICES]))
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServices]:
+    def fleet_ready(served: list[tuple[str, str]]) -> None:
+        for name in SERVICES:
+            assert served.count((name, "decode")) == DECODE_BEFORE, f"the fleet serves {sorted(served)}"
 
-            def all_ready() -> bool:
-                for name in SERVICES:
-                    svc = session.cluster.service(namespace, name)
-                    assert is_ready(svc), f"{name}: Ready {condition(svc, 'Ready')}"
-                    assert routers_ready(env.pods(name, "router")), f"{name}: router not started and Ready yet"
-                served = [(p["service"], p["role"]) for p in lab.get("/state")["pods"]]
-                for name in SERVICES:
-                    assert served.count((name, "decode")) == DECODE_BEFORE, f"the fleet serves {sorted(served)}"
-                return True
-
-            wait_until(all_ready, 180, "the services Ready with their routers started and probed",
-                       env.diagnostics, interval=1.0)
-            yield env
-        finally:
-            lab.stop()
-            operator.stop()
-            remove_finalizers(session.cluster, namespace)
-            kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    with lab_services(cluster, kube_api, tmp_path_factory.mktemp("operations-e2e"), "operations-e2e",
+                      lambda namespace: [manifest(namespace, name) for name in SERVICES], fleet_ready,
+                      operator_args=PROMETHEUS_FLAGS, scrape=True) as env:
+        yield env
 
 
-async def _load(env: Operations, service: str, schedule: Schedule, seconds: float, seed: int) -> list[Result]:
-    endpoints = env.endpoints(service).start()
-    client = LoadClient(endpoints, timeout_s=60.0)
-    try:
-        return await client.run(schedule.plan(seconds, 1000, seed))
-    finally:
-        await client.close()
-        endpoints.stop()
-
-
-def _set_decode_replicas(env: Operations, service: str, replicas: int) -> None:
+def _set_decode_replicas(env: LabServices, service: str, replicas: int) -> None:
     env.session.cluster.custom.patch_namespaced_custom_object(
         GROUP, VERSION, env.namespace, PLURAL, service, {"spec": {"decode": {"replicas": replicas}}},
         _content_type="application/merge-patch+json")
 
 
-def test_a_decode_scale_down_by_two_under_load_loses_no_request(operations: Operations) -> None:
+def test_a_decode_scale_down_by_two_under_load_loses_no_request(operations: LabServices) -> None:
     env = operations
     before = {name: {p.metadata.name for p in env.pods(name, "decode")} for name in SERVICES}
     counters_before = {p["pod"]: p for p in env.lab.get("/state")["pods"]}
@@ -189,7 +116,7 @@ def test_a_decode_scale_down_by_two_under_load_loses_no_request(operations: Oper
             await asyncio.sleep(0.5)
 
     async def scenario() -> list[list[Result]]:
-        loads = [asyncio.create_task(_load(env, name, schedule, LOAD_S, seed)) for seed, name in enumerate(SERVICES)]
+        loads = [asyncio.create_task(env.load(name, schedule, LOAD_S, seed)) for seed, name in enumerate(SERVICES)]
         await asyncio.sleep(EDIT_AT_S)
         edited_at.append(time.time())
         for name in SERVICES:
@@ -232,11 +159,11 @@ def test_a_decode_scale_down_by_two_under_load_loses_no_request(operations: Oper
         assert refused == 0, (name, refused)
 
 
-def _kv_condition(env: Operations, service: str) -> dict[str, Any]:
+def _kv_condition(env: LabServices, service: str) -> dict[str, Any]:
     return condition(env.session.cluster.service(env.namespace, service), "KVTransferReady") or {}
 
 
-def test_b_a_mixed_version_decode_is_seen_as_kv_transfer_degraded(operations: Operations) -> None:
+def test_b_a_mixed_version_decode_is_seen_as_kv_transfer_degraded(operations: LabServices) -> None:
     env = operations
     name = "vllm"
     schedule = Schedule(steps=((0.0, 3.0),), prompt_tokens=PROMPT_TOKENS, output_tokens=32)
@@ -254,7 +181,7 @@ def test_b_a_mixed_version_decode_is_seen_as_kv_transfer_degraded(operations: Op
         return False
 
     async def scenario() -> tuple[list[Result], bool, float, bool]:
-        load = asyncio.create_task(_load(env, name, schedule, KV_WAIT_S + ROLL_WAIT_S, 41))
+        load = asyncio.create_task(env.load(name, schedule, KV_WAIT_S + ROLL_WAIT_S, 41))
         transferring = await wait_kv("Transferring", KV_WAIT_S)
         edited = time.time()
         await asyncio.to_thread(

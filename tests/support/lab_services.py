@@ -1,0 +1,112 @@
+"""Services served end to end on the local cluster: a namespace with its own operator, the lab's engines
+and real routers, and the InferenceServices applied and Ready with their routers probed."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubernetes import client as kclient
+
+from disagg_lab.load import LoadClient, Result, Schedule, ServiceEndpoints
+from support.operators import (
+    Cluster,
+    E2ESession,
+    Kubectl,
+    LabProcesses,
+    OperatorProcess,
+    bin_dir,
+    condition,
+    diagnose,
+    dump,
+    is_ready,
+    isolate,
+    operator_session,
+    remove_finalizers,
+    routers_ready,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from support.cluster import LocalCluster
+
+
+@dataclass
+class LabServices:
+    session: E2ESession
+    namespace: str
+    operator: OperatorProcess
+    lab: LabProcesses
+    api: kclient.ApiClient
+
+    def diagnostics(self) -> str:
+        return "\n".join([diagnose(self.session.kubectl, [self.namespace], [self.operator]), self.lab.log_tail(60)])
+
+    def pods(self, service: str, role: str) -> list[Any]:
+        """The pool's pods that are not being deleted."""
+        return self.session.cluster.pods(self.namespace, f"disagg.dev/service={service},disagg.dev/role={role}")
+
+    def pods_left(self, service: str, role: str) -> list[Any]:
+        """The pool's pods, terminating ones included (they are gone when their engine has exited)."""
+        pods: list[Any] = self.session.cluster.core.list_namespaced_pod(
+            self.namespace, label_selector=f"disagg.dev/service={service},disagg.dev/role={role}").items
+        return pods
+
+    def endpoints(self, service: str) -> ServiceEndpoints:
+        return ServiceEndpoints(lambda: self.api, self.namespace, service)
+
+    async def load(self, service: str, schedule: Schedule, seconds: float, seed: int) -> list[Result]:
+        """A real OpenAI client's requests through the service's ready endpoints, bounded in time."""
+        endpoints = self.endpoints(service).start()
+        client = LoadClient(endpoints, timeout_s=60.0)
+        try:
+            return await client.run(schedule.plan(seconds, 1000, seed))
+        finally:
+            await client.close()
+            endpoints.stop()
+
+
+@contextlib.contextmanager
+def lab_services(
+    cluster: LocalCluster, kube_api: kclient.ApiClient, workdir: Path, name: str,
+    manifests: Callable[[str], list[dict[str, Any]]], fleet_ready: Callable[[list[tuple[str, str]]], None],
+    *, operator_args: Sequence[str] = (), scrape: bool = False,
+) -> Iterator[LabServices]:
+    """`manifests(namespace)` applied in a new namespace and Ready, each router started and probed, and
+    `fleet_ready` content with the (service, role) of every engine the lab serves; removed after."""
+    kubectl = Kubectl(bin_dir() / "kubectl", cluster.kubeconfig)
+    with operator_session(kubectl, Cluster(kube_api), workdir, name) as session:
+        namespace = f"e2e-{name.removesuffix('-e2e')}-{session.session}"
+        kubectl("create", "namespace", namespace)
+        kubectl("label", "namespace", namespace, "e2e=true")
+        operator = OperatorProcess("operator", (namespace,), session.operator_kubeconfig, workdir / "operator.log",
+                                   30.0, extra_args=tuple(operator_args))
+        lab = LabProcesses(namespace, workdir, cluster.kubeconfig,
+                           targets_file=cluster.engines_file if scrape else None)
+        env = LabServices(session, namespace, operator, lab, kube_api)
+        try:
+            isolate(kubectl, session.session, namespace)
+            operator.start().wait_healthy(timeout=30)
+            lab.start()
+            services = manifests(namespace)
+            kubectl("apply", "-f", "-", input=dump(services))
+
+            def all_ready() -> bool:
+                for service in (s["metadata"]["name"] for s in services):
+                    body = session.cluster.service(namespace, service)
+                    assert is_ready(body), f"{service}: Ready {condition(body, 'Ready')}"
+                    assert routers_ready(env.pods(service, "router")), f"{service}: routers not started and Ready"
+                fleet_ready([(p["service"], p["role"]) for p in lab.get("/state")["pods"]])
+                return True
+
+            wait_until(all_ready, 180, "the services Ready with their routers started and probed",
+                       env.diagnostics, interval=1.0)
+            yield env
+        finally:
+            lab.stop()
+            operator.stop()
+            remove_finalizers(session.cluster, namespace)
+            kubectl("delete", "namespace", namespace, "--wait=false", check=False)
