@@ -12,22 +12,18 @@ control API and checks that `rate(vllm:prompt_tokens_total[30s])` per pool match
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from kubernetes import client as kclient
 
+from support.autoscaling_rig import FleetProcess
 from support.operators import (
     EXAMPLES,
     Cluster,
@@ -44,7 +40,6 @@ from support.operators import (
     remove_finalizers,
     wait_until,
 )
-from support.paths import REPO, free_port
 
 if TYPE_CHECKING:
     from support.cluster import LocalCluster
@@ -73,69 +68,11 @@ def fleet_env(
         yield session
 
 
-@dataclass
-class Fleet:
-    """One `disagg-lab fleet` process."""
-
-    proc: subprocess.Popen[bytes]
-    control: str
-    log_path: Path
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.control}{path}", timeout=5) as resp:
-            return json.loads(resp.read())
-
-    def put_load(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(f"{self.control}/load/{namespace}/{name}", data=json.dumps(body).encode(),
-                                         method="PUT", headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            result: dict[str, Any] = json.loads(resp.read())
-            return result
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return ""
-        return "--- fleet log ---\n" + "\n".join(text)
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-
-def start_fleet(cluster: LocalCluster, namespace: str, workdir: Path) -> Fleet:
-    port = free_port()
-    log_path = workdir / "fleet.log"
-    cmd = [
-        sys.executable, "-m", "disagg_lab.cli", "fleet", "--namespace", namespace,
-        "--kubeconfig", str(cluster.kubeconfig),
-        "--control-port", str(port), "--targets-file", str(cluster.engines_file), "--seed", "7",
+def start_fleet(cluster: LocalCluster, namespace: str, workdir: Path) -> FleetProcess:
+    return FleetProcess.launch(cluster.kubeconfig, cluster.engines_file, workdir / "fleet.log", namespace, [
         "--load", f"{namespace}/{SERVICE}={RPS_BEFORE:g}",
         "--prompt-tokens", str(PROMPT_TOKENS), "--output-tokens", str(OUTPUT_TOKENS),
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-    fleet = Fleet(proc, f"http://127.0.0.1:{port}", log_path)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"fleet exited with {proc.returncode}\n{fleet.log_tail()}")
-        try:
-            return bool(fleet.get("/healthz")["ok"])
-        except (OSError, urllib.error.URLError):
-            return False
-
-    wait_until(healthy, 30, "the fleet's control API", fleet.log_tail)
-    return fleet
+    ])
 
 
 def prometheus(cluster: LocalCluster, query: str) -> list[dict[str, Any]]:
@@ -166,7 +103,7 @@ def test_fleet_metrics_reach_prometheus_and_follow_the_offered_load(
     cluster.up()
     isolate(env.kubectl, env.session, ns)
     operator = OperatorProcess("operator", (ns,), env.operator_kubeconfig, env.workdir / "operator.log", 5.0).start()
-    fleet: Fleet | None = None
+    fleet: FleetProcess | None = None
 
     def diagnostics() -> str:
         parts = [diagnose(env.kubectl, [ns], [operator])]

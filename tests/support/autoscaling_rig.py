@@ -194,19 +194,26 @@ class FleetProcess:
     def start(cls, rig: Rig, namespace: str, default_load: str, seed: int = 7,
               prompt_tokens: int | None = None, output_tokens: int | None = None,
               scrape_interval: str | None = None) -> FleetProcess:
+        extra = ["--default-load", default_load]
+        if prompt_tokens is not None:
+            extra += ["--prompt-tokens", str(prompt_tokens)]
+        if output_tokens is not None:
+            extra += ["--output-tokens", str(output_tokens)]
+        if scrape_interval is not None:
+            extra += ["--scrape-interval", scrape_interval]
+        return cls.launch(rig.admin_kubeconfig, rig.engines_file, rig.workdir / f"fleet-{namespace}.log", namespace,
+                          extra, seed)
+
+    @classmethod
+    def launch(cls, kubeconfig: Path, engines_file: Path, log_path: Path, namespace: str, extra: list[str],
+               seed: int = 7) -> FleetProcess:
+        """The fleet of `namespace` with more flags (`extra`), once its control API answers."""
         port = free_port()
-        log_path = rig.workdir / f"fleet-{namespace}.log"
         cmd = [
             sys.executable, "-m", "disagg_lab.cli", "fleet", "--namespace", namespace,
-            "--kubeconfig", str(rig.admin_kubeconfig), "--control-port", str(port),
-            "--targets-file", str(rig.engines_file), "--seed", str(seed), "--default-load", default_load,
+            "--kubeconfig", str(kubeconfig), "--control-port", str(port),
+            "--targets-file", str(engines_file), "--seed", str(seed), *extra,
         ]
-        if prompt_tokens is not None:
-            cmd += ["--prompt-tokens", str(prompt_tokens)]
-        if output_tokens is not None:
-            cmd += ["--output-tokens", str(output_tokens)]
-        if scrape_interval is not None:
-            cmd += ["--scrape-interval", scrape_interval]
         env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")}
         env["PYTHONUNBUFFERED"] = "1"
         with log_path.open("ab") as log:
