@@ -395,12 +395,13 @@ def deployment_replicas(cluster: Cluster, namespace: str, role: str) -> tuple[in
 def settle(
     cluster: Cluster, namespace: str, watch: ReplicaWatch, since: float, min_age_s: float, quiet_s: float,
     timeout: float, diagnostics: Callable[[], str], service: str = SERVICE,
-    window_s: float = SCALE_DOWN_WINDOW_S,
+    window_s: float = SCALE_DOWN_WINDOW_S, want: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Waits until the autoscaler has had `min_age_s` of the load (counted from `since`), ScalingActive is
     True, neither pool's replicas changed for `quiet_s` with desiredReplicas equal to them, and neither
     pool's last scale-up is still inside the scale-down window `window_s` (a pool it raised is not
-    settled before the window has let it come back down). Returns the settled replicas per pool.
+    settled before the window has let it come back down), and, with `want`, the pools are at those counts.
+    Returns the settled replicas per pool.
 
     (Seen once in three local runs: 12 s after the steady load started, one 2-s scrape interval held
     about 32 requests where 12 were expected, and the policy sized decode for it as a step. Most likely the
@@ -426,6 +427,7 @@ def settle(
             desired = pool_status(svc, role).get("desiredReplicas")
             assert desired == replicas, f"{service}: {role} desiredReplicas {desired}, spec.replicas {replicas}"
             counts[role] = replicas
+        assert want is None or counts == want, f"{service}: settled at {counts} so far, waiting for {want}"
         return counts
 
     return wait_until(settled, timeout, "the pools to settle", diagnostics, interval=1.0)
