@@ -88,6 +88,7 @@ MAX_DEPTH = 10_000
 """Deepest nesting of collections, as go-yaml's own limit."""
 _ALIAS_RATIO_LOW, _ALIAS_RATIO_HIGH = 400_000, 4_000_000
 _INT64 = (-(2**63), 2**63 - 1)
+# a tag URI (RFC 4151) names its authority with a date by its syntax; not a measurement's history
 _PLAIN = "tag:disagg.dev,2026:plain"
 _MERGE = "tag:yaml.org,2002:merge"
 _STANDARD = "tag:yaml.org,2002:"
