@@ -109,6 +109,8 @@ DOMAIN_SIZE = 2
 RDMA_RESOURCE, RDMA_PER_NODE = "rdma/ib", "16"
 RDMA_TYPES = {"nvidia-h100", "nvidia-h200", "nvidia-b200"}
 CPU_NODES = 2
+SPREAD_POD_IPS = 128
+"""Free pod addresses kwok is given at start (Cluster.spread_pod_ips)."""
 # per instance type: (vCPU, memory GiB) of the real instance; unknown types get the default
 INSTANCE_SIZES: dict[str, tuple[int, int]] = {
     "p5.48xlarge": (192, 2048),
@@ -1017,6 +1019,35 @@ class Cluster:
             with contextlib.suppress(kclient.ApiException):
                 api.delete_namespaced_pod(name, "default", grace_period_seconds=0)
 
+    def spread_pod_ips(self, node: str, count: int = SPREAD_POD_IPS, timeout: float = 120.0) -> None:
+        """Give kwok's pod IP pool `count` free addresses to pick from. kwok v0.8.0 hands out a freed address
+        before a new one (utils.go, ipPool.Get: any of the `usable` set), so a pod made to replace a deleted one
+        would get its address again at once, where CNIs avoid that (host-local allocates round-robin from the
+        last address it gave, the AWS VPC CNI keeps a freed address 30 s). An engine's peers tell engines apart
+        by address (a restarted one at the same address crashes them: vllm#49238, smg#2503), so the lab needs
+        addresses that are not reused at once: with `count` free ones, a new pod takes a given one rarely."""
+        from kubernetes import client as kclient
+
+        api: Any = kclient.CoreV1Api(self.api_client())
+        names = [f"kwok-ip-spread-{i}" for i in range(count)]
+        for name in names:
+            body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+                    "spec": {"nodeName": node, "containers": [{"name": "spread", "image": "kwok-ip-spread"}]}}
+            with contextlib.suppress(kclient.ApiException):
+                api.create_namespaced_pod("default", body)
+        t0 = time.monotonic()
+        try:
+            while time.monotonic() - t0 < timeout:
+                pods = api.list_namespaced_pod("default", label_selector="").items
+                given = {p.metadata.name for p in pods if p.metadata.name in names and p.status.pod_ip}
+                if len(given) == len(names):
+                    break
+                time.sleep(0.5)
+        finally:
+            for name in names:
+                with contextlib.suppress(kclient.ApiException):
+                    api.delete_namespaced_pod(name, "default", grace_period_seconds=0)
+
     def wait_default_sa(self, timeout: float = 120.0) -> None:
         from kubernetes import client as kclient
 
@@ -1339,6 +1370,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             c.wait_nodes_ready(names)
             c.wait_default_sa()
             c.warm_pod_ips(next((n for n in names if n.startswith("cpu-")), names[0]))
+            c.spread_pod_ips(next((n for n in names if n.startswith("cpu-")), names[0]))
             stop_system_prometheus_if_conflicting(root)
             c.start("prometheus")
             log(
@@ -1485,6 +1517,19 @@ def _single(name: str, action: str) -> int:
     return 0
 
 
+def cmd_spread_pod_ips(args: argparse.Namespace) -> int:
+    root = cluster_dir()
+    with locked(root):
+        if not (root / MARKER).exists():
+            raise ClusterError(f"no cluster in {root} (run `hack/cluster.py up`)")
+        c = Cluster(root)
+        node = next((b["metadata"]["name"] for b in node_manifests() if b["metadata"]["name"].startswith("cpu-")), None)
+        if node is None:
+            raise ClusterError("no cpu- node to place the pods on")
+        c.spread_pod_ips(node)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hack/cluster.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1524,6 +1569,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("kwok-restart", help="stop and start kwok only (rewriting its pod-delete stage)").set_defaults(
         func=lambda a: _single("kwok", "restart")
+    )
+    sub.add_parser("spread-pod-ips", help="give kwok's pod IP pool free addresses (after a kwok restart)").set_defaults(
+        func=cmd_spread_pod_ips
     )
     args = parser.parse_args(argv)
     try:

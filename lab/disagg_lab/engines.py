@@ -100,6 +100,12 @@ SGLANG_WAITING_TIMEOUT_S = 300.0
 """SGLang's SGLANG_DISAGGREGATION_WAITING_TIMEOUT default (decode waiting for its KV)."""
 SGLANG_BOOTSTRAP_TIMEOUT_S = 300.0
 """SGLang's SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT default (prefill waiting for its decode)."""
+SGLANG_HEARTBEAT_INTERVAL_S, SGLANG_HEARTBEAT_MAX_FAILURE = 5.0, 2
+"""SGLang's decode checks the bootstrap server of every prefill it waits on this often and gives a prefill up
+after this many failed checks (SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL, _MAX_FAILURE): the requests waiting
+on it fail then ("Losing connection with prefill instance"), not at the waiting timeout."""
+ADMIT_LOOKAHEAD = 512
+"""Waiting requests a decode engine looks through per step for one whose KV is in place."""
 PREFILL_BATCH_TOKENS = 8192
 """Prompt tokens one prefill batch holds (vLLM's max_num_batched_tokens; `SimSetup` default)."""
 PREFILL_BATCH_OVERHEAD_S = 0.01
@@ -375,6 +381,10 @@ class DecodeEngine:
         self.running: dict[int, LiveRequest] = {}
         self.failure_policy = kv_load_failure_policy(pod)
         self.waiting_timeout_s = _env_seconds(pod, "SGLANG_DISAGGREGATION_WAITING_TIMEOUT", SGLANG_WAITING_TIMEOUT_S)
+        self.prefill_lost_s = max(2.0, _env_seconds(pod, "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL",
+                                                    SGLANG_HEARTBEAT_INTERVAL_S)) * max(
+            1.0, _env_seconds(pod, "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE", SGLANG_HEARTBEAT_MAX_FAILURE))
+        """SGLang: how long after its prefill's bootstrap server stops answering a waiting request fails."""
         self.step_seconds = 0.0
         self.tokens_per_s = 0.0
         self.engine_id = str(uuid.uuid4())
@@ -414,14 +424,21 @@ class DecodeEngine:
         return expired
 
     def admit(self, now: float) -> None:
-        """FIFO: the head joins the batch once its KV is in place and the slot's free KV holds it."""
+        """FIFO among the requests whose KV is in place: each joins the batch when the slot's free KV holds it.
+        A request whose KV is still coming waits aside and holds up no other (vLLM's scheduler skips requests
+        WAITING_FOR_REMOTE_KVS; SGLang's decode admits from its transfer queue only what has arrived)."""
         pool, slot, stats = self.pool, self.slot, self.stats
-        while self.waiting:
-            request = self.waiting[0]
+        if not self.waiting or (self.waiting[0].ready_at > now and len(self.waiting) == 1):
+            return
+        kept: deque[LiveRequest] = deque()
+        looked = 0
+        while self.waiting and looked < ADMIT_LOOKAHEAD:
+            request = self.waiting.popleft()
+            looked += 1
             if request.ready_at > now:
-                break
+                kept.append(request)
+                continue
             if request.prompt + request.output > pool.capacity:  # can never fit: the engine rejects it
-                self.waiting.popleft()
                 stats.dropped += 1
                 stats.failed += 1
                 if request.listener is not None:
@@ -429,8 +446,8 @@ class DecodeEngine:
                                                       f"exceed the KV cache ({int(pool.capacity)} tokens)")
                 continue
             if pool.free_kv(slot) < request.prompt + request.output:
+                self.waiting.appendleft(request)
                 break
-            self.waiting.popleft()
             request.start_clock = float(pool.clock[slot])
             request.admitted = now
             pool.admit(slot, request.id, float(request.prompt), float(request.output))
@@ -439,6 +456,8 @@ class DecodeEngine:
                 request.started = True
                 stats.prompt_tokens += request.prompt
                 stats.queue_time.observe(max(0.0, now - min(request.ready_at, now)))
+        kept.extend(self.waiting)
+        self.waiting = kept
 
     def abort(self, request: LiveRequest) -> None:
         """The client went away: the request leaves the waiting list or the batch (freeing its KV)."""
@@ -639,8 +658,9 @@ class ServiceSim:
             engines[engine.slot] = engine
             for request in engine.expire(start):
                 if request.listener is not None:
-                    request.listener.failed(start, 500, "KV transfer failed: the prefill never came "
-                                                        f"(waited {engine.waiting_timeout_s:g} s)")
+                    request.listener.failed(start, 500, "KV transfer failed: the prefill never came (waited "
+                                                        f"{engine.waiting_timeout_s:g} s) or was lost (its bootstrap "
+                                                        f"server unanswered for {engine.prefill_lost_s:g} s)")
             engine.admit(start)
         end = now + ahead
         dt = end - start
@@ -880,10 +900,22 @@ class FleetSim:
             requests = [r for r, _, _ in [*engine.replica.batch, *engine.replica.queue]]
             for key in [k for k, hold in self.kv_holds.items() if hold.holder_uid == uid]:
                 del self.kv_holds[key]
+            self._prefill_lost(pod.pod.ip)
         for request in requests:
             if request.listener is not None and not request.done:
                 request.listener.failed(self.time, 503, "the engine went away")
         return pod
+
+    def _prefill_lost(self, ip: str) -> None:
+        """SGLang: the decode requests waiting on the prefill at `ip` fail when their engine's heartbeat gives
+        that prefill up (unless an engine serves there again by then)."""
+        for key, room in self.rooms.items():
+            if key[0] != ip or room.decode is None:
+                continue
+            decode = self.pods.get(room.decode[0])
+            if decode is not None and isinstance(decode.engine, DecodeEngine):
+                request = room.decode[1]
+                request.deadline = min(request.deadline, self.time + decode.engine.prefill_lost_s)
 
     def pod_at(self, ip: str, role: Role | None = None) -> SimPod | None:
         for pod in self.pods.values():
@@ -993,6 +1025,8 @@ class FleetSim:
         """SGLang decode leg: waits in its room for the prefill of the same request."""
         assert isinstance(decode.engine, DecodeEngine) and request.room is not None
         request.deadline = now + decode.engine.waiting_timeout_s
+        if self.pod_at(request.room[0], "prefill") is None:  # no bootstrap server answers there
+            request.deadline = min(request.deadline, now + decode.engine.prefill_lost_s)
         room = self.open_room(request.room, now)
         room.decode = (decode.pod.uid, request)
         if room.prefill_done_at is not None:

@@ -14,7 +14,7 @@ import pytest
 
 from disagg.catalog.accelerators import load_catalog
 from disagg.sim.engine import DecodePool, PrefillReplica
-from disagg_lab.engines import DecodeEngine, FleetSim, PrefillEngine
+from disagg_lab.engines import DecodeEngine, FleetSim, LiveRequest, PrefillEngine
 from disagg_lab.protocol import DECODE_POD_HEADER, KV_HEADER, PREFILL_POD_HEADER
 from support.lab_engines import (
     PRODUCER,
@@ -169,3 +169,36 @@ def test_an_edit_that_leaves_the_engines_as_they_are_keeps_them_running() -> Non
     other_model["model"]["name"] = "another/model"
     assert sim.upsert_service("ns", "a", other_model) is None
     assert decode.pod.uid not in sim.pods  # the engines are made again from the new spec
+
+
+def test_a_decode_request_whose_kv_is_still_coming_holds_up_no_other() -> None:
+    sim = FleetSim(load_catalog(), seed=0)
+    assert sim.upsert_service("ns", "a", VLLM["spec"]) is None
+    decode = sim.add_pod(pod("a", "decode", "127.100.250.2")).engine
+    assert isinstance(decode, DecodeEngine)
+    stuck = LiveRequest(id=1, prompt=100, output=10, received=0.0)  # its KV never comes
+    ready = LiveRequest(id=2, prompt=100, output=10, received=0.0, ready_at=0.0)
+    decode.submit(stuck)
+    decode.submit(ready)
+    decode.admit(1.0)
+    assert list(decode.running) == [2], "the request whose KV is in place is decoded"
+    assert list(decode.waiting) == [stuck], "the other waits aside"
+
+
+def test_sglang_decode_gives_up_a_lost_prefill_after_its_heartbeat() -> None:
+    sim = FleetSim(load_catalog(), seed=0)
+    assert sim.upsert_service("ns", "s", SGLANG["spec"]) is None
+    sim.add_pod(pod("s", "prefill", "127.100.250.11"))
+    heartbeat = (("SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL", "3"),
+                 ("SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE", "2"))
+    decode = sim.add_pod(pod("s", "decode", "127.100.250.12", env=heartbeat))
+    assert isinstance(decode.engine, DecodeEngine) and decode.engine.prefill_lost_s == 6.0
+    waiting = LiveRequest(id=1, prompt=100, output=10, received=0.0, room=("127.100.250.11", 8998, 1))
+    sim.join_room(decode, waiting, 0.0)
+    assert waiting.deadline == decode.engine.waiting_timeout_s, "its prefill answers: the waiting timeout holds"
+    sim.time = 4.0
+    sim.remove_pod("s-prefill-11")  # the prefill engine dies before it prefilled the room
+    assert waiting.deadline == 4.0 + 6.0
+    nowhere = LiveRequest(id=2, prompt=100, output=10, received=5.0, room=("127.100.250.99", 8998, 2))
+    sim.join_room(decode, nowhere, 5.0)
+    assert nowhere.deadline == 5.0 + 6.0, "no bootstrap server answers at its address"

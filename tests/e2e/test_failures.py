@@ -1,0 +1,116 @@
+"""e2e: failures and disruptions under steady streaming load, for both engines (issue 21, items 4 and 5).
+
+One namespace holds `fail-vllm` (examples/01: vLLM over NIXL) and `fail-sglang` (examples/02: SGLang over
+Mooncake), each with three prefill workers, two decode workers and one router pod; this module's operator,
+`disagg-lab fleet` (the engines and their kubelet: lab/disagg_lab/kubelet.py), `disagg-lab routers` (the real
+vllm-router and sglang-router) and the `openai` client streaming RATE requests/s into each service
+(tests/support/service_events.py counts what it saw). In order:
+
+(a) SIGKILL of one decode engine of each service: only requests in flight on the killed pod fail, none after.
+    The kubelet restarts the engine in place (same address, new identity); the operator replaces that pod
+    while it loads, so its peers never meet the new engine at the old address: with SGLang the prefill that
+    sent to the old decode would crash on the new one (smg#2503) and lose everything it holds. No engine
+    restart is left in either service afterwards (no peer crashed).
+(b) SIGKILL of one prefill engine of each (the NIXL peer restart): the same; with vLLM every decode that
+    pulled from the old prefill would crash on its first pull from the restarted one (vllm#49238).
+(c) `kubectl drain` of the node of a decode worker (limited to this service's pods: the node is shared),
+    through the eviction API and the pools' PodDisruptionBudgets: no request fails.
+(d) prefill scaled down by two (3 -> 1): no request fails (decode by two: test_operations.py).
+Each prints its row: requests, failed (in flight on a killed pod / after), mixed-version hand-offs, seconds
+until the service was whole again. bench/operations.py runs the same events into bench/results/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from kubernetes import client as kclient
+
+from support.lab_services import LabServices, lab_services
+from support.operators import EXAMPLES, in_namespace, load_docs
+from support.service_events import Event, Outcome, drain_node, kill_one, run_event, scale_down
+
+if TYPE_CHECKING:
+    from support.cluster import LocalCluster
+
+pytestmark = pytest.mark.e2e
+
+ENGINES = {"fail-vllm": "vllm", "fail-sglang": "sglang"}
+EXAMPLE_OF = {"vllm": "01-", "sglang": "02-"}
+PREFILL, DECODE = 3, 2
+RATE = 4.0
+LOAD_S = 30.0
+EVENT_AT_S = 6.0
+
+
+def manifest(namespace: str, name: str) -> dict[str, Any]:
+    (example,) = [p for p in EXAMPLES if p.name.startswith(EXAMPLE_OF[ENGINES[name]])]
+    (service,) = [in_namespace(d, namespace) for d in load_docs(example) if d.get("kind") == "InferenceService"]
+    service["metadata"]["name"] = name
+    spec = service["spec"]
+    spec["router"] = {**(spec.get("router") or {}), "replicas": 1}
+    spec["prefill"]["replicas"] = PREFILL
+    spec["decode"]["replicas"] = DECODE
+    for role in ("prefill", "decode"):
+        spec[role].pop("autoscaling", None)
+    return service
+
+
+@pytest.fixture(scope="module")
+def failures(cluster: LocalCluster, kube_api: kclient.ApiClient,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServices]:
+    def fleet_ready(served: list[tuple[str, str]]) -> None:
+        for name in ENGINES:
+            assert served.count((name, "prefill")) == PREFILL, f"the fleet serves {sorted(served)}"
+            assert served.count((name, "decode")) == DECODE, f"the fleet serves {sorted(served)}"
+
+    with lab_services(cluster, kube_api, tmp_path_factory.mktemp("failures-e2e"), "failures-e2e",
+                      lambda namespace: [manifest(namespace, name) for name in ENGINES], fleet_ready) as env:
+        yield env
+
+
+def run(env: LabServices, name: str, event: Event) -> list[Outcome]:
+    outcomes = asyncio.run(run_event(env, name, event, ENGINES, rate=RATE, load_s=LOAD_S, event_at_s=EVENT_AT_S))
+    for outcome in outcomes:
+        print(f"failures e2e: {outcome.row()}")
+    return outcomes
+
+
+def check(env: LabServices, outcomes: list[Outcome], planned: bool) -> None:
+    for outcome in outcomes:
+        what = f"{outcome.event} on {outcome.service}: {outcome.row()}"
+        assert outcome.requests >= RATE * LOAD_S * 0.5, what
+        assert outcome.failed_after == 0, f"{what}; first: {outcome.first_failures}\n{env.diagnostics()}"
+        if planned:
+            assert outcome.failed == 0, what
+        assert outcome.mixed == 0, what
+        assert outcome.duration_s < 85, f"{what}: the service was not whole again\n{env.diagnostics()}"
+
+
+def check_kill(env: LabServices, outcomes: list[Outcome]) -> None:
+    check(env, outcomes, planned=False)
+    for outcome in outcomes:
+        assert outcome.notes["victim_replaced"], f"{outcome.service}: the restarted pod was not replaced"
+        assert outcome.notes["restarts_left"] == 0, f"{outcome.service}: a peer crashed: {outcome.row()}"
+
+
+def test_a_sigkill_of_a_decode_engine_loses_only_its_requests(failures: LabServices) -> None:
+    check_kill(failures, run(failures, "SIGKILL of one decode pod", kill_one("decode")))
+
+
+def test_b_a_prefill_restart_does_not_break_its_peers(failures: LabServices) -> None:
+    check_kill(failures, run(failures, "SIGKILL of one prefill pod (NIXL peer restart)", kill_one("prefill")))
+
+
+def test_c_kubectl_drain_of_a_decode_node_loses_no_request(failures: LabServices) -> None:
+    outcomes = run(failures, "kubectl drain of a decode worker's node", drain_node("decode"))
+    check(failures, outcomes, planned=True)
+    for outcome in outcomes:
+        assert outcome.notes["drain_exit"] == 0, outcome.row()
+
+
+def test_d_prefill_scale_down_by_two_loses_no_request(failures: LabServices) -> None:
+    check(failures, run(failures, "prefill scale-down by two", scale_down("prefill", 2)), planned=True)

@@ -1,0 +1,209 @@
+"""Events done to running services under a steady streaming load, and what the client saw of each: the e2e
+tests' (tests/e2e/test_failures.py) and the operations benchmark's (bench/operations.py) one way to count.
+
+An event is an async function `(env, service) -> Marked`: it does something to one service (kill a pod,
+scale a pool, drain a node), waits (bounded) until the service is whole again, and says when it started,
+when it was over, and which pods' requests it may lose (a kill loses what was in flight on the killed pod;
+a planned event loses nothing). `run_event` starts the load on every service, does the event on each
+at `event_at_s`, and counts per service: requests, failed (split into those allowed, in flight on a killed
+pod at the kill, and the rest), mixed-version hand-offs (requests whose KV was refused, and the engines'
+own `kv_refused` counters) and the event's duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from disagg.wellknown import MANAGED_SELECTOR
+from disagg_lab.load import Result, Schedule
+from support.lab_services import LabServices
+from support.operators import GROUP, PLURAL, VERSION
+
+SETTLE_S = 90.0
+"""An event waits at most this long for its service to be whole again."""
+
+
+@dataclass
+class Marked:
+    """What an event did to one service."""
+
+    started: float
+    """Unix time the event began (the kill, the edit, the drain command)."""
+    ended: float
+    """Unix time the service was whole again (every pool at its count, every pod Ready, none left over)."""
+    lossy_pods: frozenset[str] = frozenset()
+    """`namespace/pod` of pods whose in-flight requests the event may lose (a kill)."""
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+Event = Callable[[LabServices, str], Awaitable[Marked]]
+
+
+@dataclass
+class Outcome:
+    """One event on one service, as the client and the engines saw it."""
+
+    event: str
+    service: str
+    engine: str
+    requests: int
+    failed: int
+    failed_in_flight: int
+    """Failed, and in flight on a pod the event may lose requests of at its start (a kill)."""
+    failed_after: int
+    """Every other failure: what the event must not cause."""
+    mixed: int
+    """Requests served by a mixed-version pair: their KV refused (client side) or counted refused by the
+    engines, whichever is larger."""
+    duration_s: float
+    notes: dict[str, Any] = field(default_factory=dict)
+    first_failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {"event": self.event, "engine": self.engine, "requests": self.requests, "failed": self.failed,
+                "failed_in_flight": self.failed_in_flight, "failed_after": self.failed_after, "mixed": self.mixed,
+                "duration_s": round(self.duration_s, 1), **self.notes}
+
+
+def _refused(env: LabServices) -> dict[str, int]:
+    return {p["pod"]: int(p.get("kv_refused_total", 0)) for p in env.lab.get("/state")["pods"]}
+
+
+def _service_of_pods(env: LabServices) -> dict[str, str]:
+    return {p["pod"]: p["service"] for p in env.lab.get("/state")["pods"]}
+
+
+def count(event: str, service: str, engine: str, results: Sequence[Result], marked: Marked, refused: int) -> Outcome:
+    failed = [r for r in results if not r.ok]
+
+    def lost_at_start(r: Result) -> bool:
+        open_at = r.sent_at < marked.started <= r.sent_at + (r.duration_s or 0.0) + 0.5
+        pods = {r.prefill_pod, r.decode_pod} - {""}
+        return open_at and bool(marked.lossy_pods) and (not pods or bool(pods & marked.lossy_pods))
+
+    in_flight = [r for r in failed if lost_at_start(r)]
+    mixed = max(refused, sum(1 for r in results if r.kv == "refused"))
+    return Outcome(event, service, engine, len(results), len(failed), len(in_flight), len(failed) - len(in_flight),
+                   mixed, marked.ended - marked.started, dict(marked.notes),
+                   [r.record() for r in failed if not lost_at_start(r)][:3])
+
+
+async def run_event(env: LabServices, name: str, event: Event, engines: dict[str, str], *, rate: float,
+                    load_s: float, event_at_s: float, prompt_tokens: int = 256,
+                    output_tokens: int = 128) -> list[Outcome]:
+    """`event` on every service of `engines` (service -> engine kind) at `event_at_s` into a `load_s` load of
+    `rate` requests/s per service; the load goes on until the event is over and `load_s` has passed."""
+    schedule = Schedule(steps=((0.0, rate),), prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+    before = await asyncio.to_thread(_refused, env)
+    loads = [asyncio.create_task(env.load(service, schedule, load_s, seed)) for seed, service in enumerate(engines)]
+    await asyncio.sleep(event_at_s)
+    marks = await asyncio.gather(*(event(env, service) for service in engines))
+    results = await asyncio.gather(*loads)
+    after = await asyncio.to_thread(_refused, env)
+    owners = await asyncio.to_thread(_service_of_pods, env)
+    outcomes = []
+    for (service, engine), marked, got in zip(engines.items(), marks, results, strict=True):
+        refused = sum(n - before.get(pod, 0) for pod, n in after.items() if owners.get(pod) == service)
+        outcomes.append(count(name, service, engine, got, marked, refused))
+    return outcomes
+
+
+# -- waiting for a service to be whole
+
+def _ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def whole(env: LabServices, service: str, counts: dict[str, int], served: Callable[[], set[str]]) -> bool:
+    """Every pool at its count, every pod Ready, served by the lab's engines, none terminating."""
+    for role, want in counts.items():
+        pods = env.pods_left(service, role)
+        if len(pods) != want or not all(_ready(p) and not p.metadata.deletion_timestamp for p in pods):
+            return False
+        if not {p.metadata.name for p in pods} <= served():
+            return False
+    return True
+
+
+async def until_whole(env: LabServices, service: str, counts: dict[str, int], timeout_s: float = SETTLE_S) -> float:
+    """Unix time the service was whole (or the timeout's end)."""
+    end = time.time() + timeout_s
+
+    def served() -> set[str]:
+        return {p["pod"] for p in env.lab.pods(service)}
+
+    while time.time() < end:
+        if await asyncio.to_thread(whole, env, service, counts, served):
+            return time.time()
+        await asyncio.sleep(0.5)
+    return time.time()
+
+
+def pool_counts(env: LabServices, service: str) -> dict[str, int]:
+    return {role: len(env.pods(service, role)) for role in ("prefill", "decode")}
+
+
+# -- events
+
+def kill_one(role: str) -> Event:
+    """SIGKILL of one engine of `role` (the lab's fault `kill`: the kubelet restarts it in place)."""
+
+    async def event(env: LabServices, service: str) -> Marked:
+        counts = await asyncio.to_thread(pool_counts, env, service)
+        victim = sorted(p.metadata.name for p in await asyncio.to_thread(env.pods, service, role))[0]
+        answer = await asyncio.to_thread(env.lab.put, f"/fault/{env.namespace}/{victim}", {"fault": "kill"})
+        started = float(answer["applied_at_unix"])
+        await asyncio.sleep(1.0)
+        ended = await until_whole(env, service, counts)
+        replaced = victim not in {p.metadata.name for p in await asyncio.to_thread(env.pods_left, service, role)}
+        left = [p for r in ("prefill", "decode") for p in await asyncio.to_thread(env.pods_left, service, r)]
+        restarts = sum(int(s.restart_count or 0) for p in left for s in p.status.container_statuses or [])
+        return Marked(started, ended, frozenset({f"{env.namespace}/{victim}"}),
+                      {"victim_replaced": replaced, "restarts_left": restarts})
+
+    return event
+
+
+def scale_down(role: str, by: int) -> Event:
+    """The pool's `spec.<role>.replicas` lowered by `by`."""
+
+    async def event(env: LabServices, service: str) -> Marked:
+        counts = await asyncio.to_thread(pool_counts, env, service)
+        counts[role] -= by
+        started = time.time()
+        await asyncio.to_thread(
+            env.session.cluster.custom.patch_namespaced_custom_object, GROUP, VERSION, env.namespace, PLURAL, service,
+            {"spec": {role: {"replicas": counts[role]}}}, _content_type="application/merge-patch+json")
+        return Marked(started, await until_whole(env, service, counts))
+
+    return event
+
+
+def drain_node(role: str) -> Event:
+    """`kubectl drain` of the node of one `role` worker, limited to this service's pods (the node is shared),
+    honouring the PodDisruptionBudgets (the eviction API); uncordoned after."""
+
+    async def event(env: LabServices, service: str) -> Marked:
+        counts = await asyncio.to_thread(pool_counts, env, service)
+        pods = await asyncio.to_thread(env.pods, service, role)
+        node = sorted(pods, key=lambda p: p.metadata.name)[0].spec.node_name
+        on_node = [p.metadata.name for r in ("prefill", "decode") for p in await asyncio.to_thread(env.pods, service, r)
+                   if p.spec.node_name == node]
+        started = time.time()
+        kubectl = env.session.kubectl
+        drained = await asyncio.to_thread(
+            kubectl, "drain", node, f"--pod-selector=disagg.dev/service={service},{MANAGED_SELECTOR}",
+            "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=120s", check=False, timeout=150)
+        drain_s = time.time() - started
+        try:
+            ended = await until_whole(env, service, counts)
+        finally:
+            await asyncio.to_thread(kubectl, "uncordon", node, check=False)
+        return Marked(started, ended, notes={"node": node, "pods_on_node": len(on_node), "drain_s": round(drain_s, 1),
+                                             "drain_exit": drained.returncode})
+
+    return event
