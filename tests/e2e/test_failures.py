@@ -13,8 +13,10 @@ vllm-router and sglang-router) and the `openai` client streaming RATE requests/s
     restart is left in either service afterwards (no peer crashed).
 (b) SIGKILL of one prefill engine of each (the NIXL peer restart): the same; with vLLM every decode that
     pulled from the old prefill would crash on its first pull from the restarted one (vllm#49238).
-(c) `kubectl drain` of the node of a decode worker (limited to this service's pods: the node is shared),
-    through the eviction API and the pools' PodDisruptionBudgets: no request fails.
+(c) `kubectl drain` of the nodes of both decode workers in one command (limited to this service's pods: the
+    nodes are shared), through the eviction API: the pool's PodDisruptionBudget (maxUnavailable 1) lets one
+    worker go at a time (at most one unavailable, sampled every 0.5 s; in the lab a replacement is Ready at
+    once, so the budget does not have to refuse an eviction here); no request fails.
 (d) prefill scaled down by two (3 -> 1): no request fails (decode by two: test_operations.py).
 Each prints its row: requests, failed (in flight on a killed pod / after), mixed-version hand-offs, seconds
 until the service was whole again. bench/operations.py runs the same events into bench/results/.
@@ -31,7 +33,7 @@ from kubernetes import client as kclient
 
 from support.lab_services import LabServices, lab_services
 from support.operators import EXAMPLES, in_namespace, load_docs
-from support.service_events import Event, Outcome, drain_node, kill_one, run_event, scale_down
+from support.service_events import Event, Outcome, drain_nodes, kill_one, run_event, scale_down
 
 if TYPE_CHECKING:
     from support.cluster import LocalCluster
@@ -105,11 +107,13 @@ def test_b_a_prefill_restart_does_not_break_its_peers(failures: LabServices) -> 
     check_kill(failures, run(failures, "SIGKILL of one prefill pod (NIXL peer restart)", kill_one("prefill")))
 
 
-def test_c_kubectl_drain_of_a_decode_node_loses_no_request(failures: LabServices) -> None:
-    outcomes = run(failures, "kubectl drain of a decode worker's node", drain_node("decode"))
+def test_c_kubectl_drain_of_the_decode_nodes_honours_the_pdb_and_loses_no_request(failures: LabServices) -> None:
+    outcomes = run(failures, "kubectl drain of the decode workers' nodes", drain_nodes("decode"))
     check(failures, outcomes, planned=True)
     for outcome in outcomes:
         assert outcome.notes["drain_exit"] == 0, outcome.row()
+        assert outcome.notes["workers_on_nodes"] == DECODE, outcome.row()
+        assert outcome.notes["max_unavailable"] <= 1, f"the PDB lets one decode worker go at a time: {outcome.row()}"
 
 
 def test_d_prefill_scale_down_by_two_loses_no_request(failures: LabServices) -> None:
