@@ -10,13 +10,16 @@ vllm-router and sglang-router) and the `openai` client streaming RATE requests/s
     The kubelet restarts the engine in place (same address, new identity); the operator replaces that pod
     while it loads, so its peers never meet the new engine at the old address: with SGLang the prefill that
     sent to the old decode would crash on the new one (smg#2503) and lose everything it holds. No engine
-    restart is left in either service afterwards (no peer crashed).
+    restart is left in either service afterwards (no peer crashed), and no router lists the killed pod's
+    address any more: sglang-router never drops a pod deleted while NotReady, and would send requests to
+    whatever pod gets that address next; the operator removes such workers through the router's API.
 (b) SIGKILL of one prefill engine of each (the NIXL peer restart): the same; with vLLM every decode that
     pulled from the old prefill would crash on its first pull from the restarted one (vllm#49238).
-(c) `kubectl drain` of the nodes of both decode workers in one command (limited to this service's pods: the
-    nodes are shared), through the eviction API: the pool's PodDisruptionBudget (maxUnavailable 1) lets one
-    worker go at a time (at most one unavailable, sampled every 0.5 s; in the lab a replacement is Ready at
-    once, so the budget does not have to refuse an eviction here); no request fails.
+(c) `kubectl drain` of the nodes of the decode workers in one command (limited to this service's pods: the
+    nodes are shared; one node of the kind is left for the replacements), through the eviction API: the
+    pool's PodDisruptionBudget (maxUnavailable 1) lets one worker go at a time (at most one unavailable,
+    sampled every 0.5 s; in the lab a replacement is Ready at once, so the budget does not have to refuse
+    an eviction here); no request fails.
 (d) prefill scaled down by two (3 -> 1): no request fails (decode by two: test_operations.py).
 Each prints its row: requests, failed (in flight on a killed pod / after), mixed-version hand-offs, seconds
 until the service was whole again. bench/operations.py runs the same events into bench/results/.
@@ -26,14 +29,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 from kubernetes import client as kclient
 
 from support.lab_services import LabServices, lab_services
-from support.operators import EXAMPLES, in_namespace, load_docs
-from support.service_events import Event, Outcome, drain_nodes, kill_one, run_event, scale_down
+from support.service_events import Event, Outcome, drain_nodes, example_service, kill_one, run_event, scale_down
 
 if TYPE_CHECKING:
     from support.cluster import LocalCluster
@@ -41,24 +43,10 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.e2e
 
 ENGINES = {"fail-vllm": "vllm", "fail-sglang": "sglang"}
-EXAMPLE_OF = {"vllm": "01-", "sglang": "02-"}
 PREFILL, DECODE = 3, 2
 RATE = 4.0
 LOAD_S = 30.0
 EVENT_AT_S = 6.0
-
-
-def manifest(namespace: str, name: str) -> dict[str, Any]:
-    (example,) = [p for p in EXAMPLES if p.name.startswith(EXAMPLE_OF[ENGINES[name]])]
-    (service,) = [in_namespace(d, namespace) for d in load_docs(example) if d.get("kind") == "InferenceService"]
-    service["metadata"]["name"] = name
-    spec = service["spec"]
-    spec["router"] = {**(spec.get("router") or {}), "replicas": 1}
-    spec["prefill"]["replicas"] = PREFILL
-    spec["decode"]["replicas"] = DECODE
-    for role in ("prefill", "decode"):
-        spec[role].pop("autoscaling", None)
-    return service
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +58,8 @@ def failures(cluster: LocalCluster, kube_api: kclient.ApiClient,
             assert served.count((name, "decode")) == DECODE, f"the fleet serves {sorted(served)}"
 
     with lab_services(cluster, kube_api, tmp_path_factory.mktemp("failures-e2e"), "failures-e2e",
-                      lambda namespace: [manifest(namespace, name) for name in ENGINES], fleet_ready) as env:
+                      lambda namespace: [example_service(namespace, name, engine, PREFILL, DECODE)
+                                         for name, engine in ENGINES.items()], fleet_ready) as env:
         yield env
 
 
@@ -97,6 +86,7 @@ def check_kill(env: LabServices, outcomes: list[Outcome]) -> None:
     for outcome in outcomes:
         assert outcome.notes["victim_replaced"], f"{outcome.service}: the restarted pod was not replaced"
         assert outcome.notes["restarts_left"] == 0, f"{outcome.service}: a peer crashed: {outcome.row()}"
+        assert outcome.notes["stale_router_workers"] == 0, f"{outcome.service}: a router kept a gone worker"
 
 
 def test_a_sigkill_of_a_decode_engine_loses_only_its_requests(failures: LabServices) -> None:
@@ -112,7 +102,7 @@ def test_c_kubectl_drain_of_the_decode_nodes_honours_the_pdb_and_loses_no_reques
     check(failures, outcomes, planned=True)
     for outcome in outcomes:
         assert outcome.notes["drain_exit"] == 0, outcome.row()
-        assert outcome.notes["workers_on_nodes"] == DECODE, outcome.row()
+        assert outcome.notes["workers_on_nodes"] >= 1, outcome.row()
         assert outcome.notes["max_unavailable"] <= 1, f"the PDB lets one decode worker go at a time: {outcome.row()}"
 
 

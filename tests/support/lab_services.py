@@ -55,6 +55,14 @@ class LabServices:
             self.namespace, label_selector=f"disagg.dev/service={service},disagg.dev/role={role}").items
         return pods
 
+    def engine_port(self, service: str) -> int:
+        body = self.session.cluster.service(self.namespace, service) or {}
+        return int(((body.get("spec") or {}).get("engine") or {}).get("port") or 8000)
+
+    def router_port(self, service: str) -> int:
+        body = self.session.cluster.service(self.namespace, service) or {}
+        return int(((body.get("spec") or {}).get("router") or {}).get("port") or 8000)
+
     def endpoints(self, service: str) -> ServiceEndpoints:
         return ServiceEndpoints(lambda: self.api, self.namespace, service)
 

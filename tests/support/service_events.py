@@ -13,7 +13,9 @@ own `kv_refused` counters) and the event's duration.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 from disagg.wellknown import MANAGED_SELECTOR
 from disagg_lab.load import Result, Schedule
 from support.lab_services import LabServices
-from support.operators import GROUP, PLURAL, VERSION
+from support.operators import EXAMPLES, GROUP, PLURAL, VERSION, in_namespace, load_docs
 
 SETTLE_S = 90.0
 """An event waits at most this long for its service to be whole again."""
@@ -112,6 +114,24 @@ async def run_event(env: LabServices, name: str, event: Event, engines: dict[str
     return outcomes
 
 
+EXAMPLE_OF = {"vllm": "01-", "sglang": "02-"}
+"""The example each engine's services are made from (vLLM over NIXL, SGLang over Mooncake)."""
+
+
+def example_service(namespace: str, name: str, engine: str, prefill: int, decode: int) -> dict[str, Any]:
+    """The engine's example as service `name` with fixed pools of these sizes and one router."""
+    (example,) = [p for p in EXAMPLES if p.name.startswith(EXAMPLE_OF[engine])]
+    (service,) = [in_namespace(d, namespace) for d in load_docs(example) if d.get("kind") == "InferenceService"]
+    service["metadata"]["name"] = name
+    spec = service["spec"]
+    spec["router"] = {**(spec.get("router") or {}), "replicas": 1}
+    spec["prefill"]["replicas"] = prefill
+    spec["decode"]["replicas"] = decode
+    for role in ("prefill", "decode"):
+        spec[role].pop("autoscaling", None)
+    return service
+
+
 # -- waiting for a service to be whole
 
 def _ready(pod: Any) -> bool:
@@ -143,6 +163,33 @@ async def until_whole(env: LabServices, service: str, counts: dict[str, int], ti
     return time.time()
 
 
+def stale_router_workers(env: LabServices, service: str) -> list[str]:
+    """Workers a router of the service lists (`GET /workers`, where the router has it: sglang-router) that
+    no live pod of the service is."""
+    live = {f"http://{p.status.pod_ip}:{env.engine_port(service)}" for r in ("prefill", "decode")
+            for p in env.pods(service, r) if p.status.pod_ip}
+    stale = []
+    for router in env.pods(service, "router"):
+        try:
+            with urllib.request.urlopen(f"http://{router.status.pod_ip}:{env.router_port(service)}/workers",
+                                        timeout=2) as answer:
+                listed = json.loads(answer.read()).get("workers") or []
+        except (OSError, ValueError):
+            continue
+        stale += [w["url"] for w in listed if w.get("url", "").rstrip("/") not in live]
+    return stale
+
+
+async def until_routers_clean(env: LabServices, service: str, timeout_s: float = 30.0) -> list[str]:
+    """Waits until no router of the service lists a worker that is no live pod; what is left at the end."""
+    end = time.time() + timeout_s
+    stale = await asyncio.to_thread(stale_router_workers, env, service)
+    while stale and time.time() < end:
+        await asyncio.sleep(1.0)
+        stale = await asyncio.to_thread(stale_router_workers, env, service)
+    return stale
+
+
 def pool_counts(env: LabServices, service: str) -> dict[str, int]:
     return {role: len(env.pods(service, role)) for role in ("prefill", "decode")}
 
@@ -162,8 +209,10 @@ def kill_one(role: str) -> Event:
         replaced = victim not in {p.metadata.name for p in await asyncio.to_thread(env.pods_left, service, role)}
         left = [p for r in ("prefill", "decode") for p in await asyncio.to_thread(env.pods_left, service, r)]
         restarts = sum(int(s.restart_count or 0) for p in left for s in p.status.container_statuses or [])
+        stale = await until_routers_clean(env, service)
         return Marked(started, ended, frozenset({f"{env.namespace}/{victim}"}),
-                      {"victim_replaced": replaced, "restarts_left": restarts})
+                      {"victim_replaced": replaced, "restarts_left": restarts,
+                       "stale_router_workers": len(stale), "routers_clean_s": round(time.time() - started, 1)})
 
     return event
 
@@ -183,16 +232,27 @@ def scale_down(role: str, by: int) -> Event:
     return event
 
 
+def _drainable(env: LabServices, pods: list[Any]) -> list[str]:
+    """The nodes of `pods`, leaving one node of their selector's nodes schedulable (the replacements must
+    have somewhere to go: the PodDisruptionBudget would hold the last eviction until the drain's timeout)."""
+    nodes = sorted({p.spec.node_name for p in pods if p.spec.node_name})
+    selector = ",".join(f"{k}={v}" for k, v in sorted((pods[0].spec.node_selector or {}).items())) if pods else ""
+    same_kind = env.session.cluster.core.list_node(label_selector=selector).items if selector else []
+    spare = [n.metadata.name for n in same_kind if n.metadata.name not in nodes and not n.spec.unschedulable]
+    return nodes if spare else nodes[:-1]
+
+
 def drain_nodes(role: str) -> Event:
-    """`kubectl drain` of every node holding a `role` worker of the service, in one command, limited to this
-    service's pods (the nodes are shared), through the eviction API: the pool's PodDisruptionBudget lets one
-    worker go at a time. Notes how many of the pool's workers were unavailable at most (sampled every 0.5 s);
-    the nodes are uncordoned after."""
+    """`kubectl drain` of the nodes holding the service's `role` workers in one command (all but one when no
+    other node of their kind is left for the replacements), limited to this service's pods (the nodes are
+    shared), through the eviction API: the pool's PodDisruptionBudget lets one worker go at a time. Notes
+    how many of the pool's workers were unavailable at most (sampled every 0.5 s); uncordoned after."""
 
     async def event(env: LabServices, service: str) -> Marked:
         counts = await asyncio.to_thread(pool_counts, env, service)
         pods = await asyncio.to_thread(env.pods, service, role)
-        nodes = sorted({p.spec.node_name for p in pods})
+        nodes = await asyncio.to_thread(_drainable, env, pods)
+        on_nodes = [p for p in pods if p.spec.node_name in nodes]
         unavailable: list[int] = [0]
         done = asyncio.Event()
 
@@ -208,17 +268,17 @@ def drain_nodes(role: str) -> Event:
         watcher = asyncio.create_task(watch())
         kubectl = env.session.kubectl
         started = time.time()
-        drained = await asyncio.to_thread(
-            kubectl, "drain", *nodes, f"--pod-selector=disagg.dev/service={service},{MANAGED_SELECTOR}",
-            "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=150s", check=False, timeout=180)
-        drain_s = time.time() - started
         try:
+            drained = await asyncio.to_thread(
+                kubectl, "drain", *nodes, f"--pod-selector=disagg.dev/service={service},{MANAGED_SELECTOR}",
+                "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=120s", check=False, timeout=150)
+            drain_s = time.time() - started
             ended = await until_whole(env, service, counts)
         finally:
             done.set()
             await watcher
             await asyncio.to_thread(kubectl, "uncordon", *nodes, check=False)
-        return Marked(started, ended, notes={"nodes": len(nodes), "workers_on_nodes": len(pods),
+        return Marked(started, ended, notes={"nodes": len(nodes), "workers_on_nodes": len(on_nodes),
                                              "max_unavailable": max(unavailable), "drain_s": round(drain_s, 1),
                                              "drain_exit": drained.returncode})
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from disagg.kube.client import POD, Kind
+from disagg.kube.client import Kind
 from disagg.reconcile.restarts import BURST, ReplacementBudget, restarted_engine
-from disagg.runtime.restarts import RestartedEngines
+from disagg.runtime.pods import PodView, RestartedEngines, RouterWorkers
 
 
 def pod(name: str = "vllm-decode-abc", role: str = "decode", restarts: int = 1, ready: bool = False,
@@ -66,16 +66,17 @@ class FakeKube:
 
 def engines(active: bool = True) -> tuple[RestartedEngines, FakeKube, list[tuple[str, str, str]]]:
     kube, events = FakeKube(), []
-    watcher = RestartedEngines(kube, ["serving"], lambda obj, kind, reason, message: events.append(  # type: ignore[arg-type]
+    watcher = RestartedEngines(kube, lambda obj, kind, reason, message: events.append(  # type: ignore[arg-type]
         (obj["metadata"]["name"], kind, reason)), lambda: active, clock=lambda: 0.0)
     return watcher, kube, events
 
 
 def test_each_restarted_pod_is_deleted_once_with_its_uid_and_an_event() -> None:
     watcher, kube, events = engines()
-    watcher._changed(POD, "MODIFIED", pod())
-    watcher._changed(POD, "MODIFIED", copy.deepcopy(pod()))  # the next status update of the same pod
-    watcher._listed(POD, "serving", [pod(ready=True, name="other"), pod(restarts=0, name="fresh")], True)
+    watcher.seen(pod())
+    watcher.seen(copy.deepcopy(pod()))  # the next status update of the same pod
+    for other in (pod(ready=True, name="other"), pod(restarts=0, name="fresh")):
+        watcher.seen(other)
     assert kube.deleted == [("Pod", "serving", "vllm-decode-abc", "uid-vllm-decode-abc")]
     assert events == [("vllm", "Normal", "EngineReplaced")]
 
@@ -83,12 +84,67 @@ def test_each_restarted_pod_is_deleted_once_with_its_uid_and_an_event() -> None:
 def test_a_crash_loop_is_left_to_the_kubelet_after_the_budget() -> None:
     watcher, kube, events = engines()
     for i in range(BURST + 2):
-        watcher._changed(POD, "MODIFIED", pod(name=f"vllm-decode-{i}"))
+        watcher.seen(pod(name=f"vllm-decode-{i}"))
     assert len(kube.deleted) == BURST
     assert [reason for _, _, reason in events] == ["EngineReplaced"] * BURST + ["EngineRestartLoop"] * 2
 
 
 def test_a_standby_operator_replaces_nothing() -> None:
     watcher, kube, events = engines(active=False)
-    watcher._changed(POD, "MODIFIED", pod())
+    watcher.seen(pod())
     assert not kube.deleted and not events
+
+
+def view(name: str, role: str, url: str, service: str = "vllm", ready: bool = True) -> PodView:
+    return PodView("serving", name, service, role, url, ready, deleting=False)
+
+
+class FakeRouter:
+    """A router's worker API: GET /workers and DELETE /workers/<id>."""
+
+    def __init__(self, workers: list[tuple[str, str, str]]) -> None:
+        self.workers = {worker_id: (url, role) for worker_id, url, role in workers}
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, method: str, url: str) -> Any:
+        self.calls.append((method, url))
+        if method == "GET":
+            return {"workers": [{"id": i, "url": u, "worker_type": r, "is_healthy": True}
+                                for i, (u, r) in self.workers.items()]}
+        self.workers.pop(url.rsplit("/", 1)[1])
+        return {"status": "accepted"}
+
+
+def test_a_worker_no_pod_is_behind_is_removed_from_the_router_after_two_checks() -> None:
+    pods = [view("vllm-router-x", "router", "http://127.0.0.9:8000"),
+            view("vllm-decode-a", "decode", "http://127.0.0.1:8000"),
+            view("vllm-prefill-a", "prefill", "http://127.0.0.2:8000"),
+            view("other-decode-a", "decode", "http://127.0.0.5:8000", service="other")]
+    router = FakeRouter([("d1", "http://127.0.0.1:8000", "decode"), ("p1", "http://127.0.0.2:8000", "prefill"),
+                         ("gone", "http://127.0.0.3:8000", "decode"),
+                         ("reused", "http://127.0.0.5:8000", "decode")])  # another service's pod took the address
+    events: list[tuple[str, str]] = []
+    workers = RouterWorkers(lambda: pods, lambda obj, kind, reason, message: events.append(
+        (obj["metadata"]["name"], reason)), lambda: True, api=router)
+    assert workers.check() == [], "the first check only notes them (a new pod may not be seen yet)"
+    removed = workers.check()
+    assert sorted(w.worker_id for _, w in removed) == ["gone", "reused"]
+    assert sorted(router.workers) == ["d1", "p1"]
+    assert events == [("vllm", "RouterWorkerRemoved")] * 2
+    assert workers.check() == [] and ("DELETE", "http://127.0.0.9:8000/workers/gone") in router.calls
+
+
+def test_a_worker_whose_pod_appears_in_between_is_kept_and_routers_without_the_api_are_left_alone() -> None:
+    pods = [view("vllm-router-x", "router", "http://127.0.0.9:8000")]
+    router = FakeRouter([("new", "http://127.0.0.4:8000", "decode")])
+    workers = RouterWorkers(lambda: pods, lambda *args: None, lambda: True, api=router)
+    assert workers.check() == []
+    pods.append(view("vllm-decode-new", "decode", "http://127.0.0.4:8000"))
+    assert workers.check() == [] and workers.check() == []
+    assert list(router.workers) == ["new"]
+
+    def no_api(method: str, url: str) -> Any:
+        raise OSError("404")
+
+    quiet = RouterWorkers(lambda: pods, lambda *args: None, lambda: True, api=no_api)
+    assert quiet.check() == [] and quiet.check() == []

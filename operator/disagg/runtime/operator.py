@@ -23,9 +23,9 @@ from disagg.render import parse_scrapers
 from disagg.render.context import DEFAULT_METRICS_SCRAPERS
 from disagg.runtime.autoscaling import AutoscalerLoop, activity_check
 from disagg.runtime.informers import ChildCache, ChildInformers
+from disagg.runtime.pods import OperatorPods
 from disagg.runtime.queue import ServiceLocks
 from disagg.runtime.reconciles import Reconciles
-from disagg.runtime.restarts import RestartedEngines
 from disagg.runtime.resync import Resync
 from disagg.scaling.loop import Index
 from disagg.settings import OperatorSettings
@@ -79,7 +79,7 @@ class Operator:
     autoscaling: AutoscalerLoop
     resync: Resync
     applier: ThreadPoolExecutor
-    restarts: RestartedEngines
+    pods: OperatorPods
 
     @classmethod
     def build(cls, settings: OperatorSettings, metrics: OperatorMetrics, connect_to: Connect | None = None) -> Operator:
@@ -90,7 +90,7 @@ class Operator:
         kube = connect_to(settings.workers + spec_workers(settings) + apply_threads(settings) + 4,
                           lambda method: metrics.api_requests.labels(method=method).inc())
         scopes = scopes_of(settings)
-        # one watch per child kind, the LeaderWorkerSets and the engine pods, per scope
+        # one watch per child kind, the LeaderWorkerSets and the pods, per scope
         watch_kube = connect_to(len(scopes) * (len(CHILD_KINDS) + 2) + 2, None)
         events = EventPoster(kube, settings.identity or "disagg")
         index, locks = Index(), ServiceLocks()
@@ -110,8 +110,8 @@ class Operator:
                                      record_event=events.record, ready=cache.synced.is_set, is_active=is_active,
                                      metrics=metrics)
         resync = Resync(settings.resync_seconds, index.services.keys, reconciles.resync, is_active)
-        restarts = RestartedEngines(watch_kube, scopes, events.record, is_active)
-        return cls(settings, catalog, events, reconciles, informers, autoscaling, resync, applier, restarts)
+        pods = OperatorPods(watch_kube, scopes, events.record, is_active)
+        return cls(settings, catalog, events, reconciles, informers, autoscaling, resync, applier, pods)
 
     def start(self) -> None:
         self.events.start()
@@ -119,14 +119,14 @@ class Operator:
         self.autoscaling.start()
         self.resync.start()
         self.informers.start()
-        self.restarts.start()
+        self.pods.start()
         log.info("disagg operator started: %d accelerator types, %d workers, autoscaling %s",
                  len(self.catalog.names()), self.settings.workers,
                  f"from {self.settings.prometheus_url}" if self.autoscaling.source
                  else "without metrics (no --prometheus-url)")
 
     def stop(self) -> None:
-        self.restarts.stop()
+        self.pods.stop()
         self.informers.stop()
         self.resync.stop()
         self.autoscaling.stop()

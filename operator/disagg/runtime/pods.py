@@ -1,0 +1,226 @@
+"""The operator's watch of its pods (the pools' and the routers'), one per scope, and what it does with them:
+engines restarted in place are replaced by new pods (`disagg.reconcile.restarts`), and every router's worker
+list is checked against the pods every few seconds, workers no pod is behind any more removed through the
+router's API (`disagg.reconcile.router_workers`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from disagg.kube.client import POD, ApiError, Kind, Kube
+from disagg.kube.events import EventRecorder
+from disagg.kube.watch import KindWatch
+from disagg.reconcile.restarts import WINDOW_S, Replacement, ReplacementBudget, restarted_engine
+from disagg.reconcile.router_workers import StaleTracker, StaleWorker, listed_workers
+from disagg.wellknown import MANAGED_SELECTOR, ROLE_LABEL, ROLES, ROUTER, SERVICE_LABEL
+
+log = logging.getLogger(__name__)
+
+PODS_SELECTOR = f"{MANAGED_SELECTOR},{ROLE_LABEL} in ({','.join((*ROLES, ROUTER))})"
+HANDLED_MAX = 10_000
+"""Pods remembered as replaced (or left to the kubelet) at most; the oldest are forgotten first."""
+ROUTER_CHECK_S = 5.0
+"""How often each router's worker list is compared with the pods."""
+ROUTER_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the operator keeps of one of its pods."""
+
+    namespace: str
+    name: str
+    service: str
+    role: str
+    url: str
+    """http://<pod IP>:<its container port named http>, or "" while it has no IP."""
+    ready: bool
+    deleting: bool
+
+
+def pod_view(pod: Mapping[str, Any]) -> PodView | None:
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    status = pod.get("status") or {}
+    ports = [p for c in (pod.get("spec") or {}).get("containers") or [] for p in c.get("ports") or []
+             if p.get("name") == "http"]
+    ip = status.get("podIP") or ""
+    if not labels.get(SERVICE_LABEL) or not labels.get(ROLE_LABEL):
+        return None
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return PodView(namespace=str(meta.get("namespace") or "default"), name=str(meta.get("name")),
+                   service=str(labels[SERVICE_LABEL]), role=str(labels[ROLE_LABEL]),
+                   url=f"http://{ip}:{ports[0].get('containerPort')}" if ip and ports else "", ready=ready,
+                   deleting=bool(meta.get("deletionTimestamp")))
+
+
+class RestartedEngines:
+    """Replaces the pods whose engine restarted in place (once per pod, within each service's budget)."""
+
+    def __init__(self, kube: Kube, record_event: EventRecorder, is_active: Callable[[], bool],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.kube, self.record_event, self.is_active, self.clock = kube, record_event, is_active, clock
+        self.budget = ReplacementBudget()
+        self._handled: dict[str, None] = {}
+        """uids acted on (insertion-ordered, bounded): one action per restarted pod."""
+        self._guard = threading.Lock()
+
+    def seen(self, pod: Mapping[str, Any]) -> Replacement | None:
+        """Replaces `pod` if its engine restarted in place; what was decided."""
+        replacement = restarted_engine(pod)
+        if replacement is None or not self.is_active():
+            return None
+        with self._guard:
+            if replacement.uid in self._handled:
+                return None
+            self._handled[replacement.uid] = None
+            while len(self._handled) > HANDLED_MAX:
+                del self._handled[next(iter(self._handled))]
+            allowed = self.budget.take(replacement.namespace, replacement.service, self.clock())
+        service = {"metadata": {"namespace": replacement.namespace, "name": replacement.service}}
+        if not allowed:
+            self.record_event(service, "Warning", "EngineRestartLoop",
+                              f"{replacement.role} worker {replacement.name}: its engine restarted in place again "
+                              f"(restart {replacement.restarts}); {self.budget.burst} pods of this service were "
+                              f"replaced in the last {WINDOW_S:.0f} s, so this one is left to the kubelet's back-off")
+            return replacement
+        try:
+            self.kube.delete(POD, replacement.namespace, replacement.name, uid=replacement.uid)
+        except ApiError as error:
+            log.warning("cannot replace pod %s/%s: %s", replacement.namespace, replacement.name, error)
+            with self._guard:
+                self._handled.pop(replacement.uid, None)
+            return None
+        log.info("replaced %s/%s: %s", replacement.namespace, replacement.name, replacement.message())
+        self.record_event(service, "Normal", "EngineReplaced", replacement.message())
+        return replacement
+
+
+RouterApi = Callable[[str, str], Any]
+"""(method, url) -> the decoded JSON answer; raises OSError (or ValueError) when there is none."""
+
+
+def http_json(method: str, url: str) -> Any:
+    request = urllib.request.Request(url, method=method, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(request, timeout=ROUTER_TIMEOUT_S) as response:
+        return json.loads(response.read() or b"null")
+
+
+class RouterWorkers:
+    """Every `ROUTER_CHECK_S`: each Ready router's `GET /workers` against its service's live pods; workers
+    no pod is behind for two checks are removed with `DELETE /workers/<id>`. A router without that API
+    (vllm-router drops a worker itself when its pod turns NotReady) is left alone."""
+
+    def __init__(self, pods: Callable[[], list[PodView]], record_event: EventRecorder,
+                 is_active: Callable[[], bool], api: RouterApi = http_json) -> None:
+        self.pods, self.record_event, self.is_active, self.api = pods, record_event, is_active, api
+        self.tracker = StaleTracker()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="disagg-router-workers")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(ROUTER_CHECK_S):
+            if self.is_active():
+                try:
+                    self.check()
+                except Exception:  # a check must never end the loop
+                    log.exception("router worker check failed")
+
+    def check(self) -> list[tuple[str, StaleWorker]]:
+        """One round over every router; the workers removed."""
+        pods = self.pods()
+        current: dict[tuple[str, str], dict[str, set[str]]] = {}
+        for pod in pods:
+            if pod.role in ROLES and pod.url and not pod.deleting:
+                current.setdefault((pod.namespace, pod.service), {}).setdefault(pod.role, set()).add(pod.url)
+        routers = [p for p in pods if p.role == ROUTER and p.ready and p.url and not p.deleting]
+        self.tracker.forget({f"{r.namespace}/{r.name}" for r in routers})
+        removed = []
+        for router in routers:
+            key = f"{router.namespace}/{router.name}"
+            try:
+                listed = listed_workers(self.api("GET", f"{router.url}/workers"))
+            except (OSError, ValueError):
+                continue  # no such API, or the router is busy: next round
+            for worker in self.tracker.check(key, listed, current.get((router.namespace, router.service), {})):
+                try:
+                    self.api("DELETE", f"{router.url}/workers/{quote(worker.worker_id, safe='')}")
+                except (OSError, ValueError) as error:
+                    log.info("router %s: cannot remove worker %s: %s", key, worker.url, error)
+                    continue
+                self.tracker.removed(key, worker)
+                removed.append((key, worker))
+                message = (f"router {router.name} still listed {worker.role} worker {worker.url}, which no pod of "
+                           "this service has been for two checks (its pod was deleted while NotReady, which the "
+                           "router does not see): removed through the router's API")
+                log.info("%s", message)
+                self.record_event({"metadata": {"namespace": router.namespace, "name": router.service}},
+                                  "Normal", "RouterWorkerRemoved", message)
+        return removed
+
+
+class OperatorPods:
+    """The watch of the operator's pods per scope, feeding `RestartedEngines` and the index `RouterWorkers`
+    reads."""
+
+    def __init__(self, kube: Kube, scopes: list[str | None], record_event: EventRecorder,
+                 is_active: Callable[[], bool]) -> None:
+        self.kube, self.scopes = kube, scopes
+        self.restarts = RestartedEngines(kube, record_event, is_active)
+        self.routers = RouterWorkers(self.views, record_event, is_active)
+        self._views: dict[str, PodView] = {}
+        self._guard = threading.Lock()
+        self.watches: list[KindWatch] = []
+
+    def start(self) -> None:
+        for namespace in self.scopes:
+            watch = KindWatch(self.kube, POD, namespace, PODS_SELECTOR, self._listed, self._changed)
+            watch.start()
+            self.watches.append(watch)
+        self.routers.start()
+
+    def stop(self) -> None:
+        self.routers.stop()
+        for watch in self.watches:
+            watch.close()
+
+    def views(self) -> list[PodView]:
+        with self._guard:
+            return list(self._views.values())
+
+    def _listed(self, kind: Kind, namespace: str | None, items: list[dict[str, Any]], last: bool) -> None:
+        for pod in items:
+            self._seen(pod)
+
+    def _changed(self, kind: Kind, event: str, pod: dict[str, Any]) -> None:
+        if event == "DELETED":
+            with self._guard:
+                self._views.pop(str((pod.get("metadata") or {}).get("uid")), None)
+            return
+        self._seen(pod)
+
+    def _seen(self, pod: Mapping[str, Any]) -> None:
+        view = pod_view(pod)
+        uid = str((pod.get("metadata") or {}).get("uid"))
+        with self._guard:
+            if view is None:
+                self._views.pop(uid, None)
+            else:
+                self._views[uid] = view
+        if view is not None and view.role in ROLES:
+            self.restarts.seen(pod)
