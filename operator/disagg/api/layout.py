@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import Accelerator
-from disagg.catalog.engines import MULTINODE_FLAGS, owned_flag
+from disagg.engines import ENGINES, MULTINODE_FLAGS, owned_flag
 
 if TYPE_CHECKING:
     from disagg.api.validate import FieldError
@@ -60,23 +60,7 @@ def layout_errors(
 def _engine_errors(field: str, pool: PoolSpec, engine: str, nodes: int) -> list[FieldError]:
     from disagg.api.validate import FieldError
 
-    par = pool.parallelism
-    count = pool.accelerator.count
-    if engine == "vllm":
-        if par.pipeline > 1 and par.data > 1:
-            return [FieldError(f"{field}.parallelism", "vLLM runs a worker across nodes either by pipeline stages "
-                               "(--nnodes) or by data-parallel ranks (--data-parallel-size), not both")]
-        if par.pipeline > 1 and par.pipeline % nodes:
-            return [FieldError(f"{field}.parallelism.pipeline", f"{par.pipeline} stages do not split evenly over "
-                               f"{nodes} nodes")]
-        if par.data > 1 and count != par.tensor * (par.data // nodes):
-            return [FieldError(f"{field}.parallelism.data", f"{par.data} data-parallel ranks of TP{par.tensor} over "
-                               f"{nodes} nodes need {par.tensor * par.data // nodes} accelerators per pod, "
-                               f"accelerator.count is {count}")]
-    elif par.data > 1 and par.pipeline > 1:
-        return [FieldError(f"{field}.parallelism", "SGLang runs data-parallel attention inside one pipeline stage: "
-                           "use parallelism.pipeline or parallelism.data across nodes, not both")]
-    return []
+    return [FieldError(at, message) for at, message in ENGINES[engine].layout_errors(field, pool, nodes)]
 
 
 def _multinode_flag(field: str, arg: str, pool: PoolSpec, spec: InferenceServiceSpec) -> list[FieldError]:

@@ -18,7 +18,7 @@ from pydantic.alias_generators import to_camel
 from disagg.api.affinity import affinity_errors
 from disagg.api.names import LABEL_VALUE, QUALIFIED_NAME, label_value, qualified_name
 from disagg.api.quantity import MAX_QUANTITY_TEXT, check_quantity
-from disagg.catalog.engines import (
+from disagg.engines import (
     MOONCAKE_BOOTSTRAP_PORT,
     NIXL_SIDE_CHANNEL_PORT,
     OWNED_ENV,

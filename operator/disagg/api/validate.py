@@ -23,7 +23,7 @@ from disagg.api.names import dns_subdomain, qualified_name
 from disagg.api.quantity import parse_quantity
 from disagg.api.v1alpha1 import CHILD_SEPARATOR, MAX_NAME_LENGTH, InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.catalog.engines import CROSS_VENDOR_CONNECTORS, ENGINES
+from disagg.engines import CROSS_VENDOR_CONNECTORS, ENGINES
 from disagg.wellknown import ROLES
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from disagg.catalog.engines import ENGINES, MetricNames
+from disagg.engines import ENGINES, MetricNames
 from disagg.scaling.policy import LoadPicture, PoolSignals
 from disagg.scaling.policy.histogram import histogram_quantile
 

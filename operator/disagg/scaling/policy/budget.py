@@ -10,7 +10,7 @@ import math
 from typing import NamedTuple
 
 from disagg.api.v1alpha1 import InferenceServiceSpec
-from disagg.catalog.engines import ENGINES
+from disagg.engines import ENGINES
 from disagg.scaling.policy.histogram import share_above
 from disagg.scaling.policy.picture import LoadPicture
 from disagg.scaling.policy.settings import PolicySettings

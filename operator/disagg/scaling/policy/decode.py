@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.capacity.roofline import decode_step_seconds, kv_capacity_tokens
 from disagg.capacity.sizing import DecodeSizing, size_decode
-from disagg.catalog.engines import ENGINES
+from disagg.engines import ENGINES
 from disagg.scaling.policy.model import (
     Capacity,
     clamp,
