@@ -12,6 +12,8 @@ refused in extraArgs however it is spelled (`owned_flag`, and `owned_flag_cel` f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from disagg.engines.base import (
     MOONCAKE_BOOTSTRAP_PORT,
     NIXL_SIDE_CHANNEL_PORT,
@@ -23,6 +25,9 @@ from disagg.engines.sglang import SGLang
 from disagg.engines.vllm import VLLM
 from disagg.engines.vllm import kv_transfer_config as vllm_kv_transfer_config
 from disagg.wellknown import Role as Role  # where engine flags and metrics are looked up by role
+
+if TYPE_CHECKING:
+    from disagg.api.v1alpha1 import EngineSpec
 
 Engine = EngineAdapter
 
@@ -53,9 +58,19 @@ OWNED_ENV = (
 own: the API server refuses the duplicate, or the user's value would silently lose)."""
 
 
+def engine_adapter(engine: EngineSpec) -> EngineAdapter:
+    """The adapter of a spec's engine: a built-in one, or one made from `engine.custom`."""
+    if engine.custom is not None:
+        from disagg.engines.custom import Custom  # custom builds on the built-in adapters
+
+        return Custom(engine.custom)
+    return ENGINES[engine.kind]
+
+
 def kv_port(connector: str, engine: str, explicit: int | None) -> int:
-    """The side-channel/bootstrap port for a connector: the explicit one or the engine's default."""
-    return ENGINES[engine].kv_port(connector, explicit)
+    """The side-channel/bootstrap port for a connector: the explicit one or the engine's default (a custom
+    engine's is vLLM's: NIXL's side channel, or Mooncake's bootstrap port)."""
+    return ENGINES.get(engine, ENGINES["vllm"]).kv_port(connector, explicit)
 
 
 def flag_key(engine: str, arg: str) -> tuple[str, bool] | None:
@@ -63,7 +78,7 @@ def flag_key(engine: str, arg: str) -> tuple[str, bool] | None:
     (an abbreviation); None for an argument that is no flag."""
     if not arg.startswith("-") or arg in ("-", "--"):
         return None
-    dotted_flags = ENGINES[engine].dotted_flags
+    dotted_flags = engine in ENGINES and ENGINES[engine].dotted_flags
     if arg.startswith("--"):
         key = arg.split("=", 1)[0]
         if dotted_flags:  # the part before a '.' is the flag (JSON key path after); '_' reads as '-'
@@ -103,7 +118,7 @@ def owned_flag_cel(engine: str, owned: dict[str, str], arg: str) -> str:
         else:
             short_forms.append(option)
             abbreviations += prefixes[:-1]
-    dotted_flags = ENGINES[engine].dotted_flags
+    dotted_flags = engine in ENGINES and ENGINES[engine].dotted_flags
     key = f"{arg}.split('=')[0]" + (".split('.')[0]" if dotted_flags else "")
     long_key = f"{key}.replace('_', '-')" if dotted_flags else key
     terms = [f"({arg}.startsWith('--') && {long_key} in {long_forms!r})"]
@@ -114,8 +129,25 @@ def owned_flag_cel(engine: str, owned: dict[str, str], arg: str) -> str:
 
 
 __all__ = [
-    "CROSS_VENDOR_CONNECTORS", "ENGINES", "MOONCAKE_BOOTSTRAP_PORT", "MULTINODE_FLAGS", "NIXL_SIDE_CHANNEL_PORT",
-    "OWNED_ENV", "OWNED_FLAGS", "OWNED_WITH_CPU_TIER", "OWNED_WITH_DISK_TIER", "OWNED_WITH_OBJECT_STORAGE",
-    "ROUTER_METRICS_PORT", "Engine", "EngineAdapter", "MetricNames", "Role", "flag_key", "kv_port", "owned_flag",
-    "owned_flag_cel", "vllm_kv_transfer_config",
+    "CROSS_VENDOR_CONNECTORS",
+    "ENGINES",
+    "MOONCAKE_BOOTSTRAP_PORT",
+    "MULTINODE_FLAGS",
+    "NIXL_SIDE_CHANNEL_PORT",
+    "OWNED_ENV",
+    "OWNED_FLAGS",
+    "OWNED_WITH_CPU_TIER",
+    "OWNED_WITH_DISK_TIER",
+    "OWNED_WITH_OBJECT_STORAGE",
+    "ROUTER_METRICS_PORT",
+    "Engine",
+    "EngineAdapter",
+    "MetricNames",
+    "Role",
+    "engine_adapter",
+    "flag_key",
+    "kv_port",
+    "owned_flag",
+    "owned_flag_cel",
+    "vllm_kv_transfer_config",
 ]

@@ -13,7 +13,7 @@ from disagg import GROUP, KIND, VERSION
 from disagg.api.quantity import quantity_bytes
 from disagg.api.v1alpha1 import CHILD_SEPARATOR, InferenceServiceSpec, NetworkPolicyPeer, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port
+from disagg.engines import ROUTER_METRICS_PORT, Role, engine_adapter, kv_port
 from disagg.engines.base import KV_DISK_DIR
 from disagg.render import multinode
 from disagg.render.drain import ROUTER_DEREGISTER_S, pool_drain, router_grace_seconds
@@ -195,7 +195,7 @@ def _engine_command(
     engine = spec.engine
     tiers = spec.kv_cache
     disk_gib = _gib(tiers.disk.size) if tiers is not None and tiers.disk is not None else None
-    rendered = ENGINES[engine.kind].pool_command(spec, role, source.argument, source.extra_args, port_kv, disk_gib)
+    rendered = engine_adapter(engine).pool_command(spec, role, source.argument, source.extra_args, port_kv, disk_gib)
     env: list[dict[str, Any]] = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "HF_HOME", "value": CACHE_DIR},
@@ -218,7 +218,7 @@ def pool_values(
 ) -> Pool:
     """The values of one pool's Deployment."""
     pool: PoolSpec = getattr(spec, role)
-    engine = ENGINES[spec.engine.kind]
+    engine = engine_adapter(spec.engine)
     acc = pool.accelerator
     node_selector: dict[str, str] = {}
     accelerator = None
@@ -349,7 +349,7 @@ ROUTER_HEALTH_FAILURE_THRESHOLD = 2
 
 
 def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
-    engine = ENGINES[spec.engine.kind]
+    engine = engine_adapter(spec.engine)
     namespace = owner.namespace or "default"
     prefill_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=prefill"]
     decode_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=decode"]

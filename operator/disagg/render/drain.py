@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 from disagg.api.v1alpha1 import InferenceServiceSpec
-from disagg.engines import ENGINES, Role
+from disagg.engines import Role, engine_adapter
 
 DEREGISTER_S = 3
 """What the preStop hook waits before it looks at the engine: the routers' watch sees the deletion within a
@@ -92,7 +92,7 @@ def drain_seconds(spec: InferenceServiceSpec, role: Role) -> int:
 
 def pool_drain(spec: InferenceServiceSpec, role: Role) -> Drain:
     drain_s = drain_seconds(spec, role)
-    engine = ENGINES[spec.engine.kind]
+    engine = engine_adapter(spec.engine)
     gauges = engine.drain_gauges(role)
     finished = f"{engine.metrics.e2e_histogram}_count"
     prestop = ["python3", "-c", DRAIN_SCRIPT, str(spec.engine.port), str(DEREGISTER_S), str(drain_s), str(QUIET_S),
