@@ -351,6 +351,12 @@ class EnvFromSource(CRDModel):
 
 
 METRIC_NAME = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
+# The signals each pool's autoscaling reads (scaling/signals.py): without them the policy is blind and would
+# hold the pool forever, so an autoscaled pool of a custom engine needs these names.
+NEEDED_FOR_AUTOSCALING = {
+    "prefill": ("runningRequests", "waitingRequests", "promptTokensTotal", "ttftHistogram"),
+    "decode": ("runningRequests", "kvCacheUsage", "generationTokensTotal", "itlHistogram", "ttftHistogram"),
+}
 TEMPLATE_VALUES = ("port", "role", "kvPort", "model", "servedModelName", "tensorParallel")
 """The operator's values a custom engine's command and args may name as {{value}}."""
 
@@ -393,14 +399,26 @@ class CustomEngineSpec(CRDModel):
     metrics: CustomMetrics = Field(default_factory=CustomMetrics)
     """The engine's metric names behind the autoscaler's signals."""
 
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = tuple(
+        {
+            "rule": f"!has(self.{part}) || self.{part}.all(a, !a"
+            + "".join(f".replace('{{{{{value}}}}}', '')" for value in TEMPLATE_VALUES) + ".contains('{{'))",
+            "message": f"custom.{part} may use only the template values "
+            + ", ".join("{{" + value + "}}" for value in TEMPLATE_VALUES),
+            "fieldPath": f".{part}",
+        }
+        for part in ("command", "args")
+    )
+
     def cross_field_errors(self) -> list[str]:
         errors = []
-        for field, values in (("command", self.command), ("args", self.args)):
+        for rule, (field, values) in zip(self.cel_rules, (("command", self.command), ("args", self.args)),
+                                         strict=True):
             for index, text in enumerate(values):
-                for name in re.findall(r"\{\{\s*([^}]*?)\s*\}\}", text):
-                    if name not in TEMPLATE_VALUES:
-                        errors.append(f".{field}[{index}]: unknown template value {{{{{name}}}}}; the operator fills "
-                                      f"{', '.join('{{' + v + '}}' for v in TEMPLATE_VALUES)}")
+                for value in TEMPLATE_VALUES:
+                    text = text.replace("{{" + value + "}}", "")
+                if "{{" in text:
+                    errors.append(f".{field}[{index}]: {values[index]!r}: {rule['message']}")
         return errors
 
 
@@ -431,11 +449,12 @@ class EngineSpec(CRDModel):
             "message": f"engine.env must not set a variable the operator sets ({', '.join(OWNED_ENV)})",
         },
         {
-            "rule": "(self.kind == 'custom') == has(self.custom)",
+            # engine's default ({}) is checked before its own defaults: kind may be absent
+            "rule": "(has(self.kind) && self.kind == 'custom') == has(self.custom)",
             "message": "engine.custom is set exactly when engine.kind is custom",
         },
         {
-            "rule": "self.kind != 'custom' || has(self.image)",
+            "rule": "!has(self.kind) || self.kind != 'custom' || has(self.image)",
             "message": "engine.kind custom needs engine.image (the operator has no default image for it)",
             "fieldPath": ".image",
         },
@@ -1024,6 +1043,18 @@ class InferenceServiceSpec(CRDModel):
             "fieldPath": ".acceleratorBudget",
         },
         *_owned_flag_rules(),
+        *(
+            {
+                "rule": f"self.engine.kind != 'custom' || !has(self.{role}.autoscaling) || ("
+                + " && ".join(f"has(self.engine.custom.metrics.{name})" for name in NEEDED_FOR_AUTOSCALING[role])
+                + ")",
+                "message": f"{role}.autoscaling with engine.kind custom needs the metric names the autoscaler reads "
+                f"for {role}: engine.custom.metrics {', '.join(NEEDED_FOR_AUTOSCALING[role])} (or set "
+                f"{role}.replicas without autoscaling)",
+                "fieldPath": f".{role}.autoscaling",
+            }
+            for role in ("prefill", "decode")
+        ),
     )
 
     def owned_flags(self) -> dict[str, str]:
@@ -1071,6 +1102,14 @@ class InferenceServiceSpec(CRDModel):
             errors.append(f"{rules[8]['fieldPath']}: {budget} is less than the {need} accelerators the pools hold "
                           "at least (a fixed pool its replicas, an autoscaled one minReplicas, times the "
                           "accelerators of a worker: accelerator.count x its nodes)")
+        custom = self.engine.custom
+        for role in ("prefill", "decode"):
+            missing = [name for name in NEEDED_FOR_AUTOSCALING[role]
+                       if custom is not None and custom.metrics.model_dump(by_alias=True).get(name) is None]
+            if self.engine.kind == "custom" and getattr(self, role).autoscaling is not None and missing:
+                errors.append(f".{role}.autoscaling: the custom engine cannot autoscale {role}: set "
+                              f"engine.custom.metrics {', '.join(missing)} (the metric names the autoscaler reads "
+                              f"for {role}), or remove {role}.autoscaling and set {role}.replicas")
         owned = self.owned_flags()
         for field, args in (("engine", self.engine.extra_args), ("prefill", self.prefill.extra_args),
                             ("decode", self.decode.extra_args)):

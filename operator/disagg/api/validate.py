@@ -24,7 +24,6 @@ from disagg.api.quantity import parse_quantity
 from disagg.api.v1alpha1 import CHILD_SEPARATOR, MAX_NAME_LENGTH, InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
 from disagg.engines import CROSS_VENDOR_CONNECTORS, engine_adapter
-from disagg.engines.custom import missing_for_autoscaling
 from disagg.wellknown import ROLES
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -150,7 +149,6 @@ def catalog_errors(spec: InferenceServiceSpec, catalog: AcceleratorCatalog) -> l
                 if key in owned:
                     errors.append(FieldError(f"{field}.resources.{part}.{key}",
                                              f"set by the operator from {owned[key]}; remove it from resources"))
-    errors += _custom_metric_errors(spec)
     if spec.kv_transfer.connector not in engine.connectors:
         errors.append(FieldError(
             "spec.kvTransfer.connector", f"{spec.engine.kind} has no {spec.kv_transfer.connector} connector"
@@ -161,25 +159,6 @@ def catalog_errors(spec: InferenceServiceSpec, catalog: AcceleratorCatalog) -> l
             f"{spec.kv_transfer.connector} cannot move KV between {vendors['prefill']} (prefill) and "
             f"{vendors['decode']} (decode) accelerators; use {', '.join(sorted(CROSS_VENDOR_CONNECTORS))}",
         ))
-    return errors
-
-
-def _custom_metric_errors(spec: InferenceServiceSpec) -> list[FieldError]:
-    """An autoscaled pool of a custom engine needs the metric names its signals are read from."""
-    custom = spec.engine.custom
-    errors: list[FieldError] = []
-    for role in ROLES:
-        pool: PoolSpec = getattr(spec, role)
-        if custom is None or pool.autoscaling is None:
-            continue
-        missing = missing_for_autoscaling(custom.metrics, role)
-        if missing:
-            errors.append(FieldError(
-                f"spec.{role}.autoscaling",
-                f"the custom engine cannot autoscale {role}: set engine.custom.metrics "
-                f"{', '.join(missing)} (the metric names the autoscaler reads for {role}), or remove "
-                f"{role}.autoscaling and set {role}.replicas",
-            ))
     return errors
 
 

@@ -25,27 +25,10 @@ from disagg.wellknown import Role
 if TYPE_CHECKING:
     from disagg.api.v1alpha1 import CustomEngineSpec, CustomMetrics, InferenceServiceSpec, PoolSpec
 
-_TEMPLATE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+_TEMPLATE = re.compile(r"\{\{(\w+)\}\}")
 
-# The signals each pool's autoscaling reads (scaling/signals.py): without them the policy is blind and would
-# hold the pool forever, so an autoscaled pool of a custom engine needs these names.
-NEEDED_FOR_AUTOSCALING: dict[Role, tuple[str, ...]] = {
-    "prefill": ("runningRequests", "waitingRequests", "promptTokensTotal", "ttftHistogram"),
-    "decode": ("runningRequests", "kvCacheUsage", "generationTokensTotal", "itlHistogram", "ttftHistogram"),
-}
-_FIELDS = {
-    "waitingRequests": "waiting_requests", "runningRequests": "running_requests", "kvCacheUsage": "kv_cache_usage",
-    "promptTokensTotal": "prompt_tokens_total", "generationTokensTotal": "generation_tokens_total",
-    "ttftHistogram": "ttft_histogram", "itlHistogram": "itl_histogram", "e2eHistogram": "e2e_histogram",
-    "promptHistogram": "prompt_histogram",
-}
 UNSET = ""
 """A signal the engine does not export: no query matches the empty name."""
-
-
-def missing_for_autoscaling(metrics: CustomMetrics, role: Role) -> list[str]:
-    """The metric fields (camelCase, as in the spec) an autoscaled pool of this role needs and lacks."""
-    return [name for name in NEEDED_FOR_AUTOSCALING[role] if getattr(metrics, _FIELDS[name]) is None]
 
 
 def metric_names(metrics: CustomMetrics) -> MetricNames:
