@@ -19,6 +19,7 @@ from disagg.api.affinity import affinity_errors
 from disagg.api.names import LABEL_VALUE, QUALIFIED_NAME, label_value, qualified_name
 from disagg.api.quantity import MAX_QUANTITY_TEXT, check_quantity
 from disagg.engines import (
+    ENGINES,
     MOONCAKE_BOOTSTRAP_PORT,
     NIXL_SIDE_CHANNEL_PORT,
     OWNED_ENV,
@@ -943,7 +944,7 @@ def _owned_flag_rules() -> tuple[dict[str, str], ...]:
             if not owned:
                 continue
             when = f" || !({condition})" if condition else ""
-            spelling = "with '_' for '-' or as --flag.key" if engine == "vllm" else "or as --flag=value"
+            spelling = "with '_' for '-' or as --flag.key" if ENGINES[engine].dotted_flags else "or as --flag=value"
             each = " && ".join(f"(!has(self.{part}.extraArgs) || self.{part}.extraArgs.all(a, "
                                f"!{owned_flag_cel(engine, owned, 'a')}))" for part in ("engine", "prefill", "decode"))
             rules.append({
