@@ -72,7 +72,7 @@ from disagg.capacity.roofline import (
 )
 from disagg.capacity.traces import TraceError, Workload, read_trace, scale_time
 from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog
-from disagg.catalog.engines import MOONCAKE_BOOTSTRAP_PORT, NIXL_SIDE_CHANNEL_PORT
+from disagg.engines import MOONCAKE_BOOTSTRAP_PORT, NIXL_SIDE_CHANNEL_PORT
 from disagg.sim.engine import DecodePool, PrefillReplica
 from disagg.wellknown import ROLES, Role
 from disagg_lab.kube import PodObservation

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from disagg.catalog.engines import ENGINES
+from disagg.engines import ENGINES
 
 EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LAB_COUNTERS: tuple[tuple[str, str, str], ...] = (

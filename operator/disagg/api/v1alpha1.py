@@ -18,7 +18,8 @@ from pydantic.alias_generators import to_camel
 from disagg.api.affinity import affinity_errors
 from disagg.api.names import LABEL_VALUE, QUALIFIED_NAME, label_value, qualified_name
 from disagg.api.quantity import MAX_QUANTITY_TEXT, check_quantity
-from disagg.catalog.engines import (
+from disagg.engines import (
+    ENGINES,
     MOONCAKE_BOOTSTRAP_PORT,
     NIXL_SIDE_CHANNEL_PORT,
     OWNED_ENV,
@@ -33,7 +34,7 @@ from disagg.catalog.engines import (
 )
 from disagg.wellknown import ROLES as ROLES  # the pools' roles, where the spec's pools are defined
 
-EngineKind = Literal["vllm", "sglang"]
+EngineKind = Literal["vllm", "sglang", "custom"]
 KVConnector = Literal["nixl", "mooncake"]
 Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
 KVDtype = Literal["bf16", "fp16", "fp8"]
@@ -350,11 +351,85 @@ class EnvFromSource(CRDModel):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+METRIC_NAME = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
+# The signals each pool's autoscaling reads (scaling/signals.py): without them the policy is blind and would
+# hold the pool forever, so an autoscaled pool of a custom engine needs these names.
+NEEDED_FOR_AUTOSCALING = {
+    "prefill": ("runningRequests", "waitingRequests", "promptTokensTotal", "ttftHistogram"),
+    "decode": ("runningRequests", "kvCacheUsage", "generationTokensTotal", "itlHistogram", "ttftHistogram"),
+}
+TEMPLATE_VALUES = ("port", "role", "kvPort", "model", "servedModelName", "tensorParallel")
+"""The operator's values a custom engine's command and args may name as {{value}}."""
+
+
+class CustomMetrics(CRDModel):
+    """A custom engine's own Prometheus metric names behind the autoscaler's signals (histograms without
+    their _bucket/_count suffix). The autoscaler needs some of them per pool (see docs/validation.md)."""
+
+    waiting_requests: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Gauge: requests queued, not yet running (prefill's queue)."""
+    running_requests: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Gauge: requests running."""
+    kv_cache_usage: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Gauge: the fraction of the KV cache in use (0 to 1)."""
+    prompt_tokens_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter: prompt tokens processed."""
+    generation_tokens_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter: tokens generated."""
+    ttft_histogram: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Histogram (seconds): time to first token."""
+    itl_histogram: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Histogram (seconds): time between output tokens."""
+    e2e_histogram: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME, alias="e2eHistogram")
+    """Histogram (seconds): request latency, start to end."""
+    prompt_histogram: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Histogram: prompt tokens per request."""
+
+
+class CustomEngineSpec(CRDModel):
+    """A specialised engine the operator does not know: its command, how it speaks to the router, and its
+    metric names. {{port}}, {{role}}, {{kvPort}}, {{model}}, {{servedModelName}} and {{tensorParallel}} in
+    command and args are replaced by the operator's values for each pool."""
+
+    command: list[Annotated[str, Field(max_length=4096)]] = Field(min_length=1, max_length=64)
+    """The container's command."""
+    args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=128)
+    """The container's arguments."""
+    protocol: Literal["vllm", "sglang"] = "vllm"
+    """The P/D protocol the engine speaks: which router runs in front of it and how KV ports are used."""
+    metrics: CustomMetrics = Field(default_factory=CustomMetrics)
+    """The engine's metric names behind the autoscaler's signals."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = tuple(
+        {
+            "rule": f"!has(self.{part}) || self.{part}.all(a, !a"
+            + "".join(f".replace('{{{{{value}}}}}', '')" for value in TEMPLATE_VALUES) + ".contains('{{'))",
+            "message": f"custom.{part} may use only the template values "
+            + ", ".join("{{" + value + "}}" for value in TEMPLATE_VALUES),
+            "fieldPath": f".{part}",
+        }
+        for part in ("command", "args")
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        errors = []
+        for rule, (field, values) in zip(self.cel_rules, (("command", self.command), ("args", self.args)),
+                                         strict=True):
+            for index, text in enumerate(values):
+                for value in TEMPLATE_VALUES:
+                    text = text.replace("{{" + value + "}}", "")
+                if "{{" in text:
+                    errors.append(f".{field}[{index}]: {values[index]!r}: {rule['message']}")
+        return errors
+
+
 class EngineSpec(CRDModel):
     """The inference engine both pools run."""
 
     kind: EngineKind = "vllm"
-    """Engine: vllm or sglang."""
+    """Engine: vllm, sglang, or custom (an engine of your own: set custom and image)."""
+    custom: CustomEngineSpec | None = None
+    """The command, router protocol and metric names of a custom engine (kind custom only)."""
     image: str | None = Field(default=None, max_length=512, pattern=IMAGE)
     """Container image; defaults to the engine's image for each pool's accelerator vendor."""
     port: Port = 8000
@@ -374,10 +449,24 @@ class EngineSpec(CRDModel):
             "rule": f"!has(self.env) || self.env.all(e, !(e.name in {list(OWNED_ENV)!r}))".replace('"', "'"),
             "message": f"engine.env must not set a variable the operator sets ({', '.join(OWNED_ENV)})",
         },
+        {
+            # engine's default ({}) is checked before its own defaults: kind may be absent
+            "rule": "(has(self.kind) && self.kind == 'custom') == has(self.custom)",
+            "message": "engine.custom is set exactly when engine.kind is custom",
+        },
+        {
+            "rule": "!has(self.kind) || self.kind != 'custom' || has(self.image)",
+            "message": "engine.kind custom needs engine.image (the operator has no default image for it)",
+            "fieldPath": ".image",
+        },
     )
 
     def cross_field_errors(self) -> list[str]:
         errors = []
+        if (self.kind == "custom") != (self.custom is not None):
+            errors.append(self.cel_rules[1]["message"])
+        if self.kind == "custom" and self.image is None:
+            errors.append(f"{self.cel_rules[2]['fieldPath']}: {self.cel_rules[2]['message']}")
         names = [var.name for var in self.env]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -855,7 +944,7 @@ def _owned_flag_rules() -> tuple[dict[str, str], ...]:
             if not owned:
                 continue
             when = f" || !({condition})" if condition else ""
-            spelling = "with '_' for '-' or as --flag.key" if engine == "vllm" else "or as --flag=value"
+            spelling = "with '_' for '-' or as --flag.key" if ENGINES[engine].dotted_flags else "or as --flag=value"
             each = " && ".join(f"(!has(self.{part}.extraArgs) || self.{part}.extraArgs.all(a, "
                                f"!{owned_flag_cel(engine, owned, 'a')}))" for part in ("engine", "prefill", "decode"))
             rules.append({
@@ -916,7 +1005,7 @@ class InferenceServiceSpec(CRDModel):
             "fieldPath": ".kvTransfer.connector",
         },
         {
-            "rule": "self.engine.kind == 'vllm' || !(self.model.uri.startsWith('s3://') || "
+            "rule": "self.engine.kind != 'sglang' || !(self.model.uri.startsWith('s3://') || "
             "self.model.uri.startsWith('gs://'))",
             "message": "sglang loads weights from hf:// or pvc:// only",
             "fieldPath": ".model.uri",
@@ -955,11 +1044,25 @@ class InferenceServiceSpec(CRDModel):
             "fieldPath": ".acceleratorBudget",
         },
         *_owned_flag_rules(),
+        *(
+            {
+                "rule": f"self.engine.kind != 'custom' || !has(self.{role}.autoscaling) || ("
+                + " && ".join(f"has(self.engine.custom.metrics.{name})" for name in NEEDED_FOR_AUTOSCALING[role])
+                + ")",
+                "message": f"{role}.autoscaling with engine.kind custom needs the metric names the autoscaler reads "
+                f"for {role}: engine.custom.metrics {', '.join(NEEDED_FOR_AUTOSCALING[role])} (or set "
+                f"{role}.replicas without autoscaling)",
+                "fieldPath": f".{role}.autoscaling",
+            }
+            for role in ("prefill", "decode")
+        ),
     )
 
     def owned_flags(self) -> dict[str, str]:
         """The flags the operator sets for this spec (option string -> shortest accepted prefix)."""
         kind = self.engine.kind
+        if kind not in OWNED_FLAGS:  # a custom engine's flags are its own template
+            return {}
         owned = dict(OWNED_FLAGS[kind])
         if self.model.uri.startswith(("s3://", "gs://")):
             owned.update(OWNED_WITH_OBJECT_STORAGE[kind])
@@ -979,7 +1082,7 @@ class InferenceServiceSpec(CRDModel):
             errors.append(f"{rules[1]['fieldPath']}: {rules[1]['message']}")
         if self.engine.kind == "vllm" and self.kv_transfer.connector == "mooncake":
             errors.append(f"{rules[2]['fieldPath']}: {rules[2]['message']}")
-        if self.engine.kind != "vllm" and self.model.uri.startswith(("s3://", "gs://")):
+        if self.engine.kind == "sglang" and self.model.uri.startswith(("s3://", "gs://")):
             errors.append(f"{rules[3]['fieldPath']}: {rules[3]['message']}")
         arch = self.model.architecture
         pools = (self.prefill, self.decode)
@@ -1000,6 +1103,14 @@ class InferenceServiceSpec(CRDModel):
             errors.append(f"{rules[8]['fieldPath']}: {budget} is less than the {need} accelerators the pools hold "
                           "at least (a fixed pool its replicas, an autoscaled one minReplicas, times the "
                           "accelerators of a worker: accelerator.count x its nodes)")
+        custom = self.engine.custom
+        for role in ("prefill", "decode"):
+            missing = [name for name in NEEDED_FOR_AUTOSCALING[role]
+                       if custom is not None and custom.metrics.model_dump(by_alias=True).get(name) is None]
+            if self.engine.kind == "custom" and getattr(self, role).autoscaling is not None and missing:
+                errors.append(f".{role}.autoscaling: the custom engine cannot autoscale {role}: set "
+                              f"engine.custom.metrics {', '.join(missing)} (the metric names the autoscaler reads "
+                              f"for {role}), or remove {role}.autoscaling and set {role}.replicas")
         owned = self.owned_flags()
         for field, args in (("engine", self.engine.extra_args), ("prefill", self.prefill.extra_args),
                             ("decode", self.decode.extra_args)):

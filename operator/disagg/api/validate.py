@@ -23,7 +23,7 @@ from disagg.api.names import dns_subdomain, qualified_name
 from disagg.api.quantity import parse_quantity
 from disagg.api.v1alpha1 import CHILD_SEPARATOR, MAX_NAME_LENGTH, InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.catalog.engines import CROSS_VENDOR_CONNECTORS, ENGINES
+from disagg.engines import CROSS_VENDOR_CONNECTORS, engine_adapter
 from disagg.wellknown import ROLES
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -95,7 +95,7 @@ def catalog_errors(spec: InferenceServiceSpec, catalog: AcceleratorCatalog) -> l
     """The problems that depend on the accelerator and engine catalogues (so no CRD rule can see
     them): the operator reports them as InvalidSpec, and `disagg validate` as errors."""
     errors: list[FieldError] = []
-    engine = ENGINES[spec.engine.kind]
+    engine = engine_adapter(spec.engine)
     vendors: dict[str, str] = {}
     for role in ROLES:
         pool: PoolSpec = getattr(spec, role)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from disagg.catalog.engines import ENGINES, MetricNames
+from disagg.engines import ENGINES, MetricNames
 from disagg.scaling.policy import LoadPicture, PoolSignals
 from disagg.scaling.policy.histogram import histogram_quantile
 
@@ -39,11 +39,11 @@ BY = "namespace, disagg_service, disagg_role"
 Key = tuple[str, str, str]  # (namespace, service, role)
 
 
-def _names(pick: Callable[[MetricNames], Iterable[str]]) -> str:
+def _names(pick: Callable[[MetricNames], Iterable[str]], extra: tuple[MetricNames, ...] = ()) -> str:
     names: list[str] = []
-    for engine in ENGINES.values():
-        for name in pick(engine.metrics):
-            if name not in names:
+    for metrics in (*(engine.metrics for engine in ENGINES.values()), *extra):
+        for name in pick(metrics):
+            if name and name not in names:  # a custom engine's unset signal has no name
                 names.append(name)
     return "|".join(names)
 
@@ -84,6 +84,10 @@ def _one(name: str) -> tuple[str]:
     return (name,)
 
 
+def _histogram(name: str, suffix: str) -> tuple[str, ...]:
+    return (name + suffix,) if name else ()
+
+
 @dataclass(frozen=True)
 class QuerySet:
     """The PromQL of one tick; `window` is the rate window (a few scrape intervals), `size_window` the
@@ -91,6 +95,9 @@ class QuerySet:
 
     window: str = "30s"
     size_window: str = "5m"
+    custom: tuple[MetricNames, ...] = ()
+    """The metric names of the custom engines being served (`engine.custom.metrics`), queried beside the
+    built-in engines' (a name no series has costs nothing)."""
 
     @property
     def window_seconds(self) -> float:
@@ -98,17 +105,17 @@ class QuerySet:
         return prometheus_duration_seconds(self.window)
 
     def queries(self) -> dict[str, str]:
-        w, sw = self.window, self.size_window
-        waiting = _names(lambda m: m.waiting_requests)
-        running = _names(lambda m: m.running_requests)
-        kv = _names(lambda m: m.kv_cache_usage)
-        prompt = _names(lambda m: _one(m.prompt_tokens_total))
-        generation = _names(lambda m: _one(m.generation_tokens_total))
-        ttft = _names(lambda m: _one(m.ttft_histogram + "_bucket"))
-        ttft_count = _names(lambda m: _one(m.ttft_histogram + "_count"))
-        finished = _names(lambda m: _one(m.e2e_histogram + "_count"))
-        itl = _names(lambda m: tuple(h + "_bucket" for h in m.itl_histogram))
-        prompt_lengths = _names(lambda m: _one(m.prompt_histogram + "_bucket"))
+        w, sw, custom = self.window, self.size_window, self.custom
+        waiting = _names(lambda m: m.waiting_requests, custom)
+        running = _names(lambda m: m.running_requests, custom)
+        kv = _names(lambda m: m.kv_cache_usage, custom)
+        prompt = _names(lambda m: _one(m.prompt_tokens_total), custom)
+        generation = _names(lambda m: _one(m.generation_tokens_total), custom)
+        ttft = _names(lambda m: _histogram(m.ttft_histogram, "_bucket"), custom)
+        ttft_count = _names(lambda m: _histogram(m.ttft_histogram, "_count"), custom)
+        finished = _names(lambda m: _histogram(m.e2e_histogram, "_count"), custom)
+        itl = _names(lambda m: tuple(h + "_bucket" for h in m.itl_histogram), custom)
+        prompt_lengths = _names(lambda m: _histogram(m.prompt_histogram, "_bucket"), custom)
         prefill_sum = "vllm:request_prefill_time_seconds_sum"
         prefill_count = "vllm:request_prefill_time_seconds_count"
         return {
