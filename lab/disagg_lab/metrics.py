@@ -14,12 +14,13 @@ too, as the engines name them (what the operator's KV-path check queries): vLLM'
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from disagg.engines import ENGINES
+from disagg.engines.base import MetricNames
 
 EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LAB_COUNTERS: tuple[tuple[str, str, str], ...] = (
@@ -60,7 +61,7 @@ SGLANG_E2E_BUCKETS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EngineMetrics:
     """The metric families one engine kind exports (names as the engine spells them)."""
 
@@ -173,6 +174,32 @@ def _engine_metrics(kind: str) -> EngineMetrics:
 
 
 ENGINE_METRICS: dict[str, EngineMetrics] = {kind: _engine_metrics(kind) for kind in ENGINES}
+
+
+def custom_metrics(protocol: str, names: MetricNames) -> EngineMetrics:
+    """A custom engine's page: the families of the engine whose protocol it speaks, under the spec's names
+    (`engine.custom.metrics`); a family the spec leaves unmapped keeps that engine's name."""
+    base = ENGINE_METRICS[protocol]
+
+    def first(mapped: tuple[str, ...], default: str) -> str:
+        return mapped[0] if mapped else default
+
+    renamed = {
+        base.running: first(names.running_requests, base.running),
+        base.waiting: first(names.waiting_requests, base.waiting),
+        base.kv_usage: first(names.kv_cache_usage, base.kv_usage),
+        base.prompt_tokens: names.prompt_tokens_total or base.prompt_tokens,
+        base.generation_tokens: names.generation_tokens_total or base.generation_tokens,
+        base.ttft: names.ttft_histogram or base.ttft,
+        base.itl: first(names.itl_histogram, base.itl),
+        base.e2e: names.e2e_histogram or base.e2e,
+    }
+    return dataclasses.replace(
+        base, running=renamed[base.running], waiting=renamed[base.waiting], kv_usage=renamed[base.kv_usage],
+        prompt_tokens=renamed[base.prompt_tokens], generation_tokens=renamed[base.generation_tokens],
+        ttft=renamed[base.ttft], itl=renamed[base.itl], e2e=renamed[base.e2e],
+        help={renamed.get(name, name): text for name, text in base.help.items()},
+    )
 
 
 class Histogram:
