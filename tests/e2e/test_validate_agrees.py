@@ -102,6 +102,11 @@ SPECS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("custom set with vllm", both(CUSTOM, changed("engine.kind", "vllm"))),
     ("custom unknown template", both(CUSTOM, changed("engine.custom.args", ["--rank", "{{nodeRank}}"]))),
     ("custom autoscaled without metrics", both(CUSTOM, changed("prefill.autoscaling", {"maxReplicas": 4}))),
+    ("custom vllm protocol with mooncake", both(CUSTOM, changed("kvTransfer.connector", "mooncake"))),
+    ("custom sglang protocol on the bootstrap port", both(CUSTOM, changed("engine.custom.protocol", "sglang"),
+                                                         changed("engine.port", 8998))),
+    ("custom sglang protocol with mooncake", both(CUSTOM, changed("engine.custom.protocol", "sglang"),
+                                                 changed("kvTransfer.connector", "mooncake"))),
     ("custom autoscaled with metrics", both(CUSTOM, changed("prefill.autoscaling", {"maxReplicas": 4}),
                                             changed("engine.custom.metrics", CUSTOM_METRICS))),
     # types as the CRD reads them

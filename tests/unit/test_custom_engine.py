@@ -109,3 +109,21 @@ def test_the_custom_engine_speaks_its_routers_protocol() -> None:
     assert "--pd-disaggregation" in routers[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     # SGLang's decode opens no KV port; its prefill announces the bootstrap port
     assert [p["name"] for p in engine_container(body, "decode")["ports"]] == ["http"]
+
+
+def test_the_protocols_kv_rules_hold_for_a_custom_engine() -> None:
+    body = custom_service()
+    # vllm-router cannot hand Mooncake bootstrap data to a vLLM-protocol engine, custom or not
+    body["spec"]["kvTransfer"] = {"connector": "mooncake"}
+    with pytest.raises(InvalidSpec) as caught:
+        validate_service(body, DEFAULT_CATALOG)
+    assert any(e.field == "spec.kvTransfer.connector" and "vllm-router" in e.message
+               for e in caught.value.errors), caught.value.errors
+    # an SGLang-protocol engine: the prefill's bootstrap port (8998), as for SGLang itself
+    body["spec"]["engine"]["custom"]["protocol"] = "sglang"
+    body["spec"]["kvTransfer"] = {"connector": "nixl"}
+    assert engine_container(body, "prefill")["args"][5] == "8998"
+    body["spec"]["engine"]["port"] = 8998
+    with pytest.raises(InvalidSpec) as caught:
+        validate_service(body, DEFAULT_CATALOG)
+    assert [e.field for e in caught.value.errors] == ["spec.engine.port"], caught.value.errors

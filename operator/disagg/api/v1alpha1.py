@@ -461,6 +461,11 @@ class EngineSpec(CRDModel):
         },
     )
 
+    @property
+    def protocol(self) -> str:
+        """The P/D protocol the engine speaks (a custom engine's is vLLM's or SGLang's)."""
+        return self.custom.protocol if self.kind == "custom" and self.custom is not None else self.kind
+
     def cross_field_errors(self) -> list[str]:
         errors = []
         if (self.kind == "custom") != (self.custom is not None):
@@ -919,6 +924,12 @@ class NetworkPolicySpec(CRDModel):
     networkPolicy.metricsScrapers). Empty: no scraper."""
 
 
+def _speaks(protocol: str) -> str:
+    """CEL: the service's engine speaks `protocol` (itself, or a custom engine of that protocol)."""
+    return (f"(self.engine.kind == '{protocol}' || (self.engine.kind == 'custom' && has(self.engine.custom) && "
+            f"self.engine.custom.protocol == '{protocol}'))")
+
+
 def _worker_accelerators(role: str) -> str:
     """CEL: the accelerators of one worker of the pool (`PoolSpec.worker_accelerators`): accelerator.count
     x `nodes`, or, without it, the parallelism's accelerators when they fill more than one pod."""
@@ -992,16 +1003,17 @@ class InferenceServiceSpec(CRDModel):
         },
         {
             "rule": "self.engine.port != (has(self.kvTransfer.port) ? self.kvTransfer.port : "
-            f"(self.engine.kind == 'sglang' || self.kvTransfer.connector == 'mooncake' ? {MOONCAKE_BOOTSTRAP_PORT} "
+            f"({_speaks('sglang')} || self.kvTransfer.connector == 'mooncake' ? {MOONCAKE_BOOTSTRAP_PORT} "
             f": {NIXL_SIDE_CHANNEL_PORT}))",
             "message": "engine.port must differ from the KV-transfer port (kvTransfer.port; by default "
             f"{NIXL_SIDE_CHANNEL_PORT} for vLLM with NIXL, {MOONCAKE_BOOTSTRAP_PORT} with Mooncake or SGLang)",
             "fieldPath": ".engine.port",
         },
         {
-            "rule": "self.engine.kind != 'vllm' || self.kvTransfer.connector != 'mooncake'",
-            "message": "mooncake with engine vllm is not supported: vllm-router does not hand Mooncake bootstrap "
-            "data to pods it discovers; use connector nixl with vllm, or engine sglang with mooncake",
+            "rule": f"!{_speaks('vllm')} || self.kvTransfer.connector != 'mooncake'",
+            "message": "mooncake with engine vllm (or a custom engine of protocol vllm) is not supported: "
+            "vllm-router does not hand Mooncake bootstrap data to pods it discovers; use connector nixl with "
+            "vllm, or engine sglang with mooncake",
             "fieldPath": ".kvTransfer.connector",
         },
         {
@@ -1078,9 +1090,9 @@ class InferenceServiceSpec(CRDModel):
         tensor = (self.prefill.parallelism.tensor, self.decode.parallelism.tensor)
         if self.kv_transfer.connector == "mooncake" and tensor[0] != tensor[1]:
             errors.append(rules[0]["message"])
-        if self.engine.port == kv_port(self.kv_transfer.connector, self.engine.kind, self.kv_transfer.port):
+        if self.engine.port == kv_port(self.kv_transfer.connector, self.engine.protocol, self.kv_transfer.port):
             errors.append(f"{rules[1]['fieldPath']}: {rules[1]['message']}")
-        if self.engine.kind == "vllm" and self.kv_transfer.connector == "mooncake":
+        if self.engine.protocol == "vllm" and self.kv_transfer.connector == "mooncake":
             errors.append(f"{rules[2]['fieldPath']}: {rules[2]['message']}")
         if self.engine.kind == "sglang" and self.model.uri.startswith(("s3://", "gs://")):
             errors.append(f"{rules[3]['fieldPath']}: {rules[3]['message']}")

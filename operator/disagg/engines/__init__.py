@@ -67,10 +67,10 @@ def engine_adapter(engine: EngineSpec) -> EngineAdapter:
     return ENGINES[engine.kind]
 
 
-def kv_port(connector: str, engine: str, explicit: int | None) -> int:
-    """The side-channel/bootstrap port for a connector: the explicit one or the engine's default (a custom
-    engine's is vLLM's: NIXL's side channel, or Mooncake's bootstrap port)."""
-    return ENGINES.get(engine, ENGINES["vllm"]).kv_port(connector, explicit)
+def kv_port(connector: str, protocol: str, explicit: int | None) -> int:
+    """The side-channel/bootstrap port for a connector: the explicit one or the default of the engine whose
+    P/D protocol the service speaks (`EngineSpec.protocol`)."""
+    return ENGINES[protocol].kv_port(connector, explicit)
 
 
 def flag_key(engine: str, arg: str) -> tuple[str, bool] | None:

@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from disagg.engines import sglang, vllm
 from disagg.engines.base import (
-    MOONCAKE_BOOTSTRAP_PORT,
-    NIXL_SIDE_CHANNEL_PORT,
     EngineAdapter,
     EngineCommand,
     Group,
@@ -77,9 +75,7 @@ class Custom:
         self.metrics = metric_names(spec.metrics)
 
     def kv_port(self, connector: str, explicit: int | None) -> int:
-        if explicit is not None:
-            return explicit
-        return MOONCAKE_BOOTSTRAP_PORT if connector == "mooncake" else NIXL_SIDE_CHANNEL_PORT
+        return self.protocol.kv_port(connector, explicit)
 
     def kv_listens(self, role: Role) -> bool:
         return self.protocol.kv_listens(role)

@@ -235,7 +235,7 @@ def pool_values(
     node_selector.update(pool.node_selector)
     image = pool.image or spec.engine.image or default_image
     source = model_source(spec)
-    port_kv = kv_port(spec.kv_transfer.connector, spec.engine.kind, spec.kv_transfer.port)
+    port_kv = kv_port(spec.kv_transfer.connector, spec.engine.protocol, spec.kv_transfer.port)
     # One listener per pod serves every TP rank's handshake (vLLM's NIXL side channel, the bootstrap servers)
     kv_ports = [port_kv] if engine.kv_listens(role) else []
     command, args, env = _engine_command(spec, role, source, port_kv)
