@@ -55,6 +55,12 @@ class MetricNames:
     e2e_histogram: str
     prompt_histogram: str
     """Prompt tokens per request: which requests are too long for any replica count to serve in time."""
+    kv_handed: str = ""
+    """Counter on the decode side: prompts (or their tokens) whose KV a prefill worker handed off."""
+    kv_recomputed: str = ""
+    """Counter on the decode side: prompts (or tokens) the decode worker computed itself, lacking a hand-off."""
+    kv_failed: str = ""
+    """Counter on the decode side: KV transfers that failed."""
 
 
 @dataclass(frozen=True)

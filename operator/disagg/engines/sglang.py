@@ -34,6 +34,10 @@ METRICS = MetricNames(
     itl_histogram=("sglang:inter_token_latency_seconds",),
     e2e_histogram="sglang:e2e_request_latency_seconds",
     prompt_histogram="sglang:prompt_tokens_histogram",
+    # SGLang times every transfer it received and counts the requests whose transfer failed (it never
+    # recomputes a prompt)
+    kv_handed="sglang:kv_transfer_latency_ms_count",
+    kv_failed="sglang:num_transfer_failed_reqs_total",
 )
 
 

@@ -39,6 +39,10 @@ METRICS = MetricNames(
     itl_histogram=("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
     e2e_histogram="vllm:e2e_request_latency_seconds",
     prompt_histogram="vllm:request_prompt_tokens",
+    # vLLM counts prompt tokens by where their KV came from, and its NIXL connector's failed transfers
+    kv_handed='vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}',
+    kv_recomputed='vllm:prompt_tokens_by_source_total{source="local_compute"}',
+    kv_failed="vllm:nixl_num_failed_transfers_total",
 )
 
 

@@ -48,6 +48,13 @@ def _names(pick: Callable[[MetricNames], Iterable[str]], extra: tuple[MetricName
     return "|".join(names)
 
 
+def _either(pick: Callable[[MetricNames], str], window: str) -> str:
+    """The per-pool rate of whichever engine's counter a pool has (`vector(0)` drops out: no pool labels)."""
+    names = dict.fromkeys(pick(engine.metrics) for engine in ENGINES.values())
+    rates = [f"sum by ({BY}) (rate({name}[{window}]))" for name in names if name]
+    return " or ".join(rates) or "vector(0)"
+
+
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
 _DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
 
@@ -58,16 +65,6 @@ def prometheus_duration_seconds(text: str) -> float:
     if not text or "".join(number + unit for number, unit in parts) != text:
         raise ValueError(f"not a Prometheus duration: {text!r} (e.g. 30s, 1m, 1m30s)")
     return sum(int(number) * _DURATION_UNITS[unit] for number, unit in parts)
-
-
-# The engines' own evidence of the KV path, counted on the decode side: vLLM counts prompt tokens by where
-# their KV came from (handed off by a prefill worker, or computed locally: the decode recomputed the prompt)
-# and its NIXL connector's failed transfers; SGLang times every transfer it received and counts the requests
-# whose transfer failed (it does not recompute).
-KV_HANDED = 'vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}'
-KV_HANDED_SGLANG = "sglang:kv_transfer_latency_ms_count"
-KV_RECOMPUTED = 'vllm:prompt_tokens_by_source_total{source="local_compute"}'
-KV_FAILED = "vllm:nixl_num_failed_transfers_total|sglang:num_transfer_failed_reqs_total"
 
 
 @dataclass(frozen=True)
@@ -138,9 +135,10 @@ class QuerySet:
             # prompt lengths: the requests too long for any replica count to serve within the TTFT target
             "prompt_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{prompt_lengths}"}}[{w}]))',
             "prefill_time": f"sum by ({BY}) (rate({prefill_sum}[{w}])) / sum by ({BY}) (rate({prefill_count}[{w}]))",
-            "kv_handed": f"sum by ({BY}) (rate({KV_HANDED}[{w}])) or sum by ({BY}) (rate({KV_HANDED_SGLANG}[{w}]))",
-            "kv_recomputed": f"sum by ({BY}) (rate({KV_RECOMPUTED}[{w}]))",
-            "kv_failed": f'sum by ({BY}) (rate({{__name__=~"{KV_FAILED}"}}[{w}]))',
+            # the engines' own evidence of the KV path, counted on the decode side (a name may carry labels)
+            "kv_handed": _either(lambda m: m.kv_handed, w),
+            "kv_recomputed": _either(lambda m: m.kv_recomputed, w),
+            "kv_failed": _either(lambda m: m.kv_failed, w),
             # the newest sample of any pod of the pool: older than the staleness limit = blind
             "sampled_at": f'max by ({BY}) (timestamp({{__name__=~"{running}"}}))',
         }
