@@ -22,8 +22,8 @@ from disagg.api.manifest import prune_nulls
 from disagg.api.names import dns_subdomain, qualified_name
 from disagg.api.quantity import parse_quantity
 from disagg.api.v1alpha1 import CHILD_SEPARATOR, MAX_NAME_LENGTH, InferenceServiceSpec, PoolSpec
-from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.engines import CROSS_VENDOR_CONNECTORS, engine_adapter
+from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog
+from disagg.engines import CROSS_VENDOR_CONNECTORS, EngineAdapter, engine_adapter
 from disagg.wellknown import ROLES
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -94,65 +94,105 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
 def catalog_errors(spec: InferenceServiceSpec, catalog: AcceleratorCatalog) -> list[FieldError]:
     """The problems that depend on the accelerator and engine catalogues (so no CRD rule can see
     them): the operator reports them as InvalidSpec, and `disagg validate` as errors."""
-    errors: list[FieldError] = []
     engine = engine_adapter(spec.engine)
-    vendors: dict[str, str] = {}
+    errors: list[FieldError] = []
     for role in ROLES:
-        pool: PoolSpec = getattr(spec, role)
-        acc = pool.accelerator
-        field = f"spec.{role}"
-        resource_name = acc.resource_name
-        if acc.type is not None:
-            accelerator = catalog.get(acc.type)
-            if accelerator is None:
-                errors.append(FieldError(
-                    f"{field}.accelerator.type",
-                    f"unknown accelerator type {acc.type!r}; known types: {', '.join(catalog.names())} "
-                    "(add one with --accelerator-catalog)",
-                ))
-                continue
-            resource_name = accelerator.resource_name
-            vendors[role] = accelerator.vendor
-            if accelerator.plan_only:
-                errors.append(FieldError(
-                    f"{field}.accelerator.type",
-                    f"{acc.type} is planner-only: no Kubernetes device plugin exposes it (a plugin would expose "
-                    f"{accelerator.resource_name}); use `disagg plan` to size it, or name a resource a plugin on "
-                    "your cluster exposes with accelerator.resourceName",
-                ))
-                continue
-            if acc.count > accelerator.per_node:
-                errors.append(FieldError(
-                    f"{field}.accelerator.count",
-                    f"{acc.count} exceeds the {accelerator.per_node} accelerators a {acc.type} node has; "
-                    "a pod must fit on one node (a worker spans nodes through parallelism and nodes)",
-                ))
-            if accelerator.vendor not in engine.vendors:
-                errors.append(FieldError(
-                    f"{field}.accelerator.type",
-                    f"engine {spec.engine.kind} does not run on {accelerator.vendor} accelerators ({acc.type}); "
-                    f"it supports {', '.join(sorted(engine.vendors))}",
-                ))
-            elif (pool.image or spec.engine.image) is None and accelerator.vendor not in engine.images:
-                errors.append(FieldError(
-                    f"{field}.image",
-                    f"no default {spec.engine.kind} image for {accelerator.vendor} accelerators; "
-                    f"set {role}.image (or engine.image) to a {accelerator.vendor} build of {spec.engine.kind}",
-                ))
-        entry = catalog.get(acc.type) if acc.type is not None else None
-        errors.extend(layout_errors(role, pool, spec, entry))
-        owned = {resource_name: f"accelerator.count ({resource_name})"}
-        if spec.kv_transfer.rdma is not None:
-            owned[spec.kv_transfer.rdma.resource] = f"kvTransfer.rdma.count ({spec.kv_transfer.rdma.resource})"
-        for part in ("requests", "limits"):
-            for key in getattr(pool.resources, part):
-                if key in owned:
-                    errors.append(FieldError(f"{field}.resources.{part}.{key}",
-                                             f"set by the operator from {owned[key]}; remove it from resources"))
+        errors += _pool_catalog_errors(role, spec, catalog, engine)
+    return errors + _connector_errors(spec, catalog, engine)
+
+
+def _pool_catalog_errors(
+    role: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalog, engine: EngineAdapter
+) -> list[FieldError]:
+    """One pool's accelerator against the catalogue and the engine, its layout, and the resources the
+    operator sets; an unknown or planner-only accelerator type is the pool's only error."""
+    pool: PoolSpec = getattr(spec, role)
+    acc = pool.accelerator
+    field = f"spec.{role}"
+    resource_name = acc.resource_name
+    errors: list[FieldError] = []
+    if acc.type is not None:
+        accelerator = catalog.get(acc.type)
+        if accelerator is None:
+            return [FieldError(
+                f"{field}.accelerator.type",
+                f"unknown accelerator type {acc.type!r}; known types: {', '.join(catalog.names())} "
+                "(add one with --accelerator-catalog)",
+            )]
+        if accelerator.plan_only:
+            return [FieldError(
+                f"{field}.accelerator.type",
+                f"{acc.type} is planner-only: no Kubernetes device plugin exposes it (a plugin would expose "
+                f"{accelerator.resource_name}); use `disagg plan` to size it, or name a resource a plugin on "
+                "your cluster exposes with accelerator.resourceName",
+            )]
+        resource_name = accelerator.resource_name
+        errors += _accelerator_errors(role, spec, accelerator, engine)
+    entry = catalog.get(acc.type) if acc.type is not None else None
+    errors.extend(layout_errors(role, pool, spec, entry))
+    return errors + _owned_resource_errors(role, spec, resource_name)
+
+
+def _accelerator_errors(
+    role: str, spec: InferenceServiceSpec, accelerator: Accelerator, engine: EngineAdapter
+) -> list[FieldError]:
+    """A catalogued accelerator's count per node, and whether the engine runs on (and has an image for)
+    its vendor."""
+    pool: PoolSpec = getattr(spec, role)
+    acc = pool.accelerator
+    field = f"spec.{role}"
+    errors: list[FieldError] = []
+    if acc.count > accelerator.per_node:
+        errors.append(FieldError(
+            f"{field}.accelerator.count",
+            f"{acc.count} exceeds the {accelerator.per_node} accelerators a {acc.type} node has; "
+            "a pod must fit on one node (a worker spans nodes through parallelism and nodes)",
+        ))
+    if accelerator.vendor not in engine.vendors:
+        errors.append(FieldError(
+            f"{field}.accelerator.type",
+            f"engine {spec.engine.kind} does not run on {accelerator.vendor} accelerators ({acc.type}); "
+            f"it supports {', '.join(sorted(engine.vendors))}",
+        ))
+    elif (pool.image or spec.engine.image) is None and accelerator.vendor not in engine.images:
+        errors.append(FieldError(
+            f"{field}.image",
+            f"no default {spec.engine.kind} image for {accelerator.vendor} accelerators; "
+            f"set {role}.image (or engine.image) to a {accelerator.vendor} build of {spec.engine.kind}",
+        ))
+    return errors
+
+
+def _owned_resource_errors(role: str, spec: InferenceServiceSpec, resource_name: str | None) -> list[FieldError]:
+    """Resources the operator sets itself (the accelerator, the RDMA devices) named in a pool's resources."""
+    pool: PoolSpec = getattr(spec, role)
+    owned = {resource_name: f"accelerator.count ({resource_name})"}
+    if spec.kv_transfer.rdma is not None:
+        owned[spec.kv_transfer.rdma.resource] = f"kvTransfer.rdma.count ({spec.kv_transfer.rdma.resource})"
+    errors: list[FieldError] = []
+    for part in ("requests", "limits"):
+        for key in getattr(pool.resources, part):
+            if key in owned:
+                errors.append(FieldError(f"spec.{role}.resources.{part}.{key}",
+                                         f"set by the operator from {owned[key]}; remove it from resources"))
+    return errors
+
+
+def _connector_errors(
+    spec: InferenceServiceSpec, catalog: AcceleratorCatalog, engine: EngineAdapter
+) -> list[FieldError]:
+    """The KV connector: the engine must have it, and it must move KV between the pools' vendors."""
+    errors: list[FieldError] = []
     if spec.kv_transfer.connector not in engine.connectors:
         errors.append(FieldError(
             "spec.kvTransfer.connector", f"{spec.engine.kind} has no {spec.kv_transfer.connector} connector"
         ))
+    vendors: dict[str, str] = {}
+    for role in ROLES:
+        kind = getattr(spec, role).accelerator.type
+        accelerator = catalog.get(kind) if kind is not None else None
+        if accelerator is not None:
+            vendors[role] = accelerator.vendor
     if len(set(vendors.values())) > 1 and spec.kv_transfer.connector not in CROSS_VENDOR_CONNECTORS:
         errors.append(FieldError(
             "spec.kvTransfer.connector",
