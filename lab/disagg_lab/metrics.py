@@ -95,82 +95,93 @@ class EngineMetrics:
         return names + [n for n in optional if n is not None]
 
 
+def _vllm_metrics(names: MetricNames) -> EngineMetrics:
+    """vLLM's families: the catalogue's names, its request and phase histograms, and its help texts."""
+    return EngineMetrics(
+        kind="vllm",
+        running=names.running_requests[0],
+        waiting=names.waiting_requests[0],
+        kv_usage=names.kv_cache_usage[0],
+        prompt_tokens=names.prompt_tokens_total,
+        generation_tokens=names.generation_tokens_total,
+        requests="vllm:request_success_total",
+        requests_labels=(("finished_reason", "length"),),
+        preemptions="vllm:num_preemptions_total",
+        ttft=names.ttft_histogram,
+        itl=names.itl_histogram[0],
+        e2e=names.e2e_histogram,
+        queue_time="vllm:request_queue_time_seconds",
+        prefill_time="vllm:request_prefill_time_seconds",
+        decode_time="vllm:request_decode_time_seconds",
+        ttft_buckets=VLLM_TTFT_BUCKETS,
+        itl_buckets=VLLM_ITL_BUCKETS,
+        e2e_buckets=VLLM_REQUEST_LATENCY_BUCKETS,
+        phase_buckets=VLLM_REQUEST_LATENCY_BUCKETS,
+        constant_labels=(("engine", "0"),),
+        help={
+            names.running_requests[0]: "Number of requests in model execution batches.",
+            names.waiting_requests[0]: "Number of requests waiting to be processed.",
+            names.kv_cache_usage[0]: "KV-cache usage. 1 means 100 percent usage.",
+            names.prompt_tokens_total: "Number of prefill tokens processed.",
+            names.generation_tokens_total: "Number of generation tokens processed.",
+            "vllm:request_success_total": "Count of successfully processed requests.",
+            "vllm:num_preemptions_total": "Cumulative number of preemption from the engine.",
+            names.ttft_histogram: "Histogram of time to first token in seconds.",
+            names.itl_histogram[0]: "Histogram of inter-token latency in seconds.",
+            names.e2e_histogram: "Histogram of e2e request latency in seconds.",
+            "vllm:request_queue_time_seconds": "Histogram of time spent in WAITING phase for request.",
+            "vllm:request_prefill_time_seconds": "Histogram of time spent in PREFILL phase for request.",
+            "vllm:request_decode_time_seconds": "Histogram of time spent in DECODE phase for request.",
+        },
+    )
+
+
+def _sglang_metrics(names: MetricNames) -> EngineMetrics:
+    """SGLang's families: the catalogue's names, its request counter, and its help texts."""
+    return EngineMetrics(
+        kind="sglang",
+        running=names.running_requests[0],
+        waiting=names.waiting_requests[0],
+        kv_usage=names.kv_cache_usage[0],
+        prompt_tokens=names.prompt_tokens_total,
+        generation_tokens=names.generation_tokens_total,
+        requests="sglang:num_requests_total",
+        requests_labels=(),
+        preemptions=None,
+        ttft=names.ttft_histogram,
+        itl=names.itl_histogram[0],
+        e2e=names.e2e_histogram,
+        queue_time=None,
+        prefill_time=None,
+        decode_time=None,
+        ttft_buckets=SGLANG_TTFT_BUCKETS,
+        itl_buckets=SGLANG_ITL_BUCKETS,
+        e2e_buckets=SGLANG_E2E_BUCKETS,
+        phase_buckets=SGLANG_E2E_BUCKETS,
+        constant_labels=(("engine_type", "unified"), ("tp_rank", "0"), ("pp_rank", "0")),
+        help={
+            names.running_requests[0]: "The number of running requests.",
+            names.waiting_requests[0]: "The number of requests in the waiting queue.",
+            names.kv_cache_usage[0]: "The token usage.",
+            names.prompt_tokens_total: "Number of prefill tokens processed.",
+            names.generation_tokens_total: "Number of generation tokens processed.",
+            "sglang:num_requests_total": "Number of requests processed.",
+            names.ttft_histogram: "Histogram of time to first token in seconds.",
+            names.itl_histogram[0]: "Histogram of inter-token latency in seconds.",
+            names.e2e_histogram: "Histogram of End-to-end request latency in seconds",
+        },
+    )
+
+
+_BUILDERS: dict[str, Callable[[MetricNames], EngineMetrics]] = {"vllm": _vllm_metrics, "sglang": _sglang_metrics}
+
+
 def _engine_metrics(kind: str) -> EngineMetrics:
     """Names from the engine catalogue (the autoscaler's source), plus the few extra families engines export."""
     names = ENGINES[kind].metrics
-    if kind == "vllm":
-        return EngineMetrics(
-            kind=kind,
-            running=names.running_requests[0],
-            waiting=names.waiting_requests[0],
-            kv_usage=names.kv_cache_usage[0],
-            prompt_tokens=names.prompt_tokens_total,
-            generation_tokens=names.generation_tokens_total,
-            requests="vllm:request_success_total",
-            requests_labels=(("finished_reason", "length"),),
-            preemptions="vllm:num_preemptions_total",
-            ttft=names.ttft_histogram,
-            itl=names.itl_histogram[0],
-            e2e=names.e2e_histogram,
-            queue_time="vllm:request_queue_time_seconds",
-            prefill_time="vllm:request_prefill_time_seconds",
-            decode_time="vllm:request_decode_time_seconds",
-            ttft_buckets=VLLM_TTFT_BUCKETS,
-            itl_buckets=VLLM_ITL_BUCKETS,
-            e2e_buckets=VLLM_REQUEST_LATENCY_BUCKETS,
-            phase_buckets=VLLM_REQUEST_LATENCY_BUCKETS,
-            constant_labels=(("engine", "0"),),
-            help={
-                names.running_requests[0]: "Number of requests in model execution batches.",
-                names.waiting_requests[0]: "Number of requests waiting to be processed.",
-                names.kv_cache_usage[0]: "KV-cache usage. 1 means 100 percent usage.",
-                names.prompt_tokens_total: "Number of prefill tokens processed.",
-                names.generation_tokens_total: "Number of generation tokens processed.",
-                "vllm:request_success_total": "Count of successfully processed requests.",
-                "vllm:num_preemptions_total": "Cumulative number of preemption from the engine.",
-                names.ttft_histogram: "Histogram of time to first token in seconds.",
-                names.itl_histogram[0]: "Histogram of inter-token latency in seconds.",
-                names.e2e_histogram: "Histogram of e2e request latency in seconds.",
-                "vllm:request_queue_time_seconds": "Histogram of time spent in WAITING phase for request.",
-                "vllm:request_prefill_time_seconds": "Histogram of time spent in PREFILL phase for request.",
-                "vllm:request_decode_time_seconds": "Histogram of time spent in DECODE phase for request.",
-            },
-        )
-    if kind == "sglang":
-        return EngineMetrics(
-            kind=kind,
-            running=names.running_requests[0],
-            waiting=names.waiting_requests[0],
-            kv_usage=names.kv_cache_usage[0],
-            prompt_tokens=names.prompt_tokens_total,
-            generation_tokens=names.generation_tokens_total,
-            requests="sglang:num_requests_total",
-            requests_labels=(),
-            preemptions=None,
-            ttft=names.ttft_histogram,
-            itl=names.itl_histogram[0],
-            e2e=names.e2e_histogram,
-            queue_time=None,
-            prefill_time=None,
-            decode_time=None,
-            ttft_buckets=SGLANG_TTFT_BUCKETS,
-            itl_buckets=SGLANG_ITL_BUCKETS,
-            e2e_buckets=SGLANG_E2E_BUCKETS,
-            phase_buckets=SGLANG_E2E_BUCKETS,
-            constant_labels=(("engine_type", "unified"), ("tp_rank", "0"), ("pp_rank", "0")),
-            help={
-                names.running_requests[0]: "The number of running requests.",
-                names.waiting_requests[0]: "The number of requests in the waiting queue.",
-                names.kv_cache_usage[0]: "The token usage.",
-                names.prompt_tokens_total: "Number of prefill tokens processed.",
-                names.generation_tokens_total: "Number of generation tokens processed.",
-                "sglang:num_requests_total": "Number of requests processed.",
-                names.ttft_histogram: "Histogram of time to first token in seconds.",
-                names.itl_histogram[0]: "Histogram of inter-token latency in seconds.",
-                names.e2e_histogram: "Histogram of End-to-end request latency in seconds",
-            },
-        )
-    raise ValueError(f"unknown engine kind {kind!r}")
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown engine kind {kind!r}")
+    return _BUILDERS[kind](names)
 
 
 ENGINE_METRICS: dict[str, EngineMetrics] = {kind: _engine_metrics(kind) for kind in ENGINES}
