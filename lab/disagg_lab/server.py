@@ -630,32 +630,46 @@ class FleetServer:
 
     async def _decode_leg(self, request: web.Request, pod: SimPod, engine: DecodeEngine, generation: Generation,
                           live: LiveRequest, reply: Reply, listener: HttpListener) -> web.StreamResponse:
+        refused = self._take_kv(pod, engine, generation, live)
+        if refused is not None:
+            return refused
+        if not engine.submit(live):
+            return self._error(engine.config.kind, 503, "the engine's queue is full")
+        return await self._stream_decode(request, pod, engine.config.kind, generation, live, reply, listener)
+
+    def _take_kv(self, pod: SimPod, engine: DecodeEngine, generation: Generation,
+                 live: LiveRequest) -> web.Response | None:
+        """The decode leg's KV cache: vLLM loads the prefill's hand-off (or recomputes the prompt), SGLang
+        joins the bootstrap room; the error response when the request cannot go on."""
         kind = engine.config.kind
         now = live.received
-        if kind == "vllm":
-            params = generation.kv_transfer_params
-            if params and params.get("do_remote_prefill"):
-                reason = self.sim.claim_kv(pod, params, live, now)
-                if pod.pod.uid in self.sim.crashed:  # the process died under this request
-                    return self._error(kind, 500, reason or "the engine crashed")
-                if reason is not None:
-                    engine.stats.kv_failed += 1
-                    if engine.failure_policy != "recompute":
-                        engine.stats.failed += 1
-                        log.info("%s: KV load failed (%s): the request fails (kv_load_failure_policy fail)",
-                                 pod.ref, reason)
-                        return self._error(kind, 500, f"KV cache load failed: {reason}")
-                    engine.recompute(live, now)
-            else:
-                engine.recompute(live, now)
-        else:
+        if kind != "vllm":
             if generation.bootstrap is None:
                 return self._error(kind, 400, "a decode engine needs bootstrap_host, bootstrap_port and "
                                               "bootstrap_room (requests come through the router)")
             live.room = generation.bootstrap
             self.sim.join_room(pod, live, now)
-        if not engine.submit(live):
-            return self._error(kind, 503, "the engine's queue is full")
+            return None
+        params = generation.kv_transfer_params
+        if not (params and params.get("do_remote_prefill")):
+            engine.recompute(live, now)
+            return None
+        reason = self.sim.claim_kv(pod, params, live, now)
+        if pod.pod.uid in self.sim.crashed:  # the process died under this request
+            return self._error(kind, 500, reason or "the engine crashed")
+        if reason is not None:
+            engine.stats.kv_failed += 1
+            if engine.failure_policy != "recompute":
+                engine.stats.failed += 1
+                log.info("%s: KV load failed (%s): the request fails (kv_load_failure_policy fail)",
+                         pod.ref, reason)
+                return self._error(kind, 500, f"KV cache load failed: {reason}")
+            engine.recompute(live, now)
+        return None
+
+    async def _stream_decode(self, request: web.Request, pod: SimPod, kind: str, generation: Generation,
+                             live: LiveRequest, reply: Reply, listener: HttpListener) -> web.StreamResponse:
+        """The decoded tokens as the engine emits them: streamed as events, or one JSON body at the end."""
         response: web.StreamResponse | None = None
         written = 0
         finished = False
