@@ -215,27 +215,43 @@ def resource_errors(field: str, pool: PoolSpec, owned: set[str]) -> list[FieldEr
     limits = {k: v for k, v in pool.resources.limits.items() if k not in owned}
     for part, values in (("requests", requests), ("limits", limits)):
         for name, text in values.items():
-            at = f"{field}.{part}.{name}"
-            problem = qualified_name(name)
-            if problem is None and "/" not in name and name not in CONTAINER_RESOURCES \
-                    and not name.startswith("hugepages-"):
-                problem = f"{name!r} is no container resource: cpu, memory, ephemeral-storage, hugepages-<size>, " \
-                          "or an extended resource (a domain, '/', a name)"
-            if problem is None and not _native(name) and (
-                    name.startswith("requests.") or dns_subdomain("requests." + name.split("/")[0]) is not None):
-                problem = f"{name!r} is not an extended resource name"
-            if problem is not None:
-                errors.append(FieldError(at, problem))
-                continue
-            value = parse_quantity(text).value or 0
-            if not _native(name) and math.ceil(value * 1000) % 1000:
-                errors.append(FieldError(at, f"{text} is not a whole number: extended resources are counted"))
-            if name.startswith("hugepages-"):
-                page = _page_size(name)
-                if page is None:
-                    errors.append(FieldError(at, f"{name!r}: the part after hugepages- must be a page size"))
-                elif value % page:
-                    errors.append(FieldError(at, f"{text} is not a multiple of the page size {name[10:]}"))
+            errors += _resource_value_errors(f"{field}.{part}.{name}", name, text)
+    errors += _overcommit_errors(field, requests, limits)
+    names = {*requests, *limits}
+    if any(n.startswith("hugepages-") for n in names) and not names & {"cpu", "memory"}:
+        errors.append(FieldError(field, "hugepages need a cpu or memory request or limit as well"))
+    return errors
+
+
+def _resource_value_errors(at: str, name: str, text: str) -> list[FieldError]:
+    """One request or limit: its resource name, and its value (whole for extended resources, whole pages
+    for hugepages)."""
+    problem = qualified_name(name)
+    if problem is None and "/" not in name and name not in CONTAINER_RESOURCES and not name.startswith("hugepages-"):
+        problem = f"{name!r} is no container resource: cpu, memory, ephemeral-storage, hugepages-<size>, " \
+                  "or an extended resource (a domain, '/', a name)"
+    if problem is None and not _native(name) and (
+            name.startswith("requests.") or dns_subdomain("requests." + name.split("/")[0]) is not None):
+        problem = f"{name!r} is not an extended resource name"
+    if problem is not None:
+        return [FieldError(at, problem)]
+    errors: list[FieldError] = []
+    value = parse_quantity(text).value or 0
+    if not _native(name) and math.ceil(value * 1000) % 1000:
+        errors.append(FieldError(at, f"{text} is not a whole number: extended resources are counted"))
+    if name.startswith("hugepages-"):
+        page = _page_size(name)
+        if page is None:
+            errors.append(FieldError(at, f"{name!r}: the part after hugepages- must be a page size"))
+        elif value % page:
+            errors.append(FieldError(at, f"{text} is not a multiple of the page size {name[10:]}"))
+    return errors
+
+
+def _overcommit_errors(field: str, requests: dict[str, str], limits: dict[str, str]) -> list[FieldError]:
+    """Requests within limits; resources that cannot be overcommitted (extended ones, hugepages) need a
+    limit equal to their request."""
+    errors: list[FieldError] = []
     overcommit = {name: _native(name) and not name.startswith("hugepages-") for name in {*requests, *limits}}
     for name, text in requests.items():
         request = parse_quantity(text).value
@@ -250,9 +266,6 @@ def resource_errors(field: str, pool: PoolSpec, owned: set[str]) -> list[FieldEr
         elif not overcommit[name]:
             errors.append(FieldError(f"{field}.limits.{name}", "required: this resource cannot be overcommitted, "
                                      f"so it needs a limit equal to its request {text}"))
-    names = {*requests, *limits}
-    if any(n.startswith("hugepages-") for n in names) and not names & {"cpu", "memory"}:
-        errors.append(FieldError(field, "hugepages need a cpu or memory request or limit as well"))
     return errors
 
 
