@@ -1085,6 +1085,12 @@ class InferenceServiceSpec(CRDModel):
         return owned
 
     def cross_field_errors(self) -> list[str]:
+        return (self._engine_rule_errors() + self._tensor_errors() + self._budget_errors()
+                + self._custom_metrics_errors() + self._owned_flag_errors())
+
+    def _engine_rule_errors(self) -> list[str]:
+        """The connector against the pools' tensor parallelism, the engine's port and protocol, and the
+        model's storage."""
         rules = self.cel_rules
         errors = []
         tensor = (self.prefill.parallelism.tensor, self.decode.parallelism.tensor)
@@ -1096,12 +1102,23 @@ class InferenceServiceSpec(CRDModel):
             errors.append(f"{rules[2]['fieldPath']}: {rules[2]['message']}")
         if self.engine.kind == "sglang" and self.model.uri.startswith(("s3://", "gs://")):
             errors.append(f"{rules[3]['fieldPath']}: {rules[3]['message']}")
+        return errors
+
+    def _tensor_errors(self) -> list[str]:
+        """Each pool's tensor parallelism divides the model's KV heads, or they divide it."""
+        errors = []
         arch = self.model.architecture
-        pools = (self.prefill, self.decode)
-        for rule, pool in zip(rules[4:6], pools, strict=True):
+        for rule, pool in zip(self.cel_rules[4:6], (self.prefill, self.decode), strict=True):
             size = pool.parallelism.tensor
             if arch is not None and arch.kv_lora_rank is None and size % arch.kv_heads and arch.kv_heads % size:
                 errors.append(f"{rule['fieldPath']}: {rule['message']} ({arch.kv_heads}), not {size}")
+        return errors
+
+    def _budget_errors(self) -> list[str]:
+        """The accelerator budget holds each autoscaled pool's floor, and every pool's least size."""
+        rules = self.cel_rules
+        errors = []
+        pools = (self.prefill, self.decode)
         budget = self.accelerator_budget
         floors = [pool.autoscaling.min_replicas * pool.worker_accelerators if pool.autoscaling else None
                   for pool in pools]
@@ -1115,6 +1132,11 @@ class InferenceServiceSpec(CRDModel):
             errors.append(f"{rules[8]['fieldPath']}: {budget} is less than the {need} accelerators the pools hold "
                           "at least (a fixed pool its replicas, an autoscaled one minReplicas, times the "
                           "accelerators of a worker: accelerator.count x its nodes)")
+        return errors
+
+    def _custom_metrics_errors(self) -> list[str]:
+        """An autoscaled pool of a custom engine needs the metric names the autoscaler reads for it."""
+        errors = []
         custom = self.engine.custom
         for role in ("prefill", "decode"):
             missing = [name for name in NEEDED_FOR_AUTOSCALING[role]
@@ -1123,6 +1145,11 @@ class InferenceServiceSpec(CRDModel):
                 errors.append(f".{role}.autoscaling: the custom engine cannot autoscale {role}: set "
                               f"engine.custom.metrics {', '.join(missing)} (the metric names the autoscaler reads "
                               f"for {role}), or remove {role}.autoscaling and set {role}.replicas")
+        return errors
+
+    def _owned_flag_errors(self) -> list[str]:
+        """extraArgs may not set a flag the operator sets from the spec."""
+        errors = []
         owned = self.owned_flags()
         for field, args in (("engine", self.engine.extra_args), ("prefill", self.prefill.extra_args),
                             ("decode", self.decode.extra_args)):
