@@ -924,6 +924,23 @@ class NetworkPolicySpec(CRDModel):
     networkPolicy.metricsScrapers). Empty: no scraper."""
 
 
+WEIGHT_SCHEMES = ("hf://", "pvc://", "s3://", "gs://")
+"""Where model.uri may point (its pattern); an engine may load from fewer (`weight_schemes`)."""
+
+
+def _weights_rule() -> dict[str, str]:
+    """CEL: the model's weights are where the engine loads them from."""
+    clauses, messages = [], []
+    for kind, adapter in ENGINES.items():
+        refused = [scheme for scheme in WEIGHT_SCHEMES if scheme not in adapter.weight_schemes]
+        if refused:
+            uri = " || ".join(f"self.model.uri.startsWith('{scheme}')" for scheme in refused)
+            clauses.append(f"(self.engine.kind != '{kind}' || !({uri}))")
+            messages.append(f"{kind} loads weights from {' or '.join(adapter.weight_schemes)} only")
+    rule = " && ".join(clauses) if len(clauses) != 1 else clauses[0][1:-1]
+    return {"rule": rule or "true", "message": "; ".join(messages), "fieldPath": ".model.uri"}
+
+
 def _speaks(protocol: str) -> str:
     """CEL: the service's engine speaks `protocol` (itself, or a custom engine of that protocol)."""
     return (f"(self.engine.kind == '{protocol}' || (self.engine.kind == 'custom' && has(self.engine.custom) && "
@@ -1016,12 +1033,7 @@ class InferenceServiceSpec(CRDModel):
             "vllm, or engine sglang with mooncake",
             "fieldPath": ".kvTransfer.connector",
         },
-        {
-            "rule": "self.engine.kind != 'sglang' || !(self.model.uri.startsWith('s3://') || "
-            "self.model.uri.startsWith('gs://'))",
-            "message": "sglang loads weights from hf:// or pvc:// only",
-            "fieldPath": ".model.uri",
-        },
+        _weights_rule(),
         *(
             {
                 "rule": f"!has(self.model.architecture) || has(self.model.architecture.kvLoraRank) || "
@@ -1094,8 +1106,10 @@ class InferenceServiceSpec(CRDModel):
             errors.append(f"{rules[1]['fieldPath']}: {rules[1]['message']}")
         if self.engine.protocol == "vllm" and self.kv_transfer.connector == "mooncake":
             errors.append(f"{rules[2]['fieldPath']}: {rules[2]['message']}")
-        if self.engine.kind == "sglang" and self.model.uri.startswith(("s3://", "gs://")):
-            errors.append(f"{rules[3]['fieldPath']}: {rules[3]['message']}")
+        schemes = ENGINES[self.engine.kind].weight_schemes if self.engine.kind in ENGINES else WEIGHT_SCHEMES
+        if not self.model.uri.startswith(schemes):
+            errors.append(f"{rules[3]['fieldPath']}: {self.engine.kind} loads weights from "
+                          f"{' or '.join(schemes)} only")
         arch = self.model.architecture
         pools = (self.prefill, self.decode)
         for rule, pool in zip(rules[4:6], pools, strict=True):

@@ -60,6 +60,7 @@ class Custom:
     images: dict[str, str] = {}  # engine.image is required
     vendors = frozenset({"nvidia", "amd", "aws", "google"})
     connectors = frozenset({"nixl", "mooncake"})
+    weight_schemes: tuple[str, ...] = ("hf://", "pvc://", "s3://", "gs://")
     dotted_flags = False
     owned_flags: dict[str, str] = {}
     owned_with_object_storage: dict[str, str] = {}
