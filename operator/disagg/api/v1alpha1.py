@@ -384,6 +384,12 @@ class CustomMetrics(CRDModel):
     """Histogram (seconds): request latency, start to end."""
     prompt_histogram: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
     """Histogram: prompt tokens per request."""
+    kv_handed_off_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter (decode): prompts whose KV cache a prefill worker handed off (the KV-path check)."""
+    kv_recomputed_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter (decode): prompts the decode worker computed itself for lack of a usable hand-off."""
+    kv_transfer_failures_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter (decode): KV transfers that failed."""
 
 
 class CustomEngineSpec(CRDModel):
