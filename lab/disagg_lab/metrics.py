@@ -86,6 +86,8 @@ class EngineMetrics:
     phase_buckets: tuple[float, ...]
     constant_labels: tuple[tuple[str, str], ...]
     help: Mapping[str, str]
+    kv_counters: tuple[tuple[str, str], ...] = ()
+    """A custom engine's KV-path counters: (its name, the `EngineStats` attribute); none: the engine's own."""
 
     def names(self) -> list[str]:
         """Every family name, as it appears after `# TYPE`."""
@@ -189,7 +191,8 @@ ENGINE_METRICS: dict[str, EngineMetrics] = {kind: _engine_metrics(kind) for kind
 
 def custom_metrics(protocol: str, names: MetricNames) -> EngineMetrics:
     """A custom engine's page: the families of the engine whose protocol it speaks, under the spec's names
-    (`engine.custom.metrics`); a family the spec leaves unmapped keeps that engine's name."""
+    (`engine.custom.metrics`); a family the spec leaves unmapped keeps that engine's name, except the KV-path
+    counters: with any of them mapped, only the mapped ones."""
     base = ENGINE_METRICS[protocol]
 
     def first(mapped: tuple[str, ...], default: str) -> str:
@@ -210,6 +213,9 @@ def custom_metrics(protocol: str, names: MetricNames) -> EngineMetrics:
         prompt_tokens=renamed[base.prompt_tokens], generation_tokens=renamed[base.generation_tokens],
         ttft=renamed[base.ttft], itl=renamed[base.itl], e2e=renamed[base.e2e],
         help={renamed.get(name, name): text for name, text in base.help.items()},
+        kv_counters=tuple((name, stat) for name, stat in ((names.kv_handed, "kv_received"),
+                                                          (names.kv_recomputed, "recomputed"),
+                                                          (names.kv_failed, "kv_transfer_failed")) if name),
     )
 
 
@@ -354,7 +360,12 @@ def render_metrics(metrics: EngineMetrics, labels: str, gauges: tuple[int, int, 
         add(f"# HELP {name} {text}")
         add(f"# TYPE {name} counter")
         add(f"{name}{{{labels}}} {_fmt(getattr(stats, attribute))}")
-    _kv_transfer_counters(metrics.kind, labels, stats, head, add)
+    if metrics.kv_counters:
+        for name, stat in metrics.kv_counters:
+            head(name, "counter")
+            add(f"{name}{{{labels}}} {_fmt(getattr(stats, stat))}")
+    else:
+        _kv_transfer_counters(metrics.kind, labels, stats, head, add)
     histograms: list[tuple[str | None, Histogram]] = [
         (metrics.ttft, stats.ttft), (metrics.itl, stats.itl), (metrics.e2e, stats.e2e),
         (metrics.queue_time, stats.queue_time), (metrics.prefill_time, stats.prefill_time),

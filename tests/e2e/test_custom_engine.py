@@ -4,7 +4,7 @@ One namespace holds `megakernel`: example 01's model and pools with a custom eng
 and argument templates, the vLLM P/D protocol, and its metric names `mk_*` mapped onto the autoscaler's
 signals). This module's operator fills the templates per pool; `disagg-lab fleet` plays the engine (vLLM's
 protocol and timing, the `mk_*` families on /metrics); the real vllm-router routes; the real Prometheus
-scrapes the engines; the operator's autoscaler reads the mapped names from it.
+scrapes the engines; the operator's autoscaler and its KV-path check read the mapped names from it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ METRICS = {
     "kvCacheUsage": "mk_kv_pages_used_ratio", "promptTokensTotal": "mk_prompt_tokens_total",
     "generationTokensTotal": "mk_output_tokens_total", "ttftHistogram": "mk_first_token_seconds",
     "itlHistogram": "mk_token_gap_seconds", "e2eHistogram": "mk_request_seconds",
+    "kvHandedOffTotal": "mk_kv_received_total", "kvRecomputedTotal": "mk_kv_recomputed_total",
+    "kvTransferFailuresTotal": "mk_kv_failed_total",
 }
 PROMETHEUS_FLAGS = ("--prometheus-url", "http://127.0.0.1:9090", "--autoscale-tick", "2",
                     "--prometheus-rate-window", "10s", "--scrape-interval", "2", "--prometheus-timeout", "2")
@@ -99,13 +101,15 @@ def test_a_custom_engine_runs_its_filled_templates_and_serves_prefill_to_decode(
         assert r.kv == "transferred", r.record()
 
 
-def test_b_the_autoscaler_reads_the_engines_own_metric_names(custom: LabServices) -> None:
+def test_b_the_autoscaler_and_the_kv_path_check_read_the_engines_own_metric_names(custom: LabServices) -> None:
     env = custom
     schedule = Schedule(steps=((0.0, RATE),), prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS)
 
     def metrics_available() -> dict[str, Any] | None:
-        cond = condition(env.session.cluster.service(env.namespace, NAME), "ScalingActive")
-        if cond and cond["status"] == "True" and cond["reason"] == "MetricsAvailable":
+        body = env.session.cluster.service(env.namespace, NAME)
+        cond, kv = condition(body, "ScalingActive"), condition(body, "KVTransferReady")
+        if cond and cond["status"] == "True" and cond["reason"] == "MetricsAvailable" and kv and \
+                kv["reason"] == "Transferring":
             return cond
         return None
 
@@ -123,13 +127,14 @@ def test_b_the_autoscaler_reads_the_engines_own_metric_names(custom: LabServices
             await asyncio.gather(loads, return_exceptions=True)
 
     seen = asyncio.run(load_until_seen())
-    assert seen is not None, (
-        f"ScalingActive {condition(env.session.cluster.service(env.namespace, NAME), 'ScalingActive')}\n"
-        f"{env.diagnostics()}")
+    body = env.session.cluster.service(env.namespace, NAME)
+    assert seen is not None, (f"ScalingActive {condition(body, 'ScalingActive')}, KVTransferReady "
+                              f"{condition(body, 'KVTransferReady')}\n{env.diagnostics()}")
     assert "prefill" in seen["message"] and "decode" in seen["message"], seen
     # the engines exported only the spec's names: the autoscaler could not have read vLLM's
     (decode,) = [p for p in env.lab.pods(NAME) if p["role"] == "decode"]
     with urllib.request.urlopen(f"http://{decode['address']}/metrics", timeout=5) as response:
         page = response.read().decode()
     assert "mk_active_requests{" in page and "vllm:num_requests_running" not in page, page[:2000]
+    assert "mk_kv_received_total{" in page and "vllm:prompt_tokens_by_source" not in page, page[:2000]
     wait_until(metrics_available, 10, "ScalingActive stays MetricsAvailable", env.diagnostics)

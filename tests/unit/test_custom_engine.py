@@ -93,6 +93,9 @@ def test_the_autoscaler_queries_the_custom_engines_metric_names() -> None:
     assert "mk_first_token_seconds_bucket" in queries["ttft_buckets"]
     assert "mk_token_gap_seconds_bucket" in queries["itl_buckets"]
     assert "mk_kv_pages_used_ratio" in queries["kv_usage"]
+    assert "mk_kv_received_total" in queries["kv_handed"] and "vllm:prompt_tokens_by_source" in queries["kv_handed"]
+    assert "mk_kv_recomputed_total" in queries["kv_recomputed"]
+    assert "mk_" not in queries["kv_failed"]  # unmapped: the built-in engines' names only
     # an unset name (promptTokensTotal, promptHistogram) adds no alternative: an empty one would match every series
     for promql in queries.values():
         assert "||" not in promql and '~"|' not in promql and '|"' not in promql, promql

@@ -384,6 +384,12 @@ class CustomMetrics(CRDModel):
     """Histogram (seconds): request latency, start to end."""
     prompt_histogram: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
     """Histogram: prompt tokens per request."""
+    kv_handed_off_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter (decode): prompts whose KV cache a prefill worker handed off (the KV-path check)."""
+    kv_recomputed_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter (decode): prompts the decode worker computed itself for lack of a usable hand-off."""
+    kv_transfer_failures_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter (decode): KV transfers that failed."""
 
 
 class CustomEngineSpec(CRDModel):
@@ -924,6 +930,23 @@ class NetworkPolicySpec(CRDModel):
     networkPolicy.metricsScrapers). Empty: no scraper."""
 
 
+WEIGHT_SCHEMES = ("hf://", "pvc://", "s3://", "gs://")
+"""Where model.uri may point (its pattern); an engine may load from fewer (`weight_schemes`)."""
+
+
+def _weights_rule() -> dict[str, str]:
+    """CEL: the model's weights are where the engine loads them from."""
+    clauses, messages = [], []
+    for kind, adapter in ENGINES.items():
+        refused = [scheme for scheme in WEIGHT_SCHEMES if scheme not in adapter.weight_schemes]
+        if refused:
+            uri = " || ".join(f"self.model.uri.startsWith('{scheme}')" for scheme in refused)
+            clauses.append(f"(self.engine.kind != '{kind}' || !({uri}))")
+            messages.append(f"{kind} loads weights from {' or '.join(adapter.weight_schemes)} only")
+    rule = " && ".join(clauses) if len(clauses) != 1 else clauses[0][1:-1]
+    return {"rule": rule or "true", "message": "; ".join(messages), "fieldPath": ".model.uri"}
+
+
 def _speaks(protocol: str) -> str:
     """CEL: the service's engine speaks `protocol` (itself, or a custom engine of that protocol)."""
     return (f"(self.engine.kind == '{protocol}' || (self.engine.kind == 'custom' && has(self.engine.custom) && "
@@ -1016,12 +1039,7 @@ class InferenceServiceSpec(CRDModel):
             "vllm, or engine sglang with mooncake",
             "fieldPath": ".kvTransfer.connector",
         },
-        {
-            "rule": "self.engine.kind != 'sglang' || !(self.model.uri.startsWith('s3://') || "
-            "self.model.uri.startsWith('gs://'))",
-            "message": "sglang loads weights from hf:// or pvc:// only",
-            "fieldPath": ".model.uri",
-        },
+        _weights_rule(),
         *(
             {
                 "rule": f"!has(self.model.architecture) || has(self.model.architecture.kvLoraRank) || "
@@ -1100,8 +1118,10 @@ class InferenceServiceSpec(CRDModel):
             errors.append(f"{rules[1]['fieldPath']}: {rules[1]['message']}")
         if self.engine.protocol == "vllm" and self.kv_transfer.connector == "mooncake":
             errors.append(f"{rules[2]['fieldPath']}: {rules[2]['message']}")
-        if self.engine.kind == "sglang" and self.model.uri.startswith(("s3://", "gs://")):
-            errors.append(f"{rules[3]['fieldPath']}: {rules[3]['message']}")
+        schemes = ENGINES[self.engine.kind].weight_schemes if self.engine.kind in ENGINES else WEIGHT_SCHEMES
+        if not self.model.uri.startswith(schemes):
+            errors.append(f"{rules[3]['fieldPath']}: {self.engine.kind} loads weights from "
+                          f"{' or '.join(schemes)} only")
         return errors
 
     def _tensor_errors(self) -> list[str]:

@@ -103,6 +103,8 @@ class EngineAdapter(Protocol):
     vendors: frozenset[str]
     """Accelerator vendors the engine runs on."""
     connectors: frozenset[str]
+    weight_schemes: tuple[str, ...]
+    """The model.uri schemes the engine loads weights from."""
     metrics: MetricNames
     decode_ttft_from_handoff: bool
     """Whether a decode engine's TTFT starts when prefill hands the request over rather than when the router

@@ -44,7 +44,8 @@ def metric_names(metrics: CustomMetrics) -> MetricNames:
         kv_cache_usage=several("kv_cache_usage"), prompt_tokens_total=one("prompt_tokens_total"),
         generation_tokens_total=one("generation_tokens_total"), ttft_histogram=one("ttft_histogram"),
         itl_histogram=several("itl_histogram"), e2e_histogram=one("e2e_histogram"),
-        prompt_histogram=one("prompt_histogram"),
+        prompt_histogram=one("prompt_histogram"), kv_handed=one("kv_handed_off_total"),
+        kv_recomputed=one("kv_recomputed_total"), kv_failed=one("kv_transfer_failures_total"),
     )
 
 
@@ -60,6 +61,7 @@ class Custom:
     images: dict[str, str] = {}  # engine.image is required
     vendors = frozenset({"nvidia", "amd", "aws", "google"})
     connectors = frozenset({"nixl", "mooncake"})
+    weight_schemes: tuple[str, ...] = ("hf://", "pvc://", "s3://", "gs://")
     dotted_flags = False
     owned_flags: dict[str, str] = {}
     owned_with_object_storage: dict[str, str] = {}

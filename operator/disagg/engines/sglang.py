@@ -63,6 +63,7 @@ class SGLang:
     router_image = "lmsysorg/sgl-model-gateway:v0.3.2"
     vendors = frozenset({"nvidia", "amd"})
     connectors = frozenset({"nixl", "mooncake"})
+    weight_schemes: tuple[str, ...] = ("hf://", "pvc://")
     metrics = METRICS
     # the router dispatches to both pools at once: decode's TTFT includes the prefill
     decode_ttft_from_handoff = False

@@ -102,6 +102,7 @@ class VLLM:
     router_image = "vllm/vllm-router:v0.1.17"
     vendors = frozenset({"nvidia", "amd", "aws", "google"})
     connectors = frozenset({"nixl", "mooncake"})
+    weight_schemes: tuple[str, ...] = ("hf://", "pvc://", "s3://", "gs://")
     metrics = METRICS
     # the router sends a request to decode with the prefill's answer, so decode's TTFT histogram holds the KV
     # hand-off, admission and first step only

@@ -48,9 +48,9 @@ def _names(pick: Callable[[MetricNames], Iterable[str]], extra: tuple[MetricName
     return "|".join(names)
 
 
-def _either(pick: Callable[[MetricNames], str], window: str) -> str:
+def _either(pick: Callable[[MetricNames], str], window: str, extra: tuple[MetricNames, ...] = ()) -> str:
     """The per-pool rate of whichever engine's counter a pool has (`vector(0)` drops out: no pool labels)."""
-    names = dict.fromkeys(pick(engine.metrics) for engine in ENGINES.values())
+    names = dict.fromkeys(pick(metrics) for metrics in (*(engine.metrics for engine in ENGINES.values()), *extra))
     rates = [f"sum by ({BY}) (rate({name}[{window}]))" for name in names if name]
     return " or ".join(rates) or "vector(0)"
 
@@ -136,9 +136,9 @@ class QuerySet:
             "prompt_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{prompt_lengths}"}}[{w}]))',
             "prefill_time": f"sum by ({BY}) (rate({prefill_sum}[{w}])) / sum by ({BY}) (rate({prefill_count}[{w}]))",
             # the engines' own evidence of the KV path, counted on the decode side (a name may carry labels)
-            "kv_handed": _either(lambda m: m.kv_handed, w),
-            "kv_recomputed": _either(lambda m: m.kv_recomputed, w),
-            "kv_failed": _either(lambda m: m.kv_failed, w),
+            "kv_handed": _either(lambda m: m.kv_handed, w, custom),
+            "kv_recomputed": _either(lambda m: m.kv_recomputed, w, custom),
+            "kv_failed": _either(lambda m: m.kv_failed, w, custom),
             # the newest sample of any pod of the pool: older than the staleness limit = blind
             "sampled_at": f'max by ({BY}) (timestamp({{__name__=~"{running}"}}))',
         }
