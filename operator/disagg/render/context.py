@@ -12,7 +12,7 @@ from typing import Any
 from disagg import GROUP, KIND, VERSION
 from disagg.api.quantity import quantity_bytes
 from disagg.api.v1alpha1 import CHILD_SEPARATOR, InferenceServiceSpec, NetworkPolicyPeer, PoolSpec
-from disagg.catalog.accelerators import AcceleratorCatalog
+from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog
 from disagg.engines import ROUTER_METRICS_PORT, Role, engine_adapter, kv_port
 from disagg.engines.base import KV_DISK_DIR
 from disagg.render import multinode
@@ -213,36 +213,31 @@ def _gib(quantity: str) -> int:
     return int(quantity_bytes(quantity) // 2**30)
 
 
-def pool_values(
-    owner: Owner, spec: InferenceServiceSpec, role: Role, catalog: AcceleratorCatalog
-) -> Pool:
-    """The values of one pool's Deployment."""
-    pool: PoolSpec = getattr(spec, role)
+@dataclass(frozen=True)
+class _Placement:
+    """Where a pool's pods go and what they request: the accelerator's resource and node labels."""
+
+    accelerator: Accelerator | None
+    resource_name: str
+    node_selector: dict[str, str]
+    default_image: str
+
+
+def _placement(spec: InferenceServiceSpec, pool: PoolSpec, catalog: AcceleratorCatalog) -> _Placement:
     engine = engine_adapter(spec.engine)
     acc = pool.accelerator
-    node_selector: dict[str, str] = {}
-    accelerator = None
     if acc.type is not None:
         accelerator = catalog[acc.type]
-        resource_name = accelerator.resource_name
-        node_selector.update(accelerator.node_labels)
-        default_image = engine.images.get(accelerator.vendor, "")
-    else:
-        assert acc.resource_name is not None
-        resource_name = acc.resource_name
-        node_selector.update(acc.node_selector or {})
-        default_image = engine.images.get("nvidia", "")
-    node_selector.update(pool.node_selector)
-    image = pool.image or spec.engine.image or default_image
-    source = model_source(spec)
-    port_kv = kv_port(spec.kv_transfer.connector, spec.engine.protocol, spec.kv_transfer.port)
-    # One listener per pod serves every TP rank's handshake (vLLM's NIXL side channel, the bootstrap servers)
-    kv_ports = [port_kv] if engine.kv_listens(role) else []
-    command, args, env = _engine_command(spec, role, source, port_kv)
-    drain = pool_drain(spec, role)
-    group = engine.group(pool, command, args, env) if pool.multi_node else None
-    ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
-    ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]
+        node_selector = {**accelerator.node_labels, **pool.node_selector}
+        return _Placement(accelerator, accelerator.resource_name, dict(sorted(node_selector.items())),
+                          engine.images.get(accelerator.vendor, ""))
+    assert acc.resource_name is not None
+    node_selector = {**(acc.node_selector or {}), **pool.node_selector}
+    return _Placement(None, acc.resource_name, dict(sorted(node_selector.items())), engine.images.get("nvidia", ""))
+
+
+def _storage(spec: InferenceServiceSpec, source: ModelSource) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the engine's mounts: the weights, shared memory, a writable home, the KV disk tier."""
     volumes = [*source.volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "home", "emptyDir": {}}]
     mounts = [*source.mounts, {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "home", "mountPath": ENGINE_HOME}]
     tiers = spec.kv_cache
@@ -256,22 +251,43 @@ def pool_values(
         else:
             volumes.append({"name": "kv-disk", "emptyDir": {"sizeLimit": tiers.disk.size}})
         mounts.append({"name": "kv-disk", "mountPath": KV_DISK_DIR})
-    tolerations = [{"key": resource_name, "operator": "Exists", "effect": "NoSchedule"}]
+    return volumes, mounts
+
+
+def _initial_replicas(pool: PoolSpec) -> int:
+    """The count a new pool starts at (an autoscaled one: `replicas` within its bounds)."""
+    if pool.autoscaling is None:
+        return pool.replicas
+    return min(max(pool.replicas, pool.autoscaling.min_replicas), pool.autoscaling.max_replicas)
+
+
+def pool_values(
+    owner: Owner, spec: InferenceServiceSpec, role: Role, catalog: AcceleratorCatalog
+) -> Pool:
+    """The values of one pool's Deployment."""
+    pool: PoolSpec = getattr(spec, role)
+    engine = engine_adapter(spec.engine)
+    place = _placement(spec, pool, catalog)
+    source = model_source(spec)
+    port_kv = kv_port(spec.kv_transfer.connector, spec.engine.protocol, spec.kv_transfer.port)
+    # One listener per pod serves every TP rank's handshake (vLLM's NIXL side channel, the bootstrap servers)
+    kv_ports = [port_kv] if engine.kv_listens(role) else []
+    command, args, env = _engine_command(spec, role, source, port_kv)
+    drain = pool_drain(spec, role)
+    ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
+    ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]
+    volumes, mounts = _storage(spec, source)
+    tolerations = [{"key": place.resource_name, "operator": "Exists", "effect": "NoSchedule"}]
     tolerations += [t.model_dump(by_alias=True, exclude_none=True) for t in pool.tolerations]
-    annotations = engine.pool_annotations(role, port_kv)
-    autoscaled = pool.autoscaling is not None
-    initial = pool.replicas
-    if pool.autoscaling is not None:
-        initial = min(max(pool.replicas, pool.autoscaling.min_replicas), pool.autoscaling.max_replicas)
     return Pool(
         role=role,
         name=f"{owner.name}-{role}",
         kv_service=kv_service_name(owner.name, role),
-        replicas=None if autoscaled else pool.replicas,
-        initial_replicas=initial,
+        replicas=None if pool.autoscaling is not None else pool.replicas,
+        initial_replicas=_initial_replicas(pool),
         labels=labels(owner, role, spec.engine.kind),
         selector=selector(owner, role),
-        image=image,
+        image=pool.image or spec.engine.image or place.default_image,
         command=command,
         args=args,
         env=env,
@@ -279,18 +295,18 @@ def pool_values(
         service_account=pool.service_account_name,
         ports=ports,
         kv_ports=kv_ports,
-        resources=_resources(pool, resource_name, spec),
-        node_selector=dict(sorted(node_selector.items())),
+        resources=_resources(pool, place.resource_name, spec),
+        node_selector=place.node_selector,
         tolerations=tolerations,
-        affinity=multinode.placement(owner.name, role, spec, pool, accelerator, pool.affinity),
+        affinity=multinode.placement(owner.name, role, spec, pool, place.accelerator, pool.affinity),
         volumes=volumes,
         mounts=mounts,
-        annotations=annotations,
+        annotations=engine.pool_annotations(role, port_kv),
         **_pod_security(spec),
         # a leaving worker finishes what it holds first (render/drain.py)
         termination_grace_s=drain.grace_s,
         prestop=drain.prestop,
-        group=group,
+        group=engine.group(pool, command, args, env) if pool.multi_node else None,
     )
 
 
