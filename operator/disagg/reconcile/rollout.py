@@ -31,7 +31,7 @@ from typing import Any
 from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.reconcile import ChildKey
 from disagg.reconcile.status import deployment_counts, pool_condition
-from disagg.render.revision import SLOTS, Placement, other_slot, pool_name
+from disagg.render.revision import ANY_REVISION, SLOTS, Placement, other_slot, pool_name
 from disagg.wellknown import REVISION_LABEL, ROUTER
 from disagg.wellknown import ROLES as _ROLES
 
@@ -156,6 +156,14 @@ def plan_rollout(
                            message=f"revision {revision} waits for the routers of revision {slot_revision(other)} "
                                    "to finish their streams")
     return _start(name, spec, revision, serving, current, slots, keys(serving), kinds)
+
+
+def plan_in_place(
+    name: str, revision: str, live: Mapping[ChildKey, Mapping[str, Any]], kinds: PoolKinds,
+) -> RolloutPlan:
+    """`--rollouts in-place`: the spec applies to the pools where they are, the routers select any revision."""
+    slot = next((s for s in SLOTS for role in ROLES if (*kinds[role], pool_name(name, role, s)) in live), "a")
+    return RolloutPlan(Placement(slot, router_revision=ANY_REVISION), slot, revision)
 
 
 def _start(name: str, spec: InferenceServiceSpec, revision: str, serving: str, current: str,

@@ -29,7 +29,7 @@ from disagg.kube.client import (
 )
 from disagg.reconcile import POOL_KINDS, ChildKey, child_key, owned_by, pack, plan_children, stamp, unpack
 from disagg.reconcile.diff import contains
-from disagg.reconcile.rollout import PoolKinds, RolloutPlan, plan_rollout
+from disagg.reconcile.rollout import PoolKinds, RolloutPlan, plan_in_place, plan_rollout
 from disagg.reconcile.status import (
     Cond,
     PodTrouble,
@@ -93,6 +93,8 @@ class Reconciler:
     """Whether the children cache holds the LeaderWorkerSets already (their watch has listed)."""
     metrics_scrapers: tuple[NetworkPolicyPeer, ...] = DEFAULT_METRICS_SCRAPERS
     """Who may scrape the engines of a service whose spec names no one (`--metrics-scrapers`)."""
+    versioned_rollouts: bool = True
+    """False: every change rolls the pools in place, the routers select any revision (`--rollouts in-place`)."""
     applier: Executor | None = None
     """Threads that apply the children of one service concurrently (None: one after another). A
     Service with a cluster IP can take ~0.3 s to create (the API server allocates the IPs one at a
@@ -332,7 +334,9 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     kinds: PoolKinds = {
         role: ((LEADER_WORKER_SET.api_version, LEADER_WORKER_SET.kind) if getattr(spec, role).multi_node
                else (DEPLOYMENT.api_version, DEPLOYMENT.kind)) for role in ROLES}
-    rollout = plan_rollout(name, spec, ctx.revision(owner, generation, spec), live, kinds)
+    revision = ctx.revision(owner, generation, spec)
+    rollout = (plan_rollout(name, spec, revision, live, kinds) if ctx.versioned_rollouts
+               else plan_in_place(name, revision, live, kinds))
     desired = ctx.desired_children(owner, generation, spec, rollout.placement)
     plan = plan_children(desired, live, uid, keep=rollout.keep)
 

@@ -29,6 +29,8 @@ from disagg.api.v1alpha1 import CHILD_SEPARATOR
 from disagg.wellknown import INITIAL_REPLICAS_ANNOTATION, REVISION_LABEL, ROLE_LABEL, ROLES, ROUTER, SLOT_LABEL
 
 SLOTS = ("a", "b")
+ANY_REVISION = "*"
+"""A router revision: routers that select workers of any revision (`disagg run --rollouts in-place`)."""
 POOL_KINDS = frozenset({"Deployment", "LeaderWorkerSet"})
 OPERATIONAL_FLAGS = frozenset({"--shutdown-timeout"})
 """Engine flags outside the revision: how a worker leaves, not what it computes."""
@@ -51,7 +53,7 @@ class Placement:
 
     slot: str = "a"
     router_revision: str | None = None
-    """The revision the routers select (None: the spec's own)."""
+    """The revision the routers select (None: the spec's own; ANY_REVISION: any)."""
     initial_replicas: tuple[tuple[str, int], ...] = ()
     """(role, replicas) a new autoscaled pool starts with when not the spec's: a new revision's pools start at
     the size of the serving ones."""
@@ -144,7 +146,7 @@ def place(service: str, docs: list[dict[str, Any]], placement: Placement) -> lis
             for template in _pod_templates(doc):
                 tmeta = template.setdefault("metadata", {})
                 tmeta["labels"] = {**tmeta.get("labels", {}), REVISION_LABEL: revision, **slot_labels}
-        elif doc.get("kind") == "Deployment" and role == ROUTER:
+        elif doc.get("kind") == "Deployment" and role == ROUTER and router_revision != ANY_REVISION:
             meta["labels"] = {**meta.get("labels", {}), REVISION_LABEL: router_revision}
             template = doc["spec"]["template"]
             template["metadata"]["labels"] = {**template["metadata"].get("labels", {}), REVISION_LABEL: router_revision}
