@@ -27,7 +27,7 @@ ROUTER: ChildKey = ("apps/v1", "Deployment", f"{NAME}-router")
 
 
 def body_with(**model: Any) -> dict[str, Any]:
-    out = copy.deepcopy(BODY)
+    out: dict[str, Any] = copy.deepcopy(BODY)
     out["spec"]["model"].update(model)
     return out
 
