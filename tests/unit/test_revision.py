@@ -117,3 +117,9 @@ def test_routers_select_the_workers_of_one_revision_or_any() -> None:
     unpinned = by_name(place("llama-70b", docs, Placement("a", router_revision=ANY_REVISION)))
     router_args = unpinned["Deployment/llama-70b-router"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not any(REVISION in arg for arg in router_args)
+
+
+def test_in_place_rollouts_label_no_pod_with_a_revision() -> None:
+    # a revision label on the pods would roll the prefill pool too when only the decode image changes
+    placed = place("llama-70b", children(VLLM), Placement("a", router_revision=ANY_REVISION))
+    assert REVISION not in str(placed)

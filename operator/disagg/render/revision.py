@@ -126,8 +126,11 @@ def _pin_selector(args: list[str], revision: str) -> list[str]:
 
 def place(service: str, docs: list[dict[str, Any]], placement: Placement) -> list[dict[str, Any]]:
     """The rendered children (not changed) as `placement` puts them: the pools in its slot with their revision
-    label, the routers selecting the workers of `placement.router_revision` (or the pools' own)."""
+    label, the routers selecting the workers of `placement.router_revision` (or the pools' own). With
+    ANY_REVISION nothing carries a revision, as before revisions: a revision label on the pods would roll both pools
+    whenever one pool's engine changes."""
     revision = revision_of(docs)
+    revision_labels = {} if placement.router_revision == ANY_REVISION else {REVISION_LABEL: revision}
     router_revision = placement.router_revision or revision
     initial = dict(placement.initial_replicas)
     placed = copy.deepcopy(docs)
@@ -137,7 +140,7 @@ def place(service: str, docs: list[dict[str, Any]], placement: Placement) -> lis
         if doc.get("kind") in POOL_KINDS and role in ROLES:
             slot_labels = {} if placement.slot == "a" else {SLOT_LABEL: placement.slot}
             meta["name"] = pool_name(service, role, placement.slot)
-            meta["labels"] = {**meta.get("labels", {}), REVISION_LABEL: revision, **slot_labels}
+            meta["labels"] = {**meta.get("labels", {}), **revision_labels, **slot_labels}
             if role in initial and "replicas" not in doc["spec"]:
                 meta.setdefault("annotations", {})[INITIAL_REPLICAS_ANNOTATION] = str(initial[role])
             if "selector" in doc["spec"]:
@@ -145,7 +148,7 @@ def place(service: str, docs: list[dict[str, Any]], placement: Placement) -> lis
                 doc["spec"]["selector"]["matchLabels"] = {**doc["spec"]["selector"]["matchLabels"], **slot_labels}
             for template in _pod_templates(doc):
                 tmeta = template.setdefault("metadata", {})
-                tmeta["labels"] = {**tmeta.get("labels", {}), REVISION_LABEL: revision, **slot_labels}
+                tmeta["labels"] = {**tmeta.get("labels", {}), **revision_labels, **slot_labels}
         elif doc.get("kind") == "Deployment" and role == ROUTER and router_revision != ANY_REVISION:
             meta["labels"] = {**meta.get("labels", {}), REVISION_LABEL: router_revision}
             template = doc["spec"]["template"]
