@@ -91,3 +91,35 @@ async def test_a_model_revision_rollout_step_by_step(harness: Harness) -> None:
     assert "RevisionServing" in reasons(harness)
     _, idle = await harness.reconcile()
     assert idle == []
+
+
+async def test_a_rollout_whose_pods_cannot_be_scheduled_says_why_and_keeps_serving(harness: Harness) -> None:
+    await create_service(harness)
+    for pool in ("prefill", "decode", "router"):
+        set_ready(harness, f"{NAME}-{pool}")
+    await harness.reconcile()
+    old = harness.service()["status"]["revision"]
+    harness.edit({"model": {"revision": "v2"}})
+    await harness.reconcile()
+
+    # the new prefill pool's controller made its pods; the scheduler cannot place them
+    obj = harness.api.objects[kmock.resource(DEPLOYMENTS), NAMESPACE, f"{NAME}--prefill-b"]
+    obj.patch({"status": {"observedGeneration": obj.raw["metadata"]["generation"], "replicas": 2,
+                          "readyReplicas": 0, "updatedReplicas": 2}})
+    harness.api.put_object("v1/pods", {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{NAME}-prefill-b-abc", "namespace": NAMESPACE,
+                     "labels": obj.raw["spec"]["template"]["metadata"]["labels"]},
+        "status": {"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
+    })
+    await harness.reconcile()
+    status = harness.service()["status"]
+    progressing = condition(status, "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("False", "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in progressing["message"] and old in progressing["message"]
+    assert status["rollout"]["phase"] == "Blocked" and status["revision"] == old
+    assert condition(status, "Ready")["status"] == "True", "the serving revision still serves"
+    assert router_selects(harness) == old
+    assert ("Warning", "Unschedulable") in [(kind, reason) for kind, reason, _ in harness.events]
