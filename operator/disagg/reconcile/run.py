@@ -123,7 +123,10 @@ class Reconciler:
         return revision, children
 
     def revision(self, owner: Owner, generation: int | None, spec: InferenceServiceSpec) -> str:
-        """The revision of what the spec's engines run (render/revision.py)."""
+        """The revision of what the spec's engines run (render/revision.py); cached: no decoding per reconcile."""
+        cached = self._rendered.get(owner.uid or "") if owner.uid else None
+        if cached is not None and generation is not None and cached[0] == generation:
+            return cached[1]
         return self._render(owner, generation, spec)[0]
 
     def desired_children(
