@@ -410,11 +410,14 @@ class Router:
     """terminationGracePeriodSeconds: the preStop sleep, then the longest request's stream."""
     prestop_sleep_s: int
     """The preStop hook's sleep: clients stop picking the endpoint before the router stops accepting."""
+    min_ready_s: int
+    """minReadySeconds of the router Deployment: how long a new router is Ready before an old one leaves."""
     metrics_service: str
     """Headless Service `<name>--metrics` (was `<name>-metrics`, and before that `<name>-router` with a
     cluster IP: the reconcile of a service made before creates the new one and deletes the old)."""
 
 
+ROUTER_MIN_READY_S = 5
 ROUTER_HEALTH_CHECK_INTERVAL_S = 5
 ROUTER_HEALTH_CHECK_TIMEOUT_S = 2
 ROUTER_HEALTH_FAILURE_THRESHOLD = 2
@@ -474,5 +477,6 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         liveness_path=liveness,
         grace_s=router_grace_seconds(spec),
         prestop_sleep_s=ROUTER_DEREGISTER_S,
+        min_ready_s=ROUTER_MIN_READY_S,
         metrics_service=part_name(owner.name, "metrics"),
     )
