@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Operations benchmark: planned events under steady streaming load, per engine, on the local cluster.
+"""Rollouts benchmark: the planned rollout events under steady streaming load, per engine, on the local cluster.
 
 Runs the e2e scenario `tests/e2e/test_operations.py::test_c_rollouts_under_load_never_mix_revisions` (the real
 OpenAI client through the real vllm-router and sglang-router into the lab's engines, the operator as it runs by
-default) and writes its per-event table to bench/results/operations.json: event, engine, requests, failed,
+default) and writes its per-event table to bench/results/rollouts.json: event, engine, requests, failed,
 mixed (requests served by a prefill and a decode of different revisions, from the client's answers), the
 hand-offs the engines refused, and the event's duration (from the edit to one revision's pools and routers
-left). Run it under the e2e lock: `flock /tmp/disagg-e2e.lock .venv/bin/python bench/operations.py`.
+left). Run it under the e2e lock: `flock /tmp/disagg-e2e.lock .venv/bin/python bench/rollouts.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "operations.json"
+RESULTS = ROOT / "bench" / "results" / "rollouts.json"
 TEST = "tests/e2e/test_operations.py::test_c_rollouts_under_load_never_mix_revisions"
 
 
