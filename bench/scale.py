@@ -31,7 +31,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -40,8 +39,11 @@ from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from kubernetes import watch as k8s_watch
 from prometheus_client.parser import text_string_to_metric_families
+
+from disagg import GROUP, PLURAL, VERSION
+from disagg.kube.client import Kind, Kube
+from disagg.kube.watch import KindWatch
 
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python")
@@ -52,6 +54,8 @@ TARGETS = {
     "peak_rss_mib": 300.0,
 }
 CHILDREN_PER_SERVICE = 13
+SERVICES = Kind(f"{GROUP}/{VERSION}", "InferenceService", PLURAL)
+DEPLOYMENTS = Kind("apps/v1", "Deployment", "deployments")
 
 
 def log(message: str) -> None:
@@ -203,35 +207,29 @@ class ServiceWatch:
         self.namespaces = set(namespaces)
         self.done: set[tuple[str, str]] = set()
         self.ready: set[tuple[str, str]] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._watch = KindWatch(Kube(k8s.ApiClient()), SERVICES, None, "", self._listed, self._changed)
+        self._watch.start()
 
-    def _run(self) -> None:
-        custom = k8s.CustomObjectsApi()
-        while not self._stop.is_set():
-            w = k8s_watch.Watch()  # type: ignore[no-untyped-call]
-            try:
-                for event in w.stream(custom.list_cluster_custom_object, "disagg.dev", "v1alpha1",  # type: ignore[no-untyped-call]
-                                      "inferenceservices", timeout_seconds=300):
-                    if self._stop.is_set():
-                        return
-                    item = event["object"]
-                    meta = item["metadata"]
-                    if meta["namespace"] not in self.namespaces:
-                        continue
-                    key = (meta["namespace"], meta["name"])
-                    status = item.get("status") or {}
-                    if status.get("observedGeneration") == meta["generation"] and status.get("conditions"):
-                        self.done.add(key)
-                    if any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", [])):
-                        self.ready.add(key)
-            except Exception as error:  # a dropped watch: start again
-                log(f"service watch restarted: {error}")
-                time.sleep(1)
+    def _listed(self, kind: Kind, namespace: str | None, items: list[dict[str, Any]], last: bool) -> None:
+        for item in items:
+            self._record(item)
+
+    def _changed(self, kind: Kind, change: str, item: dict[str, Any]) -> None:
+        self._record(item)
+
+    def _record(self, item: dict[str, Any]) -> None:
+        meta = item["metadata"]
+        if meta["namespace"] not in self.namespaces:
+            return
+        key = (meta["namespace"], meta["name"])
+        status = item.get("status") or {}
+        if status.get("observedGeneration") == meta["generation"] and status.get("conditions"):
+            self.done.add(key)
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", [])):
+            self.ready.add(key)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._watch.close()
 
 
 def children_exist(apps: Any, namespaces: list[str]) -> int:
@@ -248,27 +246,19 @@ def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str
     sent: dict[str, float] = {}
     seen: dict[str, float] = {}
     owner: dict[str, str] = {}
-    stop = threading.Event()
+    def changed(kind: Kind, change: str, deployment: dict[str, Any]) -> None:
+        service = deployment["metadata"]["name"].removesuffix("-prefill")
+        for env in deployment["spec"]["template"]["spec"]["containers"][0].get("env") or []:
+            if env.get("name") == "STAMP" and env.get("value") in sent:
+                now = time.monotonic()
+                for stamp in [s for s, svc in list(owner.items()) if svc == service and int(s) <= int(env["value"])]:
+                    seen.setdefault(stamp, now)
 
-    def watcher(ns: str) -> None:
-        w = k8s_watch.Watch()  # type: ignore[no-untyped-call]
-        apps = k8s.AppsV1Api(api)
-        for event in w.stream(apps.list_namespaced_deployment, ns, timeout_seconds=int(seconds) + 60,  # type: ignore[no-untyped-call]
-                              label_selector="disagg.dev/role=prefill"):
-            if stop.is_set():
-                w.stop()  # type: ignore[no-untyped-call]
-                break
-            service = event["object"].metadata.name.removesuffix("-prefill")
-            for env in event["object"].spec.template.spec.containers[0].env or []:
-                if env.name == "STAMP" and env.value in sent:
-                    now = time.monotonic()
-                    for stamp in [s for s, svc in list(owner.items())
-                                  if svc == service and int(s) <= int(env.value)]:
-                        seen.setdefault(stamp, now)
-
-    threads = [threading.Thread(target=watcher, args=(ns,), daemon=True) for ns in namespaces]
-    for t in threads:
-        t.start()
+    kube = Kube(api)
+    watches = [KindWatch(kube, DEPLOYMENTS, ns, "disagg.dev/role=prefill", lambda *_: None, changed)
+               for ns in namespaces]
+    for watch in watches:
+        watch.start()
     time.sleep(2)
     count = int(rate * seconds)
     started = time.monotonic()
@@ -287,14 +277,13 @@ def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str
     deadline = time.monotonic() + 30
     while len(seen) < len(sent) and time.monotonic() < deadline:
         time.sleep(0.2)
-    stop.set()
+    for watch in watches:
+        watch.close()
     return [seen[s] - sent[s] if s in seen else float("inf") for s in sent]
 
 
 def apply_rate(make: Callable[[int], dict[str, Any]], objects: int, threads: int = 16) -> dict[str, float]:
     """Server-side applies per second of `objects` manifests from one client with `threads` connections."""
-    from disagg.kube.client import Kube
-
     api = k8s.ApiClient()
     api.configuration.connection_pool_maxsize = threads
     kube = Kube(api)

@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""Prints the code's shape: the largest modules and functions, the kopf handlers' sizes, and which
-modules import `kubernetes` and `kopf`. Issue notes quote it before and after a restructuring.
+"""Prints the code's shape: the largest modules and functions, the kopf handlers' sizes, which modules
+import `kubernetes` and `kopf`, where the code branches on an engine's kind outside the engine adapters,
+and (with --image) the files the operator image installs from the wheel. Issue notes quote it before and
+after a restructuring.
 
-    python3 hack/figures.py [--top N] [ROOT ...]      (default roots: operator lab)
+    python3 hack/figures.py [--top N] [--image] [ROOT ...]      (default roots: operator lab)
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import re
+import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +49,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("roots", nargs="*", default=["operator", "lab"])
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--image", action="store_true", help="build the wheel the Dockerfile installs; list it")
     args = parser.parse_args()
     modules: list[tuple[int, str]] = []
     functions: list[tuple[int, str]] = []
@@ -84,7 +91,45 @@ def main() -> int:
         print(f"== modules importing {package}: {len(found)}")
         for where in found:
             print(f"        {where}")
+    branches = engine_branches(args.roots)
+    print(f"== comparisons with an engine kind outside operator/disagg/engines: {len(branches)}")
+    for where in branches:
+        print(f"        {where}")
+    if args.image:
+        image_files()
     return 0
+
+
+ENGINE_BRANCH = re.compile(r"""(kind|engine)\s*[!=]=\s*["'](vllm|sglang|custom)["']""")
+
+
+def engine_branches(roots: list[str]) -> list[str]:
+    """Lines of operator code that compare an engine kind with a literal (the adapters are the place)."""
+    found = []
+    for path in python_files([r for r in roots if r == "operator"]):
+        if "engines" in path.relative_to(REPO).parts:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if ENGINE_BRANCH.search(line):
+                found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:90]}")
+    return found
+
+
+def image_files() -> None:
+    """The wheel the Dockerfile installs (`pip wheel --no-deps .`), by top-level folder."""
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", out, str(REPO)],
+                       check=True, capture_output=True)
+        (wheel,) = Path(out).glob("*.whl")
+        names = zipfile.ZipFile(wheel).namelist()
+    folders: dict[str, int] = {}
+    for name in names:
+        parts = name.split("/")
+        folder = "/".join(parts[:2]) if len(parts) > 2 else parts[0]
+        folders[folder] = folders.get(folder, 0) + 1
+    print(f"== image: {wheel.name}, {len(names)} files")
+    for folder, count in sorted(folders.items()):
+        print(f"{count:6d}  {folder}")
 
 
 if __name__ == "__main__":

@@ -72,11 +72,19 @@ from disagg.capacity.roofline import (
 )
 from disagg.capacity.traces import TraceError, Workload, read_trace, scale_time
 from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog
-from disagg.catalog.engines import MOONCAKE_BOOTSTRAP_PORT, NIXL_SIDE_CHANNEL_PORT
+from disagg.engines import MOONCAKE_BOOTSTRAP_PORT, NIXL_SIDE_CHANNEL_PORT
+from disagg.engines.custom import metric_names as custom_metric_names
 from disagg.sim.engine import DecodePool, PrefillReplica
 from disagg.wellknown import ROLES, Role
 from disagg_lab.kube import PodObservation
-from disagg_lab.metrics import ENGINE_METRICS, EngineMetrics, EngineStats, label_text, render_metrics
+from disagg_lab.metrics import (
+    ENGINE_METRICS,
+    EngineMetrics,
+    EngineStats,
+    custom_metrics,
+    label_text,
+    render_metrics,
+)
 from disagg_lab.offered import (
     DEFAULT_BASE_SHARE,
     DEFAULT_OUTPUT_TOKENS,
@@ -172,6 +180,12 @@ class EngineConfig:
     kv_link_bytes_per_s: float
     """Prefill to decode bandwidth of this service's KV hand-off."""
     efficiency: Efficiency = DEFAULT_EFFICIENCY
+    exported: EngineMetrics | None = None
+    """The metric names a custom engine exports (None: those of `kind`)."""
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        return self.exported or ENGINE_METRICS[self.kind]
 
     @cached_property
     def kv_capacity_tokens(self) -> float:
@@ -288,7 +302,7 @@ class PrefillEngine:
 
     def __init__(self, config: EngineConfig, pod: PodObservation) -> None:
         self.config = config
-        self.metrics = ENGINE_METRICS[config.kind]
+        self.metrics = config.metrics
         self.stats = EngineStats(self.metrics)
         self.replica: PrefillReplica[LiveRequest] = PrefillReplica(PREFILL_BATCH_TOKENS, PREFILL_BATCH_OVERHEAD_S)
         self.held_tokens = 0
@@ -376,7 +390,7 @@ class DecodeEngine:
 
     def __init__(self, config: EngineConfig, pod: PodObservation, pool: DecodePool, slot: int) -> None:
         self.config = config
-        self.metrics = ENGINE_METRICS[config.kind]
+        self.metrics = config.metrics
         self.stats = EngineStats(self.metrics)
         self.pool = pool
         self.slot = slot
@@ -572,9 +586,14 @@ class ServiceSim:
         model = model_of(spec)
         link = kv_link_bytes_per_s(spec.prefill.parallelism.tensor, spec.decode.parallelism.tensor,
                                    fleet.kv_over_rdma)
+        # a custom engine behaves as the engine whose P/D protocol it speaks, under its own metric names
+        protocol, exported = spec.engine.kind, None
+        if spec.engine.custom is not None:
+            protocol = spec.engine.custom.protocol
+            exported = custom_metrics(protocol, custom_metric_names(spec.engine.custom.metrics))
         configs = {
-            role: EngineConfig(spec.engine.kind, role, model, accelerator_of(spec, role, fleet.catalog),
-                               getattr(spec, role).parallelism.tensor, link, fleet.efficiency)
+            role: EngineConfig(protocol, role, model, accelerator_of(spec, role, fleet.catalog),
+                               getattr(spec, role).parallelism.tensor, link, fleet.efficiency, exported)
             for role in ROLES
         }
         base = base_load(spec, fleet.catalog, prompt_tokens=fleet.prompt_tokens, output_tokens=fleet.output_tokens,

@@ -6,6 +6,7 @@ otherwise.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -14,6 +15,8 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from disagg import GROUP, PLURAL, VERSION
+from disagg.kube.client import Kind, Kube
+from disagg.kube.watch import KindWatch
 from disagg.wellknown import LWS_WORKER_INDEX_LABEL, MANAGED_SELECTOR, ROLE_LABEL, ROLES, SERVICE_LABEL, Role
 from disagg_lab.podspec import (
     DEFAULT_GRACE_S,
@@ -163,94 +166,60 @@ class Event:
     items: tuple[Any, ...]
 
 
-class Watcher(threading.Thread):
-    """List + watch one kind in one scope, forever (until `stop`), re-listing after every watch window.
-
-    Every API call has a server-side and a client-side timeout; errors back off up to 10 s.
-    """
+class Watcher:
+    """One kind in one scope as fleet `Event`s, through the operator's own list-and-watch
+    (`disagg.kube.watch.KindWatch`): a listing's pages gathered into one SYNC, then each change; until
+    `stop` is set."""
 
     def __init__(self, kind: Literal["pods", "services"], namespace: str | None, make_client: Callable[[], Any],
-                 post: Callable[[Event], None], stop: threading.Event, window_s: int = 60,
-                 selector: str = POD_SELECTOR, convert: Callable[[Any], Any] | None = None) -> None:
-        super().__init__(name=f"watch-{kind}-{namespace or 'all'}", daemon=True)
+                 post: Callable[[Event], None], stop: threading.Event, selector: str = POD_SELECTOR,
+                 convert: Callable[[Any], Any] | None = None) -> None:
         self.kind: Literal["pods", "services"] = kind
         self.namespace = namespace
-        self.selector = selector
+        self.selector = selector if kind == "pods" else ""
         self.convert = convert
         self.make_client = make_client
         self.post = post
         self.stop_event = stop
-        self.window_s = window_s
+        self._listing: list[Any] = []
+        self._kube: Kube | None = None
 
-    def _list_fn(self, client: Any) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-        from kubernetes import client as kclient
+    def start(self) -> None:
+        self._kube = Kube(self.make_client())
+        watch = KindWatch(self._kube, WATCHED[self.kind], self.namespace, self.selector, self._listed, self._changed)
+        watch.start()
 
-        if self.kind == "pods":
-            core = kclient.CoreV1Api(client)
-            if self.namespace is None:
-                return core.list_pod_for_all_namespaces, (), {"label_selector": self.selector}
-            return core.list_namespaced_pod, (self.namespace,), {"label_selector": self.selector}
-        custom = kclient.CustomObjectsApi(client)
-        if self.namespace is None:
-            return custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL), {}
-        return custom.list_namespaced_custom_object, (GROUP, VERSION, self.namespace, PLURAL), {}
+        def close_on_stop() -> None:
+            self.stop_event.wait()
+            watch.close()
 
-    def _convert(self, obj: Any) -> Any:
-        if self.convert is not None:
-            return self.convert(obj)
-        if self.kind == "pods":
-            return pod_observation(obj)
-        return service_observation(obj)
+        threading.Thread(target=close_on_stop, daemon=True, name=f"watch-{self.kind}-stop").start()
 
-    def run(self) -> None:
-        from kubernetes import watch as kwatch
-        from kubernetes.client.exceptions import ApiException
+    def _convert(self, obj: dict[str, Any]) -> Any:
+        if self.kind == "services":
+            return service_observation(obj)
+        assert self._kube is not None
+        pod = self._kube.api.deserialize(json.dumps(obj), "V1Pod", "application/json")
+        return self.convert(pod) if self.convert is not None else pod_observation(pod)
 
-        watch: Any = kwatch
+    def _listed(self, kind: Kind, namespace: str | None, items: list[dict[str, Any]], last: bool) -> None:
+        self._listing.extend(self._convert(obj) for obj in items)
+        if last:
+            listing, self._listing = self._listing, []
+            self._post(Event(self.kind, "SYNC", namespace, tuple(i for i in listing if i is not None)))
 
-        backoff = 1.0
-        client: Any = None
-        while not self.stop_event.is_set():
-            try:
-                if client is None:
-                    client = self.make_client()
-                fn, args, kwargs = self._list_fn(client)
-                listing = fn(*args, **kwargs, _request_timeout=(5, 30))
-                if self.kind == "pods":
-                    items = [self._convert(p) for p in listing.items]
-                    version = listing.metadata.resource_version
-                else:
-                    items = [self._convert(o) for o in listing.get("items", [])]
-                    version = (listing.get("metadata") or {}).get("resourceVersion")
-                self.post(Event(self.kind, "SYNC", self.namespace, tuple(i for i in items if i is not None)))
-                stream = watch.Watch()
-                for event in stream.stream(fn, *args, **kwargs, resource_version=version,
-                                           timeout_seconds=self.window_s, _request_timeout=(5, self.window_s + 10)):
-                    if self.stop_event.is_set():
-                        stream.stop()
-                        break
-                    kind = event.get("type")
-                    if kind == "ERROR":
-                        break  # e.g. 410 Gone: re-list
-                    if kind not in ("ADDED", "MODIFIED", "DELETED"):
-                        continue
-                    item = self._convert(event["object"])
-                    if item is not None:
-                        self.post(Event(self.kind, str(kind), None, (item,)))
-                backoff = 1.0
-            except ApiException as error:
-                if error.status != 410:
-                    log.warning("watch %s (%s): API error %s %s", self.kind, self.namespace or "all namespaces",
-                                error.status, error.reason)
-                    self.stop_event.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
-            except RuntimeError:
-                return  # the event loop is gone
-            except Exception as error:
-                log.warning("watch %s (%s): %s: %s", self.kind, self.namespace or "all namespaces",
-                            type(error).__name__, error)
-                client = None
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+    def _changed(self, kind: Kind, change: str, obj: dict[str, Any]) -> None:
+        item = self._convert(obj)
+        if item is not None:
+            self._post(Event(self.kind, change, None, (item,)))
 
+    def _post(self, event: Event) -> None:
+        try:
+            self.post(event)
+        except RuntimeError:  # the event loop is gone: the fleet is stopping
+            self.stop_event.set()
+
+
+WATCHED: dict[str, Kind] = {"pods": Kind("v1", "Pod", "pods"),
+                            "services": Kind(f"{GROUP}/{VERSION}", "InferenceService", PLURAL)}
 

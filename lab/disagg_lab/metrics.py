@@ -14,12 +14,13 @@ too, as the engines name them (what the operator's KV-path check queries): vLLM'
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
-from disagg.catalog.engines import ENGINES
+from disagg.engines import ENGINES
+from disagg.engines.base import MetricNames
 
 EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LAB_COUNTERS: tuple[tuple[str, str, str], ...] = (
@@ -60,7 +61,7 @@ SGLANG_E2E_BUCKETS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EngineMetrics:
     """The metric families one engine kind exports (names as the engine spells them)."""
 
@@ -85,6 +86,8 @@ class EngineMetrics:
     phase_buckets: tuple[float, ...]
     constant_labels: tuple[tuple[str, str], ...]
     help: Mapping[str, str]
+    kv_counters: tuple[tuple[str, str], ...] = ()
+    """A custom engine's KV-path counters: (its name, the `EngineStats` attribute); none: the engine's own."""
 
     def names(self) -> list[str]:
         """Every family name, as it appears after `# TYPE`."""
@@ -94,85 +97,126 @@ class EngineMetrics:
         return names + [n for n in optional if n is not None]
 
 
+def _vllm_metrics(names: MetricNames) -> EngineMetrics:
+    """vLLM's families: the catalogue's names, its request and phase histograms, and its help texts."""
+    return EngineMetrics(
+        kind="vllm",
+        running=names.running_requests[0],
+        waiting=names.waiting_requests[0],
+        kv_usage=names.kv_cache_usage[0],
+        prompt_tokens=names.prompt_tokens_total,
+        generation_tokens=names.generation_tokens_total,
+        requests="vllm:request_success_total",
+        requests_labels=(("finished_reason", "length"),),
+        preemptions="vllm:num_preemptions_total",
+        ttft=names.ttft_histogram,
+        itl=names.itl_histogram[0],
+        e2e=names.e2e_histogram,
+        queue_time="vllm:request_queue_time_seconds",
+        prefill_time="vllm:request_prefill_time_seconds",
+        decode_time="vllm:request_decode_time_seconds",
+        ttft_buckets=VLLM_TTFT_BUCKETS,
+        itl_buckets=VLLM_ITL_BUCKETS,
+        e2e_buckets=VLLM_REQUEST_LATENCY_BUCKETS,
+        phase_buckets=VLLM_REQUEST_LATENCY_BUCKETS,
+        constant_labels=(("engine", "0"),),
+        help={
+            names.running_requests[0]: "Number of requests in model execution batches.",
+            names.waiting_requests[0]: "Number of requests waiting to be processed.",
+            names.kv_cache_usage[0]: "KV-cache usage. 1 means 100 percent usage.",
+            names.prompt_tokens_total: "Number of prefill tokens processed.",
+            names.generation_tokens_total: "Number of generation tokens processed.",
+            "vllm:request_success_total": "Count of successfully processed requests.",
+            "vllm:num_preemptions_total": "Cumulative number of preemption from the engine.",
+            names.ttft_histogram: "Histogram of time to first token in seconds.",
+            names.itl_histogram[0]: "Histogram of inter-token latency in seconds.",
+            names.e2e_histogram: "Histogram of e2e request latency in seconds.",
+            "vllm:request_queue_time_seconds": "Histogram of time spent in WAITING phase for request.",
+            "vllm:request_prefill_time_seconds": "Histogram of time spent in PREFILL phase for request.",
+            "vllm:request_decode_time_seconds": "Histogram of time spent in DECODE phase for request.",
+        },
+    )
+
+
+def _sglang_metrics(names: MetricNames) -> EngineMetrics:
+    """SGLang's families: the catalogue's names, its request counter, and its help texts."""
+    return EngineMetrics(
+        kind="sglang",
+        running=names.running_requests[0],
+        waiting=names.waiting_requests[0],
+        kv_usage=names.kv_cache_usage[0],
+        prompt_tokens=names.prompt_tokens_total,
+        generation_tokens=names.generation_tokens_total,
+        requests="sglang:num_requests_total",
+        requests_labels=(),
+        preemptions=None,
+        ttft=names.ttft_histogram,
+        itl=names.itl_histogram[0],
+        e2e=names.e2e_histogram,
+        queue_time=None,
+        prefill_time=None,
+        decode_time=None,
+        ttft_buckets=SGLANG_TTFT_BUCKETS,
+        itl_buckets=SGLANG_ITL_BUCKETS,
+        e2e_buckets=SGLANG_E2E_BUCKETS,
+        phase_buckets=SGLANG_E2E_BUCKETS,
+        constant_labels=(("engine_type", "unified"), ("tp_rank", "0"), ("pp_rank", "0")),
+        help={
+            names.running_requests[0]: "The number of running requests.",
+            names.waiting_requests[0]: "The number of requests in the waiting queue.",
+            names.kv_cache_usage[0]: "The token usage.",
+            names.prompt_tokens_total: "Number of prefill tokens processed.",
+            names.generation_tokens_total: "Number of generation tokens processed.",
+            "sglang:num_requests_total": "Number of requests processed.",
+            names.ttft_histogram: "Histogram of time to first token in seconds.",
+            names.itl_histogram[0]: "Histogram of inter-token latency in seconds.",
+            names.e2e_histogram: "Histogram of End-to-end request latency in seconds",
+        },
+    )
+
+
+_BUILDERS: dict[str, Callable[[MetricNames], EngineMetrics]] = {"vllm": _vllm_metrics, "sglang": _sglang_metrics}
+
+
 def _engine_metrics(kind: str) -> EngineMetrics:
     """Names from the engine catalogue (the autoscaler's source), plus the few extra families engines export."""
     names = ENGINES[kind].metrics
-    if kind == "vllm":
-        return EngineMetrics(
-            kind=kind,
-            running=names.running_requests[0],
-            waiting=names.waiting_requests[0],
-            kv_usage=names.kv_cache_usage[0],
-            prompt_tokens=names.prompt_tokens_total,
-            generation_tokens=names.generation_tokens_total,
-            requests="vllm:request_success_total",
-            requests_labels=(("finished_reason", "length"),),
-            preemptions="vllm:num_preemptions_total",
-            ttft=names.ttft_histogram,
-            itl=names.itl_histogram[0],
-            e2e=names.e2e_histogram,
-            queue_time="vllm:request_queue_time_seconds",
-            prefill_time="vllm:request_prefill_time_seconds",
-            decode_time="vllm:request_decode_time_seconds",
-            ttft_buckets=VLLM_TTFT_BUCKETS,
-            itl_buckets=VLLM_ITL_BUCKETS,
-            e2e_buckets=VLLM_REQUEST_LATENCY_BUCKETS,
-            phase_buckets=VLLM_REQUEST_LATENCY_BUCKETS,
-            constant_labels=(("engine", "0"),),
-            help={
-                names.running_requests[0]: "Number of requests in model execution batches.",
-                names.waiting_requests[0]: "Number of requests waiting to be processed.",
-                names.kv_cache_usage[0]: "KV-cache usage. 1 means 100 percent usage.",
-                names.prompt_tokens_total: "Number of prefill tokens processed.",
-                names.generation_tokens_total: "Number of generation tokens processed.",
-                "vllm:request_success_total": "Count of successfully processed requests.",
-                "vllm:num_preemptions_total": "Cumulative number of preemption from the engine.",
-                names.ttft_histogram: "Histogram of time to first token in seconds.",
-                names.itl_histogram[0]: "Histogram of inter-token latency in seconds.",
-                names.e2e_histogram: "Histogram of e2e request latency in seconds.",
-                "vllm:request_queue_time_seconds": "Histogram of time spent in WAITING phase for request.",
-                "vllm:request_prefill_time_seconds": "Histogram of time spent in PREFILL phase for request.",
-                "vllm:request_decode_time_seconds": "Histogram of time spent in DECODE phase for request.",
-            },
-        )
-    if kind == "sglang":
-        return EngineMetrics(
-            kind=kind,
-            running=names.running_requests[0],
-            waiting=names.waiting_requests[0],
-            kv_usage=names.kv_cache_usage[0],
-            prompt_tokens=names.prompt_tokens_total,
-            generation_tokens=names.generation_tokens_total,
-            requests="sglang:num_requests_total",
-            requests_labels=(),
-            preemptions=None,
-            ttft=names.ttft_histogram,
-            itl=names.itl_histogram[0],
-            e2e=names.e2e_histogram,
-            queue_time=None,
-            prefill_time=None,
-            decode_time=None,
-            ttft_buckets=SGLANG_TTFT_BUCKETS,
-            itl_buckets=SGLANG_ITL_BUCKETS,
-            e2e_buckets=SGLANG_E2E_BUCKETS,
-            phase_buckets=SGLANG_E2E_BUCKETS,
-            constant_labels=(("engine_type", "unified"), ("tp_rank", "0"), ("pp_rank", "0")),
-            help={
-                names.running_requests[0]: "The number of running requests.",
-                names.waiting_requests[0]: "The number of requests in the waiting queue.",
-                names.kv_cache_usage[0]: "The token usage.",
-                names.prompt_tokens_total: "Number of prefill tokens processed.",
-                names.generation_tokens_total: "Number of generation tokens processed.",
-                "sglang:num_requests_total": "Number of requests processed.",
-                names.ttft_histogram: "Histogram of time to first token in seconds.",
-                names.itl_histogram[0]: "Histogram of inter-token latency in seconds.",
-                names.e2e_histogram: "Histogram of End-to-end request latency in seconds",
-            },
-        )
-    raise ValueError(f"unknown engine kind {kind!r}")
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown engine kind {kind!r}")
+    return _BUILDERS[kind](names)
 
 
 ENGINE_METRICS: dict[str, EngineMetrics] = {kind: _engine_metrics(kind) for kind in ENGINES}
+
+
+def custom_metrics(protocol: str, names: MetricNames) -> EngineMetrics:
+    """A custom engine's page: the families of the engine whose protocol it speaks, under the spec's names
+    (`engine.custom.metrics`); a family the spec leaves unmapped keeps that engine's name, except the KV-path
+    counters: with any of them mapped, only the mapped ones."""
+    base = ENGINE_METRICS[protocol]
+
+    def first(mapped: tuple[str, ...], default: str) -> str:
+        return mapped[0] if mapped else default
+
+    renamed = {
+        base.running: first(names.running_requests, base.running),
+        base.waiting: first(names.waiting_requests, base.waiting),
+        base.kv_usage: first(names.kv_cache_usage, base.kv_usage),
+        base.prompt_tokens: names.prompt_tokens_total or base.prompt_tokens,
+        base.generation_tokens: names.generation_tokens_total or base.generation_tokens,
+        base.ttft: names.ttft_histogram or base.ttft,
+        base.itl: first(names.itl_histogram, base.itl),
+        base.e2e: names.e2e_histogram or base.e2e,
+    }
+    return dataclasses.replace(
+        base, running=renamed[base.running], waiting=renamed[base.waiting], kv_usage=renamed[base.kv_usage],
+        prompt_tokens=renamed[base.prompt_tokens], generation_tokens=renamed[base.generation_tokens],
+        ttft=renamed[base.ttft], itl=renamed[base.itl], e2e=renamed[base.e2e],
+        help={renamed.get(name, name): text for name, text in base.help.items()},
+        kv_counters=tuple((name, stat) for name, stat in ((names.kv_handed, "kv_received"),
+                                                          (names.kv_recomputed, "recomputed"),
+                                                          (names.kv_failed, "kv_transfer_failed")) if name),
+    )
 
 
 class Histogram:
@@ -316,7 +360,12 @@ def render_metrics(metrics: EngineMetrics, labels: str, gauges: tuple[int, int, 
         add(f"# HELP {name} {text}")
         add(f"# TYPE {name} counter")
         add(f"{name}{{{labels}}} {_fmt(getattr(stats, attribute))}")
-    _kv_transfer_counters(metrics.kind, labels, stats, head, add)
+    if metrics.kv_counters:
+        for name, stat in metrics.kv_counters:
+            head(name, "counter")
+            add(f"{name}{{{labels}}} {_fmt(getattr(stats, stat))}")
+    else:
+        _kv_transfer_counters(metrics.kind, labels, stats, head, add)
     histograms: list[tuple[str | None, Histogram]] = [
         (metrics.ttft, stats.ttft), (metrics.itl, stats.itl), (metrics.e2e, stats.e2e),
         (metrics.queue_time, stats.queue_time), (metrics.prefill_time, stats.prefill_time),

@@ -192,23 +192,31 @@ class FleetServer:
     def apply(self, event: Event) -> None:
         """Takes one observation from a watch into account (call reconcile() afterwards)."""
         if event.kind == "services":
-            if event.type == "SYNC":
-                self.watch_synced.add(f"services/{event.scope or '*'}")
-                listed = {(s.namespace, s.name) for s in event.items}
-                for key in list(self.service_specs):
-                    if (event.scope is None or key[0] == event.scope) and key not in listed:
-                        self._forget_service(key)
-            for item in event.items:
-                assert isinstance(item, ServiceObservation)
-                key = (item.namespace, item.name)
-                if event.type == "DELETED":
+            self._apply_services(event)
+        else:
+            self._apply_pods(event)
+
+    def _apply_services(self, event: Event) -> None:
+        """InferenceServices listed, changed or deleted: the simulated services follow."""
+        if event.type == "SYNC":
+            self.watch_synced.add(f"services/{event.scope or '*'}")
+            listed = {(s.namespace, s.name) for s in event.items}
+            for key in list(self.service_specs):
+                if (event.scope is None or key[0] == event.scope) and key not in listed:
                     self._forget_service(key)
-                    continue
-                self.service_specs[key] = item.spec
-                reason = self.sim.upsert_service(item.namespace, item.name, item.spec)
-                if reason:
-                    log.warning("%s", reason)
-            return
+        for item in event.items:
+            assert isinstance(item, ServiceObservation)
+            key = (item.namespace, item.name)
+            if event.type == "DELETED":
+                self._forget_service(key)
+                continue
+            self.service_specs[key] = item.spec
+            reason = self.sim.upsert_service(item.namespace, item.name, item.spec)
+            if reason:
+                log.warning("%s", reason)
+
+    def _apply_pods(self, event: Event) -> None:
+        """Pods listed, changed or deleted: the observed pods follow; a gone pod's container is dropped."""
         if event.type == "SYNC":
             self.watch_synced.add(f"pods/{event.scope or '*'}")
             seen = {p.uid for p in event.items}
@@ -248,6 +256,25 @@ class FleetServer:
 
     async def reconcile(self) -> None:
         """Serves exactly the Ready pods of simulated services; rewrites the targets file when that changed."""
+        desired, problems = self._desired_pods()
+        for uid in [u for u in self.sites if u not in self.sim.pods]:  # their service went away
+            await self._stop_pod(uid)
+        for uid in list(self.sim.pods):
+            current = self.sim.pods[uid]
+            wanted = desired.get(uid)
+            if (wanted is None or wanted.ip != current.pod.ip or current.service is not self.sim.services.get(
+                    (wanted.namespace, wanted.service)) or current.port != current.service.spec.engine.port):
+                await self._stop_pod(uid)
+        await self._serve_new(desired, problems)
+        for uid, reason in problems.items():
+            if self.problems.get(uid) != reason and uid in self.observed:
+                log.warning("pod %s/%s: %s", self.observed[uid].namespace, self.observed[uid].name, reason)
+        self.problems = problems
+        self._write_targets()
+
+    def _desired_pods(self) -> tuple[dict[str, PodObservation], dict[str, str]]:
+        """The pods an engine should serve, and why each other running pod is not served. A deleted pod's
+        engine starts terminating; one that runs no engine exits at once."""
         desired: dict[str, PodObservation] = {}
         problems: dict[str, str] = {}
         for uid, pod in self.observed.items():
@@ -265,32 +292,23 @@ class FleetServer:
             elif container.restart_at is not None:
                 problems[uid] = "the engine is restarting (its process was killed)"
                 continue
-            key = (pod.namespace, pod.service)
-            if key not in self.sim.services:
-                problems[uid] = self.sim.unsupported.get(
-                    key, f"no InferenceService {key[0]}/{key[1]} (not listed yet, or deleted)")
-                continue
-            if not is_loopback(pod.ip):
-                problems[uid] = f"pod IP {pod.ip} is not a loopback address: not served"
-                continue
-            if uid in self.down:
-                problems[uid] = "fault: the engine is down"
+            problem = self._unservable(uid, pod)
+            if problem is not None:
+                problems[uid] = problem
                 continue
             desired[uid] = pod
-        for uid in [u for u in self.sites if u not in self.sim.pods]:  # their service went away
-            await self._stop_pod(uid)
-        for uid in list(self.sim.pods):
-            current = self.sim.pods[uid]
-            wanted = desired.get(uid)
-            if (wanted is None or wanted.ip != current.pod.ip or current.service is not self.sim.services.get(
-                    (wanted.namespace, wanted.service)) or current.port != current.service.spec.engine.port):
-                await self._stop_pod(uid)
-        await self._serve_new(desired, problems)
-        for uid, reason in problems.items():
-            if self.problems.get(uid) != reason and uid in self.observed:
-                log.warning("pod %s/%s: %s", self.observed[uid].namespace, self.observed[uid].name, reason)
-        self.problems = problems
-        self._write_targets()
+        return desired, problems
+
+    def _unservable(self, uid: str, pod: PodObservation) -> str | None:
+        """Why a running pod gets no engine: no simulated service, not a loopback address, a fault."""
+        key = (pod.namespace, pod.service)
+        if key not in self.sim.services:
+            return self.sim.unsupported.get(key, f"no InferenceService {key[0]}/{key[1]} (not listed yet, or deleted)")
+        if not is_loopback(pod.ip):
+            return f"pod IP {pod.ip} is not a loopback address: not served"
+        if uid in self.down:
+            return "fault: the engine is down"
+        return None
 
     async def _serve_new(self, desired: dict[str, PodObservation], problems: dict[str, str]) -> None:
         """Starts an engine at every desired pod's address that has none yet (its problem noted if it cannot)."""
@@ -630,32 +648,46 @@ class FleetServer:
 
     async def _decode_leg(self, request: web.Request, pod: SimPod, engine: DecodeEngine, generation: Generation,
                           live: LiveRequest, reply: Reply, listener: HttpListener) -> web.StreamResponse:
+        refused = self._take_kv(pod, engine, generation, live)
+        if refused is not None:
+            return refused
+        if not engine.submit(live):
+            return self._error(engine.config.kind, 503, "the engine's queue is full")
+        return await self._stream_decode(request, pod, engine.config.kind, generation, live, reply, listener)
+
+    def _take_kv(self, pod: SimPod, engine: DecodeEngine, generation: Generation,
+                 live: LiveRequest) -> web.Response | None:
+        """The decode leg's KV cache: vLLM loads the prefill's hand-off (or recomputes the prompt), SGLang
+        joins the bootstrap room; the error response when the request cannot go on."""
         kind = engine.config.kind
         now = live.received
-        if kind == "vllm":
-            params = generation.kv_transfer_params
-            if params and params.get("do_remote_prefill"):
-                reason = self.sim.claim_kv(pod, params, live, now)
-                if pod.pod.uid in self.sim.crashed:  # the process died under this request
-                    return self._error(kind, 500, reason or "the engine crashed")
-                if reason is not None:
-                    engine.stats.kv_failed += 1
-                    if engine.failure_policy != "recompute":
-                        engine.stats.failed += 1
-                        log.info("%s: KV load failed (%s): the request fails (kv_load_failure_policy fail)",
-                                 pod.ref, reason)
-                        return self._error(kind, 500, f"KV cache load failed: {reason}")
-                    engine.recompute(live, now)
-            else:
-                engine.recompute(live, now)
-        else:
+        if kind != "vllm":
             if generation.bootstrap is None:
                 return self._error(kind, 400, "a decode engine needs bootstrap_host, bootstrap_port and "
                                               "bootstrap_room (requests come through the router)")
             live.room = generation.bootstrap
             self.sim.join_room(pod, live, now)
-        if not engine.submit(live):
-            return self._error(kind, 503, "the engine's queue is full")
+            return None
+        params = generation.kv_transfer_params
+        if not (params and params.get("do_remote_prefill")):
+            engine.recompute(live, now)
+            return None
+        reason = self.sim.claim_kv(pod, params, live, now)
+        if pod.pod.uid in self.sim.crashed:  # the process died under this request
+            return self._error(kind, 500, reason or "the engine crashed")
+        if reason is not None:
+            engine.stats.kv_failed += 1
+            if engine.failure_policy != "recompute":
+                engine.stats.failed += 1
+                log.info("%s: KV load failed (%s): the request fails (kv_load_failure_policy fail)",
+                         pod.ref, reason)
+                return self._error(kind, 500, f"KV cache load failed: {reason}")
+            engine.recompute(live, now)
+        return None
+
+    async def _stream_decode(self, request: web.Request, pod: SimPod, kind: str, generation: Generation,
+                             live: LiveRequest, reply: Reply, listener: HttpListener) -> web.StreamResponse:
+        """The decoded tokens as the engine emits them: streamed as events, or one JSON body at the end."""
         response: web.StreamResponse | None = None
         written = 0
         finished = False

@@ -278,8 +278,21 @@ SCRAPERS_HELP = ("JSON list of NetworkPolicy peers that may reach the engines' H
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disagg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
     run = sub.add_parser("run", help="run the operator")
+    _add_run_arguments(run)
+    _add_autoscaling_arguments(run)
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=cmd_run)
+    _add_manifest_commands(sub)
+    _add_generator_commands(sub)
+    sub.add_parser("plan", help="size pools for a model, workload and SLO (see disagg plan --help)", add_help=False)
+    sub.add_parser("simulate", help="replay a trace against autoscaling policies (see disagg simulate --help)",
+                   add_help=False)
+    return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """`disagg run`: what it watches, how it reaches the API server, its ports, workers and peering."""
     run.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     run.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable)")
     run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
@@ -303,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kopf peering name: run several replicas, only one acts")
     run.add_argument("--priority", type=int, default=None,
                      help="peering priority (default: random, so replicas never tie)")
+
+
+def _add_autoscaling_arguments(run: argparse.ArgumentParser) -> None:
+    """`disagg run`: the Prometheus the autoscaler reads, its timing, and who may scrape the engines."""
     run.add_argument("--prometheus-url", default=os.environ.get("DISAGG_PROMETHEUS_URL") or None)
     run.add_argument("--prometheus-token-file", default=os.environ.get("DISAGG_PROMETHEUS_TOKEN_FILE") or None)
     run.add_argument("--prometheus-ca-file", default=os.environ.get("DISAGG_PROMETHEUS_CA_FILE") or None)
@@ -326,9 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between Prometheus' scrapes of the engine pods")
     run.add_argument("--metrics-scrapers", default=os.environ.get("DISAGG_METRICS_SCRAPERS") or None,
                      help=SCRAPERS_HELP)
-    run.add_argument("-v", "--verbose", action="store_true")
-    run.set_defaults(func=cmd_run)
 
+
+def _add_manifest_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`disagg render` and `disagg validate`: InferenceServices from a file, no cluster."""
     for name, func, text in (("render", cmd_render, "print the child objects an InferenceService becomes"),
                              ("validate", cmd_validate, "check InferenceServices without a cluster")):
         p = sub.add_parser(name, help=text)
@@ -339,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--metrics-scrapers", default=None, help=SCRAPERS_HELP)
         p.set_defaults(func=func)
 
+
+def _add_generator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`disagg crd`, `reference` and `rbac`: what the repository and the chart are generated from."""
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition")
     crd.set_defaults(func=cmd_crd)
     reference = sub.add_parser("reference", help="print the spec field reference (markdown)")
@@ -349,10 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
     rbac.add_argument("-n", "--namespace", default="disagg-system")
     rbac.add_argument("--service-account", default="disagg-operator")
     rbac.set_defaults(func=cmd_rbac)
-    sub.add_parser("plan", help="size pools for a model, workload and SLO (see disagg plan --help)", add_help=False)
-    sub.add_parser("simulate", help="replay a trace against autoscaling policies (see disagg simulate --help)",
-                   add_help=False)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -373,46 +373,19 @@ def read_documents(stream: BinaryIO) -> Iterator[Document]:
     chunk: list[bytes] = []
     size = 0
     too_long = False
-
-    def finish() -> Document | None:
-        nonlocal number
-        data = b"".join(chunk)
-        if not data.strip() and not too_long:
-            return None
-        number += 1
-        if too_long:
-            return Document(number, start, error=f"longer than {MAX_DOCUMENT_BYTES // 2**20} MiB")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            bad_line = start + data[: error.start].count(b"\n")
-            return Document(number, start, error=f"line {bad_line}: not UTF-8 text (byte 0x{data[error.start]:02x})")
-        try:
-            value = _decode_document(text.removeprefix("\ufeff"), start)
-        except ManifestError as error:
-            return Document(number, start, error=str(error))
-        if value is None:
-            number -= 1  # comments only: kubectl skips it
-            return None
-        return Document(number, start, value)
-
     for line in stream:
         line_number += 1
         if line.startswith(b"---"):
             rest = line[3:].strip()
-            if rest and not rest.startswith(b"#"):
-                if chunk:
-                    done = finish()
-                    if done is not None:
-                        yield done
+            invalid = bool(rest) and not rest.startswith(b"#")
+            if chunk or not invalid:
+                number, done = _read_document(number, start, b"".join(chunk), too_long)
+                if done is not None:
+                    yield done
+            if invalid:
                 number += 1
                 yield Document(number, line_number, error=f"line {line_number}: invalid document separator "
                                                          f"{line[:40].decode('utf-8', 'replace').strip()!r}")
-                chunk, size, too_long, start = [], 0, False, line_number + 1
-                continue
-            done = finish()
-            if done is not None:
-                yield done
             chunk, size, too_long, start = [], 0, False, line_number + 1
             continue
         size += len(line)
@@ -421,6 +394,29 @@ def read_documents(stream: BinaryIO) -> Iterator[Document]:
             chunk = []
         elif not too_long:
             chunk.append(line)
-    done = finish()
+    number, done = _read_document(number, start, b"".join(chunk), too_long)
     if done is not None:
         yield done
+
+
+def _read_document(number: int, start: int, data: bytes, too_long: bool) -> tuple[int, Document | None]:
+    """The document whose lines from `start` are `data`, numbered after the `number` before it (None for an
+    empty one or comments only), and the number of documents so far."""
+    if not data.strip() and not too_long:
+        return number, None
+    number += 1
+    if too_long:
+        return number, Document(number, start, error=f"longer than {MAX_DOCUMENT_BYTES // 2**20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad_line = start + data[: error.start].count(b"\n")
+        return number, Document(number, start,
+                                error=f"line {bad_line}: not UTF-8 text (byte 0x{data[error.start]:02x})")
+    try:
+        value = _decode_document(text.removeprefix("\ufeff"), start)
+    except ManifestError as error:
+        return number, Document(number, start, error=str(error))
+    if value is None:
+        return number - 1, None  # comments only: kubectl skips it
+    return number, Document(number, start, value)

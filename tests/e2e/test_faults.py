@@ -55,7 +55,7 @@ from kubernetes import client as kclient
 
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg.catalog.engines import ENGINES
+from disagg.engines import ENGINES
 from disagg.render import render_service
 from support.operators import (
     GROUP,

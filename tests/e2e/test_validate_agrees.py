@@ -83,6 +83,11 @@ def both(*changes: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]
 
 
 SGLANG = changed("engine.kind", "sglang")
+CUSTOM = both(changed("engine.kind", "custom"), changed("engine.image", "registry.example.com/mk:1"),
+              changed("engine.custom", {"command": ["/opt/mk/serve"], "metrics": {"runningRequests": "mk_running"},
+                                        "args": ["--port", "{{port}}", "--role", "{{role}}"]}))
+CUSTOM_METRICS = {"runningRequests": "mk_running", "waitingRequests": "mk_waiting", "promptTokensTotal": "mk_prompt",
+                  "ttftHistogram": "mk_ttft"}
 WITH_ARCH = changed("model.architecture", ARCHITECTURE)
 CPU_TIER = changed("kvCache", {"cpuOffloadGiB": 64})
 
@@ -91,6 +96,19 @@ SPECS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("base", lambda spec: None),
     ("with architecture", WITH_ARCH),
     ("sglang", SGLANG),
+    ("custom", CUSTOM),
+    ("custom without image", both(CUSTOM, lambda spec: spec["engine"].pop("image"))),
+    ("custom without custom", both(CUSTOM, lambda spec: spec["engine"].pop("custom"))),
+    ("custom set with vllm", both(CUSTOM, changed("engine.kind", "vllm"))),
+    ("custom unknown template", both(CUSTOM, changed("engine.custom.args", ["--rank", "{{nodeRank}}"]))),
+    ("custom autoscaled without metrics", both(CUSTOM, changed("prefill.autoscaling", {"maxReplicas": 4}))),
+    ("custom vllm protocol with mooncake", both(CUSTOM, changed("kvTransfer.connector", "mooncake"))),
+    ("custom sglang protocol on the bootstrap port", both(CUSTOM, changed("engine.custom.protocol", "sglang"),
+                                                         changed("engine.port", 8998))),
+    ("custom sglang protocol with mooncake", both(CUSTOM, changed("engine.custom.protocol", "sglang"),
+                                                 changed("kvTransfer.connector", "mooncake"))),
+    ("custom autoscaled with metrics", both(CUSTOM, changed("prefill.autoscaling", {"maxReplicas": 4}),
+                                            changed("engine.custom.metrics", CUSTOM_METRICS))),
     # types as the CRD reads them
     ("replicas string", changed("prefill.replicas", "3")),
     ("replicas boolean", changed("prefill.replicas", True)),

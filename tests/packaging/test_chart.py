@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from disagg.catalog.engines import ENGINES
 from disagg.cli import build_parser
+from disagg.engines import ENGINES
 from disagg.rbac import RULES
 from disagg.scaling.signals import BY
 from disagg.wellknown import SERVICE_LABEL

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubernetes import client as kclient
-from kubernetes import watch as kwatch
 
 from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.capacity.models import from_architecture
 from disagg.capacity.roofline import DEFAULT_EFFICIENCY, prefill_seconds
 from disagg.catalog.accelerators import DEFAULT_CATALOG
+from disagg.kube.client import Kind, Kube
+from disagg.kube.watch import KindWatch
+from disagg.wellknown import SERVICE_LABEL
 from disagg_lab.offered import base_load
 from support.operators import (
     EXAMPLES,
@@ -274,68 +276,56 @@ class FleetProcess:
         return self.proc.returncode
 
 
+DEPLOYMENTS = Kind("apps/v1", "Deployment", "deployments")
+
+
 @dataclass
 class ReplicaWatch:
-    """Watches a service's pool Deployments and records every change of `spec.replicas` with the wall-clock
-    time this process saw it (the same clock as the fleet's `applied_at_unix`)."""
+    """Watches a service's pool Deployments (the operator's own list-and-watch) and records every change of
+    `spec.replicas` with the wall-clock time this process saw it (the same clock as the fleet's
+    `applied_at_unix`)."""
 
     api: kclient.ApiClient
     namespace: str
     service: str
     changes: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: {r: [] for r in ROLES})
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _watch: KindWatch | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _synced: threading.Event = field(default_factory=threading.Event)
-    error: str | None = None
 
     def start(self) -> ReplicaWatch:
-        self._thread = threading.Thread(target=self._run, name=f"replica-watch-{self.namespace}", daemon=True)
-        self._thread.start()
+        self._watch = KindWatch(Kube(self.api), DEPLOYMENTS, self.namespace, f"{SERVICE_LABEL}={self.service}",
+                                self._listed, self._changed)
+        self._watch.start()
         if not self._synced.wait(30):
-            raise AssertionError(f"the Deployment watch of {self.namespace} did not sync: {self.error}")
+            raise AssertionError(f"the Deployment watch of {self.namespace} did not sync (its errors are logged)")
         return self
 
-    def _record(self, deployment: Any, seen_at: float) -> None:
-        name = deployment.metadata.name
-        role = name.removeprefix(f"{self.service}-")
+    def _listed(self, kind: Kind, namespace: str | None, items: list[dict[str, Any]], last: bool) -> None:
+        now = time.time()
+        for item in items:
+            self._record(item, now)
+        if last:
+            self._synced.set()
+
+    def _changed(self, kind: Kind, change: str, deployment: dict[str, Any]) -> None:
+        if change in ("ADDED", "MODIFIED"):
+            self._record(deployment, time.time())
+
+    def _record(self, deployment: dict[str, Any], seen_at: float) -> None:
+        role = deployment["metadata"]["name"].removeprefix(f"{self.service}-")
         if role not in self.changes:
             return
-        replicas = int(deployment.spec.replicas or 0)
+        replicas = int((deployment.get("spec") or {}).get("replicas") or 0)
         with self._lock:
             history = self.changes[role]
             if not history or history[-1][1] != replicas:
                 history.append((seen_at, replicas))
 
-    def _run(self) -> None:
-        apps: Any = kclient.AppsV1Api(self.api)
-        make_watch: Any = kwatch.Watch
-        selector = f"disagg.dev/service={self.service}"
-        while not self._stop.is_set():
-            try:
-                listed = apps.list_namespaced_deployment(self.namespace, label_selector=selector)
-                now = time.time()
-                for item in listed.items:
-                    self._record(item, now)
-                self._synced.set()
-                stream = make_watch()
-                for event in stream.stream(apps.list_namespaced_deployment, self.namespace,
-                                           label_selector=selector, resource_version=listed.metadata.resource_version,
-                                           timeout_seconds=5, _request_timeout=10):
-                    seen_at = time.time()
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        self._record(event["object"], seen_at)
-                    if self._stop.is_set():
-                        stream.stop()
-                        break
-            except Exception as error:  # a watch error is retried; shown on failure
-                self.error = f"{type(error).__name__}: {error}"
-                self._stop.wait(0.5)
-
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
+        if self._watch is not None:
+            self._watch.close()
+            self._watch.thread.join(timeout=15)
 
     def current(self, role: str) -> int | None:
         with self._lock:

@@ -21,7 +21,7 @@ from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.capacity.roofline import kv_transfer_seconds
 from disagg.capacity.sizing import size_decode, size_prefill
 from disagg.catalog.accelerators import load_catalog
-from disagg.catalog.engines import ENGINES
+from disagg.engines import ENGINES
 from disagg.scaling.policy import PolicySettings
 from disagg_lab.engines import FleetSim
 from disagg_lab.kube import PodObservation, pod_observation

@@ -19,7 +19,7 @@ import pytest
 
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg.catalog.engines import (
+from disagg.engines import (
     MULTINODE_FLAGS,
     OWNED_FLAGS,
     OWNED_WITH_CPU_TIER,

@@ -13,7 +13,7 @@ import yaml
 
 from disagg.api.validate import InvalidSpec
 from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg.catalog.engines import ENGINES
+from disagg.engines import ENGINES
 from disagg.render import render_service
 
 # planner-only types (no device plugin) are refused; tests/unit/test_multinode_plan.py says how

@@ -70,22 +70,7 @@ def _structural(node: Any, defs: dict[str, Any], rules: dict[str, tuple[dict[str
     out: dict[str, Any] = {}
     title = node.get("title")
     for key, value in node.items():
-        if key in ("title",):
-            continue
-        if key == "default" and value is None:
-            continue
-        if key == "properties":
-            out[key] = {k: _structural(v, defs, rules) for k, v in value.items()}
-        elif key in ("items", "additionalProperties"):
-            out[key] = _structural(value, defs, rules) if isinstance(value, dict) else value
-        elif key == "const":
-            out["enum"] = [value]
-        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
-            # OpenAPI v3.0 (what Kubernetes speaks) has boolean exclusive bounds
-            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
-            out[key] = True
-        else:
-            out[key] = value
+        _structural_key(out, key, value, defs, rules)
     if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
         out["x-kubernetes-preserve-unknown-fields"] = True
     if out.get("additionalProperties") is True:
@@ -96,6 +81,28 @@ def _structural(node: Any, defs: dict[str, Any], rules: dict[str, tuple[dict[str
     if isinstance(title, str) and title in rules and "properties" in out:
         out["x-kubernetes-validations"] = [dict(rule) for rule in rules[title]]
     return out
+
+
+def _structural_key(
+    out: dict[str, Any], key: str, value: Any, defs: dict[str, Any], rules: dict[str, tuple[dict[str, str], ...]]
+) -> None:
+    """One keyword of a schema node, as a structural schema says it (titles and null defaults dropped)."""
+    if key in ("title",):
+        return
+    if key == "default" and value is None:
+        return
+    if key == "properties":
+        out[key] = {k: _structural(v, defs, rules) for k, v in value.items()}
+    elif key in ("items", "additionalProperties"):
+        out[key] = _structural(value, defs, rules) if isinstance(value, dict) else value
+    elif key == "const":
+        out["enum"] = [value]
+    elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+        # OpenAPI v3.0 (what Kubernetes speaks) has boolean exclusive bounds
+        out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+        out[key] = True
+    else:
+        out[key] = value
 
 
 def _add_object_defaults(schema: dict[str, Any], model: type[BaseModel]) -> None:

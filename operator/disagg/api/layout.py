@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import Accelerator
-from disagg.catalog.engines import MULTINODE_FLAGS, owned_flag
+from disagg.engines import engine_adapter, owned_flag
 
 if TYPE_CHECKING:
     from disagg.api.validate import FieldError
@@ -44,7 +44,7 @@ def layout_errors(
                                          f"data = {ep} accelerators does not divide model.architecture.experts "
                                          f"({arch.experts})"))
     if nodes > 1:
-        errors += _engine_errors(field, pool, spec.engine.kind, nodes)
+        errors += _engine_errors(field, pool, spec, nodes)
         key = spec.topology.key if spec.topology is not None else None
         if key is None and not (accelerator is not None and accelerator.topology_labels):
             errors.append(FieldError("spec.topology.key", f"the {role} workers span {nodes} nodes and the catalogue "
@@ -57,26 +57,10 @@ def layout_errors(
     return errors
 
 
-def _engine_errors(field: str, pool: PoolSpec, engine: str, nodes: int) -> list[FieldError]:
+def _engine_errors(field: str, pool: PoolSpec, spec: InferenceServiceSpec, nodes: int) -> list[FieldError]:
     from disagg.api.validate import FieldError
 
-    par = pool.parallelism
-    count = pool.accelerator.count
-    if engine == "vllm":
-        if par.pipeline > 1 and par.data > 1:
-            return [FieldError(f"{field}.parallelism", "vLLM runs a worker across nodes either by pipeline stages "
-                               "(--nnodes) or by data-parallel ranks (--data-parallel-size), not both")]
-        if par.pipeline > 1 and par.pipeline % nodes:
-            return [FieldError(f"{field}.parallelism.pipeline", f"{par.pipeline} stages do not split evenly over "
-                               f"{nodes} nodes")]
-        if par.data > 1 and count != par.tensor * (par.data // nodes):
-            return [FieldError(f"{field}.parallelism.data", f"{par.data} data-parallel ranks of TP{par.tensor} over "
-                               f"{nodes} nodes need {par.tensor * par.data // nodes} accelerators per pod, "
-                               f"accelerator.count is {count}")]
-    elif par.data > 1 and par.pipeline > 1:
-        return [FieldError(f"{field}.parallelism", "SGLang runs data-parallel attention inside one pipeline stage: "
-                           "use parallelism.pipeline or parallelism.data across nodes, not both")]
-    return []
+    return [FieldError(at, message) for at, message in engine_adapter(spec.engine).layout_errors(field, pool, nodes)]
 
 
 def _multinode_flag(field: str, arg: str, pool: PoolSpec, spec: InferenceServiceSpec) -> list[FieldError]:
@@ -86,7 +70,7 @@ def _multinode_flag(field: str, arg: str, pool: PoolSpec, spec: InferenceService
     if not (pool.multi_node or par.pipeline > 1 or par.data > 1 or par.expert):
         return []
     # every spelling the engine's parser takes (`--pipeline_parallel_size`, `--pp-s=2`, `-e`), as for OWNED_FLAGS
-    flag = owned_flag(spec.engine.kind, arg, MULTINODE_FLAGS[spec.engine.kind])
+    flag = owned_flag(spec.engine.kind, arg, engine_adapter(spec.engine).multinode_flags)
     if flag is not None:
         return [FieldError(field, f"{arg!r} is {flag} as {spec.engine.kind} reads it, set by the operator from "
                            "parallelism and nodes; remove it from extraArgs")]

@@ -64,6 +64,14 @@ def check_metadata(meta: Any) -> list[FieldError]:
         return [FieldError("metadata.name", "required (or metadata.generateName)")]
     if not isinstance(meta, dict):
         return [FieldError("metadata", f"must be an object, not {_type_name(meta)}")]
+    errors = _metadata_type_errors(meta)
+    if errors:
+        return errors  # the API server stops at a field it cannot decode
+    return _name_errors(meta) + _label_and_annotation_errors(meta) + _finalizer_and_owner_errors(meta)
+
+
+def _metadata_type_errors(meta: dict[str, Any]) -> list[FieldError]:
+    """ObjectMeta's fields with the JSON types they decode from; any other field is unknown."""
     errors: list[FieldError] = []
     for key, value in meta.items():
         field = f"metadata.{key}"
@@ -79,8 +87,12 @@ def check_metadata(meta: Any) -> list[FieldError]:
             errors += _check_list(value, field, lambda item, at: _check_object(item, _MANAGED_FIELDS_ENTRY, at))
         else:
             errors.append(FieldError(field, "unknown field"))
-    if errors:
-        return errors  # the API server stops at a field it cannot decode
+    return errors
+
+
+def _name_errors(meta: dict[str, Any]) -> list[FieldError]:
+    """A name (or a generateName) and the namespace, as DNS names."""
+    errors: list[FieldError] = []
     name, generate_name = meta.get("name"), meta.get("generateName")
     if not name and not generate_name:
         errors.append(FieldError("metadata.name", "required (or metadata.generateName)"))
@@ -90,6 +102,12 @@ def check_metadata(meta: Any) -> list[FieldError]:
         errors += _named("metadata.generateName", dns_subdomain(generate_name + "x"))
     if meta.get("namespace"):
         errors += _named("metadata.namespace", dns_label(meta["namespace"]))
+    return errors
+
+
+def _label_and_annotation_errors(meta: dict[str, Any]) -> list[FieldError]:
+    """Label keys and values, annotation keys and the annotations' total size."""
+    errors: list[FieldError] = []
     for key, value in (meta.get("labels") or {}).items():
         errors += _named("metadata.labels", qualified_name(key))
         errors += _named(f"metadata.labels[{key}]", label_value(value))
@@ -98,6 +116,12 @@ def check_metadata(meta: Any) -> list[FieldError]:
         errors += _named("metadata.annotations", qualified_name(key.lower()))
     if sum(len(k) + len(v) for k, v in annotations.items()) > MAX_ANNOTATIONS_BYTES:
         errors.append(FieldError("metadata.annotations", f"longer than {MAX_ANNOTATIONS_BYTES} bytes in all"))
+    return errors
+
+
+def _finalizer_and_owner_errors(meta: dict[str, Any]) -> list[FieldError]:
+    """Finalizers as qualified names; owner references complete, at most one of them the controller."""
+    errors: list[FieldError] = []
     for index, finalizer in enumerate(meta.get("finalizers") or []):
         errors += _named(f"metadata.finalizers[{index}]", qualified_name(finalizer))
     controllers = 0

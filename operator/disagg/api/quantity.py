@@ -79,6 +79,24 @@ def _split(text: str) -> tuple[str, str, str, str]:
     return sign, whole, fraction, rest
 
 
+def _unit(text: str, suffix: str) -> tuple[int, int]:
+    """The base and exponent of a quantity's suffix: a binary or decimal unit, or a decimal exponent."""
+    if suffix in _BINARY:
+        return 2, _BINARY[suffix]
+    if suffix in _DECIMAL:
+        return 10, _DECIMAL[suffix]
+    if len(suffix) > 1 and suffix[0] in "eE":
+        try:
+            exponent = int(suffix[1:])
+        except ValueError:
+            raise QuantityError(f"{text!r} is not a quantity: bad exponent {suffix!r}") from None
+        if not -(2**63) <= exponent < 2**63:
+            raise QuantityError(f"{text!r} is not a quantity: the exponent does not fit in 64 bits")
+        return 10, _int32(exponent)
+    raise QuantityError(f"{text!r} is not a quantity: unknown unit {suffix!r} (Ki, Mi, Gi, Ti, Pi, Ei, "
+                        "n, u, m, k, M, G, T, P, E, or an exponent such as e9)")
+
+
 @functools.lru_cache(maxsize=1024)
 def parse_quantity(text: str) -> Quantity:
     """The quantity `text` denotes, exactly as the API server parses it; QuantityError if it is none."""
@@ -87,21 +105,7 @@ def parse_quantity(text: str) -> Quantity:
     if not text.isascii():
         raise QuantityError(f"{text!r} is not a quantity: only ASCII digits, '.', a sign and a unit")
     sign_text, whole, fraction, suffix = _split(text)
-    if suffix in _BINARY:
-        base, exponent = 2, _BINARY[suffix]
-    elif suffix in _DECIMAL:
-        base, exponent = 10, _DECIMAL[suffix]
-    elif len(suffix) > 1 and suffix[0] in "eE":
-        try:
-            exponent = int(suffix[1:])
-        except ValueError:
-            raise QuantityError(f"{text!r} is not a quantity: bad exponent {suffix!r}") from None
-        if not -(2**63) <= exponent < 2**63:
-            raise QuantityError(f"{text!r} is not a quantity: the exponent does not fit in 64 bits")
-        base, exponent = 10, _int32(exponent)
-    else:
-        raise QuantityError(f"{text!r} is not a quantity: unknown unit {suffix!r} (Ki, Mi, Gi, Ti, Pi, Ei, "
-                            "n, u, m, k, M, G, T, P, E, or an exponent such as e9)")
+    base, exponent = _unit(text, suffix)
     significant = (whole + fraction).lstrip("0")
     sign = -1 if sign_text == "-" else 1
     if not significant:

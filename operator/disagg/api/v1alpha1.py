@@ -18,7 +18,8 @@ from pydantic.alias_generators import to_camel
 from disagg.api.affinity import affinity_errors
 from disagg.api.names import LABEL_VALUE, QUALIFIED_NAME, label_value, qualified_name
 from disagg.api.quantity import MAX_QUANTITY_TEXT, check_quantity
-from disagg.catalog.engines import (
+from disagg.engines import (
+    ENGINES,
     MOONCAKE_BOOTSTRAP_PORT,
     NIXL_SIDE_CHANNEL_PORT,
     OWNED_ENV,
@@ -33,7 +34,7 @@ from disagg.catalog.engines import (
 )
 from disagg.wellknown import ROLES as ROLES  # the pools' roles, where the spec's pools are defined
 
-EngineKind = Literal["vllm", "sglang"]
+EngineKind = Literal["vllm", "sglang", "custom"]
 KVConnector = Literal["nixl", "mooncake"]
 Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
 KVDtype = Literal["bf16", "fp16", "fp8"]
@@ -350,11 +351,91 @@ class EnvFromSource(CRDModel):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+METRIC_NAME = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
+# The signals each pool's autoscaling reads (scaling/signals.py): without them the policy is blind and would
+# hold the pool forever, so an autoscaled pool of a custom engine needs these names.
+NEEDED_FOR_AUTOSCALING = {
+    "prefill": ("runningRequests", "waitingRequests", "promptTokensTotal", "ttftHistogram"),
+    "decode": ("runningRequests", "kvCacheUsage", "generationTokensTotal", "itlHistogram", "ttftHistogram"),
+}
+TEMPLATE_VALUES = ("port", "role", "kvPort", "model", "servedModelName", "tensorParallel")
+"""The operator's values a custom engine's command and args may name as {{value}}."""
+
+
+class CustomMetrics(CRDModel):
+    """A custom engine's own Prometheus metric names behind the autoscaler's signals (histograms without
+    their _bucket/_count suffix). The autoscaler needs some of them per pool (see docs/validation.md)."""
+
+    waiting_requests: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Gauge: requests queued, not yet running (prefill's queue)."""
+    running_requests: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Gauge: requests running."""
+    kv_cache_usage: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Gauge: the fraction of the KV cache in use (0 to 1)."""
+    prompt_tokens_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter: prompt tokens processed."""
+    generation_tokens_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter: tokens generated."""
+    ttft_histogram: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Histogram (seconds): time to first token."""
+    itl_histogram: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Histogram (seconds): time between output tokens."""
+    e2e_histogram: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME, alias="e2eHistogram")
+    """Histogram (seconds): request latency, start to end."""
+    prompt_histogram: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Histogram: prompt tokens per request."""
+    kv_handed_off_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter (decode): prompts whose KV cache a prefill worker handed off (the KV-path check)."""
+    kv_recomputed_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter (decode): prompts the decode worker computed itself for lack of a usable hand-off."""
+    kv_transfer_failures_total: str | None = Field(default=None, max_length=253, pattern=METRIC_NAME)
+    """Counter (decode): KV transfers that failed."""
+
+
+class CustomEngineSpec(CRDModel):
+    """A specialised engine the operator does not know: its command, how it speaks to the router, and its
+    metric names. {{port}}, {{role}}, {{kvPort}}, {{model}}, {{servedModelName}} and {{tensorParallel}} in
+    command and args are replaced by the operator's values for each pool."""
+
+    command: list[Annotated[str, Field(max_length=4096)]] = Field(min_length=1, max_length=64)
+    """The container's command."""
+    args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=128)
+    """The container's arguments."""
+    protocol: Literal["vllm", "sglang"] = "vllm"
+    """The P/D protocol the engine speaks: which router runs in front of it and how KV ports are used."""
+    metrics: CustomMetrics = Field(default_factory=CustomMetrics)
+    """The engine's metric names behind the autoscaler's signals."""
+
+    cel_rules: ClassVar[tuple[dict[str, str], ...]] = tuple(
+        {
+            "rule": f"!has(self.{part}) || self.{part}.all(a, !a"
+            + "".join(f".replace('{{{{{value}}}}}', '')" for value in TEMPLATE_VALUES) + ".contains('{{'))",
+            "message": f"custom.{part} may use only the template values "
+            + ", ".join("{{" + value + "}}" for value in TEMPLATE_VALUES),
+            "fieldPath": f".{part}",
+        }
+        for part in ("command", "args")
+    )
+
+    def cross_field_errors(self) -> list[str]:
+        errors = []
+        for rule, (field, values) in zip(self.cel_rules, (("command", self.command), ("args", self.args)),
+                                         strict=True):
+            for index, text in enumerate(values):
+                for value in TEMPLATE_VALUES:
+                    text = text.replace("{{" + value + "}}", "")
+                if "{{" in text:
+                    errors.append(f".{field}[{index}]: {values[index]!r}: {rule['message']}")
+        return errors
+
+
 class EngineSpec(CRDModel):
     """The inference engine both pools run."""
 
     kind: EngineKind = "vllm"
-    """Engine: vllm or sglang."""
+    """Engine: vllm, sglang, or custom (an engine of your own: set custom and image)."""
+    custom: CustomEngineSpec | None = None
+    """The command, router protocol and metric names of a custom engine (kind custom only)."""
     image: str | None = Field(default=None, max_length=512, pattern=IMAGE)
     """Container image; defaults to the engine's image for each pool's accelerator vendor."""
     port: Port = 8000
@@ -374,10 +455,29 @@ class EngineSpec(CRDModel):
             "rule": f"!has(self.env) || self.env.all(e, !(e.name in {list(OWNED_ENV)!r}))".replace('"', "'"),
             "message": f"engine.env must not set a variable the operator sets ({', '.join(OWNED_ENV)})",
         },
+        {
+            # engine's default ({}) is checked before its own defaults: kind may be absent
+            "rule": "(has(self.kind) && self.kind == 'custom') == has(self.custom)",
+            "message": "engine.custom is set exactly when engine.kind is custom",
+        },
+        {
+            "rule": "!has(self.kind) || self.kind != 'custom' || has(self.image)",
+            "message": "engine.kind custom needs engine.image (the operator has no default image for it)",
+            "fieldPath": ".image",
+        },
     )
+
+    @property
+    def protocol(self) -> str:
+        """The P/D protocol the engine speaks (a custom engine's is vLLM's or SGLang's)."""
+        return self.custom.protocol if self.kind == "custom" and self.custom is not None else self.kind
 
     def cross_field_errors(self) -> list[str]:
         errors = []
+        if (self.kind == "custom") != (self.custom is not None):
+            errors.append(self.cel_rules[1]["message"])
+        if self.kind == "custom" and self.image is None:
+            errors.append(f"{self.cel_rules[2]['fieldPath']}: {self.cel_rules[2]['message']}")
         names = [var.name for var in self.env]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -830,6 +930,29 @@ class NetworkPolicySpec(CRDModel):
     networkPolicy.metricsScrapers). Empty: no scraper."""
 
 
+WEIGHT_SCHEMES = ("hf://", "pvc://", "s3://", "gs://")
+"""Where model.uri may point (its pattern); an engine may load from fewer (`weight_schemes`)."""
+
+
+def _weights_rule() -> dict[str, str]:
+    """CEL: the model's weights are where the engine loads them from."""
+    clauses, messages = [], []
+    for kind, adapter in ENGINES.items():
+        refused = [scheme for scheme in WEIGHT_SCHEMES if scheme not in adapter.weight_schemes]
+        if refused:
+            uri = " || ".join(f"self.model.uri.startsWith('{scheme}')" for scheme in refused)
+            clauses.append(f"(self.engine.kind != '{kind}' || !({uri}))")
+            messages.append(f"{kind} loads weights from {' or '.join(adapter.weight_schemes)} only")
+    rule = " && ".join(clauses) if len(clauses) != 1 else clauses[0][1:-1]
+    return {"rule": rule or "true", "message": "; ".join(messages), "fieldPath": ".model.uri"}
+
+
+def _speaks(protocol: str) -> str:
+    """CEL: the service's engine speaks `protocol` (itself, or a custom engine of that protocol)."""
+    return (f"(self.engine.kind == '{protocol}' || (self.engine.kind == 'custom' && has(self.engine.custom) && "
+            f"self.engine.custom.protocol == '{protocol}'))")
+
+
 def _worker_accelerators(role: str) -> str:
     """CEL: the accelerators of one worker of the pool (`PoolSpec.worker_accelerators`): accelerator.count
     x `nodes`, or, without it, the parallelism's accelerators when they fill more than one pod."""
@@ -855,7 +978,7 @@ def _owned_flag_rules() -> tuple[dict[str, str], ...]:
             if not owned:
                 continue
             when = f" || !({condition})" if condition else ""
-            spelling = "with '_' for '-' or as --flag.key" if engine == "vllm" else "or as --flag=value"
+            spelling = "with '_' for '-' or as --flag.key" if ENGINES[engine].dotted_flags else "or as --flag=value"
             each = " && ".join(f"(!has(self.{part}.extraArgs) || self.{part}.extraArgs.all(a, "
                                f"!{owned_flag_cel(engine, owned, 'a')}))" for part in ("engine", "prefill", "decode"))
             rules.append({
@@ -903,24 +1026,20 @@ class InferenceServiceSpec(CRDModel):
         },
         {
             "rule": "self.engine.port != (has(self.kvTransfer.port) ? self.kvTransfer.port : "
-            f"(self.engine.kind == 'sglang' || self.kvTransfer.connector == 'mooncake' ? {MOONCAKE_BOOTSTRAP_PORT} "
+            f"({_speaks('sglang')} || self.kvTransfer.connector == 'mooncake' ? {MOONCAKE_BOOTSTRAP_PORT} "
             f": {NIXL_SIDE_CHANNEL_PORT}))",
             "message": "engine.port must differ from the KV-transfer port (kvTransfer.port; by default "
             f"{NIXL_SIDE_CHANNEL_PORT} for vLLM with NIXL, {MOONCAKE_BOOTSTRAP_PORT} with Mooncake or SGLang)",
             "fieldPath": ".engine.port",
         },
         {
-            "rule": "self.engine.kind != 'vllm' || self.kvTransfer.connector != 'mooncake'",
-            "message": "mooncake with engine vllm is not supported: vllm-router does not hand Mooncake bootstrap "
-            "data to pods it discovers; use connector nixl with vllm, or engine sglang with mooncake",
+            "rule": f"!{_speaks('vllm')} || self.kvTransfer.connector != 'mooncake'",
+            "message": "mooncake with engine vllm (or a custom engine of protocol vllm) is not supported: "
+            "vllm-router does not hand Mooncake bootstrap data to pods it discovers; use connector nixl with "
+            "vllm, or engine sglang with mooncake",
             "fieldPath": ".kvTransfer.connector",
         },
-        {
-            "rule": "self.engine.kind == 'vllm' || !(self.model.uri.startsWith('s3://') || "
-            "self.model.uri.startsWith('gs://'))",
-            "message": "sglang loads weights from hf:// or pvc:// only",
-            "fieldPath": ".model.uri",
-        },
+        _weights_rule(),
         *(
             {
                 "rule": f"!has(self.model.architecture) || has(self.model.architecture.kvLoraRank) || "
@@ -955,11 +1074,25 @@ class InferenceServiceSpec(CRDModel):
             "fieldPath": ".acceleratorBudget",
         },
         *_owned_flag_rules(),
+        *(
+            {
+                "rule": f"self.engine.kind != 'custom' || !has(self.{role}.autoscaling) || ("
+                + " && ".join(f"has(self.engine.custom.metrics.{name})" for name in NEEDED_FOR_AUTOSCALING[role])
+                + ")",
+                "message": f"{role}.autoscaling with engine.kind custom needs the metric names the autoscaler reads "
+                f"for {role}: engine.custom.metrics {', '.join(NEEDED_FOR_AUTOSCALING[role])} (or set "
+                f"{role}.replicas without autoscaling)",
+                "fieldPath": f".{role}.autoscaling",
+            }
+            for role in ("prefill", "decode")
+        ),
     )
 
     def owned_flags(self) -> dict[str, str]:
         """The flags the operator sets for this spec (option string -> shortest accepted prefix)."""
         kind = self.engine.kind
+        if kind not in OWNED_FLAGS:  # a custom engine's flags are its own template
+            return {}
         owned = dict(OWNED_FLAGS[kind])
         if self.model.uri.startswith(("s3://", "gs://")):
             owned.update(OWNED_WITH_OBJECT_STORAGE[kind])
@@ -970,23 +1103,42 @@ class InferenceServiceSpec(CRDModel):
         return owned
 
     def cross_field_errors(self) -> list[str]:
+        return (self._engine_rule_errors() + self._tensor_errors() + self._budget_errors()
+                + self._custom_metrics_errors() + self._owned_flag_errors())
+
+    def _engine_rule_errors(self) -> list[str]:
+        """The connector against the pools' tensor parallelism, the engine's port and protocol, and the
+        model's storage."""
         rules = self.cel_rules
         errors = []
         tensor = (self.prefill.parallelism.tensor, self.decode.parallelism.tensor)
         if self.kv_transfer.connector == "mooncake" and tensor[0] != tensor[1]:
             errors.append(rules[0]["message"])
-        if self.engine.port == kv_port(self.kv_transfer.connector, self.engine.kind, self.kv_transfer.port):
+        if self.engine.port == kv_port(self.kv_transfer.connector, self.engine.protocol, self.kv_transfer.port):
             errors.append(f"{rules[1]['fieldPath']}: {rules[1]['message']}")
-        if self.engine.kind == "vllm" and self.kv_transfer.connector == "mooncake":
+        if self.engine.protocol == "vllm" and self.kv_transfer.connector == "mooncake":
             errors.append(f"{rules[2]['fieldPath']}: {rules[2]['message']}")
-        if self.engine.kind != "vllm" and self.model.uri.startswith(("s3://", "gs://")):
-            errors.append(f"{rules[3]['fieldPath']}: {rules[3]['message']}")
+        schemes = ENGINES[self.engine.kind].weight_schemes if self.engine.kind in ENGINES else WEIGHT_SCHEMES
+        if not self.model.uri.startswith(schemes):
+            errors.append(f"{rules[3]['fieldPath']}: {self.engine.kind} loads weights from "
+                          f"{' or '.join(schemes)} only")
+        return errors
+
+    def _tensor_errors(self) -> list[str]:
+        """Each pool's tensor parallelism divides the model's KV heads, or they divide it."""
+        errors = []
         arch = self.model.architecture
-        pools = (self.prefill, self.decode)
-        for rule, pool in zip(rules[4:6], pools, strict=True):
+        for rule, pool in zip(self.cel_rules[4:6], (self.prefill, self.decode), strict=True):
             size = pool.parallelism.tensor
             if arch is not None and arch.kv_lora_rank is None and size % arch.kv_heads and arch.kv_heads % size:
                 errors.append(f"{rule['fieldPath']}: {rule['message']} ({arch.kv_heads}), not {size}")
+        return errors
+
+    def _budget_errors(self) -> list[str]:
+        """The accelerator budget holds each autoscaled pool's floor, and every pool's least size."""
+        rules = self.cel_rules
+        errors = []
+        pools = (self.prefill, self.decode)
         budget = self.accelerator_budget
         floors = [pool.autoscaling.min_replicas * pool.worker_accelerators if pool.autoscaling else None
                   for pool in pools]
@@ -1000,6 +1152,24 @@ class InferenceServiceSpec(CRDModel):
             errors.append(f"{rules[8]['fieldPath']}: {budget} is less than the {need} accelerators the pools hold "
                           "at least (a fixed pool its replicas, an autoscaled one minReplicas, times the "
                           "accelerators of a worker: accelerator.count x its nodes)")
+        return errors
+
+    def _custom_metrics_errors(self) -> list[str]:
+        """An autoscaled pool of a custom engine needs the metric names the autoscaler reads for it."""
+        errors = []
+        custom = self.engine.custom
+        for role in ("prefill", "decode"):
+            missing = [name for name in NEEDED_FOR_AUTOSCALING[role]
+                       if custom is not None and custom.metrics.model_dump(by_alias=True).get(name) is None]
+            if self.engine.kind == "custom" and getattr(self, role).autoscaling is not None and missing:
+                errors.append(f".{role}.autoscaling: the custom engine cannot autoscale {role}: set "
+                              f"engine.custom.metrics {', '.join(missing)} (the metric names the autoscaler reads "
+                              f"for {role}), or remove {role}.autoscaling and set {role}.replicas")
+        return errors
+
+    def _owned_flag_errors(self) -> list[str]:
+        """extraArgs may not set a flag the operator sets from the spec."""
+        errors = []
         owned = self.owned_flags()
         for field, args in (("engine", self.engine.extra_args), ("prefill", self.prefill.extra_args),
                             ("decode", self.decode.extra_args)):

@@ -22,8 +22,8 @@ from disagg.api.manifest import prune_nulls
 from disagg.api.names import dns_subdomain, qualified_name
 from disagg.api.quantity import parse_quantity
 from disagg.api.v1alpha1 import CHILD_SEPARATOR, MAX_NAME_LENGTH, InferenceServiceSpec, PoolSpec
-from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.catalog.engines import CROSS_VENDOR_CONNECTORS, ENGINES
+from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog
+from disagg.engines import CROSS_VENDOR_CONNECTORS, EngineAdapter, engine_adapter
 from disagg.wellknown import ROLES
 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -94,65 +94,105 @@ def check_spec(name: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalo
 def catalog_errors(spec: InferenceServiceSpec, catalog: AcceleratorCatalog) -> list[FieldError]:
     """The problems that depend on the accelerator and engine catalogues (so no CRD rule can see
     them): the operator reports them as InvalidSpec, and `disagg validate` as errors."""
+    engine = engine_adapter(spec.engine)
     errors: list[FieldError] = []
-    engine = ENGINES[spec.engine.kind]
-    vendors: dict[str, str] = {}
     for role in ROLES:
-        pool: PoolSpec = getattr(spec, role)
-        acc = pool.accelerator
-        field = f"spec.{role}"
-        resource_name = acc.resource_name
-        if acc.type is not None:
-            accelerator = catalog.get(acc.type)
-            if accelerator is None:
-                errors.append(FieldError(
-                    f"{field}.accelerator.type",
-                    f"unknown accelerator type {acc.type!r}; known types: {', '.join(catalog.names())} "
-                    "(add one with --accelerator-catalog)",
-                ))
-                continue
-            resource_name = accelerator.resource_name
-            vendors[role] = accelerator.vendor
-            if accelerator.plan_only:
-                errors.append(FieldError(
-                    f"{field}.accelerator.type",
-                    f"{acc.type} is planner-only: no Kubernetes device plugin exposes it (a plugin would expose "
-                    f"{accelerator.resource_name}); use `disagg plan` to size it, or name a resource a plugin on "
-                    "your cluster exposes with accelerator.resourceName",
-                ))
-                continue
-            if acc.count > accelerator.per_node:
-                errors.append(FieldError(
-                    f"{field}.accelerator.count",
-                    f"{acc.count} exceeds the {accelerator.per_node} accelerators a {acc.type} node has; "
-                    "a pod must fit on one node (a worker spans nodes through parallelism and nodes)",
-                ))
-            if accelerator.vendor not in engine.vendors:
-                errors.append(FieldError(
-                    f"{field}.accelerator.type",
-                    f"engine {spec.engine.kind} does not run on {accelerator.vendor} accelerators ({acc.type}); "
-                    f"it supports {', '.join(sorted(engine.vendors))}",
-                ))
-            elif (pool.image or spec.engine.image) is None and accelerator.vendor not in engine.images:
-                errors.append(FieldError(
-                    f"{field}.image",
-                    f"no default {spec.engine.kind} image for {accelerator.vendor} accelerators; "
-                    f"set {role}.image (or engine.image) to a {accelerator.vendor} build of {spec.engine.kind}",
-                ))
-        entry = catalog.get(acc.type) if acc.type is not None else None
-        errors.extend(layout_errors(role, pool, spec, entry))
-        owned = {resource_name: f"accelerator.count ({resource_name})"}
-        if spec.kv_transfer.rdma is not None:
-            owned[spec.kv_transfer.rdma.resource] = f"kvTransfer.rdma.count ({spec.kv_transfer.rdma.resource})"
-        for part in ("requests", "limits"):
-            for key in getattr(pool.resources, part):
-                if key in owned:
-                    errors.append(FieldError(f"{field}.resources.{part}.{key}",
-                                             f"set by the operator from {owned[key]}; remove it from resources"))
+        errors += _pool_catalog_errors(role, spec, catalog, engine)
+    return errors + _connector_errors(spec, catalog, engine)
+
+
+def _pool_catalog_errors(
+    role: str, spec: InferenceServiceSpec, catalog: AcceleratorCatalog, engine: EngineAdapter
+) -> list[FieldError]:
+    """One pool's accelerator against the catalogue and the engine, its layout, and the resources the
+    operator sets; an unknown or planner-only accelerator type is the pool's only error."""
+    pool: PoolSpec = getattr(spec, role)
+    acc = pool.accelerator
+    field = f"spec.{role}"
+    resource_name = acc.resource_name
+    errors: list[FieldError] = []
+    if acc.type is not None:
+        accelerator = catalog.get(acc.type)
+        if accelerator is None:
+            return [FieldError(
+                f"{field}.accelerator.type",
+                f"unknown accelerator type {acc.type!r}; known types: {', '.join(catalog.names())} "
+                "(add one with --accelerator-catalog)",
+            )]
+        if accelerator.plan_only:
+            return [FieldError(
+                f"{field}.accelerator.type",
+                f"{acc.type} is planner-only: no Kubernetes device plugin exposes it (a plugin would expose "
+                f"{accelerator.resource_name}); use `disagg plan` to size it, or name a resource a plugin on "
+                "your cluster exposes with accelerator.resourceName",
+            )]
+        resource_name = accelerator.resource_name
+        errors += _accelerator_errors(role, spec, accelerator, engine)
+    entry = catalog.get(acc.type) if acc.type is not None else None
+    errors.extend(layout_errors(role, pool, spec, entry))
+    return errors + _owned_resource_errors(role, spec, resource_name)
+
+
+def _accelerator_errors(
+    role: str, spec: InferenceServiceSpec, accelerator: Accelerator, engine: EngineAdapter
+) -> list[FieldError]:
+    """A catalogued accelerator's count per node, and whether the engine runs on (and has an image for)
+    its vendor."""
+    pool: PoolSpec = getattr(spec, role)
+    acc = pool.accelerator
+    field = f"spec.{role}"
+    errors: list[FieldError] = []
+    if acc.count > accelerator.per_node:
+        errors.append(FieldError(
+            f"{field}.accelerator.count",
+            f"{acc.count} exceeds the {accelerator.per_node} accelerators a {acc.type} node has; "
+            "a pod must fit on one node (a worker spans nodes through parallelism and nodes)",
+        ))
+    if accelerator.vendor not in engine.vendors:
+        errors.append(FieldError(
+            f"{field}.accelerator.type",
+            f"engine {spec.engine.kind} does not run on {accelerator.vendor} accelerators ({acc.type}); "
+            f"it supports {', '.join(sorted(engine.vendors))}",
+        ))
+    elif (pool.image or spec.engine.image) is None and accelerator.vendor not in engine.images:
+        errors.append(FieldError(
+            f"{field}.image",
+            f"no default {spec.engine.kind} image for {accelerator.vendor} accelerators; "
+            f"set {role}.image (or engine.image) to a {accelerator.vendor} build of {spec.engine.kind}",
+        ))
+    return errors
+
+
+def _owned_resource_errors(role: str, spec: InferenceServiceSpec, resource_name: str | None) -> list[FieldError]:
+    """Resources the operator sets itself (the accelerator, the RDMA devices) named in a pool's resources."""
+    pool: PoolSpec = getattr(spec, role)
+    owned = {resource_name: f"accelerator.count ({resource_name})"}
+    if spec.kv_transfer.rdma is not None:
+        owned[spec.kv_transfer.rdma.resource] = f"kvTransfer.rdma.count ({spec.kv_transfer.rdma.resource})"
+    errors: list[FieldError] = []
+    for part in ("requests", "limits"):
+        for key in getattr(pool.resources, part):
+            if key in owned:
+                errors.append(FieldError(f"spec.{role}.resources.{part}.{key}",
+                                         f"set by the operator from {owned[key]}; remove it from resources"))
+    return errors
+
+
+def _connector_errors(
+    spec: InferenceServiceSpec, catalog: AcceleratorCatalog, engine: EngineAdapter
+) -> list[FieldError]:
+    """The KV connector: the engine must have it, and it must move KV between the pools' vendors."""
+    errors: list[FieldError] = []
     if spec.kv_transfer.connector not in engine.connectors:
         errors.append(FieldError(
             "spec.kvTransfer.connector", f"{spec.engine.kind} has no {spec.kv_transfer.connector} connector"
         ))
+    vendors: dict[str, str] = {}
+    for role in ROLES:
+        kind = getattr(spec, role).accelerator.type
+        accelerator = catalog.get(kind) if kind is not None else None
+        if accelerator is not None:
+            vendors[role] = accelerator.vendor
     if len(set(vendors.values())) > 1 and spec.kv_transfer.connector not in CROSS_VENDOR_CONNECTORS:
         errors.append(FieldError(
             "spec.kvTransfer.connector",
@@ -175,27 +215,43 @@ def resource_errors(field: str, pool: PoolSpec, owned: set[str]) -> list[FieldEr
     limits = {k: v for k, v in pool.resources.limits.items() if k not in owned}
     for part, values in (("requests", requests), ("limits", limits)):
         for name, text in values.items():
-            at = f"{field}.{part}.{name}"
-            problem = qualified_name(name)
-            if problem is None and "/" not in name and name not in CONTAINER_RESOURCES \
-                    and not name.startswith("hugepages-"):
-                problem = f"{name!r} is no container resource: cpu, memory, ephemeral-storage, hugepages-<size>, " \
-                          "or an extended resource (a domain, '/', a name)"
-            if problem is None and not _native(name) and (
-                    name.startswith("requests.") or dns_subdomain("requests." + name.split("/")[0]) is not None):
-                problem = f"{name!r} is not an extended resource name"
-            if problem is not None:
-                errors.append(FieldError(at, problem))
-                continue
-            value = parse_quantity(text).value or 0
-            if not _native(name) and math.ceil(value * 1000) % 1000:
-                errors.append(FieldError(at, f"{text} is not a whole number: extended resources are counted"))
-            if name.startswith("hugepages-"):
-                page = _page_size(name)
-                if page is None:
-                    errors.append(FieldError(at, f"{name!r}: the part after hugepages- must be a page size"))
-                elif value % page:
-                    errors.append(FieldError(at, f"{text} is not a multiple of the page size {name[10:]}"))
+            errors += _resource_value_errors(f"{field}.{part}.{name}", name, text)
+    errors += _overcommit_errors(field, requests, limits)
+    names = {*requests, *limits}
+    if any(n.startswith("hugepages-") for n in names) and not names & {"cpu", "memory"}:
+        errors.append(FieldError(field, "hugepages need a cpu or memory request or limit as well"))
+    return errors
+
+
+def _resource_value_errors(at: str, name: str, text: str) -> list[FieldError]:
+    """One request or limit: its resource name, and its value (whole for extended resources, whole pages
+    for hugepages)."""
+    problem = qualified_name(name)
+    if problem is None and "/" not in name and name not in CONTAINER_RESOURCES and not name.startswith("hugepages-"):
+        problem = f"{name!r} is no container resource: cpu, memory, ephemeral-storage, hugepages-<size>, " \
+                  "or an extended resource (a domain, '/', a name)"
+    if problem is None and not _native(name) and (
+            name.startswith("requests.") or dns_subdomain("requests." + name.split("/")[0]) is not None):
+        problem = f"{name!r} is not an extended resource name"
+    if problem is not None:
+        return [FieldError(at, problem)]
+    errors: list[FieldError] = []
+    value = parse_quantity(text).value or 0
+    if not _native(name) and math.ceil(value * 1000) % 1000:
+        errors.append(FieldError(at, f"{text} is not a whole number: extended resources are counted"))
+    if name.startswith("hugepages-"):
+        page = _page_size(name)
+        if page is None:
+            errors.append(FieldError(at, f"{name!r}: the part after hugepages- must be a page size"))
+        elif value % page:
+            errors.append(FieldError(at, f"{text} is not a multiple of the page size {name[10:]}"))
+    return errors
+
+
+def _overcommit_errors(field: str, requests: dict[str, str], limits: dict[str, str]) -> list[FieldError]:
+    """Requests within limits; resources that cannot be overcommitted (extended ones, hugepages) need a
+    limit equal to their request."""
+    errors: list[FieldError] = []
     overcommit = {name: _native(name) and not name.startswith("hugepages-") for name in {*requests, *limits}}
     for name, text in requests.items():
         request = parse_quantity(text).value
@@ -210,9 +266,6 @@ def resource_errors(field: str, pool: PoolSpec, owned: set[str]) -> list[FieldEr
         elif not overcommit[name]:
             errors.append(FieldError(f"{field}.limits.{name}", "required: this resource cannot be overcommitted, "
                                      f"so it needs a limit equal to its request {text}"))
-    names = {*requests, *limits}
-    if any(n.startswith("hugepages-") for n in names) and not names & {"cpu", "memory"}:
-        errors.append(FieldError(field, "hugepages need a cpu or memory request or limit as well"))
     return errors
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from disagg.catalog.engines import ENGINES
+from disagg.engines import ENGINES
 from disagg.kube.client import POD, ApiError, Kube
 from disagg.scaling.victims import DELETION_COST_ANNOTATION, WorkerLoad, choose_victims, deletion_costs
 

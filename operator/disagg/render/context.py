@@ -12,8 +12,9 @@ from typing import Any
 from disagg import GROUP, KIND, VERSION
 from disagg.api.quantity import quantity_bytes
 from disagg.api.v1alpha1 import CHILD_SEPARATOR, InferenceServiceSpec, NetworkPolicyPeer, PoolSpec
-from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.catalog.engines import ENGINES, ROUTER_METRICS_PORT, Role, kv_port, vllm_kv_transfer_config
+from disagg.catalog.accelerators import Accelerator, AcceleratorCatalog
+from disagg.engines import ROUTER_METRICS_PORT, Role, engine_adapter, kv_port
+from disagg.engines.base import KV_DISK_DIR
 from disagg.render import multinode
 from disagg.render.drain import ROUTER_DEREGISTER_S, pool_drain, router_grace_seconds
 from disagg.wellknown import (
@@ -38,7 +39,6 @@ RDMA_POD_SECURITY = (
     "IPC_LOCK added and every other capability dropped. They fail Pod Security baseline (IPC_LOCK) and "
     "restricted (root): a namespace enforcing either refuses them."
 )
-KV_DISK_DIR = "/kv-cache"
 # A child that is not a Deployment, a PDB or the router's RBAC is named `<name>--<part>`: an
 # InferenceService's name may not contain "--" (a CEL rule on metadata.name), so no service's
 # children can take another's name (`a` and `a-metrics` once both rendered Service/a-metrics).
@@ -193,88 +193,19 @@ def _engine_command(
 ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
     pool: PoolSpec = getattr(spec, role)
     engine = spec.engine
+    tiers = spec.kv_cache
+    disk_gib = _gib(tiers.disk.size) if tiers is not None and tiers.disk is not None else None
+    rendered = engine_adapter(engine).pool_command(spec, role, source.argument, source.extra_args, port_kv, disk_gib)
     env: list[dict[str, Any]] = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "HF_HOME", "value": CACHE_DIR},
         {"name": "HOME", "value": ENGINE_HOME},
         {"name": "USER", "value": "engine"},
+        *rendered.env,
     ]
-    kv = spec.kv_transfer
-    tiers = spec.kv_cache
-    tp = pool.parallelism.tensor
-    if engine.kind == "vllm":
-        command = ["vllm", "serve", source.argument]
-        args = [
-            "--host", "0.0.0.0",
-            "--port", str(engine.port),
-            "--served-model-name", spec.model.name,
-            "--tensor-parallel-size", str(pool.parallelism.tensor),
-            *multinode.vllm_parallel_args(pool),
-        ]
-        if spec.model.revision:
-            args += ["--revision", spec.model.revision]
-        args += source.extra_args
-        offload: dict[str, object] | None = None
-        if tiers is not None and tiers.cpu_offload_gi_b is not None:
-            offload = {"cpu_gib": tiers.cpu_offload_gi_b}
-        args += ["--kv-transfer-config", vllm_kv_transfer_config(kv.connector, role, kv.backend, offload)]
-        if kv.connector == "nixl":
-            # NIXL's side channel defaults to localhost: the peer must be told the pod's own address.
-            env += [
-                {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "value": "$(POD_IP)"},
-                {"name": "VLLM_NIXL_SIDE_CHANNEL_PORT", "value": str(port_kv)},
-            ]
-        else:
-            env += [{"name": "VLLM_MOONCAKE_BOOTSTRAP_PORT", "value": str(port_kv)}]
-        if tiers is not None and tiers.cpu_offload_gi_b is not None:
-            # LMCache sizes its tiers per TP-rank process in GiB: split the pod's budget
-            env += [
-                {"name": "LMCACHE_LOCAL_CPU", "value": "True"},
-                {"name": "LMCACHE_MAX_LOCAL_CPU_SIZE", "value": _per_rank_gib(tiers.cpu_offload_gi_b, tp)},
-                {"name": "LMCACHE_CHUNK_SIZE", "value": "256"},
-            ]
-            if tiers.disk is not None:
-                env += [
-                    {"name": "LMCACHE_LOCAL_DISK", "value": f"file://{KV_DISK_DIR}/"},
-                    {"name": "LMCACHE_MAX_LOCAL_DISK_SIZE", "value": _per_rank_gib(_gib(tiers.disk.size), tp)},
-                ]
-    else:
-        command = ["python3", "-m", "sglang.launch_server"]
-        sglang_tp, sglang_parallel = multinode.sglang_parallel_args(pool)
-        args = [
-            "--model-path", source.argument,
-            "--served-model-name", spec.model.name,
-            "--host", "0.0.0.0",
-            "--port", str(engine.port),
-            "--tp-size", str(sglang_tp),
-            *sglang_parallel,
-            "--enable-metrics",
-            "--disaggregation-mode", role,
-            "--disaggregation-transfer-backend", kv.connector,
-        ]
-        if role == "prefill":
-            args += ["--disaggregation-bootstrap-port", str(port_kv)]
-        if kv.connector == "nixl" and kv.backend is not None:
-            # SGLang's NIXL agent takes its backend plugin (UCX by default) from this variable
-            env += [{"name": "SGLANG_DISAGGREGATION_NIXL_BACKEND", "value": kv.backend.upper()}]
-        if spec.model.revision:
-            args += ["--revision", spec.model.revision]
-        if tiers is not None and tiers.cpu_offload_gi_b is not None:
-            # --hicache-size is whole decimal GB per TP rank
-            per_rank_gb = max(1, tiers.cpu_offload_gi_b * 2**30 // (10**9 * tp))
-            args += ["--enable-hierarchical-cache", "--hicache-size", str(per_rank_gb)]
-            if tiers.disk is not None:
-                args += ["--hicache-storage-backend", "file"]
-                env += [{"name": "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "value": KV_DISK_DIR}]
-    args += pool_drain(spec, role).engine_args
-    args += list(engine.extra_args) + list(pool.extra_args)
+    args = [*rendered.args, *pool_drain(spec, role).engine_args, *engine.extra_args, *pool.extra_args]
     env += [var.manifest() for var in engine.env]
-    return command, args, env
-
-
-def _per_rank_gib(total_gib: int, tp: int) -> str:
-    """A pod's GiB split over its TP ranks, as the float text LMCache parses."""
-    return f"{total_gib / tp:g}"
+    return rendered.command, args, env
 
 
 def _gib(quantity: str) -> int:
@@ -282,37 +213,31 @@ def _gib(quantity: str) -> int:
     return int(quantity_bytes(quantity) // 2**30)
 
 
-def pool_values(
-    owner: Owner, spec: InferenceServiceSpec, role: Role, catalog: AcceleratorCatalog
-) -> Pool:
-    """The values of one pool's Deployment."""
-    pool: PoolSpec = getattr(spec, role)
-    engine = ENGINES[spec.engine.kind]
+@dataclass(frozen=True)
+class _Placement:
+    """Where a pool's pods go and what they request: the accelerator's resource and node labels."""
+
+    accelerator: Accelerator | None
+    resource_name: str
+    node_selector: dict[str, str]
+    default_image: str
+
+
+def _placement(spec: InferenceServiceSpec, pool: PoolSpec, catalog: AcceleratorCatalog) -> _Placement:
+    engine = engine_adapter(spec.engine)
     acc = pool.accelerator
-    node_selector: dict[str, str] = {}
-    accelerator = None
     if acc.type is not None:
         accelerator = catalog[acc.type]
-        resource_name = accelerator.resource_name
-        node_selector.update(accelerator.node_labels)
-        default_image = engine.images.get(accelerator.vendor, "")
-    else:
-        assert acc.resource_name is not None
-        resource_name = acc.resource_name
-        node_selector.update(acc.node_selector or {})
-        default_image = engine.images.get("nvidia", "")
-    node_selector.update(pool.node_selector)
-    image = pool.image or spec.engine.image or default_image
-    source = model_source(spec)
-    port_kv = kv_port(spec.kv_transfer.connector, spec.engine.kind, spec.kv_transfer.port)
-    # One listener per pod serves every TP rank's handshake (vLLM's NIXL side channel, the
-    # bootstrap servers); SGLang's decode side opens no listening KV port of its own.
-    kv_ports = [] if spec.engine.kind == "sglang" and role == "decode" else [port_kv]
-    command, args, env = _engine_command(spec, role, source, port_kv)
-    drain = pool_drain(spec, role)
-    group = multinode.group(spec, pool, command, args, env) if pool.multi_node else None
-    ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
-    ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]
+        node_selector = {**accelerator.node_labels, **pool.node_selector}
+        return _Placement(accelerator, accelerator.resource_name, dict(sorted(node_selector.items())),
+                          engine.images.get(accelerator.vendor, ""))
+    assert acc.resource_name is not None
+    node_selector = {**(acc.node_selector or {}), **pool.node_selector}
+    return _Placement(None, acc.resource_name, dict(sorted(node_selector.items())), engine.images.get("nvidia", ""))
+
+
+def _storage(spec: InferenceServiceSpec, source: ModelSource) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the engine's mounts: the weights, shared memory, a writable home, the KV disk tier."""
     volumes = [*source.volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "home", "emptyDir": {}}]
     mounts = [*source.mounts, {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "home", "mountPath": ENGINE_HOME}]
     tiers = spec.kv_cache
@@ -326,24 +251,43 @@ def pool_values(
         else:
             volumes.append({"name": "kv-disk", "emptyDir": {"sizeLimit": tiers.disk.size}})
         mounts.append({"name": "kv-disk", "mountPath": KV_DISK_DIR})
-    tolerations = [{"key": resource_name, "operator": "Exists", "effect": "NoSchedule"}]
+    return volumes, mounts
+
+
+def _initial_replicas(pool: PoolSpec) -> int:
+    """The count a new pool starts at (an autoscaled one: `replicas` within its bounds)."""
+    if pool.autoscaling is None:
+        return pool.replicas
+    return min(max(pool.replicas, pool.autoscaling.min_replicas), pool.autoscaling.max_replicas)
+
+
+def pool_values(
+    owner: Owner, spec: InferenceServiceSpec, role: Role, catalog: AcceleratorCatalog
+) -> Pool:
+    """The values of one pool's Deployment."""
+    pool: PoolSpec = getattr(spec, role)
+    engine = engine_adapter(spec.engine)
+    place = _placement(spec, pool, catalog)
+    source = model_source(spec)
+    port_kv = kv_port(spec.kv_transfer.connector, spec.engine.protocol, spec.kv_transfer.port)
+    # One listener per pod serves every TP rank's handshake (vLLM's NIXL side channel, the bootstrap servers)
+    kv_ports = [port_kv] if engine.kv_listens(role) else []
+    command, args, env = _engine_command(spec, role, source, port_kv)
+    drain = pool_drain(spec, role)
+    ports = [{"name": "http", "containerPort": spec.engine.port, "protocol": "TCP"}]
+    ports += [{"name": f"kv-{i}", "containerPort": p, "protocol": "TCP"} for i, p in enumerate(kv_ports)]
+    volumes, mounts = _storage(spec, source)
+    tolerations = [{"key": place.resource_name, "operator": "Exists", "effect": "NoSchedule"}]
     tolerations += [t.model_dump(by_alias=True, exclude_none=True) for t in pool.tolerations]
-    annotations: dict[str, str] = {}
-    if spec.engine.kind == "sglang" and role == "prefill":
-        annotations["sglang.ai/bootstrap-port"] = str(port_kv)
-    autoscaled = pool.autoscaling is not None
-    initial = pool.replicas
-    if pool.autoscaling is not None:
-        initial = min(max(pool.replicas, pool.autoscaling.min_replicas), pool.autoscaling.max_replicas)
     return Pool(
         role=role,
         name=f"{owner.name}-{role}",
         kv_service=kv_service_name(owner.name, role),
-        replicas=None if autoscaled else pool.replicas,
-        initial_replicas=initial,
+        replicas=None if pool.autoscaling is not None else pool.replicas,
+        initial_replicas=_initial_replicas(pool),
         labels=labels(owner, role, spec.engine.kind),
         selector=selector(owner, role),
-        image=image,
+        image=pool.image or spec.engine.image or place.default_image,
         command=command,
         args=args,
         env=env,
@@ -351,18 +295,18 @@ def pool_values(
         service_account=pool.service_account_name,
         ports=ports,
         kv_ports=kv_ports,
-        resources=_resources(pool, resource_name, spec),
-        node_selector=dict(sorted(node_selector.items())),
+        resources=_resources(pool, place.resource_name, spec),
+        node_selector=place.node_selector,
         tolerations=tolerations,
-        affinity=multinode.placement(owner.name, role, spec, pool, accelerator, pool.affinity),
+        affinity=multinode.placement(owner.name, role, spec, pool, place.accelerator, pool.affinity),
         volumes=volumes,
         mounts=mounts,
-        annotations=annotations,
+        annotations=engine.pool_annotations(role, port_kv),
         **_pod_security(spec),
         # a leaving worker finishes what it holds first (render/drain.py)
         termination_grace_s=drain.grace_s,
         prestop=drain.prestop,
-        group=group,
+        group=engine.group(pool, command, args, env) if pool.multi_node else None,
     )
 
 
@@ -424,7 +368,7 @@ ROUTER_HEALTH_FAILURE_THRESHOLD = 2
 
 
 def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
-    engine = ENGINES[spec.engine.kind]
+    engine = engine_adapter(spec.engine)
     namespace = owner.namespace or "default"
     prefill_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=prefill"]
     decode_selector = [f"{SERVICE_LABEL}={owner.name}", f"{ROLE_LABEL}=decode"]
@@ -451,30 +395,19 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         "--health-check-timeout-secs", str(ROUTER_HEALTH_CHECK_TIMEOUT_S),
         "--health-failure-threshold", str(ROUTER_HEALTH_FAILURE_THRESHOLD),
     ]
-    if spec.engine.kind == "vllm":
-        command = ["vllm-router"]
-        args = ["--vllm-pd-disaggregation", "--kv-connector", spec.kv_transfer.connector, *common]
-        app = "vllm-router"
-        liveness = "/liveness"
-    else:
-        command = ["python3", "-m", "sglang_router.launch_router"]
-        # its own bound on finishing streams after SIGTERM (default 180 s), inside the pod's grace period
-        args = ["--pd-disaggregation", *common, "--shutdown-grace-period-secs",
-                str(router_grace_seconds(spec) - ROUTER_DEREGISTER_S)]
-        app = "sglang-router"
-        liveness = "/health"
+    router = engine.router(spec.kv_transfer.connector, common, router_grace_seconds(spec) - ROUTER_DEREGISTER_S)
     return Router(
         name=f"{owner.name}-router",
         replicas=spec.router.replicas,
-        labels=labels(owner, ROUTER, app),
+        labels=labels(owner, ROUTER, router.app),
         selector=selector(owner, ROUTER),
         image=spec.router.image or engine.router_image,
-        command=command,
-        args=args,
+        command=router.command,
+        args=router.args,
         port=spec.router.port,
         metrics_port=ROUTER_METRICS_PORT,
         readiness_path="/readiness",
-        liveness_path=liveness,
+        liveness_path=router.liveness_path,
         grace_s=router_grace_seconds(spec),
         prestop_sleep_s=ROUTER_DEREGISTER_S,
         min_ready_s=ROUTER_MIN_READY_S,

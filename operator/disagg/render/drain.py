@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 from disagg.api.v1alpha1 import InferenceServiceSpec
-from disagg.catalog.engines import ENGINES, Role
+from disagg.engines import Role, engine_adapter
 
 DEREGISTER_S = 3
 """What the preStop hook waits before it looks at the engine: the routers' watch sees the deletion within a
@@ -92,14 +92,12 @@ def drain_seconds(spec: InferenceServiceSpec, role: Role) -> int:
 
 def pool_drain(spec: InferenceServiceSpec, role: Role) -> Drain:
     drain_s = drain_seconds(spec, role)
-    names = ENGINES[spec.engine.kind].metrics
-    gauges = [names.running_requests[0], names.waiting_requests[0]]
-    if spec.engine.kind == "vllm" and role == "prefill":
-        gauges.append(names.kv_cache_usage[0])  # KV caches held until their decode pulls them
-    finished = f"{ENGINES[spec.engine.kind].metrics.e2e_histogram}_count"
+    engine = engine_adapter(spec.engine)
+    gauges = engine.drain_gauges(role)
+    finished = f"{engine.metrics.e2e_histogram}_count"
     prestop = ["python3", "-c", DRAIN_SCRIPT, str(spec.engine.port), str(DEREGISTER_S), str(drain_s), str(QUIET_S),
                finished, *gauges]
-    args = ["--shutdown-timeout", str(drain_s)] if spec.engine.kind == "vllm" else []
+    args = engine.drain_args(drain_s)
     return Drain(drain_s=drain_s, grace_s=DEREGISTER_S + drain_s + QUIET_S + EXIT_MARGIN_S, prestop=prestop,
                  engine_args=args)
 

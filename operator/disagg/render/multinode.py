@@ -2,103 +2,41 @@
 
 A multi-node pool becomes one LeaderWorkerSet (sigs.k8s.io/lws): each replica is a group of `nodes` pods,
 a leader (worker index 0, which serves HTTP) and workers. The LWS pod webhook gives every pod of a group
-`LWS_LEADER_ADDRESS`, `LWS_GROUP_SIZE` and `LWS_WORKER_INDEX`; the engine flags below take them through
-Kubernetes' `$(VAR)` expansion:
-
-- vLLM, pipeline stages across nodes: `--nnodes N --node-rank $(LWS_WORKER_INDEX) --master-addr
-  $(LWS_LEADER_ADDRESS) --master-port P`, `--headless` on the workers (vLLM's multiprocessing multi-node
-  executor, no Ray).
-- vLLM, data-parallel ranks across nodes: `--data-parallel-size D --data-parallel-size-local L
-  --data-parallel-address $(LWS_LEADER_ADDRESS) --data-parallel-rpc-port P`; workers add `--headless` and
-  `--data-parallel-start-rank` = worker index x L, computed by a fixed shell line (Kubernetes expands
-  variables but does no arithmetic; every other value stays an argument of its own).
-- SGLang: `--nnodes N --node-rank $(LWS_WORKER_INDEX) --dist-init-addr $(LWS_LEADER_ADDRESS):P`, TP size
-  over the group's accelerators, `--dp-size D --enable-dp-attention` for data-parallel attention,
-  `--ep-size` for expert parallelism, `--pp-size` for pipeline stages.
+`LWS_LEADER_ADDRESS`, `LWS_GROUP_SIZE` and `LWS_WORKER_INDEX`; each engine's adapter (`disagg.engines`)
+turns them into its own flags through Kubernetes' `$(VAR)` expansion (`EngineAdapter.group`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import Accelerator
+from disagg.engines.base import (  # the engines' LWS flags (re-exported: tests read them here)
+    DIST_PORT as DIST_PORT,
+)
+from disagg.engines.base import (
+    DP_RPC_PORT as DP_RPC_PORT,
+)
+from disagg.engines.base import (
+    DP_SIZE_LOCAL_ENV as DP_SIZE_LOCAL_ENV,
+)
+from disagg.engines.base import (
+    LEADER_ADDRESS as LEADER_ADDRESS,
+)
+from disagg.engines.base import (
+    START_RANK_SCRIPT as START_RANK_SCRIPT,
+)
+from disagg.engines.base import (
+    WORKER_INDEX as WORKER_INDEX,
+)
+from disagg.engines.base import (
+    Group as Group,
+)
 from disagg.wellknown import ROLE_LABEL, SERVICE_LABEL
 
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 GROUP_KEY_LABEL = "leaderworkerset.sigs.k8s.io/group-key"
-LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"
-WORKER_INDEX = "$(LWS_WORKER_INDEX)"
-DIST_PORT = 29500
-"""torch.distributed rendezvous of vLLM's --master-port and SGLang's --dist-init-addr."""
-DP_RPC_PORT = 13345
-"""vLLM's data-parallel coordination (--data-parallel-rpc-port), vLLM's documented example port."""
-DP_SIZE_LOCAL_ENV = "DISAGG_DP_SIZE_LOCAL"
-START_RANK_SCRIPT = 'exec "$0" "$@" --data-parallel-start-rank "$((LWS_WORKER_INDEX * DISAGG_DP_SIZE_LOCAL))"'
-"""A worker's first data-parallel rank: its index times the ranks per node. Constant text: the engine
-command and every argument follow as positional parameters, never inside the script."""
-
-
-@dataclass(frozen=True)
-class Group:
-    """What differs between a multi-node pool's leader and worker pods."""
-
-    nodes: int
-    leader_args: list[str]
-    worker_command: list[str]
-    worker_args: list[str]
-    worker_env: list[dict[str, Any]]
-
-
-def group(
-    spec: InferenceServiceSpec, pool: PoolSpec, command: list[str], args: list[str], env: list[dict[str, Any]]
-) -> Group:
-    """The leader's and workers' commands of a multi-node pool, from the single-node ones."""
-    par = pool.parallelism
-    nodes = pool.worker_nodes
-    if spec.engine.kind == "vllm":
-        if par.data > 1:
-            local = par.data // nodes
-            shared = [
-                "--data-parallel-size", str(par.data), "--data-parallel-size-local", str(local),
-                "--data-parallel-address", LEADER_ADDRESS, "--data-parallel-rpc-port", str(DP_RPC_PORT),
-            ]
-            worker_env = [*env, {"name": DP_SIZE_LOCAL_ENV, "value": str(local)}]
-            return Group(nodes, [*args, *shared], ["/bin/sh", "-c", START_RANK_SCRIPT, *command],
-                         [*args, *shared, "--headless"], worker_env)
-        shared = ["--nnodes", str(nodes), "--node-rank", WORKER_INDEX, "--master-addr", LEADER_ADDRESS,
-                  "--master-port", str(DIST_PORT)]
-        return Group(nodes, [*args, *shared], command, [*args, *shared, "--headless"], env)
-    shared = ["--nnodes", str(nodes), "--node-rank", WORKER_INDEX, "--dist-init-addr", f"{LEADER_ADDRESS}:{DIST_PORT}"]
-    return Group(nodes, [*args, *shared], command, [*args, *shared], env)
-
-
-def vllm_parallel_args(pool: PoolSpec) -> list[str]:
-    """vLLM's parallelism flags beyond --tensor-parallel-size (single- and multi-node)."""
-    par = pool.parallelism
-    args: list[str] = []
-    if par.pipeline > 1:
-        args += ["--pipeline-parallel-size", str(par.pipeline)]
-    if par.data > 1 and not pool.multi_node:
-        args += ["--data-parallel-size", str(par.data)]
-    if par.expert:
-        args += ["--enable-expert-parallel"]
-    return args
-
-
-def sglang_parallel_args(pool: PoolSpec) -> tuple[int, list[str]]:
-    """SGLang's TP size (it spans data-parallel attention ranks) and its other parallelism flags."""
-    par = pool.parallelism
-    tp = par.tensor * par.data
-    args: list[str] = []
-    if par.pipeline > 1:
-        args += ["--pp-size", str(par.pipeline)]
-    if par.data > 1:
-        args += ["--dp-size", str(par.data), "--enable-dp-attention"]
-    if par.expert:
-        args += ["--ep-size", str(tp)]
-    return tp, args
 
 
 def topology_key(spec: InferenceServiceSpec, accelerator: Accelerator | None) -> str | None:

@@ -14,7 +14,7 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec
 from disagg.api.validate import InvalidSpec, validate_service
 from disagg.catalog.accelerators import AcceleratorCatalog
+from disagg.engines import MetricNames, engine_adapter
 from disagg.kube.client import AUTOSCALER_FIELD_MANAGER, DEPLOYMENT, LEADER_WORKER_SET, ApiError, Kube
 from disagg.reconcile.status import KV_FROM_TRAFFIC, Cond, kv_traffic_condition, merge_conditions
 from disagg.reconcile.victims import VictimMarker
@@ -37,6 +38,16 @@ MISSCRAPED_TICKS = 3
 
 ServiceKey = tuple[str, str]
 EventRecorder = Callable[[dict[str, Any], str, str, str], None]
+
+
+def _custom_metrics(specs: Iterable[InferenceServiceSpec]) -> tuple[MetricNames, ...]:
+    """The metric names of the custom engines among the services, each set once."""
+    found: list[MetricNames] = []
+    for spec in specs:
+        names = engine_adapter(spec.engine).metrics
+        if spec.engine.custom is not None and names not in found:
+            found.append(names)
+    return tuple(found)
 
 
 def _rfc3339(seconds: float) -> str:
@@ -175,7 +186,7 @@ class Autoscaler:
             del self._misscraped[gone]
         if not valid:
             return report
-        observations = self._observe(report)
+        observations = self._observe(report, _custom_metrics(spec for _, _, spec in valid))
         now = self.clock()
         for key, body, spec in services:
             if not rolling_out(body):  # both revisions' pools hold their size until the rollout is over
@@ -213,13 +224,13 @@ class Autoscaler:
         if cond.status == "False":
             self.record_event(body, "Warning", cond.reason, cond.message)
 
-    def _observe(self, report: TickReport) -> Observations | None:
+    def _observe(self, report: TickReport, custom: tuple[MetricNames, ...] = ()) -> Observations | None:
         """This tick's query results, or None (with the reason in the report)."""
         if self.source is None:
             report.metrics_problem = "no Prometheus configured (disagg run --prometheus-url)"
             return None
         try:
-            observations = self.source.observe()
+            observations = self.source.observe(custom) if custom else self.source.observe()
         except PrometheusUnavailable as error:
             report.metrics_problem = f"Prometheus unavailable: {error}"
             return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
+from disagg.engines import MetricNames
 from disagg.scaling.signals import Observations, QuerySet
 
 
@@ -57,11 +58,13 @@ class PrometheusSource:
             self.on_query(time.monotonic() - started, True)
         return result
 
-    def observe(self) -> Observations:
-        """Every query of the tick; PrometheusUnavailable if any fails (partial data is not trusted)."""
+    def observe(self, custom: tuple[MetricNames, ...] = ()) -> Observations:
+        """Every query of the tick, with the custom engines' metric names; PrometheusUnavailable if any fails
+        (partial data is not trusted)."""
         client = self._client()
         results: dict[str, list[dict[str, Any]]] = {}
-        for name, promql in self.queries.queries().items():
+        queries = replace(self.queries, custom=custom) if custom else self.queries
+        for name, promql in queries.queries().items():
             started = time.monotonic()
             try:
                 results[name] = client.custom_query(promql)

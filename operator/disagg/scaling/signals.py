@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from disagg.catalog.engines import ENGINES, MetricNames
+from disagg.engines import ENGINES, MetricNames
 from disagg.scaling.policy import LoadPicture, PoolSignals
 from disagg.scaling.policy.histogram import histogram_quantile
 
@@ -39,13 +39,20 @@ BY = "namespace, disagg_service, disagg_role"
 Key = tuple[str, str, str]  # (namespace, service, role)
 
 
-def _names(pick: Callable[[MetricNames], Iterable[str]]) -> str:
+def _names(pick: Callable[[MetricNames], Iterable[str]], extra: tuple[MetricNames, ...] = ()) -> str:
     names: list[str] = []
-    for engine in ENGINES.values():
-        for name in pick(engine.metrics):
-            if name not in names:
+    for metrics in (*(engine.metrics for engine in ENGINES.values()), *extra):
+        for name in pick(metrics):
+            if name and name not in names:  # a custom engine's unset signal has no name
                 names.append(name)
     return "|".join(names)
+
+
+def _either(pick: Callable[[MetricNames], str], window: str, extra: tuple[MetricNames, ...] = ()) -> str:
+    """The per-pool rate of whichever engine's counter a pool has (`vector(0)` drops out: no pool labels)."""
+    names = dict.fromkeys(pick(metrics) for metrics in (*(engine.metrics for engine in ENGINES.values()), *extra))
+    rates = [f"sum by ({BY}) (rate({name}[{window}]))" for name in names if name]
+    return " or ".join(rates) or "vector(0)"
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
@@ -58,16 +65,6 @@ def prometheus_duration_seconds(text: str) -> float:
     if not text or "".join(number + unit for number, unit in parts) != text:
         raise ValueError(f"not a Prometheus duration: {text!r} (e.g. 30s, 1m, 1m30s)")
     return sum(int(number) * _DURATION_UNITS[unit] for number, unit in parts)
-
-
-# The engines' own evidence of the KV path, counted on the decode side: vLLM counts prompt tokens by where
-# their KV came from (handed off by a prefill worker, or computed locally: the decode recomputed the prompt)
-# and its NIXL connector's failed transfers; SGLang times every transfer it received and counts the requests
-# whose transfer failed (it does not recompute).
-KV_HANDED = 'vllm:prompt_tokens_by_source_total{source="external_kv_transfer"}'
-KV_HANDED_SGLANG = "sglang:kv_transfer_latency_ms_count"
-KV_RECOMPUTED = 'vllm:prompt_tokens_by_source_total{source="local_compute"}'
-KV_FAILED = "vllm:nixl_num_failed_transfers_total|sglang:num_transfer_failed_reqs_total"
 
 
 @dataclass(frozen=True)
@@ -84,6 +81,10 @@ def _one(name: str) -> tuple[str]:
     return (name,)
 
 
+def _histogram(name: str, suffix: str) -> tuple[str, ...]:
+    return (name + suffix,) if name else ()
+
+
 @dataclass(frozen=True)
 class QuerySet:
     """The PromQL of one tick; `window` is the rate window (a few scrape intervals), `size_window` the
@@ -91,6 +92,9 @@ class QuerySet:
 
     window: str = "30s"
     size_window: str = "5m"
+    custom: tuple[MetricNames, ...] = ()
+    """The metric names of the custom engines being served (`engine.custom.metrics`), queried beside the
+    built-in engines' (a name no series has costs nothing)."""
 
     @property
     def window_seconds(self) -> float:
@@ -98,17 +102,17 @@ class QuerySet:
         return prometheus_duration_seconds(self.window)
 
     def queries(self) -> dict[str, str]:
-        w, sw = self.window, self.size_window
-        waiting = _names(lambda m: m.waiting_requests)
-        running = _names(lambda m: m.running_requests)
-        kv = _names(lambda m: m.kv_cache_usage)
-        prompt = _names(lambda m: _one(m.prompt_tokens_total))
-        generation = _names(lambda m: _one(m.generation_tokens_total))
-        ttft = _names(lambda m: _one(m.ttft_histogram + "_bucket"))
-        ttft_count = _names(lambda m: _one(m.ttft_histogram + "_count"))
-        finished = _names(lambda m: _one(m.e2e_histogram + "_count"))
-        itl = _names(lambda m: tuple(h + "_bucket" for h in m.itl_histogram))
-        prompt_lengths = _names(lambda m: _one(m.prompt_histogram + "_bucket"))
+        w, sw, custom = self.window, self.size_window, self.custom
+        waiting = _names(lambda m: m.waiting_requests, custom)
+        running = _names(lambda m: m.running_requests, custom)
+        kv = _names(lambda m: m.kv_cache_usage, custom)
+        prompt = _names(lambda m: _one(m.prompt_tokens_total), custom)
+        generation = _names(lambda m: _one(m.generation_tokens_total), custom)
+        ttft = _names(lambda m: _histogram(m.ttft_histogram, "_bucket"), custom)
+        ttft_count = _names(lambda m: _histogram(m.ttft_histogram, "_count"), custom)
+        finished = _names(lambda m: _histogram(m.e2e_histogram, "_count"), custom)
+        itl = _names(lambda m: tuple(h + "_bucket" for h in m.itl_histogram), custom)
+        prompt_lengths = _names(lambda m: _histogram(m.prompt_histogram, "_bucket"), custom)
         prefill_sum = "vllm:request_prefill_time_seconds_sum"
         prefill_count = "vllm:request_prefill_time_seconds_count"
         return {
@@ -131,9 +135,10 @@ class QuerySet:
             # prompt lengths: the requests too long for any replica count to serve within the TTFT target
             "prompt_buckets": f'sum by ({BY}, le) (rate({{__name__=~"{prompt_lengths}"}}[{w}]))',
             "prefill_time": f"sum by ({BY}) (rate({prefill_sum}[{w}])) / sum by ({BY}) (rate({prefill_count}[{w}]))",
-            "kv_handed": f"sum by ({BY}) (rate({KV_HANDED}[{w}])) or sum by ({BY}) (rate({KV_HANDED_SGLANG}[{w}]))",
-            "kv_recomputed": f"sum by ({BY}) (rate({KV_RECOMPUTED}[{w}]))",
-            "kv_failed": f'sum by ({BY}) (rate({{__name__=~"{KV_FAILED}"}}[{w}]))',
+            # the engines' own evidence of the KV path, counted on the decode side (a name may carry labels)
+            "kv_handed": _either(lambda m: m.kv_handed, w, custom),
+            "kv_recomputed": _either(lambda m: m.kv_recomputed, w, custom),
+            "kv_failed": _either(lambda m: m.kv_failed, w, custom),
             # the newest sample of any pod of the pool: older than the staleness limit = blind
             "sampled_at": f'max by ({BY}) (timestamp({{__name__=~"{running}"}}))',
         }

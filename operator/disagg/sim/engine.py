@@ -625,278 +625,349 @@ def simulate(
     Raises NothingMeasured for a run that would measure nothing (see `check_measurable`)."""
     check_measurable(setup, workload)
     wall_start = time.perf_counter()
-    model = setup.model
-    eff = setup.engine
-    dt = setup.dt
-    arrivals = workload.arrivals
-    prompt = workload.prompt_tokens.astype(np.float64)
-    output = workload.output_tokens.astype(np.float64)
-    count = workload.requests
-    pre = setup.prefill
-    # prefill time and KV hand-off of every prompt, vectorised
-    link = kv_link_bytes_per_s(pre.tensor_parallel, setup.decode.tensor_parallel, setup.rdma)
-    service = _per_prompt(lambda p: prefill_seconds(model, pre.accelerator, pre.tensor_parallel, p, eff), prompt)
-    transfer = _per_prompt(lambda p: kv_transfer_seconds(model, p, link, eff), prompt)
+    replay = _Replay(setup, workload, controller, record_decisions)
+    replay.run()
+    return replay.result(wall_start)
 
-    decode = DecodePool(model, setup.decode.accelerator, setup.decode.tensor_parallel, eff)
-    rejected = (prompt + output > decode.capacity) | (prompt > model.max_context)
 
-    ttft = np.full(count, np.inf)
-    first_token = np.full(count, np.nan)
-    finish = np.full(count, np.nan)
-    engine_ttft = np.zeros(count)
+class _Requests:
+    """The workload's requests as arrays: their sizes, their prefill and hand-off costs, and what happened
+    to each (rejected, engine TTFT, first token, finish)."""
 
-    def new_prefill(ready_at: float, billed_from: float) -> PrefillReplica[int]:
+    def __init__(self, setup: SimSetup, workload: Workload, decode: DecodePool) -> None:
+        model = setup.model
+        eff = setup.engine
+        pre = setup.prefill
+        self.count = workload.requests
+        self.arrivals = workload.arrivals
+        self.prompt = workload.prompt_tokens.astype(np.float64)
+        self.output = workload.output_tokens.astype(np.float64)
+        # prefill time and KV hand-off of every prompt, vectorised
+        link = kv_link_bytes_per_s(pre.tensor_parallel, setup.decode.tensor_parallel, setup.rdma)
+        self.service = _per_prompt(
+            lambda p: prefill_seconds(model, pre.accelerator, pre.tensor_parallel, p, eff), self.prompt
+        )
+        self.transfer = _per_prompt(lambda p: kv_transfer_seconds(model, p, link, eff), self.prompt)
+        self.rejected = (self.prompt + self.output > decode.capacity) | (self.prompt > model.max_context)
+        self.ttft = np.full(self.count, np.inf)
+        self.first_token = np.full(self.count, np.nan)
+        self.finish = np.full(self.count, np.nan)
+        self.engine_ttft = np.zeros(self.count)
+
+
+class _Meters:
+    """The engines' counters and histograms, as a scrape reads them."""
+
+    def __init__(self, model: ModelShape, prompt: FloatArray) -> None:
+        self.arrivals = 0
+        self.prefill_done = 0
+        self.admitted = 0
+        self.finished = 0
+        self.prompt_tokens = 0.0
+        self.prefill_busy_s = 0.0
+        self.generated_tokens = 0.0
+        self.finished_output_tokens = 0.0
+        self.ttft_hist = np.zeros(BUCKETS.size)
+        length_bounds = prompt_buckets(model.max_context)
+        self.prompt_hist = np.zeros(length_bounds.size)
+        self.length_bucket = np.minimum(np.searchsorted(length_bounds, prompt), length_bounds.size - 1)
+        self.decode_ttft_hist = np.zeros(BUCKETS.size)
+        self.itl_hist = np.zeros(BUCKETS.size)
+
+
+class _Replay:
+    """One run of `simulate`: the pools, the requests and the meters, advanced one `dt` step at a time."""
+
+    def __init__(self, setup: SimSetup, workload: Workload, controller: Controller, record_decisions: bool) -> None:
+        self.setup = setup
+        self.controller = controller
+        self.record_decisions = record_decisions
+        self.decode = DecodePool(setup.model, setup.decode.accelerator, setup.decode.tensor_parallel, setup.engine)
+        self.requests = _Requests(setup, workload, self.decode)
+        self.meters = _Meters(setup.model, self.requests.prompt)
+        self.prefill_replicas = [self._new_prefill(0.0, 0.0) for _ in range(setup.prefill.initial_replicas)]
+        self.prefill_draining: list[PrefillReplica[int]] = []
+        for _ in range(setup.decode.initial_replicas):
+            self.decode.add(0.0, 0.0)
+        self.decode_inbox: list[tuple[float, int]] = []  # (arrival at decode, request)
+        self.decode_queue: deque[int] = deque()
+        self.accel_seconds = {"prefill": 0.0, "decode": 0.0}
+        self.max_replicas = {"prefill": setup.prefill.initial_replicas, "decode": setup.decode.initial_replicas}
+        self.scale_events = 0
+        self.decisions: list[tuple[float, str, str]] = []
+        self.snapshots: list[_Snapshot] = []
+        self.timeline = Timeline()
+        self.end = workload.duration_s
+        self.next_scrape = 0.0
+        self.next_decision = controller.interval_s
+        self.next_timeline = setup.warmup_s + setup.timeline_step_s
+        self.measuring = setup.warmup_s <= 0.0
+        self.arrival_index = 0
+
+    def _new_prefill(self, ready_at: float, billed_from: float) -> PrefillReplica[int]:
+        setup = self.setup
         return PrefillReplica(setup.prefill_batch_tokens, setup.prefill_batch_overhead_s, ready_at, billed_from)
 
-    prefill_replicas = [new_prefill(0.0, 0.0) for _ in range(pre.initial_replicas)]
-    prefill_draining: list[PrefillReplica[int]] = []
-    for _ in range(setup.decode.initial_replicas):
-        decode.add(0.0, 0.0)
+    def _decode_serving(self) -> int:
+        """Decode replicas starting or ready (not draining)."""
+        return int(np.count_nonzero((self.decode.state == 1) | (self.decode.state == 2)))
 
-    decode_inbox: list[tuple[float, int]] = []  # (arrival at decode, request)
-    decode_queue: deque[int] = deque()
-    accel_seconds = {"prefill": 0.0, "decode": 0.0}
-    max_replicas = {"prefill": pre.initial_replicas, "decode": setup.decode.initial_replicas}
-    scale_events = 0
-    decisions: list[tuple[float, str, str]] = []
-    snapshots: list[_Snapshot] = []
-    timeline = Timeline()
+    def run(self) -> None:
+        """Every step until the drain ends, or earlier once every request is done."""
+        dt = self.setup.dt
+        end = self.end
+        for step_index in range(math.ceil((end + self.setup.drain_s) / dt)):
+            now = step_index * dt
+            later = now + dt
+            if not self.measuring and now >= self.setup.warmup_s:
+                self.measuring = True
+                self.max_replicas = {"prefill": len(self.prefill_replicas), "decode": self._decode_serving()}
+            billing = self.measuring and now < end
+            starting = self.decode.state == 1  # replicas becoming ready
+            if starting.any():
+                self.decode.state[starting & (self.decode.ready_at <= now)] = 2
+            self._arrive(later)
+            for replica in self.prefill_replicas:
+                self._advance_prefill(replica, later)
+            for replica in self.prefill_draining:
+                self._advance_prefill(replica, later)
+            if self.prefill_draining:
+                self.prefill_draining = [r for r in self.prefill_draining if r.batch or r.queue]
+            self._admit_decode(now, later)
+            self._step_decode(later)
+            if billing:
+                self._bill()
+            if now >= self.next_scrape:
+                self._scrape(now)
+            if now < end and now >= self.next_decision:
+                self._decide(now)
+            if now >= self.next_timeline and now <= end:
+                self._record_timeline(now)
+            if now > end and self._idle():
+                break
 
-    counters = {"arrivals": 0, "prefill_done": 0, "admitted": 0, "finished": 0}
-    prompt_tokens_done = 0.0
-    prefill_busy = 0.0
-    generated = 0.0
-    finished_output = 0.0
-    ttft_hist = np.zeros(BUCKETS.size)
-    length_bounds = prompt_buckets(model.max_context)
-    prompt_hist = np.zeros(length_bounds.size)
-    length_bucket = np.minimum(np.searchsorted(length_bounds, prompt), length_bounds.size - 1)
-    decode_ttft_hist = np.zeros(BUCKETS.size)
-    itl_hist = np.zeros(BUCKETS.size)
+    def _idle(self) -> bool:
+        """Every request arrived and nothing is queued or running anywhere."""
+        decode = self.decode
+        idle = not self.decode_queue and not self.decode_inbox and not (decode.batch > 0).any()
+        return (self.arrival_index >= self.requests.count and idle
+                and not any(r.batch or r.queue for r in self.prefill_replicas))
 
-    end = workload.duration_s
-    horizon = end + setup.drain_s
-    next_scrape = 0.0
-    next_decision = controller.interval_s
-    warmup = setup.warmup_s
-    next_timeline = warmup + setup.timeline_step_s
-    measuring = warmup <= 0.0
-    arrival_index = 0
-    steps = math.ceil(horizon / dt)
-    pcount = pre.accelerators_per_replica
-    dcount = setup.decode.accelerators_per_replica
-
-    def advance_prefill(replica: PrefillReplica[int], until: float) -> None:
-        nonlocal prompt_tokens_done, prefill_busy
+    def _advance_prefill(self, replica: PrefillReplica[int], until: float) -> None:
+        """Runs `replica`'s batches that end by `until`; their requests leave for decode."""
+        requests = self.requests
+        meters = self.meters
         for done_at, batch in replica.advance(until):
             for request, tokens, seconds in batch:
-                prefill_busy += seconds
-                engine_ttft[request] = done_at - arrivals[request]
-                ttft_hist[_bucket(engine_ttft[request])] += 1
-                prompt_hist[length_bucket[request]] += 1
-                prompt_tokens_done += tokens
-                counters["prefill_done"] += 1
-                heapq.heappush(decode_inbox, (done_at + transfer[request], request))
+                meters.prefill_busy_s += seconds
+                requests.engine_ttft[request] = done_at - requests.arrivals[request]
+                meters.ttft_hist[_bucket(requests.engine_ttft[request])] += 1
+                meters.prompt_hist[meters.length_bucket[request]] += 1
+                meters.prompt_tokens += tokens
+                meters.prefill_done += 1
+                heapq.heappush(self.decode_inbox, (done_at + requests.transfer[request], request))
 
-    for step_index in range(steps):
-        now = step_index * dt
-        later = now + dt
-        if not measuring and now >= warmup:
-            measuring = True
-            max_replicas = {
-                "prefill": len(prefill_replicas),
-                "decode": int(np.count_nonzero((decode.state == 1) | (decode.state == 2))),
-            }
-        billing = measuring and now < end
-
-        # Replicas becoming ready.
-        starting = decode.state == 1
-        if starting.any():
-            decode.state[starting & (decode.ready_at <= now)] = 2
-
-        # Arrivals of this step go to the ready prefill replica with the least outstanding work.
-        while arrival_index < count and arrivals[arrival_index] < later:
-            request = arrival_index
-            arrival_index += 1
-            counters["arrivals"] += 1
-            at = float(arrivals[request])
-            if rejected[request]:
+    def _arrive(self, later: float) -> None:
+        """Arrivals before `later` go to the ready prefill replica with the least outstanding work."""
+        requests = self.requests
+        while self.arrival_index < requests.count and requests.arrivals[self.arrival_index] < later:
+            request = self.arrival_index
+            self.arrival_index += 1
+            self.meters.arrivals += 1
+            at = float(requests.arrivals[request])
+            if requests.rejected[request]:
                 continue
-            best: PrefillReplica[int] | None = None
-            best_work = math.inf
-            for replica in prefill_replicas:
-                if replica.ready_at > at:
-                    continue
-                work = replica.outstanding(at)
-                if work < best_work:
-                    best, best_work = replica, work
-            if best is None:  # nothing ready yet: the earliest starting replica takes it
-                best = min(prefill_replicas, key=lambda r: r.ready_at)
-            advance_prefill(best, at)
-            best.submit(request, prompt[request], service[request], at)
+            best = self._route(at)
+            self._advance_prefill(best, at)
+            best.submit(request, requests.prompt[request], requests.service[request], at)
 
-        for replica in prefill_replicas:
-            advance_prefill(replica, later)
-        for replica in prefill_draining:
-            advance_prefill(replica, later)
-        if prefill_draining:
-            prefill_draining = [r for r in prefill_draining if r.batch or r.queue]
+    def _route(self, at: float) -> PrefillReplica[int]:
+        """The router's choice at `at`: the least outstanding work among ready replicas."""
+        best: PrefillReplica[int] | None = None
+        best_work = math.inf
+        for replica in self.prefill_replicas:
+            if replica.ready_at > at:
+                continue
+            work = replica.outstanding(at)
+            if work < best_work:
+                best, best_work = replica, work
+        if best is None:  # nothing ready yet: the earliest starting replica takes it
+            best = min(self.prefill_replicas, key=lambda r: r.ready_at)
+        return best
 
-        # Decode admission: FIFO, to the ready replica with the most free KV cache.
-        while decode_inbox and decode_inbox[0][0] < later:
-            decode_queue.append(heapq.heappop(decode_inbox)[1])
-        while decode_queue:
-            request = decode_queue[0]
+    def _admit_decode(self, now: float, later: float) -> None:
+        """Decode admission: FIFO, to the ready replica with the most free KV cache."""
+        decode = self.decode
+        requests = self.requests
+        while self.decode_inbox and self.decode_inbox[0][0] < later:
+            self.decode_queue.append(heapq.heappop(self.decode_inbox)[1])
+        while self.decode_queue:
+            request = self.decode_queue[0]
             ready = decode.state == 2
             if not ready.any():
                 break
             free = np.where(ready, decode.capacity - decode.reserved, -np.inf)
             slot = int(np.argmax(free))
-            need = prompt[request] + output[request]
+            need = requests.prompt[request] + requests.output[request]
             if free[slot] < need:
                 break
-            decode_queue.popleft()
-            counters["admitted"] += 1
-            first_step = decode.admit(slot, request, prompt[request], output[request])
+            self.decode_queue.popleft()
+            self.meters.admitted += 1
+            first_step = decode.admit(slot, request, requests.prompt[request], requests.output[request])
             # Arrived this step: the first step starts at its arrival, else now.
-            arrived = max(now, float(transfer[request] + arrivals[request] + engine_ttft[request]))
+            arrived = max(now, float(requests.transfer[request] + requests.arrivals[request]
+                                     + requests.engine_ttft[request]))
             first = min(arrived, later) + first_step
-            first_token[request] = first
-            ttft[request] = first - arrivals[request]
-            decode_ttft_hist[_bucket(first - arrivals[request] - engine_ttft[request])] += 1
+            requests.first_token[request] = first
+            requests.ttft[request] = first - requests.arrivals[request]
+            self.meters.decode_ttft_hist[
+                _bucket(first - requests.arrivals[request] - requests.engine_ttft[request])] += 1
 
-        # Decode steps.
-        active, steps_s, _, tokens, done = decode.step(later, dt)
+    def _step_decode(self, later: float) -> None:
+        """One decode step of every busy replica; draining replicas that emptied are gone."""
+        decode = self.decode
+        meters = self.meters
+        active, steps_s, _, tokens, done = decode.step(later, self.setup.dt)
         if active.size:
-            generated += float(tokens.sum())
+            meters.generated_tokens += float(tokens.sum())
             buckets = np.minimum(np.searchsorted(BUCKETS, steps_s), BUCKETS.size - 1)
-            np.add.at(itl_hist, buckets, tokens)
+            np.add.at(meters.itl_hist, buckets, tokens)
             for _, request, _, tokens_out, finished_at in done:
-                finish[request] = max(finished_at, first_token[request])
-                counters["finished"] += 1
-                finished_output += tokens_out
+                self.requests.finish[request] = max(finished_at, self.requests.first_token[request])
+                meters.finished += 1
+                meters.finished_output_tokens += tokens_out
         draining_empty = (decode.state == 3) & (decode.batch <= 0)
         if draining_empty.any():
             decode.state[draining_empty] = 0
 
-        # Billing of this step.
-        if billing:
-            accel_seconds["prefill"] += len(prefill_replicas) * pcount * dt
-            accel_seconds["prefill"] += len(prefill_draining) * pcount * dt
-            accel_seconds["decode"] += int(np.count_nonzero(decode.state)) * dcount * dt
+    def _bill(self) -> None:
+        """This step's accelerator time: every replica that exists, draining ones included."""
+        dt = self.setup.dt
+        pcount = self.setup.prefill.accelerators_per_replica
+        self.accel_seconds["prefill"] += len(self.prefill_replicas) * pcount * dt
+        self.accel_seconds["prefill"] += len(self.prefill_draining) * pcount * dt
+        self.accel_seconds["decode"] += (
+            int(np.count_nonzero(self.decode.state)) * self.setup.decode.accelerators_per_replica * dt
+        )
 
-        # Metrics scrape.
-        if now >= next_scrape:
-            next_scrape += setup.scrape_interval_s
-            ready_decode = decode.state == 2
-            capacity = decode.capacity if decode.capacity > 0 else 1.0
-            usage = float(np.mean(decode.reserved[ready_decode]) / capacity) if ready_decode.any() else 0.0
-            snapshots.append(
-                _Snapshot(
-                    time=now,
-                    arrivals=counters["arrivals"],
-                    prefill_done=counters["prefill_done"],
-                    prompt_tokens=prompt_tokens_done,
-                    prefill_busy_s=prefill_busy,
-                    generated_tokens=generated,
-                    admitted=counters["admitted"],
-                    finished=counters["finished"],
-                    finished_output_tokens=finished_output,
-                    ttft_hist=ttft_hist.copy(),
-                    prompt_hist=prompt_hist.copy(),
-                    decode_ttft_hist=decode_ttft_hist.copy(),
-                    itl_hist=itl_hist.copy(),
-                    prefill_waiting=sum(len(r.queue) for r in prefill_replicas),
-                    prefill_running=sum(len(r.batch) for r in prefill_replicas),
-                    prefill_ready=sum(1 for r in prefill_replicas if r.ready_at <= now),
-                    decode_running=int(decode.batch.sum()),
-                    decode_waiting=len(decode_queue),
-                    decode_ready=int(np.count_nonzero(ready_decode)),
-                    kv_usage=usage,
-                )
+    def _scrape(self, now: float) -> None:
+        """What Prometheus would scrape from the engines at `now` (the newest 64 scrapes are kept)."""
+        self.next_scrape += self.setup.scrape_interval_s
+        decode = self.decode
+        meters = self.meters
+        ready_decode = decode.state == 2
+        capacity = decode.capacity if decode.capacity > 0 else 1.0
+        usage = float(np.mean(decode.reserved[ready_decode]) / capacity) if ready_decode.any() else 0.0
+        self.snapshots.append(
+            _Snapshot(
+                time=now,
+                arrivals=meters.arrivals,
+                prefill_done=meters.prefill_done,
+                prompt_tokens=meters.prompt_tokens,
+                prefill_busy_s=meters.prefill_busy_s,
+                generated_tokens=meters.generated_tokens,
+                admitted=meters.admitted,
+                finished=meters.finished,
+                finished_output_tokens=meters.finished_output_tokens,
+                ttft_hist=meters.ttft_hist.copy(),
+                prompt_hist=meters.prompt_hist.copy(),
+                decode_ttft_hist=meters.decode_ttft_hist.copy(),
+                itl_hist=meters.itl_hist.copy(),
+                prefill_waiting=sum(len(r.queue) for r in self.prefill_replicas),
+                prefill_running=sum(len(r.batch) for r in self.prefill_replicas),
+                prefill_ready=sum(1 for r in self.prefill_replicas if r.ready_at <= now),
+                decode_running=int(decode.batch.sum()),
+                decode_waiting=len(self.decode_queue),
+                decode_ready=int(np.count_nonzero(ready_decode)),
+                kv_usage=usage,
             )
-            if len(snapshots) > 64:
-                del snapshots[:-64]
+        )
+        if len(self.snapshots) > 64:
+            del self.snapshots[:-64]
 
-        # The controller.
-        if now < end and now >= next_decision:
-            next_decision += controller.interval_s
-            current = {
-                "prefill": len(prefill_replicas),
-                "decode": int(np.count_nonzero((decode.state == 1) | (decode.state == 2))),
-            }
-            desired = controller.decide(now, _picture(snapshots, now, setup), current)
-            for role in ("prefill", "decode"):
-                pool = pre if role == "prefill" else setup.decode
-                target = max(pool.min_replicas, min(pool.max_replicas, desired.get(role, current[role])))
-                if target == current[role]:
+    def _decide(self, now: float) -> None:
+        """The controller's tick: each pool moves to its desired replicas, within its bounds."""
+        self.next_decision += self.controller.interval_s
+        current = {"prefill": len(self.prefill_replicas), "decode": self._decode_serving()}
+        desired = self.controller.decide(now, _picture(self.snapshots, now, self.setup), current)
+        for role in ("prefill", "decode"):
+            pool = self.setup.prefill if role == "prefill" else self.setup.decode
+            target = max(pool.min_replicas, min(pool.max_replicas, desired.get(role, current[role])))
+            if target == current[role]:
+                continue
+            self.scale_events += 1 if self.measuring else 0
+            if self.record_decisions:
+                self.decisions.append((now, role, f"{current[role]} -> {target}"))
+            if role == "prefill":
+                self._scale_prefill(now, current[role], target)
+            else:
+                self._scale_decode(now, current[role], target)
+
+    def _scale_prefill(self, now: float, current: int, target: int) -> None:
+        if target > current:
+            self.prefill_replicas.extend(
+                self._new_prefill(now + self.setup.startup_s, now) for _ in range(target - current)
+            )
+        else:
+            # the operator's choice (scaling/victims.py): not ready first, then the least busy
+            for replica in prefill_victims(self.prefill_replicas, now, current - target):
+                self.prefill_replicas.remove(replica)
+                if replica.ready_at > now or (not replica.batch and not replica.queue):
                     continue
-                scale_events += 1 if measuring else 0
-                if record_decisions:
-                    decisions.append((now, role, f"{current[role]} -> {target}"))
-                if role == "prefill":
-                    if target > current[role]:
-                        prefill_replicas.extend(
-                            new_prefill(now + setup.startup_s, now) for _ in range(target - current[role])
-                        )
-                    else:
-                        surplus = current[role] - target
-                        # the operator's choice (scaling/victims.py): not ready first, then the least busy
-                        for replica in prefill_victims(prefill_replicas, now, surplus):
-                            prefill_replicas.remove(replica)
-                            if replica.ready_at > now or (not replica.batch and not replica.queue):
-                                continue
-                            replica.draining = True
-                            prefill_draining.append(replica)
-                    if measuring:
-                        max_replicas["prefill"] = max(max_replicas["prefill"], len(prefill_replicas))
-                else:
-                    if target > current[role]:
-                        for _ in range(target - current[role]):
-                            decode.add(now, now + setup.startup_s)
-                    else:
-                        surplus = current[role] - target
-                        decode.scale_down(surplus)
-                    if measuring:
-                        max_replicas["decode"] = max(
-                            max_replicas["decode"], int(np.count_nonzero((decode.state == 1) | (decode.state == 2)))
-                        )
+                replica.draining = True
+                self.prefill_draining.append(replica)
+        if self.measuring:
+            self.max_replicas["prefill"] = max(self.max_replicas["prefill"], len(self.prefill_replicas))
 
-        # Replicas over time, for plots (latencies are filled in at the end).
-        if now >= next_timeline and now <= end:
-            timeline.time_s.append(now - warmup)
-            timeline.prefill_replicas.append(len(prefill_replicas))
-            timeline.decode_replicas.append(int(np.count_nonzero((decode.state == 1) | (decode.state == 2))))
-            next_timeline += setup.timeline_step_s
+    def _scale_decode(self, now: float, current: int, target: int) -> None:
+        if target > current:
+            for _ in range(target - current):
+                self.decode.add(now, now + self.setup.startup_s)
+        else:
+            self.decode.scale_down(current - target)
+        if self.measuring:
+            self.max_replicas["decode"] = max(self.max_replicas["decode"], self._decode_serving())
 
-        idle = not decode_queue and not decode_inbox and not (decode.batch > 0).any()
-        if now > end and arrival_index >= count and idle and not any(r.batch or r.queue for r in prefill_replicas):
-            break
+    def _record_timeline(self, now: float) -> None:
+        """Replicas over time, for plots (latencies are filled in at the end)."""
+        self.timeline.time_s.append(now - self.setup.warmup_s)
+        self.timeline.prefill_replicas.append(len(self.prefill_replicas))
+        self.timeline.decode_replicas.append(self._decode_serving())
+        self.next_timeline += self.setup.timeline_step_s
 
-    itl = np.where(
-        output > 1, (finish - first_token) / np.maximum(output - 1.0, 1.0), np.nan
-    )
-    unfinished = np.isnan(finish)
-    ttft = np.where(unfinished, np.inf, ttft)
-    itl = np.where(unfinished, np.inf, itl)
-    measured = slice(int(np.searchsorted(arrivals, warmup)), count) if warmup > 0 else slice(0, count)
-    ttft, itl = ttft[measured], itl[measured]
-    _fill_timeline(timeline, setup.timeline_step_s, arrivals[measured] - warmup, prompt[measured], ttft, itl)
-    hours = {role: seconds / 3600.0 for role, seconds in accel_seconds.items()}
-    usd = hours["prefill"] * pre.accelerator.usd_per_hour + hours["decode"] * setup.decode.accelerator.usd_per_hour
-    return SimResult(
-        policy=controller.name,
-        requests=int(ttft.size),
-        ttft_s=ttft,
-        itl_s=itl,
-        accelerator_seconds=accel_seconds,
-        usd=usd,
-        max_replicas=max_replicas,
-        scale_events=scale_events,
-        wall_s=time.perf_counter() - wall_start,
-        ttft_target_s=setup.ttft_s,
-        itl_target_s=setup.itl_s,
-        timeline=timeline,
-        decisions=decisions,
-    )
+    def result(self, wall_start: float) -> SimResult:
+        """The measured requests' latencies, the bill and the timeline."""
+        setup = self.setup
+        requests = self.requests
+        output = requests.output
+        itl = np.where(
+            output > 1, (requests.finish - requests.first_token) / np.maximum(output - 1.0, 1.0), np.nan
+        )
+        unfinished = np.isnan(requests.finish)
+        ttft = np.where(unfinished, np.inf, requests.ttft)
+        itl = np.where(unfinished, np.inf, itl)
+        warmup = setup.warmup_s
+        arrivals = requests.arrivals
+        count = requests.count
+        measured = slice(int(np.searchsorted(arrivals, warmup)), count) if warmup > 0 else slice(0, count)
+        ttft, itl = ttft[measured], itl[measured]
+        _fill_timeline(self.timeline, setup.timeline_step_s, arrivals[measured] - warmup, requests.prompt[measured],
+                       ttft, itl)
+        hours = {role: seconds / 3600.0 for role, seconds in self.accel_seconds.items()}
+        usd = (hours["prefill"] * setup.prefill.accelerator.usd_per_hour
+               + hours["decode"] * setup.decode.accelerator.usd_per_hour)
+        return SimResult(
+            policy=self.controller.name,
+            requests=int(ttft.size),
+            ttft_s=ttft,
+            itl_s=itl,
+            accelerator_seconds=self.accel_seconds,
+            usd=usd,
+            max_replicas=self.max_replicas,
+            scale_events=self.scale_events,
+            wall_s=time.perf_counter() - wall_start,
+            ttft_target_s=setup.ttft_s,
+            itl_target_s=setup.itl_s,
+            timeline=self.timeline,
+            decisions=self.decisions,
+        )

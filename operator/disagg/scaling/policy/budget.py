@@ -10,7 +10,7 @@ import math
 from typing import NamedTuple
 
 from disagg.api.v1alpha1 import InferenceServiceSpec
-from disagg.catalog.engines import ENGINES
+from disagg.engines import engine_adapter
 from disagg.scaling.policy.histogram import share_above
 from disagg.scaling.policy.picture import LoadPicture
 from disagg.scaling.policy.settings import PolicySettings
@@ -33,7 +33,7 @@ def over_target(picture: LoadPicture, spec: InferenceServiceSpec) -> tuple[float
     first step; an overestimate)."""
     target = spec.slo.ttft_ms / 1000.0
     decode, prefill = picture.decode, picture.prefill
-    if decode is not None and decode.ttft_buckets and not ENGINES[spec.engine.kind].decode_ttft_from_handoff:
+    if decode is not None and decode.ttft_buckets and not engine_adapter(spec.engine).decode_ttft_from_handoff:
         buckets, bound = decode.ttft_buckets, target
     elif prefill is not None and prefill.ttft_buckets:
         own = decode.ttft_s if decode is not None and decode.ttft_s is not None else 0.0

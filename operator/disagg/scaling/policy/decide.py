@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from disagg.api.v1alpha1 import ROLES, InferenceServiceSpec, PoolSpec
 from disagg.catalog.accelerators import AcceleratorCatalog
-from disagg.catalog.engines import Role
+from disagg.engines import Role
 from disagg.scaling.policy.budget import budget_gain
 from disagg.scaling.policy.decode import decode_need
 from disagg.scaling.policy.model import Capacity, capacity_of, clamp

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.capacity.roofline import decode_step_seconds, kv_capacity_tokens
 from disagg.capacity.sizing import DecodeSizing, size_decode
-from disagg.catalog.engines import ENGINES
+from disagg.engines import engine_adapter
 from disagg.scaling.policy.model import (
     Capacity,
     clamp,
@@ -142,7 +142,7 @@ def _admission_guard(
     assert signals is not None
     guard = memory.slo_guard
     own_ttft = None
-    if ENGINES[spec.engine.kind].decode_ttft_from_handoff:
+    if engine_adapter(spec.engine).decode_ttft_from_handoff:
         # read over the requests in reach: the prompts too long for the target also hand over the most KV
         own_ttft = quantile_in_reach(signals.ttft_s, signals.ttft_buckets, spec.slo.percentile, long_share)
     if own_ttft is not None and signals.ready_replicas > 0 and steady(memory, signals, settings):

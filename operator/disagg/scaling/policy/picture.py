@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from disagg.catalog.engines import Role
+from disagg.engines import Role
 
 
 @dataclass(frozen=True)
