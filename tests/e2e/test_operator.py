@@ -334,13 +334,15 @@ def test_spec_edit_rolls_out_and_status_follows(env: Env, ns: str, operators: Op
     def rolled_out(role: str) -> bool:
         # an image and arguments are a new revision: it comes up in the other slot (reconcile/rollout.py), the
         # routers switch to it and the old pools go
-        dep = env.cluster.apps.read_namespaced_deployment(f"{name}--{role}-b", ns)
+        found = env.cluster.apps.list_namespaced_deployment(ns, field_selector=f"metadata.name={name}--{role}-b").items
+        assert found, f"no {role} pool of the new revision yet"
+        (dep,) = found
         (container,) = dep.spec.template.spec.containers
         assert container.image == image, f"{role} template image {container.image}"
         assert container.args[-2:] == extra, f"{role} args end {container.args[-4:]}"
         assert dep.spec.replicas == want[role], f"{role} spec.replicas {dep.spec.replicas}"
         st = dep.status
-        assert st.observed_generation >= dep.metadata.generation, f"{role} rollout not observed"
+        assert (st.observed_generation or 0) >= dep.metadata.generation, f"{role} rollout not observed"
         counts = (st.replicas, st.updated_replicas, st.ready_replicas, st.available_replicas)
         assert counts == (want[role],) * 4, f"{role} replicas/updated/ready/available {counts}"
         pods = pool_pods_ready(env, ns, name, role, want[role])
