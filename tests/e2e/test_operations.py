@@ -221,6 +221,10 @@ EVENT_MAX_S = 150.0
 """An event's load stops at the latest this long after it starts (and `EVENT_TAIL_S` after it settled)."""
 EVENT_TAIL_S = 4.0
 EVENT_EDIT_AT_S = 4.0
+ENDPOINT_READY_FOR_S = 2.0
+"""The client takes a router pod as an endpoint once it has been Ready this long (the routers are replaced in a
+rollout): endpoints reach clients a moment after a pod turns Ready, and kwok reports a new pod Ready before the
+lab's probe turns it NotReady until the router answers (1 of 115 requests failed on that in one run)."""
 IMAGES = {"vllm": "vllm/vllm-openai:v0.33.0", "sglang": "lmsysorg/sglang:v0.6.0"}
 EVENTS: dict[str, Any] = {
     "model-revision rollout": lambda name: {"model": {"revision": "2026-12-01"}},
@@ -277,7 +281,8 @@ def _event_under_load(env: LabServices, event: str) -> list[dict[str, Any]]:
     async def scenario() -> tuple[float, dict[str, list[Result]]]:
         stops = {name: asyncio.Event() for name in SERVICES}
         loads = {name: asyncio.create_task(env.load_until(name, ROLLOUT_RATE, PROMPT_TOKENS, ROLLOUT_OUTPUT_TOKENS,
-                                                          stops[name], EVENT_MAX_S)) for name in SERVICES}
+                                                          stops[name], EVENT_MAX_S, ENDPOINT_READY_FOR_S))
+                 for name in SERVICES}
         await asyncio.sleep(EVENT_EDIT_AT_S)
         edited = time.time()
         generations = {}

@@ -56,8 +56,8 @@ class LabServices:
             self.namespace, label_selector=f"disagg.dev/service={service},disagg.dev/role={role}").items
         return pods
 
-    def endpoints(self, service: str) -> ServiceEndpoints:
-        return ServiceEndpoints(lambda: self.api, self.namespace, service)
+    def endpoints(self, service: str, ready_for_s: float = 0.0) -> ServiceEndpoints:
+        return ServiceEndpoints(lambda: self.api, self.namespace, service, ready_for_s=ready_for_s)
 
     async def load(self, service: str, schedule: Schedule, seconds: float, seed: int) -> list[Result]:
         """A real OpenAI client's requests through the service's ready endpoints, bounded in time."""
@@ -70,10 +70,10 @@ class LabServices:
             endpoints.stop()
 
     async def load_until(self, service: str, rate: float, prompt_tokens: int, output_tokens: int,
-                         stop: asyncio.Event, max_s: float) -> list[Result]:
-        """Requests at `rate` a second through the service's ready endpoints until `stop` is set (at most `max_s`),
-        then waits for those in flight."""
-        endpoints = self.endpoints(service).start()
+                         stop: asyncio.Event, max_s: float, ready_for_s: float = 0.0) -> list[Result]:
+        """Requests at `rate` a second through the service's ready endpoints (Ready for `ready_for_s`) until `stop`
+        is set (at most `max_s`), then waits for those in flight."""
+        endpoints = self.endpoints(service, ready_for_s).start()
         client = LoadClient(endpoints, timeout_s=60.0)
         loop = asyncio.get_running_loop()
         end = loop.time() + max_s
