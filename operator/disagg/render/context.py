@@ -168,6 +168,10 @@ class Pool:
     """The engine container's preStop command: wait for the routers, then for the requests in flight."""
     group: multinode.Group | None = None
     """A worker over several nodes: the LeaderWorkerSet group's leader and workers (None: a Deployment)."""
+    min_ready_s: int = 10
+    """minReadySeconds of a Deployment pool: a new worker counts as available (and an old one may leave) once
+    Ready this long, two of the routers' health-check intervals: both routers add a worker they discovered
+    after checking its health, and drop a leaving one at once."""
 
 
 def _resources(pool: PoolSpec, resource_name: str, spec: InferenceServiceSpec) -> dict[str, Any]:
