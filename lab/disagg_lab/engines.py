@@ -243,15 +243,24 @@ COMPAT_FLAGS = ("--revision", "--kv-cache-dtype", "--block-size", "--page-size",
 """Flags whose values two engines must share to exchange KV (with the image, the model and the connector)."""
 
 
+POD_ONLY_POOL_FIELDS = ("replicas", "autoscaling", "image", "resources", "tolerations", "nodeSelector", "affinity")
+"""Pool fields that change pods (their number, image, placement), never how a running engine computes."""
+
+
 def _engine_model(raw_spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a service's spec the simulated engines are made from: not its pools' sizes, autoscaling or
-    images (an engine's image is its pod's: `compat_key`), nor its router or drain. An edit of those changes
-    pods, never the engines already running (a real engine does not see the InferenceService)."""
+    """The part of a service's spec the simulated engines are made from: not its pools' sizes, autoscaling,
+    images or placement, the engine image or the model revision (an engine's image and revision are its pod's:
+    `compat_key`), nor its router or drain. An edit of those changes pods, never the engines already running
+    (a real engine does not see the InferenceService)."""
     spec = {k: v for k, v in raw_spec.items() if k not in ("router", "drain")}
+    if isinstance(spec.get("engine"), Mapping):
+        spec["engine"] = {k: v for k, v in spec["engine"].items() if k != "image"}
+    if isinstance(spec.get("model"), Mapping):
+        spec["model"] = {k: v for k, v in spec["model"].items() if k != "revision"}
     for role in ("prefill", "decode"):
         pool = spec.get(role)
         if isinstance(pool, Mapping):
-            spec[role] = {k: v for k, v in pool.items() if k not in ("replicas", "autoscaling", "image")}
+            spec[role] = {k: v for k, v in pool.items() if k not in POD_ONLY_POOL_FIELDS}
     return spec
 
 

@@ -59,8 +59,13 @@ class Endpoint:
 class ServiceEndpoints:
     """A Service's ready endpoints, kept current by a thread that re-reads the Service and its pods."""
 
-    def __init__(self, make_client: Callable[[], Any], namespace: str, service: str, port: str | int = "http") -> None:
+    def __init__(self, make_client: Callable[[], Any], namespace: str, service: str, port: str | int = "http",
+                 ready_for_s: float = 0.0) -> None:
         self.make_client = make_client
+        self.ready_for_s = ready_for_s
+        """A pod is an endpoint once Ready this long (0: at once), as a Service's endpoints reach the clients'
+        proxies a moment after the pod turns Ready; on the local cluster kwok also reports a new pod Ready
+        before the lab's probe has run, for a moment."""
         self.namespace = namespace
         self.service = service
         self.port = port
@@ -88,7 +93,11 @@ class ServiceEndpoints:
             status = pod.status
             if pod.metadata.deletion_timestamp is not None or status is None or not status.pod_ip:
                 continue
-            if not any(c.type == "Ready" and c.status == "True" for c in status.conditions or []):
+            ready = next((c for c in status.conditions or [] if c.type == "Ready" and c.status == "True"), None)
+            if ready is None:
+                continue
+            since = ready.last_transition_time
+            if self.ready_for_s and since is not None and time.time() - since.timestamp() < self.ready_for_s:
                 continue
             target = chosen.target_port if chosen.target_port is not None else chosen.port
             if isinstance(target, str) and not target.isdigit():

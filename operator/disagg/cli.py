@@ -247,6 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         prometheus_rate_window=args.prometheus_rate_window,
         scrape_interval_s=args.scrape_interval,
         metrics_scrapers=args.metrics_scrapers,
+        versioned_rollouts=args.rollouts == "versioned",
     )
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -298,6 +299,11 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--accelerator-catalog", default=os.environ.get("DISAGG_ACCELERATOR_CATALOG"),
                      help="YAML file with accelerator entries to add or override")
     run.add_argument("--resync-seconds", type=float, default=float(os.environ.get("DISAGG_RESYNC_SECONDS", 300)))
+    run.add_argument("--rollouts", choices=("versioned", "in-place"), default=os.environ.get("DISAGG_ROLLOUTS",
+                                                                                          "versioned"),
+                     help="versioned: a new engine revision comes up beside the serving one and the routers switch "
+                          "when it is ready; in-place: every change rolls the pools in place (requests meet "
+                          "workers of both revisions meanwhile)")
     run.add_argument("--status-delay-seconds", type=float,
                      default=float(os.environ.get("DISAGG_STATUS_DELAY_SECONDS", 3.0)),
                      help="status-only work (child events, resync) waits this long, folding the triggers meanwhile")

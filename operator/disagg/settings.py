@@ -56,6 +56,10 @@ class OperatorSettings:
     metrics_scrapers: str | None = None
     """JSON list of NetworkPolicy peers that may scrape the engines' HTTP port, for services that name
     none (None: disagg.render's default, Prometheus pods in the namespace `monitoring`)."""
+    versioned_rollouts: bool = True
+    """A change of the engines' revision comes up beside the serving pools and the routers switch when it is
+    ready (reconcile/rollout.py); False (`--rollouts in-place`): every change rolls the pools in place, and
+    while it does the routers pair workers of both revisions."""
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -21,6 +21,11 @@ SERVICE_LABEL = f"{GROUP}/service"
 """The InferenceService an object belongs to (its name; the namespace is the object's)."""
 ROLE_LABEL = f"{GROUP}/role"
 """prefill, decode or router."""
+REVISION_LABEL = f"{GROUP}/revision"
+"""On a pool and its pods: the revision of what the engines run (render/revision.py); on the router Deployment
+and its pods: the revision of the workers they select."""
+SLOT_LABEL = f"{GROUP}/slot"
+"""On the pools of slot b of a rollout (and in their selector); slot a's carry none (render/revision.py)."""
 
 INITIAL_REPLICAS_ANNOTATION = f"{GROUP}/initial-replicas"
 """On an autoscaled pool: the replicas it is created with (the autoscaler owns the field afterwards)."""

@@ -13,17 +13,26 @@ Service's ready endpoints.
     goes prefill -> decode with the KV handed off, and no engine refused a mixed hand-off. Without the
     drain (preStop hook, vLLM's --shutdown-timeout) the lab's kubelet kills what is in flight at SIGTERM
     and requests fail.
-(b) the decode image of `vllm` changed in place under load (what the operator does today for any change): the
-    operator's KV-path check, from the decode workers' counters in the real Prometheus, goes from
-    `Transferring` to `KVTransferDegraded` with a Warning Event while the new decode workers refuse the old
-    prefill's KV and recompute every prompt (the engines count the mixed hand-offs: what a version-safe
-    rollout must prevent). No request fails: vLLM recomputes and the old decode worker drains.
+(b) the decode image of `vllm` changed in place under load (the operator runs `--rollouts in-place` until (c),
+    what it did for every change before version-safe rollouts): the operator's KV-path check, from the decode
+    workers' counters in the real Prometheus, goes from `Transferring` to `KVTransferDegraded` with a Warning
+    Event while the new decode workers refuse the old prefill's KV and recompute every prompt (the engines count
+    the mixed hand-offs: what a version-safe rollout prevents). No request fails: vLLM recomputes and the old
+    decode worker drains.
+(c) with the operator restarted as it runs by default (`--rollouts versioned`), three planned events in turn, each to
+    both services at once under steady streaming load: a model-revision rollout (`spec.model.revision`), an engine
+    image change (`spec.engine.image`) and a resources-only change (decode's CPU request). The two revision changes
+    come up beside the serving pools and the routers switch once both new pools are ready; the resources change
+    rolls in place. No request fails, none is served by a mixed-revision pair (the client's answers and the
+    engines' refusal counters), and each event ends with one revision's pools and routers left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -40,6 +49,7 @@ from support.operators import (
     VERSION,
     condition,
     in_namespace,
+    is_ready,
     load_docs,
     wait_until,
 )
@@ -90,7 +100,7 @@ def operations(cluster: LocalCluster, kube_api: kclient.ApiClient,
 
     with lab_services(cluster, kube_api, tmp_path_factory.mktemp("operations-e2e"), "operations-e2e",
                       lambda namespace: [manifest(namespace, name) for name in SERVICES], fleet_ready,
-                      operator_args=PROMETHEUS_FLAGS, scrape=True) as env:
+                      operator_args=(*PROMETHEUS_FLAGS, "--rollouts", "in-place"), scrape=True) as env:
         yield env
 
 
@@ -203,3 +213,153 @@ def test_b_a_mixed_version_decode_is_seen_as_kv_transfer_degraded(operations: La
     assert degraded, f"KVTransferReady never KVTransferDegraded while decode recomputed: {seen}\n{env.diagnostics()}"
     assert events and all(e.type == "Warning" for e in events), [(e.type, e.message) for e in events]
     assert not failed, f"{len(failed)} of {len(got)} failed: {failed[:3]}"
+
+
+ROLLOUT_RATE = 3.0
+ROLLOUT_OUTPUT_TOKENS = 32
+EVENT_MAX_S = 150.0
+"""An event's load stops at the latest this long after it starts (and `EVENT_TAIL_S` after it settled)."""
+EVENT_TAIL_S = 4.0
+EVENT_EDIT_AT_S = 4.0
+ENDPOINT_READY_FOR_S = 2.0
+"""The client takes a router pod as an endpoint once it has been Ready this long (the routers are replaced in a
+rollout): endpoints reach clients a moment after a pod turns Ready, and kwok reports a new pod Ready before the
+lab's probe turns it NotReady until the router answers (1 of 115 requests failed on that in one run)."""
+IMAGES = {"vllm": "vllm/vllm-openai:v0.33.0", "sglang": "lmsysorg/sglang:v0.6.0"}
+EVENTS: dict[str, Any] = {
+    "model-revision rollout": lambda name: {"model": {"revision": "2026-12-01"}},
+    "engine-image change": lambda name: {"engine": {"image": IMAGES[name]}},
+    "resources-only change": lambda name: {"decode": {"resources": {"requests": {"cpu": "12", "memory": "128Gi"}}}},
+}
+NEW_REVISION = {"model-revision rollout": True, "engine-image change": True, "resources-only change": False}
+
+
+def _settled(env: LabServices, name: str, generation: int, revision_changes: bool | None, before: str,
+             decode_cpu: str | None) -> bool:
+    """One revision left: the service's status at `generation` with no rollout (a revision other than `before`
+    if `revision_changes`, the same if False), and every pod of both pools and the router (terminating ones
+    included) of the serving revision (with `decode_cpu`, on the new resources)."""
+    body = _service(env, name)
+    status = body.get("status") or {}
+    if status.get("observedGeneration") != generation or status.get("rollout") or not status.get("revision"):
+        return False
+    revision = status["revision"]
+    if revision_changes is not None and (revision != before) != revision_changes:
+        return False
+    for role in ("prefill", "decode", "router"):
+        pods = env.pods_left(name, role)
+        if not pods or any((p.metadata.labels or {}).get("disagg.dev/revision") != revision for p in pods):
+            return False
+        if role == "router" and len(pods) != 1:
+            return False
+        if role == "decode" and decode_cpu is not None and any(
+                p.spec.containers[0].resources.requests.get("cpu") != decode_cpu for p in pods):
+            return False
+    return is_ready(body)
+
+
+def _restart_operator(env: LabServices, *flags: str) -> None:
+    env.operator.stop()
+    env.operator.extra_args = (*PROMETHEUS_FLAGS, *flags)
+    env.operator.start().wait_healthy(timeout=30)
+
+
+def _service(env: LabServices, name: str) -> dict[str, Any]:
+    body = env.session.cluster.service(env.namespace, name)
+    assert body is not None, name
+    return body
+
+
+def _event_under_load(env: LabServices, event: str) -> list[dict[str, Any]]:
+    """One planned event to both services at once under steady streaming load: its row per engine."""
+    counters_before = {p["pod"]: p for p in env.lab.get("/state")["pods"]}
+    revisions = {name: _service(env, name)["status"]["revision"] for name in SERVICES}
+    settled_at: dict[str, float] = {}
+    phases: dict[str, list[str]] = {name: [] for name in SERVICES}
+    cpu = None if NEW_REVISION[event] else "12"
+
+    async def scenario() -> tuple[float, dict[str, list[Result]]]:
+        stops = {name: asyncio.Event() for name in SERVICES}
+        loads = {name: asyncio.create_task(env.load_until(name, ROLLOUT_RATE, PROMPT_TOKENS, ROLLOUT_OUTPUT_TOKENS,
+                                                          stops[name], EVENT_MAX_S, ENDPOINT_READY_FOR_S))
+                 for name in SERVICES}
+        await asyncio.sleep(EVENT_EDIT_AT_S)
+        edited = time.time()
+        generations = {}
+        for name in SERVICES:
+            patched = await asyncio.to_thread(
+                env.session.cluster.custom.patch_namespaced_custom_object, GROUP, VERSION, env.namespace, PLURAL,
+                name, {"spec": EVENTS[event](name)}, _content_type="application/merge-patch+json")
+            generations[name] = patched["metadata"]["generation"]
+        end = edited + EVENT_MAX_S - EVENT_EDIT_AT_S
+        while not all(stop.is_set() for stop in stops.values()) and time.time() < end:
+            for name in SERVICES:
+                if name in settled_at:
+                    if time.time() > settled_at[name] + EVENT_TAIL_S:
+                        stops[name].set()
+                    continue
+                body = await asyncio.to_thread(_service, env, name)
+                phase = ((body.get("status") or {}).get("rollout") or {}).get("phase")
+                if phase and (not phases[name] or phases[name][-1].split("@")[0] != phase):
+                    phases[name].append(f"{phase}@{time.time() - edited:.1f}")
+                if await asyncio.to_thread(_settled, env, name, generations[name], NEW_REVISION[event],
+                                           revisions[name], cpu):
+                    settled_at[name] = time.time()
+            await asyncio.sleep(0.5)
+        for stop in stops.values():
+            stop.set()
+        return edited, {name: await load for name, load in loads.items()}
+
+    edited, results = asyncio.run(scenario())
+    counters = {p["pod"]: p for p in env.lab.get("/state")["pods"]}
+    rows = []
+    for name, got in results.items():
+        failed = [r.record() for r in got if not r.ok]
+        refused = sum(p.get("kv_refused_total", 0) - counters_before.get(pod, {}).get("kv_refused_total", 0)
+                      for pod, p in counters.items() if p["service"] == name)
+        rows.append({"event": event, "engine": name, "requests": len(got), "failed": len(failed),
+                     "mixed": sum(r.kv == "refused" for r in got), "refused_by_engines": refused,
+                     "duration_s": round(settled_at[name] - edited, 1) if name in settled_at else None,
+                     "phases": phases[name]})
+        print(f"operations e2e: {json.dumps(rows[-1])}")
+        for record in failed[:5]:
+            print(f"  failed {record['sent_at'] - edited:+.1f} s after the edit, {record['duration_s']:.2f} s: "
+                  f"{record['error']} via {record['endpoint']} ({record['prefill_pod']} -> {record['decode_pod']})")
+    return rows
+
+
+def test_c_rollouts_under_load_never_mix_revisions(operations: LabServices) -> None:
+    env = operations
+    _restart_operator(env, "--rollouts", "versioned")
+    # (b) left vLLM's decode on another image than its prefill: both on the engine's image again
+    env.session.cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, env.namespace, PLURAL, "vllm", {"spec": {"decode": {"image": None}}},
+        _content_type="application/merge-patch+json")
+
+    def pinned() -> bool:  # the routers now select one revision: settle before the events
+        for name in SERVICES:
+            body = _service(env, name)
+            status = body.get("status") or {}
+            assert _settled(env, name, body["metadata"]["generation"], None, "", None), f"{name}: {status}"
+        return True
+
+    wait_until(pinned, 180, "both services on one revision with pinned routers", env.diagnostics, interval=1.0)
+    table: list[dict[str, Any]] = []
+    for event in EVENTS:
+        rows = _event_under_load(env, event)
+        table += rows
+        for row in rows:
+            assert row["duration_s"] is not None, f"{event}: {row['engine']} never settled\n{env.diagnostics()}"
+            assert row["requests"] >= ROLLOUT_RATE * row["duration_s"] * 0.5, row
+            assert row["failed"] == 0, row
+            assert row["mixed"] == 0 and row["refused_by_engines"] == 0, row
+            if NEW_REVISION[event]:
+                # the new revision came up beside the serving one
+                assert any(p.startswith("Starting@") for p in row["phases"]), row
+    if out := os.environ.get("DISAGG_OPERATIONS_JSON"):
+        with open(out, "w") as handle:
+            json.dump(table, handle, indent=1)
+    for name in SERVICES:
+        reasons = {e.reason for e in env.session.cluster.core.list_namespaced_event(
+            env.namespace, field_selector=f"involvedObject.name={name}").items}
+        assert {"RolloutStarting", "RolloutSwitching", "RevisionServing"} <= reasons, (name, sorted(reasons))

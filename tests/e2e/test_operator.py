@@ -332,13 +332,17 @@ def test_spec_edit_rolls_out_and_status_follows(env: Env, ns: str, operators: Op
     want = {"prefill": int(manifest["spec"]["prefill"]["replicas"]), "decode": decode_replicas}
 
     def rolled_out(role: str) -> bool:
-        dep = env.cluster.apps.read_namespaced_deployment(f"{name}-{role}", ns)
+        # an image and arguments are a new revision: it comes up in the other slot (reconcile/rollout.py), the
+        # routers switch to it and the old pools go
+        found = env.cluster.apps.list_namespaced_deployment(ns, field_selector=f"metadata.name={name}--{role}-b").items
+        assert found, f"no {role} pool of the new revision yet"
+        (dep,) = found
         (container,) = dep.spec.template.spec.containers
         assert container.image == image, f"{role} template image {container.image}"
         assert container.args[-2:] == extra, f"{role} args end {container.args[-4:]}"
         assert dep.spec.replicas == want[role], f"{role} spec.replicas {dep.spec.replicas}"
         st = dep.status
-        assert st.observed_generation >= dep.metadata.generation, f"{role} rollout not observed"
+        assert (st.observed_generation or 0) >= dep.metadata.generation, f"{role} rollout not observed"
         counts = (st.replicas, st.updated_replicas, st.ready_replicas, st.available_replicas)
         assert counts == (want[role],) * 4, f"{role} replicas/updated/ready/available {counts}"
         pods = pool_pods_ready(env, ns, name, role, want[role])
@@ -349,7 +353,7 @@ def test_spec_edit_rolls_out_and_status_follows(env: Env, ns: str, operators: Op
             if any(ref.uid == dep.metadata.uid for ref in rs.metadata.owner_references or [])
         ]
         active = [rs for rs in replica_sets if rs.spec.replicas]
-        assert len(replica_sets) >= 2 and len(active) == 1, (
+        assert len(replica_sets) >= 1 and len(active) == 1, (
             f"{role} ReplicaSets (name, replicas): {[(rs.metadata.name, rs.spec.replicas) for rs in replica_sets]}"
         )
         assert active[0].spec.template.spec.containers[0].image == image
@@ -369,9 +373,13 @@ def test_spec_edit_rolls_out_and_status_follows(env: Env, ns: str, operators: Op
         for role, count in want.items():
             pool = status.get(role) or {}
             assert (pool.get("replicas"), pool.get("readyReplicas")) == (count, count), f"{role}: {pool}"
+            assert pool.get("workload") == f"{name}--{role}-b", pool
+            left = env.cluster.apps.list_namespaced_deployment(ns, field_selector=f"metadata.name={name}-{role}").items
+            assert not left, f"the old {role} pool is still there"
+        assert "rollout" not in status, status.get("rollout")
         return True
 
-    wait_until(status_follows, 30, f"status of {name} to follow generation {generation}", diag)
+    wait_until(status_follows, 60, f"status of {name} to follow generation {generation}", diag)
     columns = printer_columns(env, ns, name)
     assert (columns["PREFILL"], columns["DECODE"]) == (f"{want['prefill']}/{want['prefill']}",
                                                       f"{decode_replicas}/{decode_replicas}"), columns

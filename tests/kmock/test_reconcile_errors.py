@@ -43,7 +43,7 @@ async def test_an_exception_in_reconcile_becomes_a_condition_and_one_event(
     def overflowing(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
         raise OverflowError("int too large to convert to float")
 
-    monkeypatch.setattr(run_module, "render_children", overflowing)
+    monkeypatch.setattr(run_module, "render_unplaced", overflowing)
     reconciler = harness.reconciler
     with caplog.at_level(logging.INFO, logger="disagg.reconcile.run"):
         outcome, found = await reconcile(harness, reconciler)

@@ -135,11 +135,12 @@ async def test_unchanged_resync_writes_nothing(harness: Harness) -> None:
 # --- (c) spec edits -----------------------------------------------------------------------------
 
 
-async def test_pool_image_edit_reapplies_only_that_pool(harness: Harness) -> None:
+async def test_pool_resources_edit_reapplies_only_that_pool(harness: Harness) -> None:
+    # resources are outside the engines' revision: a compatible change rolls the pool in place
     await create_service(harness)
     before = harness.children()
 
-    harness.edit({"decode": {"image": "vllm/vllm-openai:v0.33.0"}})
+    harness.edit({"decode": {"resources": {"requests": {"cpu": "12"}}}})
     outcome, found = await harness.reconcile()
 
     assert [(w.method, w.name, w.field_manager) for w in child_writes(found)] == [
@@ -149,7 +150,7 @@ async def test_pool_image_edit_reapplies_only_that_pool(harness: Harness) -> Non
     assert outcome.applied == [("apps/v1", "Deployment", f"{NAME}-decode")]
     after = harness.children()
     containers = after[f"deployments/{NAME}-decode"]["spec"]["template"]["spec"]["containers"]
-    assert containers[0]["image"] == "vllm/vllm-openai:v0.33.0"
+    assert containers[0]["resources"]["requests"]["cpu"] == "12"
     assert {k: v for k, v in after.items() if k != f"deployments/{NAME}-decode"} == {
         k: v for k, v in before.items() if k != f"deployments/{NAME}-decode"
     }
@@ -159,17 +160,22 @@ async def test_pool_image_edit_reapplies_only_that_pool(harness: Harness) -> Non
     assert again == []
 
 
-async def test_engine_args_edit_reapplies_only_the_pools(harness: Harness) -> None:
+async def test_engine_args_edit_creates_the_new_revisions_pools_beside_the_serving_ones(harness: Harness) -> None:
+    # engine arguments are in the revision: the new pools come up in slot b, the serving ones stay untouched
     await create_service(harness)
+    before = harness.children()
 
     harness.edit({"engine": {"extraArgs": ["--max-num-seqs", "128"]}})
     _, found = await harness.reconcile()
 
-    assert applied(child_writes(found)) == {f"deployments/{NAME}-prefill", f"deployments/{NAME}-decode"}
-    assert len(child_writes(found)) == 2
+    new = {f"deployments/{NAME}--prefill-b", f"deployments/{NAME}--decode-b"}
+    assert {w.name for w in child_writes(found) if w.field_manager == FIELD_MANAGER} == new
+    after = harness.children()
     for role in ("prefill", "decode"):
-        args = harness.children()[f"deployments/{NAME}-{role}"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        args = after[f"deployments/{NAME}--{role}-b"]["spec"]["template"]["spec"]["containers"][0]["args"]
         assert args[-2:] == ["--max-num-seqs", "128"]
+        assert after[f"deployments/{NAME}-{role}"] == before[f"deployments/{NAME}-{role}"]
+    assert after[f"deployments/{NAME}-router"] == before[f"deployments/{NAME}-router"]
 
 
 async def test_removed_field_is_removed_from_the_child(harness: Harness) -> None:
@@ -311,7 +317,7 @@ async def test_autoscaled_pool_replicas_belong_to_the_autoscaler(harness: Harnes
 
     # The autoscaler moves decode to 5; an edit re-applies the pool but never writes its replicas.
     await asyncio.to_thread(harness.kube.scale, NAMESPACE, f"{NAME}-decode", 5, AUTOSCALER_FIELD_MANAGER)
-    harness.edit({"decode": {"image": "vllm/vllm-openai:v0.33.0"}})
+    harness.edit({"decode": {"resources": {"requests": {"cpu": "12"}}}})
     _, found = await harness.reconcile()
     decode = [w for w in child_writes(found) if w.name == f"deployments/{NAME}-decode"]
     assert [(w.field_manager, "replicas" in w.body["spec"]) for w in decode] == [(FIELD_MANAGER, False)]
@@ -340,7 +346,7 @@ async def test_pools_starting_at_one_replica_are_created_without_a_scale_write_a
     assert harness.children()[f"deployments/{NAME}-prefill"]["spec"]["replicas"] == 3
 
     await asyncio.to_thread(harness.kube.scale, NAMESPACE, f"{NAME}-decode", 3, AUTOSCALER_FIELD_MANAGER)
-    harness.edit({"decode": {"image": "vllm/vllm-openai:v0.33.0"}})  # an apply that omits replicas
+    harness.edit({"decode": {"resources": {"requests": {"cpu": "12"}}}})  # an apply that omits replicas
     _, edited = await harness.reconcile()
     assert f"deployments/{NAME}-decode" in applied(edited)
     live = harness.children()[f"deployments/{NAME}-decode"]
@@ -509,7 +515,8 @@ async def test_the_first_apply_after_a_create_claims_the_created_fields_once(har
     # A create records the fields as the operator's Update; without the claim, an apply could never
     # remove a field the create had set (it is still "owned" by the Update).
     await create_service(harness)
-    harness.edit({"engine": {"env": [{"name": "EXTRA", "value": "1"}]}})
+    toleration = {"key": "example.com/spot", "operator": "Exists"}
+    harness.edit({"prefill": {"tolerations": [toleration]}, "decode": {"tolerations": [toleration]}})
     _, found = await harness.reconcile()
     claims = [w.name for w in found if claim(w)]
     assert sorted(claims) == [f"deployments/{NAME}-decode", f"deployments/{NAME}-prefill"]
@@ -517,11 +524,11 @@ async def test_the_first_apply_after_a_create_claims_the_created_fields_once(har
                 harness.children()[f"deployments/{NAME}-decode"]["metadata"]["managedFields"]}
     assert (FIELD_MANAGER, "Update") not in managers and (FIELD_MANAGER, "Apply") in managers
 
-    harness.edit({"engine": {"env": []}})
+    harness.edit({"prefill": {"tolerations": []}, "decode": {"tolerations": []}})
     _, found = await harness.reconcile()
     assert not [w for w in found if claim(w)], "claimed once"
-    env = harness.children()[f"deployments/{NAME}-decode"]["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert "EXTRA" not in {e["name"] for e in env}
+    tolerations = harness.children()[f"deployments/{NAME}-decode"]["spec"]["template"]["spec"]["tolerations"]
+    assert toleration not in tolerations
 
 
 async def test_an_apply_reaches_only_the_object_it_was_planned_for(harness: Harness) -> None:

@@ -3,6 +3,7 @@ and real routers, and the InferenceServices applied and Ready with their routers
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -63,8 +64,8 @@ class LabServices:
         body = self.session.cluster.service(self.namespace, service) or {}
         return int(((body.get("spec") or {}).get("router") or {}).get("port") or 8000)
 
-    def endpoints(self, service: str) -> ServiceEndpoints:
-        return ServiceEndpoints(lambda: self.api, self.namespace, service)
+    def endpoints(self, service: str, ready_for_s: float = 0.0) -> ServiceEndpoints:
+        return ServiceEndpoints(lambda: self.api, self.namespace, service, ready_for_s=ready_for_s)
 
     async def load(self, service: str, schedule: Schedule, seconds: float, seed: int) -> list[Result]:
         """A real OpenAI client's requests through the service's ready endpoints, bounded in time."""
@@ -72,6 +73,27 @@ class LabServices:
         client = LoadClient(endpoints, timeout_s=60.0)
         try:
             return await client.run(schedule.plan(seconds, 1000, seed))
+        finally:
+            await client.close()
+            endpoints.stop()
+
+    async def load_until(self, service: str, rate: float, prompt_tokens: int, output_tokens: int,
+                         stop: asyncio.Event, max_s: float, ready_for_s: float = 0.0) -> list[Result]:
+        """Requests at `rate` a second through the service's ready endpoints (Ready for `ready_for_s`) until `stop`
+        is set (at most `max_s`), then waits for those in flight."""
+        endpoints = self.endpoints(service, ready_for_s).start()
+        client = LoadClient(endpoints, timeout_s=60.0)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + max_s
+        tasks: list[asyncio.Task[Result]] = []
+        try:
+            while not stop.is_set() and loop.time() < end and len(tasks) < rate * max_s + 1:
+                tasks.append(asyncio.create_task(client.one(len(tasks), prompt_tokens, output_tokens)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0 / rate)
+            if tasks:
+                await asyncio.wait(tasks, timeout=client.timeout_s + 30)
+            return [t.result() for t in tasks if t.done()]
         finally:
             await client.close()
             endpoints.stop()

@@ -97,6 +97,32 @@ def test_a_burst_scales_each_pool_in_one_step_through_the_autoscaler_field_manag
     assert status["decode"]["lastScale"]["from"] == 2 and status["decode"]["lastScale"]["reason"]
 
 
+def test_a_rollout_holds_the_pools_and_the_serving_slot_is_scaled_after(prometheus: FakePrometheus) -> None:
+    answers = prometheus.answers
+    for role in ("prefill", "decode"):
+        answers.setdefault("sampled_at", []).append(sample("svc-0", role, NOW - 2))
+    answers["waiting"] = [sample("svc-0", "prefill", 400), sample("svc-0", "decode", 50)]
+    answers["running"] = [sample("svc-0", "prefill", 8), sample("svc-0", "decode", 600)]
+    answers["kv_usage"] = [sample("svc-0", "decode", 0.98)]
+    answers["request_rate"] = [sample("svc-0", r, 40) for r in ("prefill", "decode")]
+    answers["prompt_tps"] = [sample("svc-0", r, 40 * 4000) for r in ("prefill", "decode")]
+    answers["generation_tps"] = [sample("svc-0", "decode", 40 * 300)]
+    kube = FakeKube()
+    index = services(1)
+    body = index.services[("ns", "svc-0")]
+    for role in ("prefill", "decode"):  # slot b serves after an earlier rollout; a new one is under way
+        index.deployments[("ns", f"svc-0--{role}-b")] = pool(f"svc-0--{role}-b", 2)
+        index.deployments[("ns", f"svc-0--{role}-b")]["metadata"]["owners"] = ["uid-svc-0"]
+    body["status"] = {"prefill": {"workload": "svc-0--prefill-b"}, "decode": {"workload": "svc-0--decode-b"},
+                      "rollout": {"from": "r1", "to": "r2", "phase": "Starting"}}
+    scaler, _ = autoscaler(index, PrometheusSource(url=prometheus.url), kube)
+    scaler.tick()
+    assert kube.scaled == [], "both revisions' pools hold their size during a rollout"
+    del body["status"]["rollout"]
+    scaler.tick()
+    assert {name for _, name, _, _ in kube.scaled} == {"svc-0--prefill-b", "svc-0--decode-b"}
+
+
 def test_nothing_is_read_or_written_until_the_watch_caches_are_listed(prometheus: FakePrometheus) -> None:
     # a service whose pools are not in the (still listing) Deployment cache would read as not created:
     # the autoscaler waits instead of acting or writing a status on that partial picture

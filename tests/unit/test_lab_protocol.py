@@ -163,6 +163,11 @@ def test_an_edit_that_leaves_the_engines_as_they_are_keeps_them_running() -> Non
     resized["decode"]["replicas"] = 7
     resized["decode"]["image"] = "vllm/vllm-openai:v0.33.0"
     resized["router"] = {"replicas": 3}
+    # what a rollout changes on the pods (the model revision, the engine image) or their placement
+    resized["model"]["revision"] = "v2"
+    resized["engine"]["image"] = "vllm/vllm-openai:v0.34.0"
+    resized["decode"]["resources"] = {"requests": {"cpu": "12"}}
+    resized["decode"]["tolerations"] = [{"key": "example.com/spot", "operator": "Exists"}]
     assert sim.upsert_service("ns", "a", resized) is None
     assert sim.pods.get(decode.pod.uid) is decode  # a real engine does not see the InferenceService
     other_model = copy.deepcopy(resized)

@@ -1238,6 +1238,29 @@ class PoolStatus(CRDModel):
     """Requests out of reach lately, when there are any (prefill: prompts too long for the TTFT target)."""
     summary: str | None = None
     """Ready/desired replicas as text (e.g. "2/3"), for `kubectl get`."""
+    workload: str | None = None
+    """The Deployment (or LeaderWorkerSet) that serves the pool: `<name>-<role>`, or `<name>--<role>-b` after
+    a rollout to the other slot (the autoscaler scales this one)."""
+
+
+class RolloutStatus(CRDModel):
+    """A rollout to a new revision under way: the new pools next to the serving ones."""
+
+    from_revision: str = Field(alias="from")
+    """The revision that serves."""
+    to_revision: str = Field(alias="to")
+    """The revision coming up."""
+    phase: Literal["Starting", "Switching", "Draining", "Blocked"]
+    """Starting: the new pools come up; Switching: the routers move to them; Draining: the old routers finish
+    their streams, then the old pools go; Blocked: it cannot go on (see message)."""
+    prefill: str | None = None
+    """Ready/desired workers of the new revision's prefill pool."""
+    decode: str | None = None
+    """Ready/desired workers of the new revision's decode pool."""
+    message: str = ""
+    """What happens, or why it cannot."""
+    started_at: str | None = None
+    """When it started (RFC 3339)."""
 
 
 class InferenceServiceStatus(CRDModel):
@@ -1253,3 +1276,7 @@ class InferenceServiceStatus(CRDModel):
     """The prefill pool."""
     decode: PoolStatus | None = None
     """The decode pool."""
+    revision: str | None = None
+    """The revision that serves: a hash of what both pools' engines run (the routers select its workers)."""
+    rollout: RolloutStatus | None = None
+    """A rollout to a new revision, while one is under way."""

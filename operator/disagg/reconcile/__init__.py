@@ -62,14 +62,15 @@ class Plan:
 
 
 def plan_children(
-    desired: list[dict[str, Any]], live: dict[ChildKey, dict[str, Any]], owner_uid: str | None
+    desired: list[dict[str, Any]], live: dict[ChildKey, dict[str, Any]], owner_uid: str | None,
+    keep: frozenset[ChildKey] = frozenset(),
 ) -> Plan:
     """Compares the desired children (already stamped) with the live ones labelled for this service.
 
     A missing child is created. A child this service owns is re-applied when its desired content
     changed (hash) or when someone changed it by hand (a desired field missing or different in the
     live object); one it does not own is a conflict. Live children that are ours and no longer
-    desired are deleted.
+    desired are deleted, but those in `keep` (a rollout's serving pools) stay as they are.
     """
     plan = Plan()
     wanted = {child_key(m) for m in desired}
@@ -86,6 +87,6 @@ def plan_children(
         else:
             plan.apply.append(manifest)
     for key, current in sorted(live.items()):
-        if key not in wanted and owned_by(current, owner_uid):
+        if key not in wanted and key not in keep and owned_by(current, owner_uid):
             plan.delete.append(current)
     return plan

@@ -29,6 +29,7 @@ from disagg.kube.client import (
 )
 from disagg.reconcile import POOL_KINDS, ChildKey, child_key, owned_by, pack, plan_children, stamp, unpack
 from disagg.reconcile.diff import contains
+from disagg.reconcile.rollout import PoolKinds, RolloutPlan, plan_in_place, plan_rollout
 from disagg.reconcile.status import (
     Cond,
     PodTrouble,
@@ -41,7 +42,7 @@ from disagg.reconcile.status import (
     pod_trouble,
     pool_status,
 )
-from disagg.render import Owner, render_children
+from disagg.render import Owner, Placement, place, render_unplaced, revision_of
 from disagg.render.context import DEFAULT_METRICS_SCRAPERS, RDMA_POD_SECURITY, kv_service_name
 from disagg.wellknown import (
     AUTOSCALED_ANNOTATION,
@@ -54,6 +55,7 @@ from disagg.wellknown import (
     ROLES,
     ROUTER,
     SERVICE_LABEL,
+    SLOT_LABEL,
 )
 
 log = logging.getLogger(__name__)
@@ -91,12 +93,17 @@ class Reconciler:
     """Whether the children cache holds the LeaderWorkerSets already (their watch has listed)."""
     metrics_scrapers: tuple[NetworkPolicyPeer, ...] = DEFAULT_METRICS_SCRAPERS
     """Who may scrape the engines of a service whose spec names no one (`--metrics-scrapers`)."""
+    versioned_rollouts: bool = True
+    """False: every change rolls the pools in place, the routers select any revision (`--rollouts in-place`)."""
     applier: Executor | None = None
     """Threads that apply the children of one service concurrently (None: one after another). A
     Service with a cluster IP can take ~0.3 s to create (the API server allocates the IPs one at a
     time); applied in turn, a new service's 13 children waited for it."""
     _pods_checked: dict[tuple[str, str], float] = field(default_factory=dict)
-    _desired: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    _rollout_troubles: dict[tuple[str, str], PodTrouble] = field(default_factory=dict)
+    _rendered: dict[str, tuple[int, str, bytes]] = field(default_factory=dict)
+    """By service uid: (generation, its revision, the children before `place`)."""
+    _desired: dict[str, tuple[int, Placement, bytes]] = field(default_factory=dict)
     """Rendered children by service uid, for the generation they were rendered from: the spec only
     changes with the generation, so the other reconciles (status, resync) never render again. Kept as
     compressed JSON (~2 KiB a service instead of ~100 KiB of dicts) and decoded per reconcile, which
@@ -105,20 +112,39 @@ class Reconciler:
     """The last failure of each service (by uid) whose traceback was logged: a failure that repeats
     on every resync is logged in one line after the first."""
 
-    def desired_children(
-        self, owner: Owner, generation: int | None, spec: InferenceServiceSpec
-    ) -> list[dict[str, Any]]:
-        cached = self._desired.get(owner.uid or "") if owner.uid else None
+    def _render(self, owner: Owner, generation: int | None, spec: InferenceServiceSpec) -> tuple[str, list[Any]]:
+        cached = self._rendered.get(owner.uid or "") if owner.uid else None
         if cached is not None and generation is not None and cached[0] == generation:
-            children: list[dict[str, Any]] = unpack(cached[1])
-            return children
-        desired = [stamp(m) for m in render_children(owner, spec, self.catalog, self.metrics_scrapers)]
+            return cached[1], list(unpack(cached[2]))
+        children = render_unplaced(owner, spec, self.catalog, self.metrics_scrapers)
+        revision = revision_of(children)
         if owner.uid and generation is not None:
-            self._desired[owner.uid] = (generation, pack(desired))
+            self._rendered[owner.uid] = (generation, revision, pack(children))
+        return revision, children
+
+    def revision(self, owner: Owner, generation: int | None, spec: InferenceServiceSpec) -> str:
+        """The revision of what the spec's engines run (render/revision.py); cached: no decoding per reconcile."""
+        cached = self._rendered.get(owner.uid or "") if owner.uid else None
+        if cached is not None and generation is not None and cached[0] == generation:
+            return cached[1]
+        return self._render(owner, generation, spec)[0]
+
+    def desired_children(
+        self, owner: Owner, generation: int | None, spec: InferenceServiceSpec, placement: Placement | None = None
+    ) -> list[dict[str, Any]]:
+        placement = placement or Placement()
+        cached = self._desired.get(owner.uid or "") if owner.uid else None
+        if cached is not None and generation is not None and cached[:2] == (generation, placement):
+            children: list[dict[str, Any]] = unpack(cached[2])
+            return children
+        desired = [stamp(m) for m in place(owner.name, self._render(owner, generation, spec)[1], placement)]
+        if owner.uid and generation is not None:
+            self._desired[owner.uid] = (generation, placement, pack(desired))
         return desired
 
     def forget(self, uid: str | None) -> None:
         self._desired.pop(uid or "", None)
+        self._rendered.pop(uid or "", None)
         self._failures.pop(uid or "", None)
 
 
@@ -307,8 +333,15 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
 
     lister = ctx.live_children or partial(live_children, ctx.kube, with_lws=ctx.lws_available())
     live = lister(namespace, name)
-    desired = ctx.desired_children(Owner(name, namespace, uid), generation, spec)
-    plan = plan_children(desired, live, uid)
+    owner = Owner(name, namespace, uid)
+    kinds: PoolKinds = {
+        role: ((LEADER_WORKER_SET.api_version, LEADER_WORKER_SET.kind) if getattr(spec, role).multi_node
+               else (DEPLOYMENT.api_version, DEPLOYMENT.kind)) for role in ROLES}
+    revision = ctx.revision(owner, generation, spec)
+    rollout = (plan_rollout(name, spec, revision, live, kinds) if ctx.versioned_rollouts
+               else plan_in_place(name, revision, live, kinds))
+    desired = ctx.desired_children(owner, generation, spec, rollout.placement)
+    plan = plan_children(desired, live, uid, keep=rollout.keep)
 
     # An autoscaled pool's replicas belong to the autoscaler's field manager. Hand the field over
     # before an apply that omits it, or server-side apply would reset it to the default. A pool whose
@@ -340,6 +373,7 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
             scaled[child_key(manifest)] = _scale(ctx.kube, manifest, replicas, current["metadata"].get("uid"))
 
     results: dict[ChildKey, dict[str, Any]] = {child_key(obj): obj for obj in plan.unchanged}
+    results.update((key, live[key]) for key in rollout.keep if key in live)
     results.update((k, v) for k, v in scaled.items() if k in results)
     outcome.conflicts = [conflict_with(obj) for obj in plan.conflicts]
     # What the API server refuses to store (a spec valid here, but not as a child: e.g. a nodeSelector
@@ -385,7 +419,7 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
         names = ", ".join(f"{kind}/{child}" for _, kind, child in outcome.deleted)
         ctx.record_event(body, "Normal", "Pruned", f"deleted children no longer in the spec: {names}")
 
-    new_status = _observe(ctx, body, spec, results, old_status, now)
+    new_status = _observe(ctx, body, spec, results, old_status, now, rollout, kinds)
     if outcome.conflicts:
         message = "; ".join(str(c) for c in outcome.conflicts)
         new_status["conditions"] = merge_conditions(
@@ -490,38 +524,34 @@ def _observe(
     children: dict[ChildKey, dict[str, Any]],
     old_status: dict[str, Any],
     now: str,
+    rollout: RolloutPlan | None = None,
+    kinds: PoolKinds | None = None,
 ) -> dict[str, Any]:
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
+    kinds = kinds or {role: (DEPLOYMENT.api_version, DEPLOYMENT.kind) for role in ROLES}
+    rollout = rollout or RolloutPlan(Placement(), "a", "")
+    serving = rollout.serving_pools(kinds, name)
     deployments: dict[str, dict[str, Any] | None] = {}
     troubles: dict[str, PodTrouble | None] = {}
     for role in (*ROLES, ROUTER):
-        deployment = children.get(("apps/v1", "Deployment", f"{name}-{role}"))
-        if role in ROLES and getattr(spec, role).multi_node:
-            deployment = children.get((LEADER_WORKER_SET.api_version, LEADER_WORKER_SET.kind, f"{name}-{role}"))
-        deployments[role] = deployment
-        desired, ready, _, _ = deployment_counts(deployment)
-        troubles[role] = None
-        if deployment is not None and ready < desired:
-            # pods to explain the shortfall with exist only once the Deployment's controller made them (a
-            # new service's first reconcile would list 3 empty selections: 3,000 requests for 1,000)
-            pods_made = int((deployment.get("status") or {}).get("replicas", 0)) > 0
-            last = ctx._pods_checked.get((namespace, f"{name}-{role}"), 0.0)
-            if pods_made and time.monotonic() - last >= ctx.pod_check_interval_s:
-                ctx._pods_checked[(namespace, f"{name}-{role}")] = time.monotonic()
-                pods = ctx.kube.list(POD, namespace, f"{SERVICE_LABEL}={name},{ROLE_LABEL}={role}", cached=True)
-                troubles[role] = pod_trouble(pods)
-            else:
-                troubles[role] = _previous_trouble(old_status, role)  # none made, or checked moments ago
-        else:
-            ctx._pods_checked.pop((namespace, f"{name}-{role}"), None)
+        key = serving[role] if role in ROLES else ("apps/v1", "Deployment", f"{name}-{ROUTER}")
+        deployments[role] = children.get(key)
+        troubles[role] = _trouble(ctx, namespace, name, role, key[2], deployments[role], old_status)
+    blocked, message = rollout.blocked, rollout.message
+    for role, key in rollout.target_pools.items():
+        trouble = _trouble(ctx, namespace, name, role, key[2], children.get(key), old_status, rollout=True)
+        if trouble is not None and trouble.unschedulable:
+            blocked = "Unschedulable"
+            message = (f"the {role} pool of revision {rollout.target} cannot be scheduled ({trouble.unschedulable} "
+                       f"pods: {trouble.message}); revision {rollout.serving_revision} goes on serving")
     kv_present = all(("v1", "Service", kv_service_name(name, role)) in children for role in ROLES)
     kv_from_traffic = next((c for c in old_status.get("conditions", []) or [] if c.get("type") == "KVTransferReady"),
                            None)
     conditions = merge_conditions(
         old_status.get("conditions", []),
         [*compute_conditions(deployments, troubles, kv_present, kv_from_traffic),
-         pod_security_condition(spec, RDMA_POD_SECURITY)],
+         pod_security_condition(spec, RDMA_POD_SECURITY), _progressing(rollout, blocked, message)],
         meta.get("generation"),
         now,
     )
@@ -530,10 +560,66 @@ def _observe(
         "observedGeneration": meta.get("generation"),
         "endpoint": endpoint(name, namespace, spec.router.port),
         "conditions": conditions,
+        "revision": rollout.serving_revision,
+        "rollout": _rollout_status(rollout, children, blocked, message, old_status.get("rollout"), now),
     }
     for role in ROLES:
-        status[role] = pool_status(spec, role, deployments[role], old_status.get(role))
+        status[role] = {**pool_status(spec, role, deployments[role], old_status.get(role)),
+                        "workload": serving[role][2]}
     return status
+
+
+def _trouble(ctx: Reconciler, namespace: str, name: str, role: str, workload: str, pool: dict[str, Any] | None,
+             old_status: dict[str, Any], rollout: bool = False) -> PodTrouble | None:
+    """Why a pool's pods are not all Ready (the scheduler's reason), checked at most every pod_check_interval_s."""
+    desired, ready, _, _ = deployment_counts(pool)
+    if pool is None or ready >= desired:
+        ctx._pods_checked.pop((namespace, workload), None)
+        ctx._rollout_troubles.pop((namespace, workload), None)
+        return None
+    # pods to explain the shortfall with exist only once the Deployment's controller made them (a new
+    # service's first reconcile would list 3 empty selections: 3,000 requests for 1,000)
+    pods_made = int((pool.get("status") or {}).get("replicas", 0)) > 0
+    last = ctx._pods_checked.get((namespace, workload), 0.0)
+    if pods_made and time.monotonic() - last >= ctx.pod_check_interval_s:
+        ctx._pods_checked[(namespace, workload)] = time.monotonic()
+        selector = f"{SERVICE_LABEL}={name},{ROLE_LABEL}={role}"
+        if role in ROLES:  # this slot's pods only
+            slot = ((pool.get("metadata") or {}).get("labels") or {}).get(SLOT_LABEL)
+            selector += f",{SLOT_LABEL}={slot}" if slot else f",!{SLOT_LABEL}"
+        trouble = pod_trouble(ctx.kube.list(POD, namespace, selector, cached=True))
+        if rollout:
+            ctx._rollout_troubles[(namespace, workload)] = trouble
+        return trouble
+    if rollout:
+        return ctx._rollout_troubles.get((namespace, workload))
+    return _previous_trouble(old_status, role)  # none made, or checked moments ago
+
+
+def _progressing(rollout: RolloutPlan, blocked: str | None, message: str) -> Cond:
+    """Whether a rollout goes on (as a Deployment's Progressing condition)."""
+    if blocked is not None:
+        return Cond("Progressing", "False", blocked, message)
+    if rollout.phase == "Complete":
+        return Cond("Progressing", "True", "RevisionServing", f"revision {rollout.serving_revision} serves")
+    return Cond("Progressing", "True", f"Rollout{rollout.phase}", message)
+
+
+def _rollout_status(rollout: RolloutPlan, children: dict[ChildKey, dict[str, Any]], blocked: str | None,
+                    message: str, old: dict[str, Any] | None, now: str) -> dict[str, Any] | None:
+    if rollout.phase == "Complete":
+        return None  # the merge patch removes it
+    target = rollout.target or rollout.serving_revision
+    old = old or {}
+    out: dict[str, Any] = {
+        "from": rollout.serving_revision if rollout.target else old.get("from", rollout.serving_revision),
+        "to": target, "phase": "Blocked" if blocked else rollout.phase, "message": message,
+        "startedAt": old.get("startedAt") if old.get("to") == target and old.get("startedAt") else now,
+    }
+    for role, key in rollout.target_pools.items():
+        desired, ready, _, _ = deployment_counts(children.get(key))
+        out[role] = f"{ready}/{desired}"
+    return out
 
 
 def _previous_trouble(status: dict[str, Any], role: str) -> PodTrouble | None:
@@ -564,6 +650,11 @@ def _announce_transitions(ctx: Reconciler, body: dict[str, Any], old: dict[str, 
     before = {c.get("type"): (c.get("status"), c.get("reason")) for c in old.get("conditions", []) or []}
     for cond in new.get("conditions", []):
         if before.get(cond["type"]) == (cond["status"], cond["reason"]):
+            continue
+        if cond["type"] == "Progressing":  # each step of a rollout, its end, and a rollout that cannot go on
+            if cond["type"] in before or cond["reason"] != "RevisionServing":
+                ctx.record_event(body, "Normal" if cond["status"] == "True" else "Warning", cond["reason"],
+                                 cond["message"])
             continue
         if cond["type"] != "Ready" and cond["reason"] != "Unschedulable" and (
                 cond["type"], cond["status"]) != ("PodSecurity", "False"):

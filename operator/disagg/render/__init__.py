@@ -26,6 +26,7 @@ from disagg.render.context import (
     pool_values,
     router_values,
 )
+from disagg.render.revision import Placement, place, revision_of
 from disagg.wellknown import ROLES
 from disagg.yamlio import load_all
 
@@ -91,9 +92,19 @@ def _tidy(manifest: dict[str, Any]) -> dict[str, Any]:
 def render_children(
     owner: Owner, spec: InferenceServiceSpec, catalog: AcceleratorCatalog,
     metrics_scrapers: tuple[NetworkPolicyPeer, ...] = DEFAULT_METRICS_SCRAPERS,
+    placement: Placement | None = None,
 ) -> list[dict[str, Any]]:
     """Every child object of one InferenceService, from its validated spec; `metrics_scrapers` are the
-    operator's default for a spec that names none."""
+    operator's default for a spec that names none; `placement` the slot of its pools and the revision its
+    routers select (render/revision.py; default: slot a, the spec's own revision)."""
+    return place(owner.name, render_unplaced(owner, spec, catalog, metrics_scrapers), placement or Placement())
+
+
+def render_unplaced(
+    owner: Owner, spec: InferenceServiceSpec, catalog: AcceleratorCatalog,
+    metrics_scrapers: tuple[NetworkPolicyPeer, ...] = DEFAULT_METRICS_SCRAPERS,
+) -> list[dict[str, Any]]:
+    """The children before `place`: pools in slot a without a revision, routers selecting any revision."""
     common = {"namespace": owner.namespace, "owner_refs": owner.reference(), "name": owner.name}
     pools: dict[str, Pool] = {role: pool_values(owner, spec, role, catalog) for role in ROLES}
     router = router_values(owner, spec)
@@ -149,4 +160,5 @@ def parse_scrapers(text: str) -> tuple[NetworkPolicyPeer, ...]:
                                    for e in error.errors())) from None
 
 
-__all__ = ["Owner", "parse_scrapers", "render_children", "render_service"]
+__all__ = ["Owner", "Placement", "parse_scrapers", "place", "render_children", "render_service", "render_unplaced",
+           "revision_of"]

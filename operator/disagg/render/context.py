@@ -168,6 +168,10 @@ class Pool:
     """The engine container's preStop command: wait for the routers, then for the requests in flight."""
     group: multinode.Group | None = None
     """A worker over several nodes: the LeaderWorkerSet group's leader and workers (None: a Deployment)."""
+    min_ready_s: int = 10
+    """minReadySeconds of a Deployment pool: a new worker counts as available (and an old one may leave) once
+    Ready this long, two of the routers' health-check intervals: both routers add a worker they discovered
+    after checking its health, and drop a leaving one at once."""
 
 
 def _resources(pool: PoolSpec, resource_name: str, spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -354,11 +358,14 @@ class Router:
     """terminationGracePeriodSeconds: the preStop sleep, then the longest request's stream."""
     prestop_sleep_s: int
     """The preStop hook's sleep: clients stop picking the endpoint before the router stops accepting."""
+    min_ready_s: int
+    """minReadySeconds of the router Deployment: how long a new router is Ready before an old one leaves."""
     metrics_service: str
     """Headless Service `<name>--metrics` (was `<name>-metrics`, and before that `<name>-router` with a
     cluster IP: the reconcile of a service made before creates the new one and deletes the old)."""
 
 
+ROUTER_MIN_READY_S = 5
 ROUTER_HEALTH_CHECK_INTERVAL_S = 5
 ROUTER_HEALTH_CHECK_TIMEOUT_S = 2
 ROUTER_HEALTH_FAILURE_THRESHOLD = 2
@@ -407,5 +414,6 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         liveness_path=router.liveness_path,
         grace_s=router_grace_seconds(spec),
         prestop_sleep_s=ROUTER_DEREGISTER_S,
+        min_ready_s=ROUTER_MIN_READY_S,
         metrics_service=part_name(owner.name, "metrics"),
     )

@@ -100,6 +100,7 @@ class Operator:
         reconciler = Reconciler(
             kube=kube, catalog=catalog, record_event=events.record, applier=applier,
             metrics_scrapers=scrapers_of(settings), live_children=cache.children,
+            versioned_rollouts=settings.versioned_rollouts,
             lws_available=informers.lws_available, lws_reason=informers.lws_reason, lws_listed=informers.lws_listed,
         )
         reconciles = Reconciles(reconciler, index, locks, metrics, cache.synced, workers=settings.workers,

@@ -87,10 +87,23 @@ def pool_counts(deployment: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def workload_of(service: Mapping[str, Any], role: str) -> str:
+    """The Deployment (or LeaderWorkerSet) that serves a pool: `<name>-<role>`, or the other slot's after a
+    rollout (status.<role>.workload, reconcile/rollout.py)."""
+    meta = service.get("metadata") or {}
+    pool = (service.get("status") or {}).get(role) or {}
+    return str(pool.get("workload") or f"{meta.get('name', '')}-{role}")
+
+
+def rolling_out(service: Mapping[str, Any]) -> bool:
+    """A rollout to a new revision is under way: both revisions' pools hold their size until it is over."""
+    return bool((service.get("status") or {}).get("rollout"))
+
+
 def pool_of(index: Index, service: Mapping[str, Any], role: str) -> dict[str, Any] | None:
     """The counts of a service's pool Deployment, if there is one that the service owns."""
     meta = service.get("metadata") or {}
-    deployment = index.deployments.get((meta.get("namespace", ""), f"{meta.get('name', '')}-{role}"))
+    deployment = index.deployments.get((meta.get("namespace", ""), workload_of(service, role)))
     if deployment is None or meta.get("uid") not in deployment.get("metadata", {}).get("owners", []):
         return None
     return deployment
@@ -176,7 +189,8 @@ class Autoscaler:
         observations = self._observe(report, _custom_metrics(spec for _, _, spec in valid))
         now = self.clock()
         for key, body, spec in services:
-            self._autoscale(key, body, spec, observations, report, now)
+            if not rolling_out(body):  # both revisions' pools hold their size until the rollout is over
+                self._autoscale(key, body, spec, observations, report, now)
         if observations is not None:
             for key, _, _ in valid:
                 self._check_kv_path(key, observations, now)
@@ -264,7 +278,7 @@ class Autoscaler:
     ) -> dict[str, Any]:
         """Scale one pool as decided (once per change); returns its status as it should now be."""
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        role, deployment = decision.role, f"{name}-{decision.role}"
+        role, deployment = decision.role, workload_of(body, decision.role)
         pool_status["desiredReplicas"] = decision.desired
         reach = out_of_reach_status(decision, pool_status.get("outOfReach"))
         if reach is not None:
