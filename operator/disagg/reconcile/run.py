@@ -27,7 +27,7 @@ from disagg.kube.client import (
     Kube,
     kind_of,
 )
-from disagg.reconcile import POOL_KINDS, ChildKey, child_key, owned_by, pack, plan_children, stamp, unpack
+from disagg.reconcile import POOL_KINDS, ChildKey, Plan, child_key, owned_by, pack, plan_children, stamp, unpack
 from disagg.reconcile.diff import contains
 from disagg.reconcile.rollout import PoolKinds, RolloutPlan, plan_in_place, plan_rollout
 from disagg.reconcile.status import (
@@ -283,18 +283,10 @@ def _report_failure(ctx: Reconciler, body: dict[str, Any], error: Exception) -> 
 def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta.get("uid")
-    generation = meta.get("generation")
     old_status: dict[str, Any] = dict(body.get("status") or {})
     outcome = Outcome()
     now = _timestamp(ctx.clock())
-    if LEGACY_FINALIZER in (meta.get("finalizers") or []):
-        # an earlier version's kopf timers left this finalizer; nothing needs it (children go with
-        # their owner references), and it blocks deletion whenever no operator runs
-        ctx.kube.request(
-            "PATCH", INFERENCE_SERVICE.path(namespace, name),
-            body={"metadata": {"finalizers": [f for f in meta["finalizers"] if f != LEGACY_FINALIZER]}},
-            content_type="application/merge-patch+json",
-        )
+    _drop_legacy_finalizer(ctx, meta)
     if meta.get("deletionTimestamp"):
         return outcome  # the garbage collector removes the children through their owner references
 
@@ -303,14 +295,8 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     except InvalidSpec as error:
         # Nothing running is touched: only the status says what is wrong.
         outcome.invalid = str(error)
-        conditions = invalid_conditions(old_status.get("conditions", []), str(error), generation, now)
-        new_status = {**old_status, "conditions": conditions, "observedGeneration": generation}
-        if _status_differs(old_status, new_status):
-            outcome.status_object = ctx.kube.patch_status(namespace, name, new_status)
-            outcome.status_written = True
-            if _ready_reason(old_status) != ("InvalidSpec", str(error)):
-                ctx.record_event(body, "Warning", "InvalidSpec", str(error))
-        return outcome
+        conditions = invalid_conditions(old_status.get("conditions", []), str(error), meta.get("generation"), now)
+        return _hold(ctx, body, old_status, conditions, "InvalidSpec", str(error), outcome)
 
     multi_node = [role for role in ROLES if getattr(spec, role).multi_node]
     if multi_node and not ctx.lws_available():
@@ -320,14 +306,8 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
                    "(parallelism and nodes)")
         outcome.invalid = message
         conditions = merge_conditions(old_status.get("conditions", []),
-                                      [Cond("Ready", "False", LWS_UNAVAILABLE, message)], generation, now)
-        new_status = {**old_status, "conditions": conditions, "observedGeneration": generation}
-        if _status_differs(old_status, new_status):
-            outcome.status_object = ctx.kube.patch_status(namespace, name, new_status)
-            outcome.status_written = True
-            if _ready_reason(old_status) != (LWS_UNAVAILABLE, message):
-                ctx.record_event(body, "Warning", LWS_UNAVAILABLE, message)
-        return outcome
+                                      [Cond("Ready", "False", LWS_UNAVAILABLE, message)], meta.get("generation"), now)
+        return _hold(ctx, body, old_status, conditions, LWS_UNAVAILABLE, message, outcome)
     if multi_node and not ctx.lws_listed():
         return outcome  # the LeaderWorkerSet watch is still listing: a later reconcile sees them
 
@@ -337,16 +317,54 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
     kinds: PoolKinds = {
         role: ((LEADER_WORKER_SET.api_version, LEADER_WORKER_SET.kind) if getattr(spec, role).multi_node
                else (DEPLOYMENT.api_version, DEPLOYMENT.kind)) for role in ROLES}
-    revision = ctx.revision(owner, generation, spec)
+    revision = ctx.revision(owner, meta.get("generation"), spec)
     rollout = (plan_rollout(name, spec, revision, live, kinds) if ctx.versioned_rollouts
                else plan_in_place(name, revision, live, kinds))
-    desired = ctx.desired_children(owner, generation, spec, rollout.placement)
+    desired = ctx.desired_children(owner, meta.get("generation"), spec, rollout.placement)
     plan = plan_children(desired, live, uid, keep=rollout.keep)
+    scaled = _hand_over_replicas(ctx, desired, live, plan, uid)
 
-    # An autoscaled pool's replicas belong to the autoscaler's field manager. Hand the field over
-    # before an apply that omits it, or server-side apply would reset it to the default. A pool whose
-    # replicas no manager owns still has the API server's default: it was created, but the operator
-    # stopped before setting its initial replicas (below); set them now.
+    results: dict[ChildKey, dict[str, Any]] = {child_key(obj): obj for obj in plan.unchanged}
+    results.update((key, live[key]) for key in rollout.keep if key in live)
+    results.update((k, v) for k, v in scaled.items() if k in results)
+    outcome.conflicts = [conflict_with(obj) for obj in plan.conflicts]
+    refused = _write_plan(ctx, namespace, plan, live, uid, results, outcome)
+    _announce_writes(ctx, body, live, outcome)
+    new_status = _observe(ctx, body, spec, results, old_status, now, rollout, kinds)
+    return _finish(ctx, body, old_status, new_status, refused, outcome, now)
+
+
+def _drop_legacy_finalizer(ctx: Reconciler, meta: dict[str, Any]) -> None:
+    """An earlier version's kopf timers left a finalizer; nothing needs it (children go with their owner
+    references), and it blocks deletion whenever no operator runs."""
+    if LEGACY_FINALIZER in (meta.get("finalizers") or []):
+        ctx.kube.request(
+            "PATCH", INFERENCE_SERVICE.path(meta["namespace"], meta["name"]),
+            body={"metadata": {"finalizers": [f for f in meta["finalizers"] if f != LEGACY_FINALIZER]}},
+            content_type="application/merge-patch+json",
+        )
+
+
+def _hold(ctx: Reconciler, body: dict[str, Any], old_status: dict[str, Any], conditions: list[dict[str, Any]],
+          reason: str, message: str, outcome: Outcome) -> Outcome:
+    """A service that cannot be served as specified: its status says why (an Event when the reason is new),
+    its children stay as they are."""
+    new_status = {**old_status, "conditions": conditions, "observedGeneration": body["metadata"].get("generation")}
+    if _status_differs(old_status, new_status):
+        meta = body["metadata"]
+        outcome.status_object = ctx.kube.patch_status(meta["namespace"], meta["name"], new_status)
+        outcome.status_written = True
+        if _ready_reason(old_status) != (reason, message):
+            ctx.record_event(body, "Warning", reason, message)
+    return outcome
+
+
+def _hand_over_replicas(ctx: Reconciler, desired: list[dict[str, Any]], live: dict[ChildKey, dict[str, Any]],
+                        plan: Plan, uid: str | None) -> dict[ChildKey, dict[str, Any]]:
+    """An autoscaled pool's replicas belong to the autoscaler's field manager. Hand the field over before an
+    apply that omits it, or server-side apply would reset it to the default. A pool whose replicas no manager
+    owns still has the API server's default: it was created, but the operator stopped before setting its
+    initial replicas; set them now."""
     to_apply = {child_key(m) for m in plan.apply}
     scaled: dict[ChildKey, dict[str, Any]] = {}
     for manifest in desired:
@@ -358,9 +376,9 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
             created_autoscaled = (current["metadata"].get("annotations") or {}).get(AUTOSCALED_ANNOTATION) == "true"
             if not _owns_replicas(current, None, but_a_create=created_autoscaled):
                 # Still the API server's default: never scaled since it was created, so it gets its
-                # initial count (unless that is the default too, see create_scaled below). Any other
-                # count was set by hand through the scale subresource, which records no owner for a
-                # field nobody owned: it stays, for the autoscaler to take over.
+                # initial count (unless that is the default too, see create_scaled). Any other count was
+                # set by hand through the scale subresource, which records no owner for a field nobody
+                # owned: it stays, for the autoscaler to take over.
                 replicas = int(manifest["metadata"]["annotations"][INITIAL_REPLICAS_ANNOTATION])
                 if int(current.get("spec", {}).get("replicas", DEFAULT_REPLICAS)) != DEFAULT_REPLICAS:
                     continue
@@ -371,13 +389,14 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
             else:
                 continue
             scaled[child_key(manifest)] = _scale(ctx.kube, manifest, replicas, current["metadata"].get("uid"))
+    return scaled
 
-    results: dict[ChildKey, dict[str, Any]] = {child_key(obj): obj for obj in plan.unchanged}
-    results.update((key, live[key]) for key in rollout.keep if key in live)
-    results.update((k, v) for k, v in scaled.items() if k in results)
-    outcome.conflicts = [conflict_with(obj) for obj in plan.conflicts]
-    # What the API server refuses to store (a spec valid here, but not as a child: e.g. a nodeSelector
-    # that is no label, duplicate env names) is reported like an invalid spec; that child stays as it was.
+
+def _write_plan(ctx: Reconciler, namespace: str, plan: Plan, live: dict[ChildKey, dict[str, Any]],
+                uid: str | None, results: dict[ChildKey, dict[str, Any]], outcome: Outcome) -> list[str]:
+    """Creates, applies, sets initial counts and deletes as planned; what the API server refused to store (a
+    spec valid here, but not as a child: e.g. a nodeSelector that is no label) is returned, reported like an
+    invalid spec, and that child stays as it was."""
     refused: list[str] = []
     writes: list[tuple[dict[str, Any], dict[str, Any] | None]] = [(m, None) for m in plan.create]
     writes += [(m, live[child_key(m)]) for m in plan.apply]
@@ -407,10 +426,13 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
         if key in created and initial != DEFAULT_REPLICAS:
             results[key] = _scale(ctx.kube, manifest, initial, results[key]["metadata"].get("uid"))
     for obj in plan.delete:
-        kind = kind_of(obj)
-        ctx.kube.delete(kind, namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
+        ctx.kube.delete(kind_of(obj), namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
         outcome.deleted.append(child_key(obj))
+    return refused
 
+
+def _announce_writes(ctx: Reconciler, body: dict[str, Any], live: dict[ChildKey, dict[str, Any]],
+                     outcome: Outcome) -> None:
     if outcome.applied:
         names = ", ".join(f"{kind}/{child}" for _, kind, child in outcome.applied)
         verb = "Created" if not live else "Updated"
@@ -419,7 +441,11 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
         names = ", ".join(f"{kind}/{child}" for _, kind, child in outcome.deleted)
         ctx.record_event(body, "Normal", "Pruned", f"deleted children no longer in the spec: {names}")
 
-    new_status = _observe(ctx, body, spec, results, old_status, now, rollout, kinds)
+
+def _finish(ctx: Reconciler, body: dict[str, Any], old_status: dict[str, Any], new_status: dict[str, Any],
+            refused: list[str], outcome: Outcome, now: str) -> Outcome:
+    """The status from what the children are, conflicts and refusals over it; written when it changed."""
+    generation = body["metadata"].get("generation")
     if outcome.conflicts:
         message = "; ".join(str(c) for c in outcome.conflicts)
         new_status["conditions"] = merge_conditions(
@@ -431,7 +457,8 @@ def _reconcile(ctx: Reconciler, body: dict[str, Any]) -> Outcome:
             new_status["conditions"], [Cond("Ready", "False", "InvalidSpec", outcome.invalid)], generation, now
         )
     if _status_differs(old_status, new_status):
-        outcome.status_object = ctx.kube.patch_status(namespace, name, new_status)
+        meta = body["metadata"]
+        outcome.status_object = ctx.kube.patch_status(meta["namespace"], meta["name"], new_status)
         outcome.status_written = True
         _announce_transitions(ctx, body, old_status, new_status)
     return outcome
@@ -452,54 +479,70 @@ Deployment whose ServiceAccount does not exist yet (the ReplicaSet controller th
 a growing delay)."""
 
 
+Answer = dict[str, Any] | ApiError | ChildConflict
+"""What writing one child gave: the object, the error, or the conflict."""
+
+
 def _write_children(
     ctx: Reconciler, writes: list[tuple[dict[str, Any], dict[str, Any] | None]], owner_uid: str | None
-) -> list[dict[str, Any] | ApiError | ChildConflict]:
+) -> list[Answer]:
     """Creates each child without a live object (a create never touches an existing one) and applies
-    the others, each only to the object of the live one's uid; the answers (the object, the error, or
-    the conflict) in the same order. The `APPLIED_FIRST` kinds go first, then all the others: each
-    group at once on `ctx.applier`."""
-
-    def write(item: tuple[dict[str, Any], dict[str, Any] | None]) -> dict[str, Any] | ApiError | ChildConflict:
-        manifest, current = item
-        kind, meta = kind_of(manifest), manifest["metadata"]
-        # status reads only the pools back; of the rest it needs to know they exist
-        read_back = manifest["kind"] in POOL_KINDS
-        try:
-            if current is None:
-                try:
-                    created: dict[str, Any] = ctx.kube.create(manifest)
-                    return created if read_back else manifest
-                except ApiError as error:
-                    if error.status != 409:
-                        raise
-                # a child the watch has not shown yet, one whose labels were edited away, or another's
-                current = ctx.kube.get(kind, meta["namespace"], meta["name"])
-                if current is None:
-                    return ApiError(409, f"{manifest['kind']}/{meta['name']} was deleted while being created")
-                current.setdefault("kind", manifest["kind"])
-                if not owned_by(current, owner_uid):
-                    return conflict_with(current)
-                if contains(manifest, current):
-                    return current
-            if _set_by_update(current):
-                autoscaled = manifest["kind"] in POOL_KINDS and "replicas" not in manifest["spec"]
-                ctx.kube.claim_fields(kind, meta["namespace"], meta["name"], leave=("replicas",) if autoscaled else ())
-            return ctx.kube.apply(manifest, read_back=read_back, uid=current["metadata"].get("uid"))
-        except ApiError as error:
-            if error.status in (409, 422) and "uid" in error.message:
-                # the object was replaced since it was seen: whatever holds the name now is not ours
-                replaced = ctx.kube.get(kind, meta["namespace"], meta["name"])
-                if replaced is not None and not owned_by(replaced, owner_uid):
-                    return conflict_with({**replaced, "kind": manifest["kind"]})
-            return error
-
+    the others, each only to the object of the live one's uid; the answers in the same order. The
+    `APPLIED_FIRST` kinds go first, then all the others: each group at once on `ctx.applier`."""
     each = ctx.applier.map if ctx.applier is not None else map
-    answers: dict[int, dict[str, Any] | ApiError | ChildConflict] = {}
+    answers: dict[int, Answer] = {}
     for first in (True, False):
         group = [i for i, (m, _) in enumerate(writes) if (m["kind"] in APPLIED_FIRST) == first]
-        answers.update(zip(group, each(write, [writes[i] for i in group]), strict=True))
+        answers.update(zip(group, each(partial(_write_child, ctx, owner_uid), [writes[i] for i in group]),
+                           strict=True))
     return [answers[i] for i in range(len(writes))]
+
+
+def _write_child(ctx: Reconciler, owner_uid: str | None, item: tuple[dict[str, Any], dict[str, Any] | None]) -> Answer:
+    manifest, current = item
+    kind, meta = kind_of(manifest), manifest["metadata"]
+    # status reads only the pools back; of the rest it needs to know they exist
+    read_back = manifest["kind"] in POOL_KINDS
+    try:
+        if current is None:
+            created = _create_child(ctx, manifest, owner_uid, read_back)
+            if not isinstance(created, tuple):
+                return created
+            current = created[0]
+        if _set_by_update(current):
+            autoscaled = manifest["kind"] in POOL_KINDS and "replicas" not in manifest["spec"]
+            ctx.kube.claim_fields(kind, meta["namespace"], meta["name"], leave=("replicas",) if autoscaled else ())
+        return ctx.kube.apply(manifest, read_back=read_back, uid=current["metadata"].get("uid"))
+    except ApiError as error:
+        if error.status in (409, 422) and "uid" in error.message:
+            # the object was replaced since it was seen: whatever holds the name now is not ours
+            replaced = ctx.kube.get(kind, meta["namespace"], meta["name"])
+            if replaced is not None and not owned_by(replaced, owner_uid):
+                return conflict_with({**replaced, "kind": manifest["kind"]})
+        return error
+
+
+def _create_child(ctx: Reconciler, manifest: dict[str, Any], owner_uid: str | None,
+                  read_back: bool) -> Answer | tuple[dict[str, Any]]:
+    """The created child; or, when one of that name exists already, the answer for it (ours and as wanted,
+    another's, gone meanwhile), or (it,) when it is ours and must be applied over."""
+    kind, meta = kind_of(manifest), manifest["metadata"]
+    try:
+        created: dict[str, Any] = ctx.kube.create(manifest)
+        return created if read_back else manifest
+    except ApiError as error:
+        if error.status != 409:
+            raise
+    # a child the watch has not shown yet, one whose labels were edited away, or another's
+    current = ctx.kube.get(kind, meta["namespace"], meta["name"])
+    if current is None:
+        return ApiError(409, f"{manifest['kind']}/{meta['name']} was deleted while being created")
+    current.setdefault("kind", manifest["kind"])
+    if not owned_by(current, owner_uid):
+        return conflict_with(current)
+    if contains(manifest, current):
+        return current
+    return (current,)
 
 
 def _set_by_update(obj: dict[str, Any]) -> bool:
