@@ -354,8 +354,9 @@ def test_c_rollouts_under_load_never_mix_revisions(operations: LabServices) -> N
             assert row["failed"] == 0, row
             assert row["mixed"] == 0 and row["refused_by_engines"] == 0, row
             if NEW_REVISION[event]:
-                # the new revision came up beside the serving one
-                assert any(p.startswith("Starting@") for p in row["phases"]), row
+                # the new revision came up beside the serving one (a 1-s sample may miss Starting; the routers
+                # switch only once both new pools are ready)
+                assert any(p.startswith(("Starting@", "Switching@")) for p in row["phases"]), row
     if out := os.environ.get("DISAGG_OPERATIONS_JSON"):
         with open(out, "w") as handle:
             json.dump(table, handle, indent=1)

@@ -238,6 +238,23 @@ def child_versions(env: Env, namespace: str, name: str) -> dict[tuple[str, str],
     }
 
 
+def wait_available(env: Env, ops: Operators, namespace: str, name: str) -> None:
+    """Every Deployment of the service rolled out and its pods available: the Deployment controller's last
+    status write (`minReadySeconds` after the pods turn Ready) is behind us."""
+    def available() -> bool:
+        for child in env.cluster.children(namespace, f"{SERVICE_LABEL}={name}"):
+            if child.get("kind") != "Deployment":
+                continue
+            status, want = child.get("status") or {}, (child.get("spec") or {}).get("replicas", 1)
+            if status.get("observedGeneration") != child["metadata"].get("generation"):
+                return False
+            if status.get("availableReplicas", 0) != want or status.get("updatedReplicas", 0) != want:
+                return False
+        return True
+
+    wait_until(available, 60, f"the Deployments of {namespace}/{name} available", ops.diagnostics())
+
+
 def warning_events(env: Env, namespace: str, name: str, reason: str) -> list[Any]:
     events = env.cluster.core.list_namespaced_event(
         namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=InferenceService"
@@ -595,6 +612,7 @@ def test_invalid_edit_leaves_running_pools_exactly_as_they_were(env: Env, ns: st
     operators.start(ns)
     apply_services(env, ns, [manifest])
     wait_ready(env, operators, ns, name)
+    wait_available(env, operators, ns, name)
     before = child_versions(env, ns, name)
     pods_before = sorted(p.metadata.name for p in env.cluster.pods(ns, f"{SERVICE_LABEL}={name}"))
 
