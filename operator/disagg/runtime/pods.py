@@ -116,15 +116,17 @@ def http_json(method: str, url: str) -> Any:
 
 
 class RouterWorkers:
-    """Every `ROUTER_CHECK_S`: each Ready router's `GET /workers` against its service's live pods; workers
-    no pod is behind for two checks are removed with `DELETE /workers/<id>`. A router without that API
-    (vllm-router drops a worker itself when its pod turns NotReady) is left alone."""
+    """Every `ROUTER_CHECK_S`: each Ready router's `GET /workers` against its service's pods. A worker whose pod
+    is leaving is removed at once (and a pod's deletion wakes a check), one no pod is behind after two checks;
+    with sglang-router's `DELETE /workers/<id>` or vllm-router's `DELETE /workers/<url>`."""
 
     def __init__(self, pods: Callable[[], list[PodView]], record_event: EventRecorder,
-                 is_active: Callable[[], bool], api: RouterApi = http_json) -> None:
-        self.pods, self.record_event, self.is_active, self.api = pods, record_event, is_active, api
+                 is_active: Callable[[], bool], api: RouterApi = http_json,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.pods, self.record_event, self.is_active, self.api, self.clock = pods, record_event, is_active, api, clock
         self.tracker = StaleTracker()
         self.stop_event = threading.Event()
+        self.wake = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="disagg-router-workers")
 
     def start(self) -> None:
@@ -132,32 +134,52 @@ class RouterWorkers:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.wake.set()
+
+    def leaving(self) -> None:
+        """A worker's pod got its deletion timestamp: check the routers now rather than at the next round."""
+        self.wake.set()
 
     def _run(self) -> None:
-        while not self.stop_event.wait(ROUTER_CHECK_S):
+        next_round = self.clock() + ROUTER_CHECK_S
+        while not self.stop_event.is_set():
+            woken = self.wake.wait(max(0.0, next_round - self.clock()))
+            self.wake.clear()
+            if self.stop_event.is_set():
+                return
+            regular = self.clock() >= next_round
+            if regular:
+                next_round = self.clock() + ROUTER_CHECK_S
+            elif not woken:
+                continue
             if self.is_active():
                 try:
-                    self.check()
+                    self.check(count=regular)
                 except Exception:  # a check must never end the loop
                     log.exception("router worker check failed")
 
-    def check(self) -> list[tuple[str, StaleWorker]]:
-        """One round over every router; the workers removed."""
+    def check(self, count: bool = True) -> list[tuple[str, StaleWorker]]:
+        """One round over every router; the workers removed. With `count` false only leaving workers go (the
+        two-check rule counts regular rounds only)."""
         pods = self.pods()
         current: dict[tuple[str, str], dict[str, set[str]]] = {}
+        leaving: dict[tuple[str, str], dict[str, set[str]]] = {}
         for pod in pods:
-            if pod.role in ROLES and pod.url and not pod.deleting:
-                current.setdefault((pod.namespace, pod.service), {}).setdefault(pod.role, set()).add(pod.url)
+            if pod.role in ROLES and pod.url:
+                into = leaving if pod.deleting else current
+                into.setdefault((pod.namespace, pod.service), {}).setdefault(pod.role, set()).add(pod.url)
         routers = [p for p in pods if p.role == ROUTER and p.ready and p.url and not p.deleting]
         self.tracker.forget({f"{r.namespace}/{r.name}" for r in routers})
         removed = []
         for router in routers:
             key = f"{router.namespace}/{router.name}"
+            service = (router.namespace, router.service)
             try:
                 listed = listed_workers(self.api("GET", f"{router.url}/workers"))
             except (OSError, ValueError):
                 continue  # no such API, or the router is busy: next round
-            for worker in self.tracker.check(key, listed, current.get((router.namespace, router.service), {})):
+            going = leaving.get(service, {})
+            for worker in self.tracker.check(key, listed, current.get(service, {}), going, count=count):
                 try:
                     self.api("DELETE", f"{router.url}/workers/{quote(worker.worker_id, safe='')}")
                 except (OSError, ValueError) as error:
@@ -165,9 +187,14 @@ class RouterWorkers:
                     continue
                 self.tracker.removed(key, worker)
                 removed.append((key, worker))
-                message = (f"router {router.name} still listed {worker.role} worker {worker.url}, which no pod of "
-                           "this service has been for two checks (its pod was deleted while NotReady, which the "
-                           "router does not see): removed through the router's API")
+                if worker.url in going.get(worker.role, set()):
+                    message = (f"router {router.name} still listed {worker.role} worker {worker.url}, whose pod is "
+                               "being deleted: removed through the router's API so that it gets no new request "
+                               "while it drains")
+                else:
+                    message = (f"router {router.name} still listed {worker.role} worker {worker.url}, which no pod "
+                               "of this service has been for two checks (its pod was deleted while NotReady, which "
+                               "the router does not see): removed through the router's API")
                 log.info("%s", message)
                 self.record_event({"metadata": {"namespace": router.namespace, "name": router.service}},
                                   "Normal", "RouterWorkerRemoved", message)
@@ -218,9 +245,12 @@ class OperatorPods:
         view = pod_view(pod)
         uid = str((pod.get("metadata") or {}).get("uid"))
         with self._guard:
+            before = self._views.get(uid)
             if view is None:
                 self._views.pop(uid, None)
             else:
                 self._views[uid] = view
+        if view is not None and view.role in ROLES and view.deleting and (before is None or not before.deleting):
+            self.routers.leaving()
         if view is not None and view.role in ROLES:
             self.restarts.seen(pod)
