@@ -216,3 +216,60 @@ def test_a_pods_deletion_wakes_the_router_check_once() -> None:
     operator.routers.wake.clear()
     operator._seen(decode)
     assert not operator.routers.wake.is_set(), "only its first sight as leaving wakes the check"
+
+
+class StatusKube:
+    """An InferenceService's status, as the condition writer reads and merge-patches it."""
+
+    def __init__(self) -> None:
+        self.body: dict[str, Any] = {"metadata": {"namespace": "serving", "name": "vllm", "generation": 3},
+                                     "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+        self.writes = 0
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.body)
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.writes += 1
+        self.body["status"].update(status)
+        return self.body
+
+    def condition(self) -> tuple[str, str, str]:
+        cond = next(c for c in self.body["status"]["conditions"] if c["type"] == "RouterWorkers")
+        return cond["status"], cond["reason"], cond["message"]
+
+
+def test_a_router_with_no_healthy_decode_says_so_in_the_status_once_and_recovers() -> None:
+    pods = [view("vllm-router-x", "router", "http://127.0.0.9:8000"),
+            view("vllm-prefill-a", "prefill", "http://127.0.0.2:8000"),
+            view("vllm-decode-a", "decode", "http://127.0.0.1:8000")]
+    healthy = {"http://127.0.0.2:8000": True, "http://127.0.0.1:8000": True}
+
+    def router(method: str, url: str) -> Any:
+        return {"workers": [{"url": u, "worker_type": "prefill" if u.endswith("2:8000") else "decode",
+                             "is_healthy": ok} for u, ok in healthy.items()]}
+
+    kube = StatusKube()
+    events: list[tuple[str, str]] = []
+    workers = RouterWorkers(lambda: pods, lambda obj, kind, reason, message: events.append((kind, reason)),
+                            lambda: True, api=router, kube=cast(Kube, kube))
+    workers.check()
+    assert kube.condition()[:2] == ("True", "WorkersHealthy") and events == []
+    healthy["http://127.0.0.1:8000"] = False  # the router's health checks failed on a Ready pod
+    workers.check()
+    status, reason, message = kube.condition()
+    assert (status, reason) == ("False", "NoHealthyDecode") and "vllm-router-x" in message, message
+    assert "1 decode pods Ready" in message and events == [("Warning", "NoHealthyDecode")]
+    writes = kube.writes
+    workers.check()
+    workers.check()
+    assert kube.writes == writes, "an unchanged condition is not written again"
+    kube.body["status"]["conditions"] = [{"type": "Ready", "status": "True"}]  # another writer dropped it
+    for _ in range(12):
+        workers.check()
+    assert kube.condition()[:2] == ("False", "NoHealthyDecode"), "a False condition is read back and restored"
+    healthy["http://127.0.0.1:8000"] = True
+    workers.check()
+    assert kube.condition()[:2] == ("True", "WorkersHealthy")
+    assert events[-1] == ("Normal", "RouterWorkersHealthy")
+    assert [c["type"] for c in kube.body["status"]["conditions"]] == ["Ready", "RouterWorkers"]
