@@ -273,3 +273,16 @@ def test_a_router_with_no_healthy_decode_says_so_in_the_status_once_and_recovers
     assert kube.condition()[:2] == ("True", "WorkersHealthy")
     assert events[-1] == ("Normal", "RouterWorkersHealthy")
     assert [c["type"] for c in kube.body["status"]["conditions"]] == ["Ready", "RouterWorkers"]
+
+
+def test_a_leaving_worker_that_is_a_routers_last_healthy_one_of_its_role_stays_until_another_is_listed() -> None:
+    pods = [view("vllm-router-x", "router", "http://127.0.0.9:8000"),
+            leaving("vllm-prefill-b", "prefill", "http://127.0.0.3:8000"),
+            view("vllm-prefill-new", "prefill", "http://127.0.0.4:8000"),
+            view("vllm-decode-a", "decode", "http://127.0.0.1:8000")]
+    router = VllmRouter([("http://127.0.0.3:8000", "prefill"), ("http://127.0.0.1:8000", "decode")])
+    workers = RouterWorkers(lambda: pods, lambda *args: None, lambda: True, api=router)
+    assert workers.check(count=False) == [] and workers.check() == [] and workers.check() == [], \
+        "the router added no replacement yet"
+    router.workers["http://127.0.0.4:8000"] = "prefill"
+    assert [w.url for _, w in workers.check(count=False)] == ["http://127.0.0.3:8000"]

@@ -9,9 +9,10 @@ those whose address has been no pod of the service's pool for two checks in a ro
 reaches the router's watch and the operator's at about the same time; twice leaves room for either).
 
 A worker whose pod is leaving (it has a deletion timestamp: scale-down, rollout, node drain, eviction) is
-removed at the next check, from every router: vllm-router (0.1.17) handles its pod events one at a time and
-was seen to drop a leaving prefill 21 s after its deletion, after the engine's drain had ended, and 6 requests
-of 159 it still sent there failed.
+removed at the next check, from every router that lists another healthy worker of its role: vllm-router
+(0.1.17) handles its pod events one at a time and was seen to drop a leaving prefill 21 s after its deletion,
+after the engine's drain had ended, and 6 requests of 159 it still sent there failed. Removing the last one
+instead fails every request until the router adds a replacement (49 of 159 in the same drain).
 
 The two routers' APIs: `GET /workers` lists `{"workers": [{url, worker_type, is_healthy, ...}]}`; sglang-router
 names each worker with an `id` and removes it with `DELETE /workers/<id>`, vllm-router has no id and removes
@@ -67,9 +68,13 @@ class StaleTracker:
               leaving: Mapping[str, set[str]], count: bool = True) -> list[StaleWorker]:
         """The workers of `router` to remove now: `current` is role -> the URLs of the pool's live pods,
         `leaving` those of its pods being deleted (removed at once). With `count` false (a check between the
-        regular ones) only leaving workers are due and no miss is counted."""
-        stale = [w for w in listed if w.url not in current.get(w.role, set())]
-        due = [w for w in stale if w.url in leaving.get(w.role, set())]
+        regular ones) only leaving workers are due and no miss is counted. A leaving worker stays while it is the
+        router's last healthy one of its role: it still answers while it drains, and a router may add a
+        replacement late (vllm-router waits for a new worker's health check before it handles the next pod)."""
+        stale = [w for w in listed if w.url not in current.get(w.role, set()) | leaving.get(w.role, set())]
+        going = [w for w in listed if w.url in leaving.get(w.role, set())]
+        staying = {w.role for w in listed if w.healthy and w.url in current.get(w.role, set())}
+        due = [w for w in going if w.role in staying]
         if count:
             seen = {(router, w.worker_id) for w in stale}
             for key in [k for k in self._misses if k[0] == router and k not in seen]:
@@ -77,7 +82,7 @@ class StaleTracker:
             for worker in stale:
                 key = (router, worker.worker_id)
                 self._misses[key] = self._misses.get(key, 0) + 1
-                if self._misses[key] >= CHECKS_BEFORE_REMOVAL and worker not in due:
+                if self._misses[key] >= CHECKS_BEFORE_REMOVAL:
                     due.append(worker)
         return due[:MAX_REMOVALS]
 
