@@ -164,8 +164,8 @@ async def until_whole(env: LabServices, service: str, counts: dict[str, int], ti
 
 
 def stale_router_workers(env: LabServices, service: str) -> list[str]:
-    """Workers a router of the service lists (`GET /workers`, where the router has it: sglang-router) that
-    no live pod of the service is."""
+    """Workers a router of the service lists (`GET /workers`: both routers give each worker's url) that no
+    live pod of the service is."""
     live = {f"http://{p.status.pod_ip}:{env.engine_port(service)}" for r in ("prefill", "decode")
             for p in env.pods(service, r) if p.status.pod_ip}
     stale = []

@@ -4,11 +4,12 @@ identity at the old address), once per pod, within a per-service budget; nothing
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote
 
-from disagg.kube.client import Kind
+from disagg.kube.client import Kind, Kube
 from disagg.reconcile.restarts import BURST, ReplacementBudget, restarted_engine
-from disagg.runtime.pods import PodView, RestartedEngines, RouterWorkers
+from disagg.runtime.pods import OperatorPods, PodView, RestartedEngines, RouterWorkers
 
 
 def pod(name: str = "vllm-decode-abc", role: str = "decode", restarts: int = 1, ready: bool = False,
@@ -148,3 +149,140 @@ def test_a_worker_whose_pod_appears_in_between_is_kept_and_routers_without_the_a
 
     quiet = RouterWorkers(lambda: pods, lambda *args: None, lambda: True, api=no_api)
     assert quiet.check() == [] and quiet.check() == []
+
+
+class VllmRouter:
+    """vllm-router's worker API: `GET /workers` without ids, `DELETE /workers/<percent-encoded URL>`."""
+
+    def __init__(self, workers: list[tuple[str, str]]) -> None:
+        self.workers = dict(workers)
+        self.deleted: list[str] = []
+
+    def __call__(self, method: str, url: str) -> Any:
+        if method == "GET":
+            return {"workers": [{"url": u, "worker_type": r, "is_healthy": True, "load": 0}
+                                for u, r in self.workers.items()], "total": len(self.workers)}
+        worker = unquote(url.split("/workers/", 1)[1])
+        self.deleted.append(worker)
+        self.workers.pop(worker)
+        return {"success": True}
+
+
+def leaving(name: str, role: str, url: str) -> PodView:
+    return PodView("serving", name, "vllm", role, url, True, deleting=True)
+
+
+def test_a_leaving_worker_leaves_every_router_at_the_next_check_vllm_router_included() -> None:
+    pods = [view("vllm-router-x", "router", "http://127.0.0.9:8000"),
+            view("vllm-router-y", "router", "http://127.0.0.8:8000"),
+            view("vllm-prefill-a", "prefill", "http://127.0.0.2:8000"),
+            leaving("vllm-prefill-b", "prefill", "http://127.0.0.3:8000"),
+            view("vllm-decode-a", "decode", "http://127.0.0.1:8000")]
+    listed = [("http://127.0.0.2:8000", "prefill"), ("http://127.0.0.3:8000", "prefill"),
+              ("http://127.0.0.1:8000", "decode")]
+    routers = {"http://127.0.0.9:8000": VllmRouter(listed), "http://127.0.0.8:8000": VllmRouter(listed)}
+
+    def api(method: str, url: str) -> Any:
+        return routers[url.split("/workers", 1)[0]](method, url)
+
+    events: list[str] = []
+    workers = RouterWorkers(lambda: pods, lambda obj, kind, reason, message: events.append(message), lambda: True,
+                            api=api)
+    removed = workers.check(count=False)
+    assert sorted(router for router, _ in removed) == ["serving/vllm-router-x", "serving/vllm-router-y"]
+    for router in routers.values():
+        assert router.deleted == ["http://127.0.0.3:8000"]
+        assert sorted(router.workers) == ["http://127.0.0.1:8000", "http://127.0.0.2:8000"]
+    assert len(events) == 2 and all("being deleted" in message for message in events)
+
+
+def test_a_check_between_rounds_removes_only_leaving_workers_and_counts_no_miss() -> None:
+    pods = [view("vllm-router-x", "router", "http://127.0.0.9:8000")]
+    router = FakeRouter([("gone", "http://127.0.0.3:8000", "decode")])
+    workers = RouterWorkers(lambda: pods, lambda *args: None, lambda: True, api=router)
+    assert workers.check(count=False) == [] and workers.check(count=False) == []
+    assert workers.check() == [], "between-round checks are no misses: the first regular one only notes it"
+    assert [w.worker_id for _, w in workers.check()] == ["gone"]
+
+
+def test_a_pods_deletion_wakes_the_router_check_once() -> None:
+    operator = OperatorPods(cast(Kube, None), ["serving"], lambda *args: None, lambda: False)
+    decode = pod("vllm-decode-a", restarts=0, ready=True)
+    operator._seen(decode)
+    assert not operator.routers.wake.is_set()
+    decode["metadata"]["deletionTimestamp"] = "2026-12-07T04:00:00Z"
+    operator._seen(decode)
+    assert operator.routers.wake.is_set()
+    operator.routers.wake.clear()
+    operator._seen(decode)
+    assert not operator.routers.wake.is_set(), "only its first sight as leaving wakes the check"
+
+
+class StatusKube:
+    """An InferenceService's status, as the condition writer reads and merge-patches it."""
+
+    def __init__(self) -> None:
+        self.body: dict[str, Any] = {"metadata": {"namespace": "serving", "name": "vllm", "generation": 3},
+                                     "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+        self.writes = 0
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.body)
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.writes += 1
+        self.body["status"].update(status)
+        return self.body
+
+    def condition(self) -> tuple[str, str, str]:
+        cond = next(c for c in self.body["status"]["conditions"] if c["type"] == "RouterWorkers")
+        return cond["status"], cond["reason"], cond["message"]
+
+
+def test_a_router_with_no_healthy_decode_says_so_in_the_status_once_and_recovers() -> None:
+    pods = [view("vllm-router-x", "router", "http://127.0.0.9:8000"),
+            view("vllm-prefill-a", "prefill", "http://127.0.0.2:8000"),
+            view("vllm-decode-a", "decode", "http://127.0.0.1:8000")]
+    healthy = {"http://127.0.0.2:8000": True, "http://127.0.0.1:8000": True}
+
+    def router(method: str, url: str) -> Any:
+        return {"workers": [{"url": u, "worker_type": "prefill" if u.endswith("2:8000") else "decode",
+                             "is_healthy": ok} for u, ok in healthy.items()]}
+
+    kube = StatusKube()
+    events: list[tuple[str, str]] = []
+    workers = RouterWorkers(lambda: pods, lambda obj, kind, reason, message: events.append((kind, reason)),
+                            lambda: True, api=router, kube=cast(Kube, kube))
+    workers.check()
+    assert kube.condition()[:2] == ("True", "WorkersHealthy") and events == []
+    healthy["http://127.0.0.1:8000"] = False  # the router's health checks failed on a Ready pod
+    workers.check()
+    status, reason, message = kube.condition()
+    assert (status, reason) == ("False", "NoHealthyDecode") and "vllm-router-x" in message, message
+    assert "1 decode pods Ready" in message and events == [("Warning", "NoHealthyDecode")]
+    writes = kube.writes
+    workers.check()
+    workers.check()
+    assert kube.writes == writes, "an unchanged condition is not written again"
+    kube.body["status"]["conditions"] = [{"type": "Ready", "status": "True"}]  # another writer dropped it
+    for _ in range(12):
+        workers.check()
+    assert kube.condition()[:2] == ("False", "NoHealthyDecode"), "a False condition is read back and restored"
+    healthy["http://127.0.0.1:8000"] = True
+    workers.check()
+    assert kube.condition()[:2] == ("True", "WorkersHealthy")
+    assert events[-1] == ("Normal", "RouterWorkersHealthy")
+    assert [c["type"] for c in kube.body["status"]["conditions"]] == ["Ready", "RouterWorkers"]
+
+
+def test_a_leaving_worker_that_is_a_routers_last_healthy_one_of_its_role_stays_until_another_is_listed() -> None:
+    pods = [view("vllm-router-x", "router", "http://127.0.0.9:8000"),
+            leaving("vllm-prefill-b", "prefill", "http://127.0.0.3:8000"),
+            view("vllm-prefill-new", "prefill", "http://127.0.0.4:8000"),
+            view("vllm-decode-a", "decode", "http://127.0.0.1:8000")]
+    router = VllmRouter([("http://127.0.0.3:8000", "prefill"), ("http://127.0.0.1:8000", "decode")])
+    workers = RouterWorkers(lambda: pods, lambda *args: None, lambda: True, api=router)
+    assert workers.check(count=False) == [] and workers.check() == [] and workers.check() == [], \
+        "the router added no replacement yet"
+    router.workers["http://127.0.0.4:8000"] = "prefill"
+    assert [w.url for _, w in workers.check(count=False)] == ["http://127.0.0.3:8000"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,9 +206,34 @@ def endpoint(name: str, namespace: str, port: int) -> str:
     return f"http://{name}.{namespace}.svc:{port}"
 
 
+ROUTER_WORKERS = "RouterWorkers"
+"""Condition set from the routers' own worker lists (`disagg.runtime.pods.RouterWorkers`), not from the children."""
+
+
+def router_workers_condition(healthy: Mapping[str, Mapping[str, int]], ready_pods: Mapping[str, int]) -> Cond:
+    """Whether every Ready router lists a healthy worker of each role: `healthy` is router pod -> role -> the
+    workers it lists as healthy, `ready_pods` role -> the pool's Ready pods (a router that keeps every one of
+    them out is the router's doing; with none Ready, PrefillReady or DecodeReady says why)."""
+    missing = [(router, role) for router, counts in sorted(healthy.items()) for role in ROLES if not counts.get(role)]
+    if not missing:
+        return Cond(ROUTER_WORKERS, "True", "WorkersHealthy",
+                    f"{len(healthy)} router(s) each list a healthy prefill and decode worker")
+    roles = routers_missing_roles(healthy)
+    reason = f"NoHealthy{roles[0].capitalize()}" if len(roles) == 1 else "NoHealthyWorkers"
+    parts = [f"router {router} lists no healthy {role} worker ({ready_pods.get(role, 0)} {role} pods Ready)"
+             for router, role in missing]
+    return Cond(ROUTER_WORKERS, "False", reason, "; ".join(parts) + ": requests through it fail")
+
+
+def routers_missing_roles(healthy: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The roles some router lists no healthy worker of."""
+    return [role for role in ROLES if any(not counts.get(role) for counts in healthy.values())]
+
+
 __all__ = [
     "CONDITION_TYPES",
     "ROLES",
+    "ROUTER_WORKERS",
     "Cond",
     "PodTrouble",
     "compute_conditions",
@@ -217,4 +243,7 @@ __all__ = [
     "pod_security_condition",
     "pod_trouble",
     "pool_status",
+    "router_workers_condition",
+    "routers_missing_roles",
 ]
+

@@ -1,7 +1,8 @@
 """The operator's watch of its pods (the pools' and the routers'), one per scope, and what it does with them:
 engines restarted in place are replaced by new pods (`disagg.reconcile.restarts`), and every router's worker
-list is checked against the pods every few seconds, workers no pod is behind any more removed through the
-router's API (`disagg.reconcile.router_workers`)."""
+list is checked against the pods every few seconds and when a worker's pod is deleted: leaving workers and those
+no pod is behind any more are removed through the router's API (`disagg.reconcile.router_workers`), and a router
+with no healthy worker of a role shows in the service's RouterWorkers condition."""
 
 from __future__ import annotations
 
@@ -16,11 +17,18 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from disagg.kube.client import POD, ApiError, Kind, Kube
+from disagg.kube.client import INFERENCE_SERVICE, POD, ApiError, Kind, Kube
 from disagg.kube.events import EventRecorder
 from disagg.kube.watch import KindWatch
 from disagg.reconcile.restarts import WINDOW_S, Replacement, ReplacementBudget, restarted_engine
 from disagg.reconcile.router_workers import StaleTracker, StaleWorker, listed_workers
+from disagg.reconcile.status import (
+    ROUTER_WORKERS,
+    Cond,
+    merge_conditions,
+    router_workers_condition,
+    routers_missing_roles,
+)
 from disagg.wellknown import MANAGED_SELECTOR, ROLE_LABEL, ROLES, ROUTER, SERVICE_LABEL
 
 log = logging.getLogger(__name__)
@@ -31,6 +39,9 @@ HANDLED_MAX = 10_000
 ROUTER_CHECK_S = 5.0
 """How often each router's worker list is compared with the pods."""
 ROUTER_TIMEOUT_S = 2.0
+RECHECK_ROUNDS = 12
+"""A RouterWorkers condition written False is read back from the API server every this many rounds (another
+writer of the status may have dropped it); one written True only when it changes."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,28 @@ class RestartedEngines:
         return replacement
 
 
+Pools = dict[tuple[str, str], dict[str, set[str]]]
+"""(namespace, service) -> role -> worker URLs."""
+
+
+def pools_of(pods: list[PodView]) -> tuple[Pools, Pools, dict[tuple[str, str], dict[str, int]]]:
+    """The URLs of each service's live workers, those of its leaving ones, and its count of Ready workers."""
+    current: Pools = {}
+    leaving: Pools = {}
+    ready: dict[tuple[str, str], dict[str, int]] = {}
+    for pod in pods:
+        if pod.role not in ROLES:
+            continue
+        service = (pod.namespace, pod.service)
+        if pod.url:
+            into = leaving if pod.deleting else current
+            into.setdefault(service, {}).setdefault(pod.role, set()).add(pod.url)
+        if pod.ready and not pod.deleting:
+            counts = ready.setdefault(service, {})
+            counts[pod.role] = counts.get(pod.role, 0) + 1
+    return current, leaving, ready
+
+
 RouterApi = Callable[[str, str], Any]
 """(method, url) -> the decoded JSON answer; raises OSError (or ValueError) when there is none."""
 
@@ -116,15 +149,21 @@ def http_json(method: str, url: str) -> Any:
 
 
 class RouterWorkers:
-    """Every `ROUTER_CHECK_S`: each Ready router's `GET /workers` against its service's live pods; workers
-    no pod is behind for two checks are removed with `DELETE /workers/<id>`. A router without that API
-    (vllm-router drops a worker itself when its pod turns NotReady) is left alone."""
+    """Every `ROUTER_CHECK_S`: each Ready router's `GET /workers` against its service's pods. A worker whose pod
+    is leaving is removed at once (and a pod's deletion wakes a check), one no pod is behind after two checks;
+    with sglang-router's `DELETE /workers/<id>` or vllm-router's `DELETE /workers/<url>`."""
 
     def __init__(self, pods: Callable[[], list[PodView]], record_event: EventRecorder,
-                 is_active: Callable[[], bool], api: RouterApi = http_json) -> None:
-        self.pods, self.record_event, self.is_active, self.api = pods, record_event, is_active, api
+                 is_active: Callable[[], bool], api: RouterApi = http_json,
+                 clock: Callable[[], float] = time.monotonic, kube: Kube | None = None) -> None:
+        self.pods, self.record_event, self.is_active, self.api, self.clock = pods, record_event, is_active, api, clock
+        self.kube = kube
         self.tracker = StaleTracker()
+        self._reported: dict[tuple[str, str], tuple[str, str, int]] = {}
+        """service -> the RouterWorkers (status, reason) last written or read, and the round it was."""
+        self._rounds = 0
         self.stop_event = threading.Event()
+        self.wake = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="disagg-router-workers")
 
     def start(self) -> None:
@@ -132,46 +171,111 @@ class RouterWorkers:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.wake.set()
+
+    def leaving(self) -> None:
+        """A worker's pod got its deletion timestamp: check the routers now rather than at the next round."""
+        self.wake.set()
 
     def _run(self) -> None:
-        while not self.stop_event.wait(ROUTER_CHECK_S):
+        next_round = self.clock() + ROUTER_CHECK_S
+        while not self.stop_event.is_set():
+            woken = self.wake.wait(max(0.0, next_round - self.clock()))
+            self.wake.clear()
+            if self.stop_event.is_set():
+                return
+            regular = self.clock() >= next_round
+            if regular:
+                next_round = self.clock() + ROUTER_CHECK_S
+            elif not woken:
+                continue
             if self.is_active():
                 try:
-                    self.check()
+                    self.check(count=regular)
                 except Exception:  # a check must never end the loop
                     log.exception("router worker check failed")
 
-    def check(self) -> list[tuple[str, StaleWorker]]:
-        """One round over every router; the workers removed."""
+    def check(self, count: bool = True) -> list[tuple[str, StaleWorker]]:
+        """One round over every router; the workers removed. With `count` false only leaving workers go (the
+        two-check rule counts regular rounds only) and no condition is written."""
         pods = self.pods()
-        current: dict[tuple[str, str], dict[str, set[str]]] = {}
-        for pod in pods:
-            if pod.role in ROLES and pod.url and not pod.deleting:
-                current.setdefault((pod.namespace, pod.service), {}).setdefault(pod.role, set()).add(pod.url)
+        current, leaving, ready_pods = pools_of(pods)
         routers = [p for p in pods if p.role == ROUTER and p.ready and p.url and not p.deleting]
         self.tracker.forget({f"{r.namespace}/{r.name}" for r in routers})
+        healthy: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
         removed = []
         for router in routers:
             key = f"{router.namespace}/{router.name}"
+            service = (router.namespace, router.service)
             try:
                 listed = listed_workers(self.api("GET", f"{router.url}/workers"))
             except (OSError, ValueError):
                 continue  # no such API, or the router is busy: next round
-            for worker in self.tracker.check(key, listed, current.get((router.namespace, router.service), {})):
-                try:
-                    self.api("DELETE", f"{router.url}/workers/{quote(worker.worker_id, safe='')}")
-                except (OSError, ValueError) as error:
-                    log.info("router %s: cannot remove worker %s: %s", key, worker.url, error)
-                    continue
-                self.tracker.removed(key, worker)
-                removed.append((key, worker))
-                message = (f"router {router.name} still listed {worker.role} worker {worker.url}, which no pod of "
-                           "this service has been for two checks (its pod was deleted while NotReady, which the "
-                           "router does not see): removed through the router's API")
-                log.info("%s", message)
-                self.record_event({"metadata": {"namespace": router.namespace, "name": router.service}},
-                                  "Normal", "RouterWorkerRemoved", message)
+            going = leaving.get(service, {})
+            counts = healthy.setdefault(service, {}).setdefault(router.name, {})
+            for worker in listed:
+                if worker.healthy and worker.url not in going.get(worker.role, set()):
+                    counts[worker.role] = counts.get(worker.role, 0) + 1
+            for worker in self.tracker.check(key, listed, current.get(service, {}), going, count=count):
+                if self._remove(router, worker, worker.url in going.get(worker.role, set())):
+                    removed.append((key, worker))
+        if count:
+            self._rounds += 1
+            for service, by_router in healthy.items():
+                self.report(service, router_workers_condition(by_router, ready_pods.get(service, {})),
+                            routers_missing_roles(by_router), ready_pods.get(service, {}))
+            for service in [s for s in self._reported if s not in healthy]:
+                del self._reported[service]
         return removed
+
+    def _remove(self, router: PodView, worker: StaleWorker, leaving: bool) -> bool:
+        key = f"{router.namespace}/{router.name}"
+        try:
+            self.api("DELETE", f"{router.url}/workers/{quote(worker.worker_id, safe='')}")
+        except (OSError, ValueError) as error:
+            log.info("router %s: cannot remove worker %s: %s", key, worker.url, error)
+            return False
+        self.tracker.removed(key, worker)
+        if leaving:
+            message = (f"router {router.name} still listed {worker.role} worker {worker.url}, whose pod is being "
+                       "deleted: removed through the router's API so that it gets no new request while it drains")
+        else:
+            message = (f"router {router.name} still listed {worker.role} worker {worker.url}, which no pod of this "
+                       "service has been for two checks (its pod was deleted while NotReady, which the router does "
+                       "not see): removed through the router's API")
+        log.info("%s", message)
+        self.record_event({"metadata": {"namespace": router.namespace, "name": router.service}},
+                          "Normal", "RouterWorkerRemoved", message)
+        return True
+
+    def report(self, service: tuple[str, str], cond: Cond, missing: list[str], ready_pods: Mapping[str, int]) -> None:
+        """Writes the service's RouterWorkers condition when its status or reason changed (a new message alone is
+        no write); a Warning when a router keeps out every Ready pod of a role."""
+        if self.kube is None:
+            return
+        known = self._reported.get(service)
+        if known is not None and known[:2] == (cond.status, cond.reason) and (
+                cond.status == "True" or self._rounds - known[2] < RECHECK_ROUNDS):
+            return
+        namespace, name = service
+        try:
+            body = self.kube.get(INFERENCE_SERVICE, namespace, name)
+            if body is None:
+                return
+            old = (body.get("status") or {}).get("conditions") or []
+            previous = next((c for c in old if c.get("type") == ROUTER_WORKERS), None)
+            if previous is None or (previous.get("status"), previous.get("reason")) != (cond.status, cond.reason):
+                now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                conditions = merge_conditions(old, [cond], (body.get("metadata") or {}).get("generation"), now)
+                self.kube.patch_status(namespace, name, {"conditions": conditions})
+                if cond.status == "False" and any(ready_pods.get(role) for role in missing):
+                    self.record_event(body, "Warning", cond.reason, cond.message)
+                elif cond.status == "True" and previous is not None:
+                    self.record_event(body, "Normal", "RouterWorkersHealthy", cond.message)
+        except ApiError as error:
+            log.info("cannot write the RouterWorkers condition of %s/%s: %s", namespace, name, error)
+            return
+        self._reported[service] = (cond.status, cond.reason, self._rounds)
 
 
 class OperatorPods:
@@ -182,7 +286,7 @@ class OperatorPods:
                  is_active: Callable[[], bool]) -> None:
         self.kube, self.scopes = kube, scopes
         self.restarts = RestartedEngines(kube, record_event, is_active)
-        self.routers = RouterWorkers(self.views, record_event, is_active)
+        self.routers = RouterWorkers(self.views, record_event, is_active, kube=kube)
         self._views: dict[str, PodView] = {}
         self._guard = threading.Lock()
         self.watches: list[KindWatch] = []
@@ -218,9 +322,12 @@ class OperatorPods:
         view = pod_view(pod)
         uid = str((pod.get("metadata") or {}).get("uid"))
         with self._guard:
+            before = self._views.get(uid)
             if view is None:
                 self._views.pop(uid, None)
             else:
                 self._views[uid] = view
+        if view is not None and view.role in ROLES and view.deleting and (before is None or not before.deleting):
+            self.routers.leaving()
         if view is not None and view.role in ROLES:
             self.restarts.seen(pod)
