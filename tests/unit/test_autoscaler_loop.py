@@ -62,10 +62,8 @@ def test_stale_metrics_hold_too(prometheus: FakePrometheus) -> None:
     assert all("old" in d.reason for d in report.decisions[("ns", "svc-0")].values())
 
 
-def test_a_burst_scales_each_pool_in_one_step_through_the_autoscaler_field_manager(
-    prometheus: FakePrometheus,
-) -> None:
-    # a heavy load on both pools: thousands of prompt tokens/s queueing, long decode batches
+def heavy_load(prometheus: FakePrometheus) -> None:
+    """A heavy load on both pools of svc-0: thousands of prompt tokens/s queueing, long decode batches."""
     answers = prometheus.answers
     for role in ("prefill", "decode"):
         answers.setdefault("sampled_at", []).append(sample("svc-0", role, NOW - 2))
@@ -75,6 +73,12 @@ def test_a_burst_scales_each_pool_in_one_step_through_the_autoscaler_field_manag
     answers["request_rate"] = [sample("svc-0", r, 40) for r in ("prefill", "decode")]
     answers["prompt_tps"] = [sample("svc-0", r, 40 * 4000) for r in ("prefill", "decode")]
     answers["generation_tps"] = [sample("svc-0", "decode", 40 * 300)]
+
+
+def test_a_burst_scales_each_pool_in_one_step_through_the_autoscaler_field_manager(
+    prometheus: FakePrometheus,
+) -> None:
+    heavy_load(prometheus)
     kube = FakeKube()
     index = services(1)
     scaler, events = autoscaler(index, PrometheusSource(url=prometheus.url), kube)
@@ -98,15 +102,7 @@ def test_a_burst_scales_each_pool_in_one_step_through_the_autoscaler_field_manag
 
 
 def test_a_rollout_holds_the_pools_and_the_serving_slot_is_scaled_after(prometheus: FakePrometheus) -> None:
-    answers = prometheus.answers
-    for role in ("prefill", "decode"):
-        answers.setdefault("sampled_at", []).append(sample("svc-0", role, NOW - 2))
-    answers["waiting"] = [sample("svc-0", "prefill", 400), sample("svc-0", "decode", 50)]
-    answers["running"] = [sample("svc-0", "prefill", 8), sample("svc-0", "decode", 600)]
-    answers["kv_usage"] = [sample("svc-0", "decode", 0.98)]
-    answers["request_rate"] = [sample("svc-0", r, 40) for r in ("prefill", "decode")]
-    answers["prompt_tps"] = [sample("svc-0", r, 40 * 4000) for r in ("prefill", "decode")]
-    answers["generation_tps"] = [sample("svc-0", "decode", 40 * 300)]
+    heavy_load(prometheus)
     kube = FakeKube()
     index = services(1)
     body = index.services[("ns", "svc-0")]
