@@ -41,8 +41,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from disagg import GROUP, PLURAL, VERSION
-from disagg.kube.client import Kind, Kube
+from disagg.kube.client import DEPLOYMENT, INFERENCE_SERVICE, Kind, Kube
 from disagg.kube.watch import KindWatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +53,6 @@ TARGETS = {
     "peak_rss_mib": 300.0,
 }
 CHILDREN_PER_SERVICE = 13
-SERVICES = Kind(f"{GROUP}/{VERSION}", "InferenceService", PLURAL)
-DEPLOYMENTS = Kind("apps/v1", "Deployment", "deployments")
 
 
 def log(message: str) -> None:
@@ -207,7 +204,7 @@ class ServiceWatch:
         self.namespaces = set(namespaces)
         self.done: set[tuple[str, str]] = set()
         self.ready: set[tuple[str, str]] = set()
-        self._watch = KindWatch(Kube(k8s.ApiClient()), SERVICES, None, "", self._listed, self._changed)
+        self._watch = KindWatch(Kube(k8s.ApiClient()), INFERENCE_SERVICE, None, "", self._listed, self._changed)
         self._watch.start()
 
     def _listed(self, kind: Kind, namespace: str | None, items: list[dict[str, Any]], last: bool) -> None:
@@ -255,7 +252,7 @@ def measure_event_to_apply(custom: Any, api: k8s.ApiClient, namespaces: list[str
                     seen.setdefault(stamp, now)
 
     kube = Kube(api)
-    watches = [KindWatch(kube, DEPLOYMENTS, ns, "disagg.dev/role=prefill", lambda *_: None, changed)
+    watches = [KindWatch(kube, DEPLOYMENT, ns, "disagg.dev/role=prefill", lambda *_: None, changed)
                for ns in namespaces]
     for watch in watches:
         watch.start()

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from disagg import GROUP, PLURAL, VERSION
-from disagg.kube.client import Kind, Kube
+from disagg.kube.client import INFERENCE_SERVICE, POD, Kind, Kube
 from disagg.kube.watch import KindWatch
 from disagg.wellknown import LWS_WORKER_INDEX_LABEL, MANAGED_SELECTOR, ROLE_LABEL, ROLES, SERVICE_LABEL, Role
 from disagg_lab.podspec import (
@@ -220,6 +219,5 @@ class Watcher:
             self.stop_event.set()
 
 
-WATCHED: dict[str, Kind] = {"pods": Kind("v1", "Pod", "pods"),
-                            "services": Kind(f"{GROUP}/{VERSION}", "InferenceService", PLURAL)}
+WATCHED: dict[str, Kind] = {"pods": POD, "services": INFERENCE_SERVICE}
 

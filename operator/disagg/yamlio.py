@@ -75,7 +75,7 @@ def load_all(text: str) -> list[Any]:
 #
 # PyYAML speaks YAML 1.1 its own way; the API server reads YAML with go-yaml v2 (sigs.k8s.io/yaml)
 # and then as JSON. They differ where it matters to validation: `70.6e9` is a number there and a
-# string in PyYAML, `2024-01-01` a string there and a date here, duplicate keys an error there
+# string in PyYAML, a `YYYY-MM-DD` scalar a string there and a date here, duplicate keys an error there
 # (strict decoding) and "last wins" here, an alias bomb a quick "excessive aliasing" error there and
 # gigabytes here. So documents are split as kubectl splits them, composed by PyYAML's parser, and
 # turned into values by the rules of go-yaml v2, sigs.k8s.io/yaml and encoding/json, below.
@@ -88,7 +88,7 @@ MAX_DEPTH = 10_000
 """Deepest nesting of collections, as go-yaml's own limit."""
 _ALIAS_RATIO_LOW, _ALIAS_RATIO_HIGH = 400_000, 4_000_000
 _INT64 = (-(2**63), 2**63 - 1)
-# a tag URI (RFC 4151) names its authority with a date by its syntax; not a measurement's history
+# a tag URI (RFC 4151): its syntax requires a date after the authority (any fixed one)
 _PLAIN = "tag:disagg.dev,2026:plain"
 _MERGE = "tag:yaml.org,2002:merge"
 _STANDARD = "tag:yaml.org,2002:"

@@ -25,7 +25,7 @@ from disagg.api.v1alpha1 import InferenceServiceSpec
 from disagg.capacity.models import from_architecture
 from disagg.capacity.roofline import DEFAULT_EFFICIENCY, prefill_seconds
 from disagg.catalog.accelerators import DEFAULT_CATALOG
-from disagg.kube.client import Kind, Kube
+from disagg.kube.client import DEPLOYMENT, Kind, Kube
 from disagg.kube.watch import KindWatch
 from disagg.wellknown import SERVICE_LABEL
 from disagg_lab.offered import base_load
@@ -276,9 +276,6 @@ class FleetProcess:
         return self.proc.returncode
 
 
-DEPLOYMENTS = Kind("apps/v1", "Deployment", "deployments")
-
-
 @dataclass
 class ReplicaWatch:
     """Watches a service's pool Deployments (the operator's own list-and-watch) and records every change of
@@ -294,7 +291,7 @@ class ReplicaWatch:
     _synced: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> ReplicaWatch:
-        self._watch = KindWatch(Kube(self.api), DEPLOYMENTS, self.namespace, f"{SERVICE_LABEL}={self.service}",
+        self._watch = KindWatch(Kube(self.api), DEPLOYMENT, self.namespace, f"{SERVICE_LABEL}={self.service}",
                                 self._listed, self._changed)
         self._watch.start()
         if not self._synced.wait(30):

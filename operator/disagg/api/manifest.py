@@ -163,7 +163,7 @@ def _check_type(value: Any, expected: str, field: str) -> list[FieldError]:
     }[expected]
     if ok:
         return []
-    wanted = {_TIME: "an RFC 3339 time (e.g. 2026-01-01T00:00:00Z)", _INTEGER: "a 64-bit integer"}.get(
+    wanted = {_TIME: "an RFC 3339 time (YYYY-MM-DDThh:mm:ssZ)", _INTEGER: "a 64-bit integer"}.get(
         expected, f"a {expected}" if expected != "object" else "an object")
     return [FieldError(field, f"must be {wanted}, not {_type_name(value) if expected != _TIME else repr(value)}")]
 

@@ -39,9 +39,14 @@ BY = "namespace, disagg_service, disagg_role"
 Key = tuple[str, str, str]  # (namespace, service, role)
 
 
+def _every_engine(extra: tuple[MetricNames, ...]) -> tuple[MetricNames, ...]:
+    """The built-in engines' metric names, then those of the custom engines being served."""
+    return (*(engine.metrics for engine in ENGINES.values()), *extra)
+
+
 def _names(pick: Callable[[MetricNames], Iterable[str]], extra: tuple[MetricNames, ...] = ()) -> str:
     names: list[str] = []
-    for metrics in (*(engine.metrics for engine in ENGINES.values()), *extra):
+    for metrics in _every_engine(extra):
         for name in pick(metrics):
             if name and name not in names:  # a custom engine's unset signal has no name
                 names.append(name)
@@ -50,7 +55,7 @@ def _names(pick: Callable[[MetricNames], Iterable[str]], extra: tuple[MetricName
 
 def _either(pick: Callable[[MetricNames], str], window: str, extra: tuple[MetricNames, ...] = ()) -> str:
     """The per-pool rate of whichever engine's counter a pool has (`vector(0)` drops out: no pool labels)."""
-    names = dict.fromkeys(pick(metrics) for metrics in (*(engine.metrics for engine in ENGINES.values()), *extra))
+    names = dict.fromkeys(pick(metrics) for metrics in _every_engine(extra))
     rates = [f"sum by ({BY}) (rate({name}[{window}]))" for name in names if name]
     return " or ".join(rates) or "vector(0)"
 
