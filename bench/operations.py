@@ -47,6 +47,7 @@ from support.service_events import (  # noqa: E402
     kill_one,
     run_event,
     scale_down,
+    stops_answering,
 )
 
 ENGINES = {"ops-vllm": "vllm", "ops-sglang": "sglang"}
@@ -62,6 +63,9 @@ class Scenario:
     name: str
     event: Event
     planned: bool
+    load_s: float = LOAD_S
+    recovers: bool = False
+    """A worker fails and recovers: met when the client is served through it again while the load lasts."""
 
 
 SCENARIOS: list[Scenario] = [
@@ -71,6 +75,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("kubectl drain of the prefill workers' nodes", drain_nodes("prefill"), planned=True),
     Scenario("decode scale-down by two", scale_down("decode", 2), planned=True),
     Scenario("prefill scale-down by two", scale_down("prefill", 2), planned=True),
+    Scenario("a decode worker answers 503 for 20 s, then recovers", stops_answering("decode", 20.0), planned=False,
+             load_s=100.0, recovers=True),
+    Scenario("a prefill worker answers 503 for 20 s, then recovers", stops_answering("prefill", 20.0), planned=False,
+             load_s=100.0, recovers=True),
 ]
 
 
@@ -104,7 +112,7 @@ def run(only: set[str] | None) -> list[dict[str, Any]]:
 
 def measure(env: LabServices, scenario: Scenario) -> list[Outcome]:
     started = time.time()
-    outcomes = asyncio.run(run_event(env, scenario.name, scenario.event, ENGINES, rate=RATE, load_s=LOAD_S,
+    outcomes = asyncio.run(run_event(env, scenario.name, scenario.event, ENGINES, rate=RATE, load_s=scenario.load_s,
                                      event_at_s=EVENT_AT_S))
     for outcome in outcomes:
         print(f"{scenario.name} [{outcome.engine}]: {outcome.row()} ({time.time() - started:.0f} s)", flush=True)
@@ -114,7 +122,10 @@ def measure(env: LabServices, scenario: Scenario) -> list[Outcome]:
 def row(outcome: Outcome, scenario: Scenario) -> dict[str, Any]:
     out = outcome.row()
     out["planned"] = scenario.planned
-    out["met"] = (outcome.failed == 0 if scenario.planned else outcome.failed_after == 0) and outcome.mixed == 0
+    if scenario.recovers:
+        out["met"] = out.get("served_again_s") is not None and outcome.mixed == 0
+    else:
+        out["met"] = (outcome.failed == 0 if scenario.planned else outcome.failed_after == 0) and outcome.mixed == 0
     return out
 
 

@@ -21,6 +21,9 @@ vllm-router and sglang-router) and the `openai` client streaming RATE requests/s
     sampled every 0.5 s; in the lab a replacement is Ready at once, so the budget does not have to refuse
     an eviction here); no request fails.
 (d) prefill scaled down by two (3 -> 1): no request fails (decode by two: test_operations.py).
+(e) every decode engine of each service answers 503 (the lab's fault `unhealthy`, same engines): the service's
+    RouterWorkers condition turns False with reason NoHealthyDecode naming the router, and Ready False; when
+    the engines answer again both turn True and requests are served.
 Each prints its row: requests, failed (in flight on a killed pod / after), mixed-version hand-offs, seconds
 until the service was whole again. bench/operations.py runs the same events into bench/results/.
 """
@@ -29,12 +32,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from kubernetes import client as kclient
 
+from disagg_lab.load import Schedule
 from support.lab_services import LabServices, lab_services
+from support.operators import condition, is_ready, wait_until
 from support.service_events import Event, Outcome, drain_nodes, example_service, kill_one, run_event, scale_down
 
 if TYPE_CHECKING:
@@ -108,3 +113,45 @@ def test_c_kubectl_drain_of_the_decode_nodes_honours_the_pdb_and_loses_no_reques
 
 def test_d_prefill_scale_down_by_two_loses_no_request(failures: LabServices) -> None:
     check(failures, run(failures, "prefill scale-down by two", scale_down("prefill", 2)), planned=True)
+
+
+def test_e_a_router_with_no_healthy_decode_says_so_in_the_status(failures: LabServices) -> None:
+    env = failures
+    faulty = {name: [p.metadata.name for p in env.pods(name, "decode")] for name in ENGINES}
+
+    def fault(value: str | None) -> None:
+        for pods in faulty.values():
+            for pod in pods:
+                env.lab.put(f"/fault/{env.namespace}/{pod}", {"fault": value})
+
+    def conditions(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        body = env.session.cluster.service(env.namespace, name)
+        return condition(body, "RouterWorkers") or {}, condition(body, "Ready") or {}
+
+    def all_down() -> dict[str, dict[str, Any]] | None:
+        seen = {name: conditions(name) for name in ENGINES}
+        for name, (workers, ready) in seen.items():
+            assert workers.get("reason") == "NoHealthyDecode", f"{name}: RouterWorkers {workers}"
+            assert ready.get("status") == "False", f"{name}: Ready {ready}"
+        return {name: workers for name, (workers, _) in seen.items()}
+
+    def all_back() -> bool:
+        for name in ENGINES:
+            workers, ready = conditions(name)
+            assert workers.get("status") == "True", f"{name}: RouterWorkers {workers}"
+            assert is_ready(env.session.cluster.service(env.namespace, name)), f"{name}: Ready {ready}"
+        return True
+
+    fault("unhealthy")
+    try:
+        down = wait_until(all_down, 45, "RouterWorkers NoHealthyDecode and Ready False", env.diagnostics, 0.5)
+    finally:
+        fault(None)
+    for name, workers in down.items():
+        print(f"failures e2e: {name}: every decode answers 503: RouterWorkers {workers.get('message')}")
+        assert f"{name}-router" in workers.get("message", ""), workers
+    wait_until(all_back, 60, "RouterWorkers True and Ready again after the decode engines answer", env.diagnostics, 0.5)
+    for name in ENGINES:
+        results = asyncio.run(env.load(name, Schedule(steps=((0.0, 2.0),), prompt_tokens=64, output_tokens=16),
+                                       5.0, 7))
+        assert results and all(r.ok for r in results), [r.record() for r in results if not r.ok][:3]

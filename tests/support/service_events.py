@@ -40,6 +40,8 @@ class Marked:
     lossy_pods: frozenset[str] = frozenset()
     """`namespace/pod` of pods whose in-flight requests the event may lose (a kill)."""
     notes: dict[str, Any] = field(default_factory=dict)
+    recovered_at: float | None = None
+    """Unix time a faulty worker answered again (an event that recovers it)."""
 
 
 Event = Callable[[LabServices, str], Awaitable[Marked]]
@@ -89,9 +91,21 @@ def count(event: str, service: str, engine: str, results: Sequence[Result], mark
 
     in_flight = [r for r in failed if lost_at_start(r)]
     mixed = max(refused, sum(1 for r in results if r.kv == "refused"))
+    notes = dict(marked.notes)
+    if marked.recovered_at is not None:
+        notes["served_again_s"] = served_again_s(results, marked)
     return Outcome(event, service, engine, len(results), len(failed), len(in_flight), len(failed) - len(in_flight),
-                   mixed, marked.ended - marked.started, dict(marked.notes),
+                   mixed, marked.ended - marked.started, notes,
                    [r.record() for r in failed if not lost_at_start(r)][:3])
+
+
+def served_again_s(results: Sequence[Result], marked: Marked) -> float | None:
+    """Seconds from the recovery of the event's worker until the client got the first answer through it (None:
+    not while the load lasted)."""
+    assert marked.recovered_at is not None
+    through = [r.sent_at for r in results if r.ok and r.sent_at >= marked.recovered_at
+               and {r.prefill_pod, r.decode_pod} & marked.lossy_pods]
+    return round(min(through) - marked.recovered_at, 1) if through else None
 
 
 async def run_event(env: LabServices, name: str, event: Event, engines: dict[str, str], *, rate: float,
@@ -180,6 +194,35 @@ def stale_router_workers(env: LabServices, service: str) -> list[str]:
     return stale
 
 
+def router_listing(env: LabServices, service: str) -> dict[str, dict[str, bool]]:
+    """Each Ready router pod of the service: the workers its `GET /workers` lists, URL -> healthy."""
+    listing = {}
+    for router in env.pods(service, "router"):
+        if not _ready(router):
+            continue
+        try:
+            with urllib.request.urlopen(f"http://{router.status.pod_ip}:{env.router_port(service)}/workers",
+                                        timeout=2) as answer:
+                listed = json.loads(answer.read()).get("workers") or []
+        except (OSError, ValueError):
+            continue
+        listing[router.metadata.name] = {w.get("url", "").rstrip("/"): w.get("is_healthy") is not False
+                                         for w in listed}
+    return listing
+
+
+async def until_listed(env: LabServices, service: str, url: str, healthy: bool, timeout_s: float) -> float | None:
+    """Seconds until every Ready router of the service lists `url` healthy (`healthy`) or keeps it out (not
+    listed, or listed unhealthy); None if not within `timeout_s`."""
+    started = time.time()
+    while time.time() < started + timeout_s:
+        listing = await asyncio.to_thread(router_listing, env, service)
+        if listing and all(workers.get(url, False) == healthy for workers in listing.values()):
+            return round(time.time() - started, 1)
+        await asyncio.sleep(0.5)
+    return None
+
+
 async def until_routers_clean(env: LabServices, service: str, timeout_s: float = 30.0) -> list[str]:
     """Waits until no router of the service lists a worker that is no live pod; what is left at the end."""
     end = time.time() + timeout_s
@@ -213,6 +256,29 @@ def kill_one(role: str) -> Event:
         return Marked(started, ended, frozenset({f"{env.namespace}/{victim}"}),
                       {"victim_replaced": replaced, "restarts_left": restarts,
                        "stale_router_workers": len(stale), "routers_clean_s": round(time.time() - started, 1)})
+
+    return event
+
+
+def stops_answering(role: str, for_s: float) -> Event:
+    """One engine of `role` answers 503 to every request and to /health for `for_s` (the lab's fault
+    `unhealthy`: the same engine; its pod turns NotReady after the readiness probe's failures), then answers
+    again. Notes how long until every router kept it out (`out_s`) and listed it healthy again after the
+    recovery (`listed_again_s`); `served_again_s` (from the client's answers) is added by `count`."""
+
+    async def event(env: LabServices, service: str) -> Marked:
+        counts = await asyncio.to_thread(pool_counts, env, service)
+        pods = sorted(await asyncio.to_thread(env.pods, service, role), key=lambda p: p.metadata.name)
+        victim, url = pods[0].metadata.name, f"http://{pods[0].status.pod_ip}:{env.engine_port(service)}"
+        fault = f"/fault/{env.namespace}/{victim}"
+        started = float((await asyncio.to_thread(env.lab.put, fault, {"fault": "unhealthy"}))["applied_at_unix"])
+        out_s = await until_listed(env, service, url, False, for_s)
+        await asyncio.sleep(max(0.0, started + for_s - time.time()))
+        recovered = float((await asyncio.to_thread(env.lab.put, fault, {"fault": None}))["applied_at_unix"])
+        listed_again_s = await until_listed(env, service, url, True, SETTLE_S)
+        ended = await until_whole(env, service, counts)
+        return Marked(started, ended, frozenset({f"{env.namespace}/{victim}"}),
+                      {"out_s": out_s, "listed_again_s": listed_again_s}, recovered_at=recovered)
 
     return event
 

@@ -170,8 +170,8 @@ class Pool:
     """A worker over several nodes: the LeaderWorkerSet group's leader and workers (None: a Deployment)."""
     min_ready_s: int = 10
     """minReadySeconds of a Deployment pool: a new worker counts as available (and an old one may leave) once
-    Ready this long, two of the routers' health-check intervals: both routers add a worker they discovered
-    after checking its health, and drop a leaving one at once."""
+    Ready this long: both routers add a worker they discovered after checking its health, and drop a leaving
+    one at once."""
 
 
 def _resources(pool: PoolSpec, resource_name: str, spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -366,7 +366,7 @@ class Router:
 
 
 ROUTER_MIN_READY_S = 5
-ROUTER_HEALTH_CHECK_INTERVAL_S = 5
+ROUTER_HEALTH_CHECK_INTERVAL_S = 2
 ROUTER_HEALTH_CHECK_TIMEOUT_S = 2
 ROUTER_HEALTH_FAILURE_THRESHOLD = 2
 
@@ -393,8 +393,9 @@ def router_values(owner: Owner, spec: InferenceServiceSpec) -> Router:
         "--prometheus-port", str(ROUTER_METRICS_PORT),
         # explicit for both (vllm-router's default is 127.0.0.1, sglang-router's all interfaces)
         "--prometheus-host", "0.0.0.0",
-        # a worker that stops answering leaves the rotation within ~10 s (the routers' defaults, a check
-        # every 60 s and 3 failures, keep sending it every other request for up to 3 minutes)
+        # a worker that stops answering leaves the rotation within ~5 s (the routers' defaults, a check
+        # every 60 s and 3 failures, keep sending it every other request for up to 3 minutes; vllm-router
+        # does not retry a prefill/decode pair, so each of those requests fails)
         "--health-check-interval-secs", str(ROUTER_HEALTH_CHECK_INTERVAL_S),
         "--health-check-timeout-secs", str(ROUTER_HEALTH_CHECK_TIMEOUT_S),
         "--health-failure-threshold", str(ROUTER_HEALTH_FAILURE_THRESHOLD),
