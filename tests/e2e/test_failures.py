@@ -150,6 +150,10 @@ def test_e_a_router_with_no_healthy_decode_says_so_in_the_status(failures: LabSe
     for name, workers in down.items():
         print(f"failures e2e: {name}: every decode answers 503: RouterWorkers {workers.get('message')}")
         assert f"{name}-router" in workers.get("message", ""), workers
+        if "(0 decode pods Ready)" not in workers.get("message", ""):  # Ready pods kept out: a Warning says so
+            events = env.session.cluster.core.list_namespaced_event(
+                env.namespace, field_selector=f"involvedObject.name={name},reason=NoHealthyDecode").items
+            assert [e for e in events if e.type == "Warning"], f"{name}: no Warning Event NoHealthyDecode"
     wait_until(all_back, 60, "RouterWorkers True and Ready again after the decode engines answer", env.diagnostics, 0.5)
     for name in ENGINES:
         results = asyncio.run(env.load(name, Schedule(steps=((0.0, 2.0),), prompt_tokens=64, output_tokens=16),
