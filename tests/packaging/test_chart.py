@@ -158,6 +158,7 @@ def test_args_cluster_wide_by_default() -> None:
     assert args.all_namespaces and not args.namespace
     assert args.peering is None and args.prometheus_url is None and args.accelerator_catalog is None
     assert args.resync_seconds == 300 and args.workers == 16
+    assert args.rollouts == "versioned"
     assert args.listen_host == "0.0.0.0" and (args.liveness_port, args.metrics_port) == (8080, 9100)
     assert one(docs, "Deployment")["spec"]["replicas"] == 1
     assert one(docs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}, "never two standalone operators"
@@ -171,7 +172,8 @@ def test_args_namespaced_mode() -> None:
 
 def test_args_from_values(tmp_path: Path) -> None:
     values = {
-        "operator": {"resyncSeconds": 120, "workers": 4, "verbose": True, "extraArgs": ["--metrics-staleness=45"]},
+        "operator": {"resyncSeconds": 120, "workers": 4, "verbose": True, "rollouts": "in-place",
+                     "extraArgs": ["--metrics-staleness=45"]},
         "autoscaling": {"tickSeconds": 2.5, "scaleDownWindowSeconds": 900, "metricsStalenessSeconds": 30,
                         "rateWindow": "1m", "scrapeIntervalSeconds": 20},
         "prometheus": {"url": "https://prom.monitoring.svc:9091", "timeoutSeconds": 3,
@@ -181,7 +183,7 @@ def test_args_from_values(tmp_path: Path) -> None:
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
     docs = render("--values", str(tmp_path / "values.yaml"))
     args = parsed_args(docs)
-    assert (args.resync_seconds, args.workers, args.verbose) == (120, 4, True)
+    assert (args.resync_seconds, args.workers, args.verbose, args.rollouts) == (120, 4, True, "in-place")
     assert (args.autoscale_tick, args.scale_down_window) == (2.5, 900)
     assert args.metrics_staleness == 45, "extraArgs come last and win"
     assert args.prometheus_rate_window == "1m"
@@ -396,6 +398,7 @@ def test_dashboard_namespace_override() -> None:
         (("--set", "replicaCount=two"), "replicaCount"),
         (("--set", "operator.resyncSeconds=-1"), "resyncSeconds"),
         (("--set", "operator.noSuchKey=1"), "noSuchKey"),
+        (("--set", "operator.rollouts=blue-green"), "rollouts"),
         (("--set", "noSuchTopLevel=1"), "noSuchTopLevel"),
         (("--set", "watchNamespaces={Not_A_Namespace}"), "watchNamespaces"),
         (("--set", "image.pullPolicy=Sometimes"), "pullPolicy"),

@@ -130,6 +130,7 @@ three parts so the namespaced mode can put each where it belongs.
 - {{ printf "--metrics-port=%v" (.Values.operator.metricsPort) | quote }}
 - {{ printf "--workers=%v" (.Values.operator.workers) | quote }}
 - {{ printf "--resync-seconds=%v" (.Values.operator.resyncSeconds) | quote }}
+- {{ printf "--rollouts=%v" (.Values.operator.rollouts) | quote }}
 - {{ printf "--autoscale-tick=%v" (.Values.autoscaling.tickSeconds) | quote }}
 - {{ printf "--scale-down-window=%v" (.Values.autoscaling.scaleDownWindowSeconds) | quote }}
 - {{ printf "--metrics-staleness=%v" (.Values.autoscaling.metricsStalenessSeconds) | quote }}
