@@ -178,27 +178,19 @@ async def until_whole(env: LabServices, service: str, counts: dict[str, int], ti
 
 
 def stale_router_workers(env: LabServices, service: str) -> list[str]:
-    """Workers a router of the service lists (`GET /workers`: both routers give each worker's url) that no
-    live pod of the service is."""
+    """Workers a router of the service lists that no live pod of the service is."""
     live = {f"http://{p.status.pod_ip}:{env.engine_port(service)}" for r in ("prefill", "decode")
             for p in env.pods(service, r) if p.status.pod_ip}
-    stale = []
-    for router in env.pods(service, "router"):
-        try:
-            with urllib.request.urlopen(f"http://{router.status.pod_ip}:{env.router_port(service)}/workers",
-                                        timeout=2) as answer:
-                listed = json.loads(answer.read()).get("workers") or []
-        except (OSError, ValueError):
-            continue
-        stale += [w["url"] for w in listed if w.get("url", "").rstrip("/") not in live]
-    return stale
+    return [url for workers in router_listing(env, service, ready_only=False).values() for url in workers
+            if url not in live]
 
 
-def router_listing(env: LabServices, service: str) -> dict[str, dict[str, bool]]:
-    """Each Ready router pod of the service: the workers its `GET /workers` lists, URL -> healthy."""
+def router_listing(env: LabServices, service: str, ready_only: bool = True) -> dict[str, dict[str, bool]]:
+    """Each (Ready) router pod of the service: the workers its `GET /workers` lists (both routers give each
+    worker's url), URL -> healthy."""
     listing = {}
     for router in env.pods(service, "router"):
-        if not _ready(router):
+        if ready_only and not _ready(router):
             continue
         try:
             with urllib.request.urlopen(f"http://{router.status.pod_ip}:{env.router_port(service)}/workers",
