@@ -180,3 +180,47 @@ def test_in_place_rollouts_keep_the_slot_and_unpin_the_routers() -> None:
     plan = plan_in_place(NAME, new_rev, running(docs, Placement("a")), KINDS)
     assert plan.placement == Placement("a", router_revision=ANY_REVISION) and plan.phase == "Complete"
     assert spec is not None
+
+
+LWS = ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")
+DEEPSEEK = yaml.safe_load((REPO / "tests" / "golden" / "input" / "multinode-vllm-deepseek.yaml").read_text())
+
+
+def selector(router: dict[str, Any], flag: str) -> list[str]:
+    args: list[str] = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    start = args.index(flag) + 1
+    end = next((i for i in range(start, len(args)) if args[i].startswith("--")), len(args))
+    return args[start:end]
+
+
+def test_a_decode_pool_that_comes_to_span_nodes_rolls_out_beside_the_serving_deployment() -> None:
+    two_nodes = copy.deepcopy(DEEPSEEK)
+    two_nodes["spec"]["acceleratorBudget"] = 64  # room for the new pools beside the serving ones
+    one_node = copy.deepcopy(two_nodes)
+    one_node["spec"]["decode"]["parallelism"] = {"data": 8, "expert": True}
+    _, old_rev, old_docs = render(one_node)
+    spec, new_rev, new_docs = render(two_nodes)
+    kinds = {**KINDS, "decode": LWS}
+    live = running(old_docs, Placement("a"), size=1)
+    assert A["decode"] in live and old_rev != new_rev
+
+    # the LeaderWorkerSet comes up in slot b; the serving Deployment stays, the routers select it as it is
+    plan = plan_rollout(NAME, spec, new_rev, live, kinds)
+    assert (plan.phase, plan.serving_revision, plan.keep) == ("Starting", old_rev, frozenset(A.values()))
+    assert plan.serving_pools(kinds, NAME)["decode"] == A["decode"], "the status reads the serving Deployment"
+    wanted = desired(new_docs, plan.placement)
+    assert wanted[ROUTER]["spec"]["template"] == live[ROUTER]["spec"]["template"], "the routers must not move yet"
+    steps = plan_children([stamp(m) for m in wanted.values()], live, UID, keep=plan.keep)
+    assert steps.delete == [], "the serving decode Deployment must stay until the routers switch"
+    new_decode = (*LWS, f"{NAME}--decode-b")
+    assert new_decode in {child_key(m) for m in steps.create}
+
+    # both new pools ready: the routers switch, selecting the new decode pool's leaders only
+    both = {**live, **{k: v for k, v in running(new_docs, plan.placement, size=1).items() if k != ROUTER}}
+    both[new_decode] = {**stamp(wanted[new_decode]), "status": {"replicas": 1, "readyReplicas": 1,
+                                                                 "updatedReplicas": 1}}
+    switch = plan_rollout(NAME, spec, new_rev, both, kinds)
+    assert switch.phase == "Switching" and switch.keep == frozenset(A.values())
+    decode_selector = selector(desired(new_docs, switch.placement)[ROUTER], "--decode-selector")
+    assert "leaderworkerset.sigs.k8s.io/worker-index=0" in decode_selector
+    assert f"disagg.dev/revision={new_rev}" in decode_selector

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from disagg.api.v1alpha1 import CHILD_SEPARATOR
-from disagg.wellknown import INITIAL_REPLICAS_ANNOTATION, REVISION_LABEL, ROLE_LABEL, ROLES, ROUTER, SLOT_LABEL
+from disagg.wellknown import (
+    INITIAL_REPLICAS_ANNOTATION,
+    LWS_WORKER_INDEX_LABEL,
+    REVISION_LABEL,
+    ROLE_LABEL,
+    ROLES,
+    ROUTER,
+    SLOT_LABEL,
+)
 
 SLOTS = ("a", "b")
 ANY_REVISION = "*"
@@ -57,6 +65,9 @@ class Placement:
     initial_replicas: tuple[tuple[str, int], ...] = ()
     """(role, replicas) a new autoscaled pool starts with when not the spec's: a new revision's pools start at
     the size of the serving ones."""
+    router_leaders: tuple[str, ...] | None = None
+    """The roles whose routed pools are LeaderWorkerSets, the routers selecting their leaders only (None: as the
+    spec says; the serving pools' kinds while a rollout changes a pool's kind)."""
 
 
 def _without_operational(args: list[str]) -> list[str]:
@@ -107,20 +118,28 @@ def revision_of(docs: list[dict[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _pin_selector(args: list[str], revision: str) -> list[str]:
+def _pin_selector(args: list[str], revision: str, leaders: tuple[str, ...] | None) -> list[str]:
     """The router's arguments with the revision added to each worker selector (a flag's values run to the next
-    flag)."""
+    flag), and with `leaders`, the leader label on exactly those roles' selectors."""
     out: list[str] = []
-    in_selector = False
-    for arg in args:
-        if in_selector and arg.startswith("--"):
-            out.append(f"{REVISION_LABEL}={revision}")
-            in_selector = False
-        out.append(arg)
-        if arg in ROUTER_SELECTOR_FLAGS:
-            in_selector = True
-    if in_selector:
+    selector: str | None = None
+    leader = f"{LWS_WORKER_INDEX_LABEL}=0"
+
+    def close(flag: str) -> None:
+        if leaders is not None and flag.removeprefix("--").removesuffix("-selector") in leaders:
+            out.append(leader)
         out.append(f"{REVISION_LABEL}={revision}")
+
+    for arg in args:
+        if selector is not None and arg.startswith("--"):
+            close(selector)
+            selector = None
+        if not (selector is not None and leaders is not None and arg == leader):
+            out.append(arg)
+        if arg in ROUTER_SELECTOR_FLAGS:
+            selector = arg
+    if selector is not None:
+        close(selector)
     return out
 
 
@@ -154,5 +173,6 @@ def place(service: str, docs: list[dict[str, Any]], placement: Placement) -> lis
             template = doc["spec"]["template"]
             template["metadata"]["labels"] = {**template["metadata"].get("labels", {}), REVISION_LABEL: router_revision}
             for container in template["spec"]["containers"]:
-                container["args"] = _pin_selector(container.get("args") or [], router_revision)
+                container["args"] = _pin_selector(container.get("args") or [], router_revision,
+                                                  placement.router_leaders)
     return placed
