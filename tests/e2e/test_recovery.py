@@ -76,8 +76,8 @@ async def fault_and_recover(env: LabServices, faulted: dict[str, str]) -> tuple[
 
 def back_after(results: list[Result], pod: str, role: str, recovered: float) -> float | None:
     """Seconds from the recovery to the first request sent after it that `pod` served."""
-    sent = [r.sent_at for r in results if r.ok and r.sent_at >= recovered
-            and (r.decode_pod if role == "decode" else r.prefill_pod) == pod]
+    sent = [r.sent_at for r in results if r.ok and r.sent_at >= recovered  # a pod's ref is <namespace>/<name>
+            and (r.decode_pod if role == "decode" else r.prefill_pod).rsplit("/", 1)[-1] == pod]
     return round(min(sent) - recovered, 1) if sent else None
 
 

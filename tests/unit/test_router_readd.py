@@ -42,9 +42,9 @@ def test_a_ready_worker_is_kept_out_when_unlisted_unhealthy_or_its_circuit_is_op
         "decode": {DECODE_A: None, DECODE_B: None, "http://127.0.0.5:8000": None},
         "prefill": {PREFILL_A: 8998, PREFILL_B: None}}
     out = {w.url: w for w in kept_out(listed, ready, {DECODE_A})}
-    assert out[DECODE_A].why == "keeps its circuit breaker open" and out[DECODE_A].listed == listed[0]
-    assert out[DECODE_B].why == "lists it unhealthy"
-    assert out["http://127.0.0.5:8000"].why == "does not list it" and out["http://127.0.0.5:8000"].listed is None
+    assert out[DECODE_A].why == "its circuit breaker open" and out[DECODE_A].listed == listed[0]
+    assert out[DECODE_B].why == "listed unhealthy"
+    assert out["http://127.0.0.5:8000"].why == "not listed" and out["http://127.0.0.5:8000"].listed is None
     assert out[PREFILL_B].bootstrap_port == 8998, "an unlisted prefill without its annotation takes its peers' port"
     assert PREFILL_A not in out, "listed, healthy, circuit closed: in the rotation"
     assert kept_out(listed[:1], {"decode": {DECODE_A: None}}, set()) == []
@@ -59,7 +59,7 @@ def test_the_listing_keeps_a_prefills_bootstrap_port() -> None:
 
 
 def decode(url: str = DECODE_A) -> KeptOut:
-    return KeptOut(url, "decode", None, None, "does not list it")
+    return KeptOut(url, "decode", None, None, "not listed")
 
 
 def test_a_worker_kept_out_two_checks_in_a_row_is_due_then_backs_off() -> None:
@@ -176,7 +176,7 @@ def test_an_unlisted_ready_prefill_is_added_with_its_bootstrap_port() -> None:
     rounds(workers, clock, 2)
     assert [c for c in router.calls if c[0] in ("POST", "DELETE")] == [
         ("POST", f"{ROUTER_URL}/workers", {"url": PREFILL_B, "worker_type": "prefill", "bootstrap_port": 8998})]
-    assert "does not list it" in events[0][3]
+    assert "not listed" in events[0][3]
 
 
 def test_no_worker_is_put_back_when_its_pod_is_not_ready_or_it_fails_its_own_health_check() -> None:

@@ -155,11 +155,11 @@ def kept_out(listed: list[StaleWorker], ready: Mapping[str, Mapping[str, int | N
             port = worker.bootstrap_port if worker is not None and worker.bootstrap_port is not None else (
                 annotated if annotated is not None else ports[0] if ports and role == "prefill" else None)
             if worker is None:
-                out.append(KeptOut(url, role, None, port, "does not list it"))
+                out.append(KeptOut(url, role, None, port, "not listed"))
             elif not worker.healthy:
-                out.append(KeptOut(url, role, worker, port, "lists it unhealthy"))
+                out.append(KeptOut(url, role, worker, port, "listed unhealthy"))
             elif url in circuits:
-                out.append(KeptOut(url, role, worker, port, "keeps its circuit breaker open"))
+                out.append(KeptOut(url, role, worker, port, "its circuit breaker open"))
     return out
 
 

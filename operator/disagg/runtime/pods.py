@@ -325,9 +325,9 @@ class RouterWorkers:
             log.info("router %s: cannot put worker %s back: %s", key, worker.url, error)
             return False
         self.kept_out.readded(key, worker.url, self.clock())
-        message = (f"router {router.name} {worker.why} ({worker.role} worker {worker.url}) for two checks while its "
-                   "pod is Ready and it answers its health check: removed and added again through the router's API, "
-                   "which resets the router's health and circuit-breaker state")
+        message = (f"router {router.name} kept {worker.role} worker {worker.url} out of its rotation for two checks "
+                   f"({worker.why}) while its pod is Ready, and the worker answers its health check: removed and added "
+                   "again through the router's API, which resets the router's health and circuit-breaker state")
         log.info("%s", message)
         self.record_event({"metadata": {"namespace": router.namespace, "name": router.service}},
                           "Normal", "RouterWorkerReadded", message)
