@@ -14,7 +14,9 @@ RouterWorkerReadded.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -81,6 +83,16 @@ def back_after(results: list[Result], pod: str, role: str, recovered: float) -> 
     return round(min(sent) - recovered, 1) if sent else None
 
 
+def router_lists(env: LabServices, service: str) -> list[list[str]]:
+    """The worker URLs each router of the service lists (`GET /workers`)."""
+    out = []
+    for router in env.pods(service, "router"):
+        with urllib.request.urlopen(f"http://{router.status.pod_ip}:{env.router_port(service)}/workers",
+                                    timeout=2) as answer:
+            out.append(sorted(str(w.get("url")) for w in json.loads(answer.read()).get("workers") or []))
+    return out
+
+
 def readded_events(env: LabServices, service: str) -> list[str]:
     events = env.session.cluster.core.list_namespaced_event(
         env.namespace, field_selector=f"involvedObject.name={service},reason=RouterWorkerReadded").items
@@ -103,6 +115,9 @@ def test_a_decode_that_recovers_and_its_prefills_are_served_again_by_every_route
                      for pod, s in back.items() if s is None or s > BACK_S]
         assert len(results[name]) >= RATE * (FAULT_S + AFTER_S) * 0.5, f"{name}: too little load"
     assert not problems, "\n".join(problems) + "\n" + env.diagnostics()
+    for name in ENGINES:
+        for listed in router_lists(env, name):  # an added worker does not show twice when discovery sees its pod
+            assert len(listed) == len(set(listed)) == PREFILL + DECODE, f"{name}: a router lists {listed}"
     messages = readded_events(env, "rec-sglang")
     assert any("decode worker" in m for m in messages), f"the operator put no decode back: {messages}"
     assert readded_events(env, "rec-vllm") == [], "vllm-router has no add API in PD mode: nothing is removed there"
