@@ -4,6 +4,7 @@ and the calls to each router's API (disagg.runtime.pods.RouterWorkers)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from disagg.reconcile.router_workers import (
@@ -207,6 +208,21 @@ def test_a_flapping_worker_is_not_put_back_every_check() -> None:
     assert len(events) == 2, f"put back at 5 s, then not before 35 s, then not before 95 s (back-off): {events}"
 
 
+def test_a_worker_of_another_revision_or_a_multi_node_follower_is_never_added() -> None:
+    router, clock = SglangRouter(), [0.0]
+    pods = [replace(p, revision="r1") for p in service_pods()]
+    pods += [PodView("serving", "sglang--decode-b-x", "sglang", "decode", "http://127.0.0.6:8000", True, False,
+                     revision="r2"),  # a rollout's new pool, Ready before the routers switch
+             PodView("serving", "sglang-decode-a-1", "sglang", "decode", "http://127.0.0.7:8000", True, False,
+                     revision="r1", leader=False)]
+    workers, events = watching(router, pods, clock)
+    rounds(workers, clock, 4)
+    assert not [c for c in router.calls if c[0] in ("POST", "DELETE")] and not events, events
+    pods[0] = replace(pods[0], revision="r2")  # the routers switched: the new pool's decode is theirs
+    rounds(workers, clock, 2)
+    assert [c[2]["url"] for c in router.calls if c[0] == "POST"] == ["http://127.0.0.6:8000"]
+
+
 def test_vllm_router_workers_are_never_removed_to_be_put_back() -> None:
     router, clock = SglangRouter(), [0.0]  # vllm-router in PD mode answers POST /workers with 400
     router.workers["d1"]["is_healthy"] = False
@@ -223,3 +239,7 @@ def test_a_pods_router_name_and_bootstrap_port_come_from_its_labels_and_annotati
            "status": {"podIP": "127.0.0.2", "conditions": [{"type": "Ready", "status": "True"}]}}
     view = pod_view(pod)
     assert view is not None and view.bootstrap_port == 8998 and view.app == "sglang" and view.ready
+    assert view.revision == "" and view.leader
+    pod["metadata"]["labels"].update({"disagg.dev/revision": "abc", "leaderworkerset.sigs.k8s.io/worker-index": "1"})
+    view = pod_view(pod)
+    assert view is not None and view.revision == "abc" and not view.leader

@@ -40,7 +40,15 @@ from disagg.reconcile.status import (
     router_workers_condition,
     routers_missing_roles,
 )
-from disagg.wellknown import MANAGED_SELECTOR, ROLE_LABEL, ROLES, ROUTER, SERVICE_LABEL
+from disagg.wellknown import (
+    LWS_WORKER_INDEX_LABEL,
+    MANAGED_SELECTOR,
+    REVISION_LABEL,
+    ROLE_LABEL,
+    ROLES,
+    ROUTER,
+    SERVICE_LABEL,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,10 @@ class PodView:
     """app.kubernetes.io/name: which router a router pod runs."""
     bootstrap_port: int | None = None
     """A prefill pod's KV bootstrap port as sglang-router's discovery reads it (its annotation)."""
+    revision: str = ""
+    """A router selects the workers of its own revision only (versioned rollouts)."""
+    leader: bool = True
+    """False for the non-leader pods of a multi-node worker, which no router selects."""
 
 
 def pod_view(pod: Mapping[str, Any]) -> PodView | None:
@@ -90,7 +102,9 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
                    service=str(labels[SERVICE_LABEL]), role=str(labels[ROLE_LABEL]),
                    url=f"http://{ip}:{ports[0].get('containerPort')}" if ip and ports else "", ready=ready,
                    deleting=bool(meta.get("deletionTimestamp")), app=str(labels.get("app.kubernetes.io/name") or ""),
-                   bootstrap_port=int(bootstrap) if bootstrap.isdigit() else None)
+                   bootstrap_port=int(bootstrap) if bootstrap.isdigit() else None,
+                   revision=str(labels.get(REVISION_LABEL) or ""),
+                   leader=str(labels.get(LWS_WORKER_INDEX_LABEL, "0")) == "0")
 
 
 class RestartedEngines:
@@ -157,12 +171,14 @@ def pools_of(pods: list[PodView]) -> tuple[Pools, Pools, dict[tuple[str, str], d
     return current, leaving, ready
 
 
-def ready_workers(pods: list[PodView]) -> dict[tuple[str, str], dict[str, dict[str, int | None]]]:
-    """service -> role -> the URL of each of its Ready workers that is not being deleted -> its bootstrap port."""
-    out: dict[tuple[str, str], dict[str, dict[str, int | None]]] = {}
+def ready_workers(pods: list[PodView]) -> dict[tuple[str, str, str], dict[str, dict[str, int | None]]]:
+    """(namespace, service, revision) -> role -> the URL of each Ready worker a router of that revision selects
+    (not being deleted; a multi-node worker's leader only) -> its bootstrap port."""
+    out: dict[tuple[str, str, str], dict[str, dict[str, int | None]]] = {}
     for pod in pods:
-        if pod.role in ROLES and pod.ready and not pod.deleting and pod.url:
-            out.setdefault((pod.namespace, pod.service), {}).setdefault(pod.role, {})[pod.url] = pod.bootstrap_port
+        if pod.role in ROLES and pod.ready and not pod.deleting and pod.url and pod.leader:
+            key = (pod.namespace, pod.service, pod.revision)
+            out.setdefault(key, {}).setdefault(pod.role, {})[pod.url] = pod.bootstrap_port
     return out
 
 
@@ -282,7 +298,7 @@ class RouterWorkers:
                 if self._remove(router, worker, worker.url in going.get(worker.role, set())):
                     removed.append((key, worker))
             if count and router.app in READD_ROUTERS:
-                self.put_back(router, listed, ready_urls.get(service, {}))
+                self.put_back(router, listed, ready_urls.get((*service, router.revision), {}))
         if count:
             self._rounds += 1
             for service, by_router in healthy.items():
