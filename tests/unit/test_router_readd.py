@@ -232,14 +232,15 @@ def test_vllm_router_workers_are_never_removed_to_be_put_back() -> None:
 
 
 def test_a_pods_router_name_and_bootstrap_port_come_from_its_labels_and_annotation() -> None:
-    pod = {"metadata": {"namespace": "serving", "name": "sglang-prefill-a", "annotations": {
-        "sglang.ai/bootstrap-port": "8998"}, "labels": {"disagg.dev/service": "sglang", "disagg.dev/role": "prefill",
-                                                        "app.kubernetes.io/name": "sglang"}},
-           "spec": {"containers": [{"ports": [{"name": "http", "containerPort": 30000}]}]},
-           "status": {"podIP": "127.0.0.2", "conditions": [{"type": "Ready", "status": "True"}]}}
+    labels = {"disagg.dev/service": "sglang", "disagg.dev/role": "prefill", "app.kubernetes.io/name": "sglang"}
+    pod: dict[str, Any] = {
+        "metadata": {"namespace": "serving", "name": "sglang-prefill-a", "labels": labels,
+                     "annotations": {"sglang.ai/bootstrap-port": "8998"}},
+        "spec": {"containers": [{"ports": [{"name": "http", "containerPort": 30000}]}]},
+        "status": {"podIP": "127.0.0.2", "conditions": [{"type": "Ready", "status": "True"}]}}
     view = pod_view(pod)
     assert view is not None and view.bootstrap_port == 8998 and view.app == "sglang" and view.ready
     assert view.revision == "" and view.leader
-    pod["metadata"]["labels"].update({"disagg.dev/revision": "abc", "leaderworkerset.sigs.k8s.io/worker-index": "1"})
+    labels.update({"disagg.dev/revision": "abc", "leaderworkerset.sigs.k8s.io/worker-index": "1"})
     view = pod_view(pod)
     assert view is not None and view.revision == "abc" and not view.leader
