@@ -6,9 +6,9 @@ from the `openai` client. One decode of each answers errors for FAULT_S (the lab
 and /health answer 503, the engine stays the same; its pod turns NotReady after the readiness probe's 3 x 5 s),
 then recovers. Within BACK_S of the recovery every router serves requests through that decode again, and through
 every prefill (sglang-router opens the circuit breaker of the prefill paired with the failing decode too). Without
-the operator's help sglang-router kept both out for 40-60 s after recovery (its circuits stay open for
-`--cb-timeout-duration-secs`); the operator removes and adds them again through the router's API, with an Event
-RouterWorkerReadded.
+the operator's help sglang-router keeps both out until its circuit breaker's timeout (`--cb-timeout-duration-secs`,
+60 s); the operator removes and adds them again through the router's API, with an Event RouterWorkerReadded
+(numbers: docs/operations.md).
 """
 
 from __future__ import annotations
