@@ -24,6 +24,8 @@ from disagg.wellknown import Role
 if TYPE_CHECKING:
     from disagg.api.v1alpha1 import InferenceServiceSpec, PoolSpec
 
+BOOTSTRAP_PORT_ANNOTATION = "sglang.ai/bootstrap-port"
+"""sglang-router's discovery reads a prefill pod's bootstrap port from it (the operator too, to add one back)."""
 METRICS = MetricNames(
     waiting_requests=("sglang:num_queue_reqs",),
     running_requests=("sglang:num_running_reqs",),
@@ -92,7 +94,7 @@ class SGLang:
         return role == "prefill"  # the decode side opens no listening KV port of its own
 
     def pool_annotations(self, role: Role, port_kv: int) -> dict[str, str]:
-        return {"sglang.ai/bootstrap-port": str(port_kv)} if role == "prefill" else {}
+        return {BOOTSTRAP_PORT_ANNOTATION: str(port_kv)} if role == "prefill" else {}
 
     def pool_command(
         self, spec: InferenceServiceSpec, role: Role, model: str, model_args: list[str], port_kv: int,

@@ -14,14 +14,25 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import quote
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
 
+from disagg.engines import ROUTER_METRICS_PORT
+from disagg.engines.sglang import BOOTSTRAP_PORT_ANNOTATION
 from disagg.kube.client import INFERENCE_SERVICE, POD, ApiError, Kind, Kube
 from disagg.kube.events import EventRecorder
 from disagg.kube.watch import KindWatch
 from disagg.reconcile.restarts import WINDOW_S, Replacement, ReplacementBudget, restarted_engine
-from disagg.reconcile.router_workers import StaleTracker, StaleWorker, listed_workers
+from disagg.reconcile.router_workers import (
+    READD_ROUTERS,
+    KeptOut,
+    KeptOutTracker,
+    StaleTracker,
+    StaleWorker,
+    kept_out,
+    listed_workers,
+    open_circuits,
+)
 from disagg.reconcile.status import (
     ROUTER_WORKERS,
     Cond,
@@ -29,7 +40,15 @@ from disagg.reconcile.status import (
     router_workers_condition,
     routers_missing_roles,
 )
-from disagg.wellknown import MANAGED_SELECTOR, ROLE_LABEL, ROLES, ROUTER, SERVICE_LABEL
+from disagg.wellknown import (
+    LWS_WORKER_INDEX_LABEL,
+    MANAGED_SELECTOR,
+    REVISION_LABEL,
+    ROLE_LABEL,
+    ROLES,
+    ROUTER,
+    SERVICE_LABEL,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +58,8 @@ HANDLED_MAX = 10_000
 ROUTER_CHECK_S = 5.0
 """How often each router's worker list is compared with the pods."""
 ROUTER_TIMEOUT_S = 2.0
+WORKER_HEALTH_TIMEOUT_S = 1.0
+"""A worker kept out of a router is put back only if its own /health answers within this."""
 RECHECK_ROUNDS = 12
 """A RouterWorkers condition written False is read back from the API server every this many rounds (another
 writer of the status may have dropped it); one written True only when it changes."""
@@ -56,6 +77,14 @@ class PodView:
     """http://<pod IP>:<its container port named http>, or "" while it has no IP."""
     ready: bool
     deleting: bool
+    app: str = ""
+    """app.kubernetes.io/name: which router a router pod runs."""
+    bootstrap_port: int | None = None
+    """A prefill pod's KV bootstrap port as sglang-router's discovery reads it (its annotation)."""
+    revision: str = ""
+    """A router selects the workers of its own revision only (versioned rollouts)."""
+    leader: bool = True
+    """False for the non-leader pods of a multi-node worker, which no router selects."""
 
 
 def pod_view(pod: Mapping[str, Any]) -> PodView | None:
@@ -68,10 +97,14 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     if not labels.get(SERVICE_LABEL) or not labels.get(ROLE_LABEL):
         return None
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    bootstrap = str((meta.get("annotations") or {}).get(BOOTSTRAP_PORT_ANNOTATION) or "")
     return PodView(namespace=str(meta.get("namespace") or "default"), name=str(meta.get("name")),
                    service=str(labels[SERVICE_LABEL]), role=str(labels[ROLE_LABEL]),
                    url=f"http://{ip}:{ports[0].get('containerPort')}" if ip and ports else "", ready=ready,
-                   deleting=bool(meta.get("deletionTimestamp")))
+                   deleting=bool(meta.get("deletionTimestamp")), app=str(labels.get("app.kubernetes.io/name") or ""),
+                   bootstrap_port=int(bootstrap) if bootstrap.isdigit() else None,
+                   revision=str(labels.get(REVISION_LABEL) or ""),
+                   leader=str(labels.get(LWS_WORKER_INDEX_LABEL, "0")) == "0")
 
 
 class RestartedEngines:
@@ -138,6 +171,17 @@ def pools_of(pods: list[PodView]) -> tuple[Pools, Pools, dict[tuple[str, str], d
     return current, leaving, ready
 
 
+def ready_workers(pods: list[PodView]) -> dict[tuple[str, str, str], dict[str, dict[str, int | None]]]:
+    """(namespace, service, revision) -> role -> the URL of each Ready worker a router of that revision selects
+    (not being deleted; a multi-node worker's leader only) -> its bootstrap port."""
+    out: dict[tuple[str, str, str], dict[str, dict[str, int | None]]] = {}
+    for pod in pods:
+        if pod.role in ROLES and pod.ready and not pod.deleting and pod.url and pod.leader:
+            key = (pod.namespace, pod.service, pod.revision)
+            out.setdefault(key, {}).setdefault(pod.role, {})[pod.url] = pod.bootstrap_port
+    return out
+
+
 RouterApi = Callable[[str, str], Any]
 """(method, url) -> the decoded JSON answer; raises OSError (or ValueError) when there is none."""
 
@@ -148,6 +192,35 @@ def http_json(method: str, url: str) -> Any:
         return json.loads(response.read() or b"null")
 
 
+class WorkerHttp(Protocol):
+    """The calls that put a worker back into a router: its /metrics, the worker's own /health, the add."""
+
+    def text(self, url: str) -> str: ...
+
+    def healthy(self, url: str) -> bool: ...
+
+    def post(self, url: str, body: Mapping[str, Any]) -> Any: ...
+
+
+class UrllibHttp:
+    def text(self, url: str) -> str:
+        with urllib.request.urlopen(url, timeout=ROUTER_TIMEOUT_S) as response:
+            return str(response.read().decode("utf-8", "replace"))
+
+    def healthy(self, url: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=WORKER_HEALTH_TIMEOUT_S) as response:
+                return 200 <= int(response.status) < 300
+        except (OSError, ValueError):
+            return False
+
+    def post(self, url: str, body: Mapping[str, Any]) -> Any:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Accept": "application/json", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=ROUTER_TIMEOUT_S) as response:
+            return json.loads(response.read() or b"null")
+
+
 class RouterWorkers:
     """Every `ROUTER_CHECK_S`: each Ready router's `GET /workers` against its service's pods. A worker whose pod
     is leaving is removed at once (and a pod's deletion wakes a check), one no pod is behind after two checks;
@@ -155,10 +228,13 @@ class RouterWorkers:
 
     def __init__(self, pods: Callable[[], list[PodView]], record_event: EventRecorder,
                  is_active: Callable[[], bool], api: RouterApi = http_json,
-                 clock: Callable[[], float] = time.monotonic, kube: Kube | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, kube: Kube | None = None,
+                 http: WorkerHttp | None = None) -> None:
         self.pods, self.record_event, self.is_active, self.api, self.clock = pods, record_event, is_active, api, clock
         self.kube = kube
+        self.http: WorkerHttp = http or UrllibHttp()
         self.tracker = StaleTracker()
+        self.kept_out = KeptOutTracker()
         self._reported: dict[tuple[str, str], tuple[str, str, int]] = {}
         """service -> the RouterWorkers (status, reason) last written or read, and the round it was."""
         self._rounds = 0
@@ -201,7 +277,9 @@ class RouterWorkers:
         pods = self.pods()
         current, leaving, ready_pods = pools_of(pods)
         routers = [p for p in pods if p.role == ROUTER and p.ready and p.url and not p.deleting]
+        ready_urls = ready_workers(pods)
         self.tracker.forget({f"{r.namespace}/{r.name}" for r in routers})
+        self.kept_out.forget({f"{r.namespace}/{r.name}" for r in routers})
         healthy: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
         removed = []
         for router in routers:
@@ -219,6 +297,8 @@ class RouterWorkers:
             for worker in self.tracker.check(key, listed, current.get(service, {}), going, count=count):
                 if self._remove(router, worker, worker.url in going.get(worker.role, set())):
                     removed.append((key, worker))
+            if count and router.app in READD_ROUTERS:
+                self.put_back(router, listed, ready_urls.get((*service, router.revision), {}))
         if count:
             self._rounds += 1
             for service, by_router in healthy.items():
@@ -227,6 +307,47 @@ class RouterWorkers:
             for service in [s for s in self._reported if s not in healthy]:
                 del self._reported[service]
         return removed
+
+    def put_back(self, router: PodView, listed: list[StaleWorker],
+                 ready: Mapping[str, Mapping[str, int | None]]) -> list[KeptOut]:
+        """Removes and adds again the Ready workers `router` has kept out for two checks that answer their own
+        health check; those put back."""
+        key = f"{router.namespace}/{router.name}"
+        try:
+            metrics = self.http.text(f"http://{urlsplit(router.url).hostname}:{ROUTER_METRICS_PORT}/metrics")
+        except (OSError, ValueError):
+            metrics = ""  # no circuits known this round: the listing still tells unlisted and unhealthy workers
+        done = []
+        for worker in self.kept_out.check(key, kept_out(listed, ready, open_circuits(metrics)), self.clock()):
+            if not self.http.healthy(worker.url):
+                continue  # still failing: the router is right to keep it out
+            if self._readd(router, worker):
+                done.append(worker)
+        return done
+
+    def _readd(self, router: PodView, worker: KeptOut) -> bool:
+        key = f"{router.namespace}/{router.name}"
+        body: dict[str, Any] = {"url": worker.url, "worker_type": worker.role}
+        if worker.role == "prefill":
+            if worker.bootstrap_port is None:
+                log.info("router %s: cannot add prefill worker %s back: no bootstrap port known", key, worker.url)
+                return False
+            body["bootstrap_port"] = worker.bootstrap_port
+        try:
+            if worker.listed is not None:
+                self.api("DELETE", f"{router.url}/workers/{quote(worker.listed.worker_id, safe='')}")
+            self.http.post(f"{router.url}/workers", body)
+        except (OSError, ValueError) as error:
+            log.info("router %s: cannot put worker %s back: %s", key, worker.url, error)
+            return False
+        self.kept_out.readded(key, worker.url, self.clock())
+        message = (f"router {router.name} kept {worker.role} worker {worker.url} out of its rotation for two checks "
+                   f"({worker.why}) while its pod is Ready, and the worker answers its health check: removed and added "
+                   "again through the router's API, which resets the router's health and circuit-breaker state")
+        log.info("%s", message)
+        self.record_event({"metadata": {"namespace": router.namespace, "name": router.service}},
+                          "Normal", "RouterWorkerReadded", message)
+        return True
 
     def _remove(self, router: PodView, worker: StaleWorker, leaving: bool) -> bool:
         key = f"{router.namespace}/{router.name}"
