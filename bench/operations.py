@@ -73,12 +73,12 @@ SCENARIOS: list[Scenario] = [
     Scenario("SIGKILL of one prefill pod (NIXL peer restart)", kill_one("prefill"), planned=False),
     Scenario("kubectl drain of the decode workers' nodes", drain_nodes("decode"), planned=True),
     Scenario("kubectl drain of the prefill workers' nodes", drain_nodes("prefill"), planned=True),
-    Scenario("decode scale-down by two", scale_down("decode", 2), planned=True),
-    Scenario("prefill scale-down by two", scale_down("prefill", 2), planned=True),
     Scenario("a decode worker answers 503 for 20 s, then recovers", stops_answering("decode", 20.0), planned=False,
              load_s=100.0, recovers=True),
     Scenario("a prefill worker answers 503 for 20 s, then recovers", stops_answering("prefill", 20.0), planned=False,
              load_s=100.0, recovers=True),
+    Scenario("decode scale-down by two", scale_down("decode", 2), planned=True),
+    Scenario("prefill scale-down by two", scale_down("prefill", 2), planned=True),
 ]
 
 
