@@ -241,3 +241,58 @@ def test_an_operator_that_cannot_use_leaderworkersets_reports_it_and_creates_not
     assert env.cluster.children(ns, MANAGED_BY_SELECTOR) == []
     assert lws(env, ns) is None
     assert env.cluster.pods(ns, f"{SERVICE_LABEL}={NAME}") == []
+
+
+def routed_decode(env: MultiNodeEnv, namespace: str) -> tuple[list[str], set[str]]:
+    """The router Deployment's decode selector and the Ready pods it matches."""
+    router = env.cluster.apps.read_namespaced_deployment(f"{NAME}-router", namespace)
+    args = router.spec.template.spec.containers[0].args
+    start = args.index("--decode-selector") + 1
+    selector = args[start:next(i for i in range(start, len(args)) if args[i].startswith("--"))]
+    ready = {p.metadata.name for p in env.cluster.pods(namespace, ",".join(selector))
+             if {c.type: c.status for c in p.status.conditions or []}.get("Ready") == "True"}
+    return selector, ready
+
+
+def test_a_decode_pool_that_comes_to_span_nodes_rolls_out_beside_the_serving_one(
+    env: MultiNodeEnv, ns: str, operators: Operators
+) -> None:
+    """One-node decode workers (a Deployment) become two-node ones (a LeaderWorkerSet): a new revision, which
+    comes up beside the serving Deployment; the routers select Ready decode workers at every moment."""
+    diag = operators.diagnostics(lambda: env.kubectl.text("-n", ns, "get", "deploy,lws,pods", "-o", "wide"))
+    operators.start(ns)
+    two_nodes = service_in(ns)
+    two_nodes["spec"]["acceleratorBudget"] = 64  # room for the new pools beside the serving ones
+    two_nodes["spec"]["decode"].pop("autoscaling")
+    two_nodes["spec"]["decode"]["replicas"] = 1
+    one_node = copy.deepcopy(two_nodes)
+    one_node["spec"]["decode"]["parallelism"] = {"data": 8, "expert": True}
+    env.kubectl("apply", "-f", "-", input=dump([one_node]))
+
+    def serving_on_a_deployment() -> str:
+        svc = env.cluster.service(ns, NAME)
+        assert is_ready(svc), condition(svc, "Ready")
+        assert routed_decode(env, ns)[1], "no Ready decode pod routed"
+        assert lws(env, ns) is None
+        return str(((svc or {}).get("status") or {}).get("revision"))
+
+    old = wait_until(serving_on_a_deployment, READY_S, f"{NAME} Ready with a decode Deployment", diag)
+    env.kubectl("apply", "-f", "-", input=dump([two_nodes]))
+    gaps: list[tuple[list[str], str]] = []
+
+    def switched() -> bool:
+        selector, ready = routed_decode(env, ns)
+        if not ready:
+            gaps.append((selector, env.kubectl.text("-n", ns, "get", "deploy,lws", "-o", "wide")))
+        svc = env.cluster.service(ns, NAME)
+        status = (svc or {}).get("status") or {}
+        assert status.get("revision") not in (None, old) and "rollout" not in status, status.get("rollout")
+        assert is_ready(svc), condition(svc, "Ready")
+        assert env.cluster.apps.list_namespaced_deployment(ns, label_selector=f"{ROLE_LABEL}=decode").items == []
+        assert f"{WORKER_INDEX}=0" in selector and ready, (selector, ready)
+        return True
+
+    wait_until(switched, READY_S, "decode served by the LeaderWorkerSet, the Deployment gone", diag, interval=0.3)
+    assert not gaps, f"{len(gaps)} samples with no Ready decode worker routed; first: {gaps[0]}"
+    pods = env.cluster.pods(ns, f"{SERVICE_LABEL}={NAME},{ROLE_LABEL}=decode")
+    assert {p.metadata.labels.get(WORKER_INDEX) for p in pods} == {"0", "1"}, "one group of two pods"
