@@ -38,12 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from support.cluster import LocalCluster  # noqa: E402
-from support.lab_services import LabServices, lab_services  # noqa: E402
+from support.lab_services import LabServices  # noqa: E402
 from support.service_events import (  # noqa: E402
     Event,
     Outcome,
     drain_nodes,
-    example_service,
+    example_services,
     kill_one,
     run_event,
     scale_down,
@@ -92,16 +92,9 @@ def local_cluster() -> LocalCluster:
 def run(only: set[str] | None) -> list[dict[str, Any]]:
     cluster = local_cluster()
     api = cluster.api_client()
-
-    def fleet_ready(served: list[tuple[str, str]]) -> None:
-        for name in ENGINES:
-            assert served.count((name, "prefill")) == PREFILL and served.count((name, "decode")) == DECODE, served
-
     rows: list[dict[str, Any]] = []
     workdir = Path(tempfile.mkdtemp(prefix="bench-operations-"))
-    with lab_services(cluster, api, workdir, "operations-bench",
-                      lambda namespace: [example_service(namespace, name, engine, PREFILL, DECODE)
-                                         for name, engine in ENGINES.items()], fleet_ready) as env:
+    with example_services(cluster, api, workdir, "operations-bench", ENGINES, PREFILL, DECODE) as env:
         for scenario in SCENARIOS:
             if only and scenario.name not in only:
                 continue

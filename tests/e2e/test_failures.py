@@ -38,9 +38,17 @@ import pytest
 from kubernetes import client as kclient
 
 from disagg_lab.load import Schedule
-from support.lab_services import LabServices, lab_services
+from support.lab_services import LabServices
 from support.operators import condition, is_ready, wait_until
-from support.service_events import Event, Outcome, drain_nodes, example_service, kill_one, run_event, scale_down
+from support.service_events import (
+    Event,
+    Outcome,
+    drain_nodes,
+    example_services,
+    kill_one,
+    run_event,
+    scale_down,
+)
 
 if TYPE_CHECKING:
     from support.cluster import LocalCluster
@@ -57,14 +65,8 @@ EVENT_AT_S = 6.0
 @pytest.fixture(scope="module")
 def failures(cluster: LocalCluster, kube_api: kclient.ApiClient,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServices]:
-    def fleet_ready(served: list[tuple[str, str]]) -> None:
-        for name in ENGINES:
-            assert served.count((name, "prefill")) == PREFILL, f"the fleet serves {sorted(served)}"
-            assert served.count((name, "decode")) == DECODE, f"the fleet serves {sorted(served)}"
-
-    with lab_services(cluster, kube_api, tmp_path_factory.mktemp("failures-e2e"), "failures-e2e",
-                      lambda namespace: [example_service(namespace, name, engine, PREFILL, DECODE)
-                                         for name, engine in ENGINES.items()], fleet_ready) as env:
+    with example_services(cluster, kube_api, tmp_path_factory.mktemp("failures-e2e"), "failures-e2e", ENGINES,
+                          PREFILL, DECODE) as env:
         yield env
 
 

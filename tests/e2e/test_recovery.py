@@ -24,8 +24,8 @@ import pytest
 from kubernetes import client as kclient
 
 from disagg_lab.load import Result
-from support.lab_services import LabServices, lab_services
-from support.service_events import example_service
+from support.lab_services import LabServices
+from support.service_events import example_services
 
 if TYPE_CHECKING:
     from support.cluster import LocalCluster
@@ -46,14 +46,8 @@ AFTER_S = 40.0
 @pytest.fixture(scope="module")
 def recovery(cluster: LocalCluster, kube_api: kclient.ApiClient,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServices]:
-    def fleet_ready(served: list[tuple[str, str]]) -> None:
-        for name in ENGINES:
-            assert served.count((name, "prefill")) == PREFILL, f"the fleet serves {sorted(served)}"
-            assert served.count((name, "decode")) == DECODE, f"the fleet serves {sorted(served)}"
-
-    with lab_services(cluster, kube_api, tmp_path_factory.mktemp("recovery-e2e"), "recovery-e2e",
-                      lambda namespace: [example_service(namespace, name, engine, PREFILL, DECODE)
-                                         for name, engine in ENGINES.items()], fleet_ready) as env:
+    with example_services(cluster, kube_api, tmp_path_factory.mktemp("recovery-e2e"), "recovery-e2e", ENGINES,
+                          PREFILL, DECODE) as env:
         yield env
 
 

@@ -13,17 +13,24 @@ own `kv_refused` counters) and the event's duration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubernetes import client as kclient
 
 from disagg.wellknown import MANAGED_SELECTOR
 from disagg_lab.load import Result, Schedule
-from support.lab_services import LabServices
+from support.lab_services import LabServices, lab_services
 from support.operators import EXAMPLES, GROUP, PLURAL, VERSION, in_namespace, load_docs
+
+if TYPE_CHECKING:
+    from support.cluster import LocalCluster
 
 SETTLE_S = 90.0
 """An event waits at most this long for its service to be whole again."""
@@ -144,6 +151,23 @@ def example_service(namespace: str, name: str, engine: str, prefill: int, decode
     for role in ("prefill", "decode"):
         spec[role].pop("autoscaling", None)
     return service
+
+
+@contextlib.contextmanager
+def example_services(cluster: LocalCluster, kube_api: kclient.ApiClient, workdir: Path, name: str,
+                     engines: dict[str, str], prefill: int, decode: int) -> Iterator[LabServices]:
+    """`engines` (service -> engine kind) as `example_service`s with pools of these sizes, in a namespace of
+    their own, Ready and served by the lab (`lab_services`)."""
+
+    def fleet_ready(served: list[tuple[str, str]]) -> None:
+        for service in engines:
+            assert served.count((service, "prefill")) == prefill, f"the fleet serves {sorted(served)}"
+            assert served.count((service, "decode")) == decode, f"the fleet serves {sorted(served)}"
+
+    with lab_services(cluster, kube_api, workdir, name,
+                      lambda namespace: [example_service(namespace, service, engine, prefill, decode)
+                                         for service, engine in engines.items()], fleet_ready) as env:
+        yield env
 
 
 # -- waiting for a service to be whole
