@@ -4,10 +4,11 @@ One namespace holds `rec-vllm` (examples/01: vLLM over NIXL) and `rec-sglang` (e
 each with two prefill and two decode workers and one real router (`disagg-lab routers`), under a light steady load
 from the `openai` client. One decode of each answers errors for FAULT_S (the lab's fault `unhealthy`: new requests
 and /health answer 503, the engine stays the same; its pod turns NotReady after the readiness probe's 3 x 5 s),
-then recovers. Within BACK_S of the recovery every router serves requests through that decode again, and through
-every prefill (sglang-router opens the circuit breaker of the prefill paired with the failing decode too). Without
-the operator's help sglang-router keeps both out until its circuit breaker's timeout (`--cb-timeout-duration-secs`,
-60 s); the operator removes and adds them again through the router's API, with an Event RouterWorkerReadded
+then recovers; a burst of BURST requests into rec-sglang as the fault begins makes sure sglang-router opens the
+circuit breakers of that decode and of the prefills paired with it. Within BACK_S of the recovery every router
+serves requests through that decode again, and through every prefill. Without the operator's help sglang-router
+keeps open workers out until its circuit breaker's timeout (`--cb-timeout-duration-secs`, 60 s); the operator
+removes and adds them again through the router's API, with an Event RouterWorkerReadded
 (numbers: docs/operations.md).
 """
 
@@ -39,6 +40,8 @@ PROMPT_TOKENS, OUTPUT_TOKENS = 128, 16
 WARM_S = 6.0
 FAULT_S = 20.0
 BACK_S = 20.0
+BURST = 30
+"""Requests sent at once into rec-sglang as the fault begins (see fault_and_recover)."""
 AFTER_S = 40.0
 """Load kept up after the recovery (bounded): long enough to see a worker that stays out."""
 
@@ -59,9 +62,15 @@ async def fault_and_recover(env: LabServices, faulted: dict[str, str]) -> tuple[
                                                       max_s=WARM_S + FAULT_S + AFTER_S + 10))
              for name in ENGINES}
     await asyncio.sleep(WARM_S)
+    faulted_at = time.time()
     for pod in faulted.values():
         await asyncio.to_thread(env.lab.put, f"/fault/{env.namespace}/{pod}", {"fault": "unhealthy"})
-    await asyncio.sleep(FAULT_S)
+    # Whether the steady load alone opens sglang-router's circuit breaker (10 failures in 120 s) before its 2-s
+    # health checks take the decode out is a race (one CI run: it did not, and nothing was kept out); a burst
+    # makes sure the router keeps the workers out, which is what the operator must undo.
+    burst = await env.burst("rec-sglang", BURST, PROMPT_TOKENS, OUTPUT_TOKENS)
+    print(f"recovery e2e: rec-sglang: a burst of {BURST} as the fault began, {sum(not r.ok for r in burst)} failed")
+    await asyncio.sleep(FAULT_S - (time.time() - faulted_at))
     for pod in faulted.values():
         await asyncio.to_thread(env.lab.put, f"/fault/{env.namespace}/{pod}", {"fault": None})
     recovered = time.time()

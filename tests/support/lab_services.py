@@ -77,6 +77,16 @@ class LabServices:
             await client.close()
             endpoints.stop()
 
+    async def burst(self, service: str, count: int, prompt_tokens: int, output_tokens: int) -> list[Result]:
+        """`count` requests sent at once through the service's ready endpoints."""
+        endpoints = await asyncio.to_thread(self.endpoints(service).start)  # beside a load in the same loop
+        client = LoadClient(endpoints, timeout_s=60.0)
+        try:
+            return list(await asyncio.gather(*(client.one(i, prompt_tokens, output_tokens) for i in range(count))))
+        finally:
+            await client.close()
+            endpoints.stop()
+
     async def load_until(self, service: str, rate: float, prompt_tokens: int, output_tokens: int,
                          stop: asyncio.Event, max_s: float, ready_for_s: float = 0.0) -> list[Result]:
         """Requests at `rate` a second through the service's ready endpoints (Ready for `ready_for_s`) until `stop`
