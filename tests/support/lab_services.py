@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,36 +67,35 @@ class LabServices:
     def endpoints(self, service: str, ready_for_s: float = 0.0) -> ServiceEndpoints:
         return ServiceEndpoints(lambda: self.api, self.namespace, service, ready_for_s=ready_for_s)
 
-    async def load(self, service: str, schedule: Schedule, seconds: float, seed: int) -> list[Result]:
-        """A real OpenAI client's requests through the service's ready endpoints, bounded in time."""
-        endpoints = self.endpoints(service).start()
+    @contextlib.asynccontextmanager
+    async def client(self, service: str, ready_for_s: float = 0.0) -> AsyncIterator[LoadClient]:
+        """A real OpenAI client sending to the service's ready endpoints (Ready for `ready_for_s`)."""
+        endpoints = await asyncio.to_thread(self.endpoints(service, ready_for_s).start)  # other loads share the loop
         client = LoadClient(endpoints, timeout_s=60.0)
         try:
-            return await client.run(schedule.plan(seconds, 1000, seed))
+            yield client
         finally:
             await client.close()
             endpoints.stop()
 
+    async def load(self, service: str, schedule: Schedule, seconds: float, seed: int) -> list[Result]:
+        """Requests on `schedule` through the service's ready endpoints, bounded in time."""
+        async with self.client(service) as client:
+            return await client.run(schedule.plan(seconds, 1000, seed))
+
     async def burst(self, service: str, count: int, prompt_tokens: int, output_tokens: int) -> list[Result]:
         """`count` requests sent at once through the service's ready endpoints."""
-        endpoints = await asyncio.to_thread(self.endpoints(service).start)  # beside a load in the same loop
-        client = LoadClient(endpoints, timeout_s=60.0)
-        try:
+        async with self.client(service) as client:
             return list(await asyncio.gather(*(client.one(i, prompt_tokens, output_tokens) for i in range(count))))
-        finally:
-            await client.close()
-            endpoints.stop()
 
     async def load_until(self, service: str, rate: float, prompt_tokens: int, output_tokens: int,
                          stop: asyncio.Event, max_s: float, ready_for_s: float = 0.0) -> list[Result]:
         """Requests at `rate` a second through the service's ready endpoints (Ready for `ready_for_s`) until `stop`
         is set (at most `max_s`), then waits for those in flight."""
-        endpoints = self.endpoints(service, ready_for_s).start()
-        client = LoadClient(endpoints, timeout_s=60.0)
-        loop = asyncio.get_running_loop()
-        end = loop.time() + max_s
-        tasks: list[asyncio.Task[Result]] = []
-        try:
+        async with self.client(service, ready_for_s) as client:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + max_s
+            tasks: list[asyncio.Task[Result]] = []
             while not stop.is_set() and loop.time() < end and len(tasks) < rate * max_s + 1:
                 tasks.append(asyncio.create_task(client.one(len(tasks), prompt_tokens, output_tokens)))
                 with contextlib.suppress(TimeoutError):
@@ -104,10 +103,6 @@ class LabServices:
             if tasks:
                 await asyncio.wait(tasks, timeout=client.timeout_s + 30)
             return [t.result() for t in tasks if t.done()]
-        finally:
-            await client.close()
-            endpoints.stop()
-
 
 @contextlib.contextmanager
 def lab_services(
